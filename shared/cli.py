@@ -68,7 +68,7 @@ def _print_report(report: SiteReport) -> None:
     for p in report.fatal + report.warnings:
         style = "red bold" if p.severity == "fatal" else "yellow"
         where = Path(p.file).name + (f" column {p.column!r}" if p.column else "")
-        out.print(f"[{style}]{p.severity.upper()}[/] {where}: {p.message}")
+        out.print(f"[{style}]{p.severity.upper()}[/] {where}: {p.message}", soft_wrap=True)
         for e in p.examples:
             out.print(f"    e.g. {e}", style="dim", highlight=False)
     if report.fatal:
@@ -319,10 +319,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return args.fn(args)
     except SiteInvalid as e:
         _print_report(e.report)
-        console.print(f"[red bold]error:[/] {e}")
+        console.print(f"[red bold]error:[/] {e}", soft_wrap=True)
         return 1
     except FedclifError as e:
-        console.print(f"[red bold]error:[/] {e}")
+        console.print(f"[red bold]error:[/] {e}", soft_wrap=True)
         return 1
     except KeyboardInterrupt:
         console.print("interrupted")

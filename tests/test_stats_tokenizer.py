@@ -1,0 +1,171 @@
+"""Site statistics and the federated fit: privacy of the file, merge accuracy, k."""
+
+import json
+
+import numpy as np
+import polars as pl
+import pytest
+from conftest import read, write
+
+from shared.cli import main
+from shared.clif.site import load_site
+from shared.errors import FedclifError
+from shared.events import stay_events
+from shared.stats import merge_stats, read_stats, site_stats
+from shared.tokenizer import Tokenizer, fit_tokenizer
+
+
+def _with_sbp(site_dir, values: np.ndarray) -> None:
+    v = read(site_dir, "vitals")
+    sbp = pl.col("vital_category") == "sbp"
+    n = v.filter(sbp).height
+    filled = pl.Series(values[:n])
+    idx = v.with_row_index().filter(sbp).get_column("index")
+    write(site_dir, "vitals", v.with_columns(v.get_column("vital_value").scatter(idx, filled)))
+
+
+def test_stats_file_has_no_row_level_data(site_dir, site_cfg, tok_cfg, tmp_path):
+    pa = read(site_dir, "patient_assessments")
+    secret = pa.head(2).with_columns(
+        pl.lit("cam_total").alias("assessment_category"),
+        pl.lit(None, pl.Float64).alias("numerical_value"),
+        pl.lit("Jane Doe told me her MRN").alias("categorical_value"),
+    )
+    write(site_dir, "patient_assessments", pl.concat([pa, secret]))
+    out = tmp_path / "stats.json"
+    assert main(["site", "stats", str(site_dir), "--out", str(out)]) == 0
+    text = out.read_text()
+    stats = read_stats(out)
+    ids = set(read(site_dir, "hospitalization").get_column("hospitalization_id")) | set(
+        read(site_dir, "patient").get_column("patient_id")
+    )
+    assert not any(i in text for i in ids)
+    assert "Jane Doe" not in text
+    assert "2180-" not in text and "2110-" not in text  # no timestamps
+    min_cell = tok_cfg.stats.min_cell_count
+    for code, h in stats["numeric"].items():
+        assert all(c >= min_cell for c in h["counts"]), code
+        assert sum(h["counts"]) + h["suppressed"] <= stats["codes"][code]
+    # Common free-text answers do travel: they are how categorical assessments are coded.
+    assert any("=" in c for c in stats["codes"])
+
+
+def test_merged_cuts_match_pooled_quantiles(demo_dir, tmp_path, site_cfg, tok_cfg):
+    import shutil
+
+    rng = np.random.default_rng(7)
+    sites = []
+    for name, values in [
+        ("a", np.round(rng.normal(105, 12, 20000), 1)),
+        ("b", np.round(np.clip(rng.lognormal(np.log(140), 0.25, 20000), 1, 299))),
+    ]:
+        d = tmp_path / name
+        shutil.copytree(demo_dir, d)
+        _with_sbp(d, values)
+        sites.append(load_site(d, site_cfg))
+    stats = [site_stats(s, tok_cfg) for s in sites]
+    tok = fit_tokenizer(merge_stats(stats), tok_cfg)
+    pooled = np.sort(
+        np.concatenate(
+            [
+                stay_events(s)
+                .filter(pl.col("code") == "VTL_sbp")
+                .collect()
+                .get_column("value")
+                .drop_nulls()
+                .to_numpy()
+                for s in sites
+            ]
+        )
+    )
+    cuts = tok.cuts["VTL_sbp"]
+    assert len(cuts) == 9
+    for i, c in enumerate(cuts, start=1):
+        q = i / 10
+        below = np.searchsorted(pooled, c, side="left") / pooled.size  # F(c-)
+        upto = np.searchsorted(pooled, c, side="right") / pooled.size  # F(c)
+        assert below <= q + 0.01 and upto >= q - 0.01, (q, c, below, upto)
+    # The two sites really differ: a one-site tokenizer would cut elsewhere.
+    one = fit_tokenizer(merge_stats(stats[:1]), tok_cfg).cuts["VTL_sbp"]
+    assert abs(one[4] - cuts[4]) > 5
+
+
+def test_k_suppression_counts_across_sites(site_dir, demo_dir, site_cfg, tok_cfg, tmp_path):
+    labs = read(site_dir, "labs")
+    rare = labs.head(6).with_columns(pl.lit("procalcitonin").alias("lab_category"))
+    assert labs.filter(pl.col("lab_category") == "procalcitonin").is_empty()
+    write(site_dir, "labs", pl.concat([labs, rare]))
+    stats = site_stats(load_site(site_dir, site_cfg), tok_cfg)
+    assert stats["codes"]["LAB_procalcitonin"] == 6
+    one = fit_tokenizer(merge_stats([stats]), tok_cfg)
+    assert "LAB_procalcitonin" not in one.index
+    assert one.id("LAB_procalcitonin") == one.index["LAB_UNK"]
+    two = fit_tokenizer(merge_stats([stats, stats]), tok_cfg)  # 12 >= k=10
+    assert "LAB_procalcitonin" in two.index
+
+
+def test_split_mode_and_bins(demo_dir, site_cfg, tok_cfg):
+    tok_cfg.fused = False
+    tok_cfg.n_bins = 4
+    tok = fit_tokenizer(merge_stats([site_stats(load_site(demo_dir, site_cfg), tok_cfg)]), tok_cfg)
+    assert {"Q0", "Q1", "Q2", "Q3"} <= set(tok.vocab)
+    assert not any(t.endswith("_Q1") for t in tok.vocab)
+    assert len(tok.cuts["VTL_heart_rate"]) == 3
+
+
+def test_tokenizer_hash_detects_edits(demo_dir, tmp_path, capsys):
+    path = tmp_path / "tok.json"
+    assert main(["tokenizer", "fit", "--data", str(demo_dir), "--out", str(path)]) == 0
+    tok = Tokenizer.load(path)
+    assert tok.config["k_min_count"] == 10 and tok.config["n_bins"] == 10
+    raw = json.loads(path.read_text())
+    raw["cuts"]["VTL_sbp"][0] += 1
+    path.write_text(json.dumps(raw))
+    with pytest.raises(FedclifError, match="content hash does not match"):
+        Tokenizer.load(path)
+
+
+def test_fit_config_changes_the_hash(demo_dir, tmp_path):
+    a, b = tmp_path / "a.json", tmp_path / "b.json"
+    assert main(["tokenizer", "fit", "--data", str(demo_dir), "--out", str(a)]) == 0
+    assert (
+        main(["tokenizer", "fit", "--data", str(demo_dir), "--out", str(b), "tokenizer.n_bins=5"])
+        == 0
+    )
+    ta, tb = Tokenizer.load(a), Tokenizer.load(b)
+    assert ta.hash != tb.hash and tb.config["n_bins"] == 5
+    assert max(len(c) for c in tb.cuts.values()) == 4
+
+
+def test_bad_stats_files(tmp_path, capsys):
+    bad = tmp_path / "bad.json"
+    bad.write_text("{not json")
+    assert main(["tokenizer", "fit", "--stats", str(bad), "--out", str(tmp_path / "t")]) == 1
+    assert "not a JSON statistics file" in capsys.readouterr().err
+    bad.write_text('{"format": "something-else"}')
+    assert main(["tokenizer", "fit", "--stats", str(bad), "--out", str(tmp_path / "t")]) == 1
+    assert "not a fedclif site statistics file" in capsys.readouterr().err
+    assert (
+        main(
+            [
+                "tokenizer",
+                "fit",
+                "--stats",
+                str(tmp_path / "none.json"),
+                "--out",
+                str(tmp_path / "t"),
+            ]
+        )
+        == 1
+    )
+    assert "not found" in capsys.readouterr().err
+
+
+def test_noise_keeps_counts_close(demo_dir, site_cfg, tok_cfg):
+    site = load_site(demo_dir, site_cfg)
+    exact = site_stats(site, tok_cfg)
+    tok_cfg.stats.noise_scale = 2.0
+    noisy = site_stats(site, tok_cfg)
+    assert noisy["n_stays"] is None
+    diffs = [abs(noisy["codes"].get(c, 0) - n) for c, n in exact["codes"].items()]
+    assert any(diffs) and np.mean(diffs) < 6

@@ -1,0 +1,225 @@
+"""Tokenized timelines and labels on the real demo: chain, 24 h cut, unknowns, labels."""
+
+from datetime import timedelta
+
+import pandas as pd
+import polars as pl
+import pytest
+from conftest import read, write
+
+from shared.cli import main
+from shared.clif.site import load_site
+from shared.errors import FedclifError
+from shared.stats import merge_stats, site_stats
+from shared.timelines import read_timelines, tokenize_site
+from shared.tokenizer import fit_tokenizer
+
+
+@pytest.fixture(scope="module")
+def demo_tokens(demo_dir, tmp_path_factory):
+    """The CLI chain stats -> fit -> tokenize on the demo, as a site would run it."""
+    root = tmp_path_factory.mktemp("chain")
+    assert main(["site", "stats", str(demo_dir), "--out", str(root / "stats.json")]) == 0
+    assert (
+        main(
+            [
+                "tokenizer",
+                "fit",
+                "--stats",
+                str(root / "stats.json"),
+                "--out",
+                str(root / "tokenizer.json"),
+            ]
+        )
+        == 0
+    )
+    assert (
+        main(
+            [
+                "site",
+                "tokenize",
+                str(demo_dir),
+                "--tokenizer",
+                str(root / "tokenizer.json"),
+                "--out",
+                str(root / "out"),
+            ]
+        )
+        == 0
+    )
+    return root / "out"
+
+
+def test_labels_match_an_independent_implementation(demo_dir, demo_tokens):
+    labels = pl.read_parquet(demo_tokens / "labels.parquet")
+    assert labels.height == 272
+    got = {c: int(labels[c].sum()) for c in labels.columns if c != "hospitalization_id"}
+    assert got["same_admission_death"] == 16
+    assert got["long_length_of_stay"] == 99
+    assert got["icu_admission"] == 132
+    assert got["imv_event"] == 58
+    # The same definitions written again in pandas, straight from the parquet files.
+    h = pd.read_parquet(demo_dir / "clif_hospitalization.parquet")
+    h["los"] = h.discharge_dttm - h.admission_dttm
+    stays = h[h.los >= timedelta(hours=24)]
+    adt = pd.read_parquet(demo_dir / "clif_adt.parquet")
+    rs = pd.read_parquet(demo_dir / "clif_respiratory_support.parquet")
+    icu = set(adt.loc[adt.location_category == "icu", "hospitalization_id"])
+    imv = set(rs.loc[rs.device_category == "IMV", "hospitalization_id"])
+    assert (stays.discharge_category == "Expired").sum() == got["same_admission_death"]
+    assert (stays.los > timedelta(days=7)).sum() == got["long_length_of_stay"]
+    assert stays.hospitalization_id.isin(icu).sum() == got["icu_admission"]
+    assert stays.hospitalization_id.isin(imv).sum() == got["imv_event"]
+    first24 = adt.merge(h[["hospitalization_id", "admission_dttm"]])
+    icu24 = set(
+        first24.loc[
+            (first24.location_category == "icu")
+            & (first24.in_dttm < first24.admission_dttm + timedelta(hours=24)),
+            "hospitalization_id",
+        ]
+    )
+    assert stays.hospitalization_id.isin(icu24).sum() == got["icu_admission_24h"]
+    readmit = 0
+    for _, s in stays.iterrows():
+        other = h[
+            (h.patient_id == s.patient_id)
+            & (h.admission_dttm > s.discharge_dttm)
+            & (h.admission_dttm <= s.discharge_dttm + timedelta(days=30))
+        ]
+        readmit += not other.empty
+    assert readmit == got["readmission_30d"]
+    # Death is unknown, not "survived", when the discharge category is Missing.
+    missing = set(stays.loc[stays.discharge_category == "Missing", "hospitalization_id"])
+    nulls = set(labels.filter(pl.col("same_admission_death").is_null())["hospitalization_id"])
+    assert nulls == missing and len(missing) == 19
+
+
+def test_input_window_is_a_prefix_cut_at_24h(demo_tokens):
+    tl, tok = read_timelines(demo_tokens)
+    assert tl.height == 272
+    end = tok.index["TL_END"]
+    for r in tl.iter_rows(named=True):
+        n = r["n_tokens_24h"]
+        assert r["tokens_24h"] == r["tokens"][:n]
+        assert r["types_24h"] == r["types"][:n]
+        assert all(h < 24 for h in r["hours_24h"])
+        assert n == r["n_tokens"] or r["hours"][n] >= 24
+        assert end not in r["tokens_24h"] and r["tokens"][-1] == end
+        assert r["hours"] == sorted(r["hours"])
+
+
+def test_one_real_stay_decoded_by_hand(demo_tokens, capsys):
+    """Stay 25563031 (patient 10001725), checked against the raw tables.
+
+    Admitted 2110-04-11 20:08 from the ED, female, White, non-Hispanic, 46 years (below the
+    first age cut, 48). Ward at 20:09:36 (+2 min: no time token), weight 72.2 kg and height
+    157 cm at 20:52 (+42 min: T_15m-1h), ICU at 20:52:22, heart rate at 20:54, code status
+    Full at 21:01, nasal cannula 2 L/min at 21:07; discharged home 04-14 20:00 (71.87 h).
+    """
+    tl, tok = read_timelines(demo_tokens)
+    r = tl.filter(pl.col("hospitalization_id") == "25563031").row(0, named=True)
+    toks = tok.decode(r["tokens"])
+    assert toks[:12] == [
+        "TL_START",
+        "SEX_Female",
+        "RACE_White",
+        "ETH_Non-Hispanic",
+        "AGE_Q0",
+        "ADM_ed",
+        "XFR-IN_ward",
+        "T_15m-1h",
+        "VTL_height_cm_Q0",
+        "VTL_weight_kg_Q2",
+        "XFR-IN_icu",
+        "VTL_heart_rate_Q0",
+    ]
+    assert tok.cuts["VTL_weight_kg"][1] <= 72.2 < tok.cuts["VTL_weight_kg"][2]
+    assert tok.cuts["VTL_height_cm"][0] > 157 and tok.cuts["AGE"][0] > 46
+    assert round(r["hours"][6], 3) == round(96 / 3600, 3)
+    assert "CODE_Full" in toks[12:40] and "RESP_device_Nasal Cannula" in toks[12:45]
+    assert toks[-2:] == ["DSCG_Home", "TL_END"] and round(r["hours"][-1], 2) == 71.87
+    assert r["age"] == 46 and r["hosp_index"] == 0
+    assert main(["site", "inspect", str(demo_tokens), "--id", "25563031"]) == 0
+    shown = capsys.readouterr().out
+    assert "VTL_weight_kg_Q2" in shown and "TL_END" not in shown and "icu_admission=True" in shown
+
+
+def _tokenize(d, site_cfg, tok_cfg, out, tok=None):
+    site = load_site(d, site_cfg)
+    tok = tok or fit_tokenizer(merge_stats([site_stats(site, tok_cfg)]), tok_cfg)
+    tokenize_site(site, tok, out)
+    return read_timelines(out)
+
+
+def test_unknown_codes_keep_their_event_and_missing_values_are_not_binned(
+    site_dir, demo_dir, site_cfg, tok_cfg, tmp_path
+):
+    v = read(site_dir, "vitals")
+    first = v.filter(pl.col("hospitalization_id") == "25563031").sort("recorded_dttm")
+    at = first["recorded_dttm"][0]
+    extra = first.head(2).with_columns(
+        pl.Series("vital_category", ["pain_score", "sbp"]),
+        pl.Series("vital_value", [3.0, None], dtype=pl.Float64),
+        pl.lit(at + timedelta(hours=5)).alias("recorded_dttm"),
+    )
+    write(site_dir, "vitals", pl.concat([v, extra]))
+    base = load_site(demo_dir, site_cfg)
+    tok = fit_tokenizer(merge_stats([site_stats(base, tok_cfg)]), tok_cfg)
+    tl, tok = _tokenize(site_dir, site_cfg, tok_cfg, tmp_path / "out", tok)
+    r = tl.filter(pl.col("hospitalization_id") == "25563031").row(0, named=True)
+    adm = (
+        load_site(demo_dir, site_cfg)
+        .tables["hospitalization"]
+        .filter(pl.col("hospitalization_id") == "25563031")["admission_dttm"][0]
+    )
+    hours = (at + timedelta(hours=5) - adm).total_seconds() / 3600
+    there = [
+        t for t, h in zip(tok.decode(r["tokens"]), r["hours"], strict=True) if abs(h - hours) < 1e-3
+    ]
+    assert "VTL_UNK" in there  # unknown category: kept, at its time
+    assert "VTL_sbp" in there  # missing value: category token, no bin
+
+
+def test_tokenize_refuses_mismatched_tokenizer(demo_tokens, tmp_path, demo_dir):
+    import shutil
+
+    copy = tmp_path / "copy"
+    shutil.copytree(demo_tokens, copy)
+    other = tmp_path / "other.json"
+    assert (
+        main(
+            ["tokenizer", "fit", "--data", str(demo_dir), "--out", str(other), "tokenizer.n_bins=4"]
+        )
+        == 0
+    )
+    shutil.copy(other, copy / "tokenizer.json")
+    with pytest.raises(FedclifError, match="was made with tokenizer"):
+        read_timelines(copy)
+
+
+def test_split_mode_timelines(demo_dir, site_cfg, tok_cfg, tmp_path):
+    tok_cfg.fused = False
+    tl, tok = _tokenize(demo_dir, site_cfg, tok_cfg, tmp_path / "split")
+    toks = tok.decode(tl.filter(pl.col("hospitalization_id") == "25563031")["tokens"][0].to_list())
+    i = toks.index("VTL_weight_kg")
+    assert toks[i + 1] == "Q2"
+
+
+def test_inspect_unknown_stay(demo_tokens, capsys):
+    assert main(["site", "inspect", str(demo_tokens), "--id", "nope"]) == 1
+    assert "no stay 'nope'" in capsys.readouterr().err
+
+
+def test_console_script_quickstart(tmp_path):
+    import subprocess
+
+    r = subprocess.run(
+        ["fedclif", "quickstart", "--out", str(tmp_path / "qs")],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert r.returncode == 0, r.stderr
+    assert "site usable: 272 stays" in r.stdout
+    assert (tmp_path / "qs" / "tokens" / "timelines.parquet").is_file()
+    assert "label same_admission_death │ 16" in r.stdout
