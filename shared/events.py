@@ -13,7 +13,7 @@ from collections.abc import Callable
 
 import polars as pl
 
-from shared.clif.schema import load_schemas
+from shared.clif.schema import RESP_SETTINGS, load_schemas
 from shared.clif.site import Site
 
 UNK = "UNK"
@@ -63,18 +63,6 @@ PREFIX_TYPE = {
     "CRRT": "crrt",
     "DSCG": "discharge",
 }
-
-# Numeric respiratory settings that become their own events (the rest are observations
-# that mostly duplicate these).
-RESP_SETTINGS = (
-    "fio2_set",
-    "lpm_set",
-    "peep_set",
-    "tidal_volume_set",
-    "resp_rate_set",
-    "pressure_support_set",
-    "pressure_control_set",
-)
 
 
 def prefix_of(code: str) -> str:
@@ -352,7 +340,7 @@ def stay_events(site: Site, st: pl.DataFrame | None = None) -> pl.LazyFrame:
     """Every coded event of every tokenizable stay, within the stay's window.
 
     Columns: stay, hours (since admission; events up to `pre_admission_hours` early are
-    placed at 0), code, value (null when not numeric or missing), prio. State codes
+    placed at 0), code, value (null when not numeric or missing), prio; unordered. State codes
     (device, mode, position, CRRT mode, code status) are kept only when they change.
     """
     st = stays(site) if st is None else st
@@ -369,11 +357,15 @@ def stay_events(site: Site, st: pl.DataFrame | None = None) -> pl.LazyFrame:
             & (pl.col("time") <= pl.col("discharge_dttm"))
         )
         .with_columns(_hours(pl.col("time")).clip(lower_bound=0.0).alias("hours"))
-        .sort("stay", "hours", "prio", "code")
     )
-    # A state event that repeats the previous state of the same kind adds nothing.
+    # A state event that repeats the previous state of the same kind adds nothing. Only
+    # the (few) state events are sorted here; ordering the stream is the encoder's job.
+    cols = ("stay", "hours", "code", "value", "prio")
     changed = (pl.col("code") != pl.col("code").shift().over("stay", "state")).fill_null(True)
-    events = events.filter(pl.col("state").is_null() | changed).select(
-        "stay", "hours", "code", "value", "prio"
+    states = (
+        events.filter(pl.col("state").is_not_null())
+        .sort("stay", "hours", "prio", "code")
+        .filter(changed)
     )
+    events = pl.concat([events.filter(pl.col("state").is_null()).select(cols), states.select(cols)])
     return pl.concat([_prefix_suffix(site, st), events])

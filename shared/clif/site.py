@@ -12,7 +12,6 @@ from pathlib import Path
 from typing import Literal
 
 import polars as pl
-import pyarrow.parquet as pq
 from omegaconf import DictConfig
 
 from shared.clif.schema import EVENT_CATEGORY, PRIMARY_KEYS, Column, TableSchema, load_schemas
@@ -106,6 +105,7 @@ class _Checker:
         self.report = report
         self.cfg = cfg
         self.df: pl.DataFrame | None = None
+        self.found: list[str] = []  # column names in the file
 
     def add(
         self,
@@ -150,10 +150,10 @@ class _Checker:
     ) -> int:
         """Flag rows matching `mask`; drop them, null `column` in them, or keep them."""
         assert self.df is not None
-        hit = self.df.filter(mask)
-        n = hit.height
+        n = int(self.df.select(mask.sum()).item() or 0)
         if n == 0:
             return 0
+        hit = self.df.filter(mask).head(int(self.cfg.examples))
         total = self.df.height
         severity: Severity = "warning"
         what = {"drop": "rows dropped", "null": "values treated as missing", "keep": "kept"}[action]
@@ -173,10 +173,58 @@ class _Checker:
         return n
 
 
+_TARGET = {
+    "VARCHAR": pl.String,
+    "INT": pl.Int64,
+    "DOUBLE": pl.Float64,
+    "FLOAT": pl.Float64,
+    "DATETIME": pl.Datetime("us", "UTC"),
+    "DATE": pl.Datetime("us", "UTC"),
+}
+_HINT = {
+    "DATETIME": "a timestamp (with timezone)",
+    "DATE": "a date or timestamp",
+    "VARCHAR": "a string",
+    "INT": "an integer",
+    "DOUBLE": "a number",
+    "FLOAT": "a number",
+}
+
+
+def _conversion(name: str, dt: pl.DataType, expected: str, tz: str) -> pl.Expr | None:
+    """The cast that brings a column of type `dt` to its schema type; None if none does."""
+    col = pl.col(name)
+    if dt == pl.Null:
+        return col.cast(_TARGET[expected])
+    if expected == "VARCHAR":
+        if dt == pl.String:
+            return col
+        if isinstance(dt, pl.Categorical | pl.Enum) or dt in _INT_TYPES:
+            return col.cast(pl.String)
+    elif expected in ("DATETIME", "DATE"):
+        if isinstance(dt, pl.Datetime):
+            if dt.time_zone is None:
+                col = col.dt.replace_time_zone(tz, ambiguous="earliest", non_existent="null")
+            return col.dt.convert_time_zone("UTC").dt.cast_time_unit("us")
+        if dt == pl.Date:
+            return col.cast(pl.Datetime("us")).dt.replace_time_zone("UTC")
+    elif expected == "INT":
+        if dt in _INT_TYPES or dt == pl.Boolean:
+            return col.cast(pl.Int64)
+        if dt in _FLOAT_TYPES:
+            return col.round(0).cast(pl.Int64, strict=False)
+    elif expected in ("DOUBLE", "FLOAT") and (dt in _INT_TYPES or dt in _FLOAT_TYPES):
+        return col.cast(pl.Float64)
+    return None
+
+
 def _read(path: Path, checker: _Checker) -> pl.DataFrame | None:
+    """Check every schema column's type from the file's schema; read (and cast) only the
+    columns fedclif reads, so validation costs little more than the read itself."""
+    schema = checker.schema
     try:
-        table = pq.read_table(path)
-    except Exception as e:  # pyarrow raises several unrelated types for a bad file
+        found = pl.read_parquet_schema(path)
+    except Exception as e:  # polars raises several unrelated types for a bad file
         checker.add(
             "fatal",
             None,
@@ -185,71 +233,48 @@ def _read(path: Path, checker: _Checker) -> pl.DataFrame | None:
             "file written by pyarrow, pandas or polars.",
         )
         return None
-    df = pl.from_arrow(table)
-    assert isinstance(df, pl.DataFrame)
-    return df.drop([c for c in df.columns if c.startswith("__index_level_")])
-
-
-def _cast_column(df: pl.DataFrame, col: Column, checker: _Checker) -> pl.DataFrame:
-    """Bring one column to its schema type, or report why it cannot be."""
-    dt = df.schema[col.name]
-    used = col.name in checker.schema.used
-    expected = col.dtype
-    if dt == pl.Null:
-        target = {
-            "VARCHAR": pl.String,
-            "INT": pl.Int64,
-            "DOUBLE": pl.Float64,
-            "FLOAT": pl.Float64,
-        }.get(expected, pl.Datetime("us", "UTC"))
-        return df.with_columns(pl.col(col.name).cast(target))
-    if expected == "VARCHAR":
-        if dt == pl.String:
-            return df
-        if isinstance(dt, pl.Categorical | pl.Enum) or dt in _INT_TYPES:
-            return df.with_columns(pl.col(col.name).cast(pl.String))
-    elif expected in ("DATETIME", "DATE"):
-        if isinstance(dt, pl.Datetime):
-            if dt.time_zone is None:
+    extra = [c for c in found if c not in schema.columns and not c.startswith("__index_level_")]
+    if extra:
+        checker.add(
+            "warning",
+            None,
+            "extra-columns",
+            f"columns not in CLIF 2.1, ignored: {', '.join(extra)}",
+        )
+    checker.found = list(found)
+    casts = []
+    for name, dt in found.items():
+        col = schema.columns.get(name)
+        if col is None:
+            continue
+        conv = _conversion(name, dt, col.dtype, str(checker.cfg.timezone))
+        used = name in schema.used
+        if conv is None:
+            checker.add(
+                "fatal" if used else "warning",
+                name,
+                "type",
+                f"column {name!r} has type {dt}, expected {col.dtype} "
+                f"({_HINT[col.dtype]})" + ("" if used else "; column ignored"),
+            )
+        elif name in schema.read:
+            casts.append(conv)
+            if isinstance(dt, pl.Datetime) and dt.time_zone is None:
                 checker.add(
                     "warning",
-                    col.name,
+                    name,
                     "timezone-naive",
                     f"timestamps have no timezone; read as {checker.cfg.timezone}",
                 )
-                expr = pl.col(col.name).dt.replace_time_zone(
-                    str(checker.cfg.timezone), ambiguous="earliest", non_existent="null"
-                )
-            else:
-                expr = pl.col(col.name)
-            return df.with_columns(expr.dt.convert_time_zone("UTC").dt.cast_time_unit("us"))
-        if dt == pl.Date:
-            return df.with_columns(
-                pl.col(col.name).cast(pl.Datetime("us")).dt.replace_time_zone("UTC")
-            )
-    elif expected == "INT":
-        if dt in _INT_TYPES or dt == pl.Boolean:
-            return df.with_columns(pl.col(col.name).cast(pl.Int64))
-        if dt in _FLOAT_TYPES:
-            return df.with_columns(pl.col(col.name).round(0).cast(pl.Int64, strict=False))
-    elif expected in ("DOUBLE", "FLOAT") and (dt in _INT_TYPES or dt in _FLOAT_TYPES):
-        return df.with_columns(pl.col(col.name).cast(pl.Float64))
-    hint = {
-        "DATETIME": "a timestamp (with timezone)",
-        "DATE": "a date or timestamp",
-        "VARCHAR": "a string",
-        "INT": "an integer",
-        "DOUBLE": "a number",
-        "FLOAT": "a number",
-    }[expected]
-    checker.add(
-        "fatal" if used else "warning",
-        col.name,
-        "type",
-        f"column {col.name!r} has type {dt}, expected {expected} ({hint})"
-        + ("" if used else "; column ignored"),
-    )
-    return df.drop(col.name)
+    try:
+        return pl.read_parquet(path, columns=[c.meta.output_name() for c in casts]).with_columns(
+            casts
+        )
+    except Exception as e:
+        checker.add(
+            "fatal", None, "unreadable", f"cannot read parquet data: {type(e).__name__}: {e}"
+        )
+        return None
 
 
 def _normalise_categories(df: pl.DataFrame, col: Column, checker: _Checker) -> pl.DataFrame:
@@ -317,37 +342,25 @@ def _check_table(
             "table has no rows" + ("" if schema.required else "; table ignored"),
         )
         return None
-    missing_used = [c for c in schema.used if c not in df.columns]
-    for c in missing_used:
-        dtype = schema.columns[c].dtype
-        checker.add(
-            "fatal",
-            c,
-            "missing-column",
-            f"column {c!r} ({dtype}) is missing; fedclif needs it. "
-            f"Found columns: {', '.join(df.columns)}",
-        )
-    for c in (c for c in schema.columns.values() if c.required and c.name not in df.columns):
-        if c.name not in missing_used:
+    found = checker.found
+    for c in schema.columns.values():
+        if c.name in found or not (c.required or c.name in schema.used):
+            continue
+        if c.name in schema.used:
+            checker.add(
+                "fatal",
+                c.name,
+                "missing-column",
+                f"column {c.name!r} ({c.dtype}) is missing; fedclif needs it. "
+                f"Found columns: {', '.join(found)}",
+            )
+        else:
             checker.add(
                 "warning",
                 c.name,
                 "missing-column",
                 f"CLIF column {c.name!r} ({c.dtype}) is missing; fedclif does not need it",
             )
-    if missing_used:
-        return None
-    extra = [c for c in df.columns if c not in schema.columns]
-    if extra:
-        checker.add(
-            "warning",
-            None,
-            "extra-columns",
-            f"columns not in CLIF 2.1, ignored: {', '.join(extra)}",
-        )
-    for col in schema.columns.values():
-        if col.name in df.columns:
-            df = _cast_column(df, col, checker)
     if any(p.severity == "fatal" for p in report.problems):
         return None
     for col in schema.columns.values():
@@ -376,23 +389,20 @@ def _check_ranges(checker: _Checker, category: str, value: str) -> None:
     ranges = checker.schema.ranges
     if not ranges:
         return
-    bounds = pl.DataFrame(
-        {
-            category: list(ranges),
-            "_lo": [r[0] for r in ranges.values()],
-            "_hi": [r[1] for r in ranges.values()],
-        }
+    cat = pl.col(category)
+    lo = cat.replace_strict(
+        {k: v[0] for k, v in ranges.items()}, default=None, return_dtype=pl.Float64
     )
-    assert checker.df is not None
-    checker.df = checker.df.join(bounds, on=category, how="left")
+    hi = cat.replace_strict(
+        {k: v[1] for k, v in ranges.items()}, default=None, return_dtype=pl.Float64
+    )
     checker.rows(
-        (pl.col(value) < pl.col("_lo")) | (pl.col(value) > pl.col("_hi")),
+        (pl.col(value) < lo) | (pl.col(value) > hi),
         value,
         "out-of-range",
         f"{value!r} outside the plausible range for its category (clifpy outlier ranges)",
         "null",
     )
-    checker.df = checker.df.drop("_lo", "_hi")
 
 
 def _lab_values(checker: _Checker) -> None:
