@@ -2,7 +2,6 @@
 
 import argparse
 import json
-import shutil
 import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -11,9 +10,10 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn
 from rich.table import Table
 
-from shared.clif.schema import clifpy_root
+from shared.clif.schema import clifpy_root, load_schemas
 from shared.clif.site import Site, SiteInvalid, SiteReport, load_site, read_site
 from shared.config import load_config
 from shared.errors import FedclifError
@@ -80,9 +80,23 @@ def _print_report(report: SiteReport) -> None:
         )
 
 
+def _read(path: str | Path, cfg: DictConfig, strict: bool = True) -> Site:
+    """Read and check a site with a per-table progress bar."""
+    t0 = time.perf_counter()
+    columns = (SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn())
+    with Progress(*columns, console=console, transient=True) as bar:
+        task = bar.add_task(f"reading {path}", total=len(load_schemas()))
+
+        def on_table(name: str) -> None:
+            bar.update(task, advance=1, description=f"reading {path}: {name}")
+
+        site = (load_site if strict else read_site)(path, cfg, on_table)
+    console.print(f"[green]✓[/] read and checked {path} [dim]({time.perf_counter() - t0:.1f} s)[/]")
+    return site
+
+
 def _load(path: str, cfg: DictConfig) -> Site:
-    with _step(f"reading and checking {path}"):
-        site = load_site(path, cfg)
+    site = _read(path, cfg)
     if site.report.warnings:
         console.print(
             f"  {len(site.report.warnings)} warnings (see `fedclif site validate {path}`)",
@@ -112,7 +126,7 @@ def cmd_demo_data(args: argparse.Namespace) -> int:
 
 def cmd_validate(args: argparse.Namespace) -> int:
     cfg = _configs(args)["site"]
-    report = read_site(args.dir, cfg).report
+    report = _read(args.dir, cfg, strict=False).report
     _print_report(report)
     if args.json:
         Path(args.json).write_text(json.dumps(report.to_dict(), indent=1, default=str))
@@ -226,13 +240,10 @@ def cmd_quickstart(args: argparse.Namespace) -> int:
     from shared.tokenizer import fit_tokenizer
 
     root = Path(args.out)
-    if root.exists():
-        shutil.rmtree(root)
     cfg = _configs(args)
     data = root / "clif_demo"
     cmd_demo_data(argparse.Namespace(dir=data))
-    with _step(f"reading and checking {data}"):
-        site = read_site(data, cfg["site"])
+    site = _read(data, cfg["site"], strict=False)
     _print_report(site.report)
     if site.report.fatal:
         return 1
@@ -322,6 +333,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         console.print(f"[red bold]error:[/] {e}", soft_wrap=True)
         return 1
     except FedclifError as e:
+        console.print(f"[red bold]error:[/] {e}", soft_wrap=True)
+        return 1
+    except OSError as e:  # unwritable output, full disk: the user's to fix, not a bug
         console.print(f"[red bold]error:[/] {e}", soft_wrap=True)
         return 1
     except KeyboardInterrupt:

@@ -10,6 +10,7 @@ what gets encoded.
 """
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import polars as pl
 
@@ -101,72 +102,59 @@ def _frame(
     )
 
 
-def _adt(site: Site) -> list[pl.LazyFrame]:
-    df = site.tables["adt"]
-    return [_frame(df, "in_dttm", _category(site, "adt", "location_category", "XFR-IN"), None, 10)]
+@dataclass(frozen=True)
+class Source:
+    """A category column whose values are events: `<prefix>_<category>` at `time`."""
+
+    table: str
+    time: str
+    category: str
+    prefix: str
+    prio: int
+    value: str | None = None
+    state: str | None = None
 
 
-def _vitals(site: Site) -> list[pl.LazyFrame]:
-    df = site.tables["vitals"]
+# Tables (or columns) that map one-to-one onto events. Labs use the result time, not the
+# collection time: a value is known to the model when it is reported.
+SOURCES = (
+    Source("adt", "in_dttm", "location_category", "XFR-IN", 10),
+    Source(
+        "respiratory_support", "recorded_dttm", "device_category", "RESP_device", 11, state="device"
+    ),
+    Source("respiratory_support", "recorded_dttm", "mode_category", "RESP_mode", 11, state="mode"),
+    Source("vitals", "recorded_dttm", "vital_category", "VTL", 12, value="vital_value"),
+    Source("labs", "lab_result_dttm", "lab_category", "LAB", 13, value="lab_value_numeric"),
+    Source("position", "recorded_dttm", "position_category", "POS", 17, state="position"),
+    Source("crrt_therapy", "recorded_dttm", "crrt_mode_category", "CRRT", 18, state="crrt"),
+)
+
+
+def _source(site: Site, src: Source) -> list[pl.LazyFrame]:
+    df = site.tables[src.table]
+    if src.category not in df.columns:
+        return []
     return [
         _frame(
-            df,
-            "recorded_dttm",
-            _category(site, "vitals", "vital_category", "VTL"),
-            pl.col("vital_value"),
-            12,
+            df.filter(pl.col(src.category).is_not_null()),
+            src.time,
+            _category(site, src.table, src.category, src.prefix),
+            pl.col(src.value) if src.value else None,
+            src.prio,
+            src.state,
         )
     ]
 
 
-def _labs(site: Site) -> list[pl.LazyFrame]:
-    # Result time, not collection time: a value is known to the model when it is reported.
-    df = site.tables["labs"]
-    return [
-        _frame(
-            df,
-            "lab_result_dttm",
-            _category(site, "labs", "lab_category", "LAB"),
-            pl.col("lab_value_numeric"),
-            13,
-        )
-    ]
-
-
-def _respiratory(site: Site) -> list[pl.LazyFrame]:
+def _resp_settings(site: Site) -> list[pl.LazyFrame]:
     df = site.tables["respiratory_support"]
-    out = [
+    return [
         _frame(
-            df.filter(pl.col("device_category").is_not_null()),
-            "recorded_dttm",
-            _category(site, "respiratory_support", "device_category", "RESP_device"),
-            None,
-            11,
-            state="device",
-        ),
+            df.filter(pl.col(s).is_not_null()), "recorded_dttm", pl.lit(f"RESP_{s}"), pl.col(s), 11
+        )
+        for s in RESP_SETTINGS
+        if s in df.columns
     ]
-    if "mode_category" in df.columns:
-        out.append(
-            _frame(
-                df.filter(pl.col("mode_category").is_not_null()),
-                "recorded_dttm",
-                _category(site, "respiratory_support", "mode_category", "RESP_mode"),
-                None,
-                11,
-                state="mode",
-            )
-        )
-    for s in (s for s in RESP_SETTINGS if s in df.columns):
-        out.append(
-            _frame(
-                df.filter(pl.col(s).is_not_null()),
-                "recorded_dttm",
-                pl.lit(f"RESP_{s}"),
-                pl.col(s),
-                11,
-            )
-        )
-    return out
 
 
 def _meds_continuous(site: Site) -> list[pl.LazyFrame]:
@@ -208,33 +196,6 @@ def _assessments(site: Site) -> list[pl.LazyFrame]:
     return [_frame(df, "recorded_dttm", code, value, 16)]
 
 
-def _position(site: Site) -> list[pl.LazyFrame]:
-    return [
-        _frame(
-            site.tables["position"],
-            "recorded_dttm",
-            _category(site, "position", "position_category", "POS"),
-            None,
-            17,
-            state="position",
-        )
-    ]
-
-
-def _crrt(site: Site) -> list[pl.LazyFrame]:
-    df = site.tables["crrt_therapy"].filter(pl.col("crrt_mode_category").is_not_null())
-    return [
-        _frame(
-            df,
-            "recorded_dttm",
-            _category(site, "crrt_therapy", "crrt_mode_category", "CRRT"),
-            None,
-            18,
-            state="crrt",
-        )
-    ]
-
-
 def _code_status(site: Site, stays: pl.DataFrame) -> list[pl.LazyFrame]:
     # Code status is recorded per patient: attach each order to that patient's stays.
     df = site.tables["code_status"].join(
@@ -252,16 +213,12 @@ def _code_status(site: Site, stays: pl.DataFrame) -> list[pl.LazyFrame]:
     ]
 
 
+# Tables whose events need more than a category column.
 EVENT_TABLES: dict[str, Callable[[Site], list[pl.LazyFrame]]] = {
-    "adt": _adt,
-    "vitals": _vitals,
-    "labs": _labs,
-    "respiratory_support": _respiratory,
+    "respiratory_support": _resp_settings,
     "medication_admin_continuous": _meds_continuous,
     "medication_admin_intermittent": _meds_intermittent,
     "patient_assessments": _assessments,
-    "position": _position,
-    "crrt_therapy": _crrt,
 }
 
 
@@ -344,7 +301,8 @@ def stay_events(site: Site, st: pl.DataFrame | None = None) -> pl.LazyFrame:
     (device, mode, position, CRRT mode, code status) are kept only when they change.
     """
     st = stays(site) if st is None else st
-    parts = [f for name, fn in EVENT_TABLES.items() if site.has(name) for f in fn(site)]
+    parts = [f for src in SOURCES if site.has(src.table) for f in _source(site, src)]
+    parts += [f for name, fn in EVENT_TABLES.items() if site.has(name) for f in fn(site)]
     if site.has("code_status"):
         parts += _code_status(site, st)
     window = st.lazy().select("hospitalization_id", "stay", "admission_dttm", "discharge_dttm")

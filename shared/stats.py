@@ -9,7 +9,6 @@ dropped, so no single value leaves the site; free-text codes rarer than
 `min_open_code_count` stay home too.
 """
 
-import json
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -17,6 +16,7 @@ import numpy as np
 import polars as pl
 from omegaconf import DictConfig, OmegaConf
 
+from shared.artifact import read_json, write_json
 from shared.clif.site import Site
 from shared.errors import FedclifError
 from shared.events import OPEN_SEP, stay_events
@@ -93,28 +93,11 @@ def site_stats(site: Site, cfg: DictConfig) -> dict:
 
 
 def write_stats(stats: dict, path: str | Path) -> None:
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    Path(path).write_text(json.dumps(stats, indent=1, sort_keys=True))
+    write_json(stats, path)
 
 
 def read_stats(path: str | Path) -> dict:
-    path = Path(path)
-    try:
-        stats = json.loads(path.read_text())
-    except FileNotFoundError as e:
-        raise FedclifError(f"statistics file not found: {path}") from e
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise FedclifError(f"{path} is not a JSON statistics file: {e}") from e
-    if not isinstance(stats, dict) or stats.get("format") != FORMAT:
-        raise FedclifError(
-            f'{path} is not a fedclif site statistics file (expected "format": "{FORMAT}")'
-        )
-    if stats.get("version") != VERSION:
-        raise FedclifError(
-            f"{path} has statistics version {stats.get('version')}, "
-            f"this fedclif reads version {VERSION}"
-        )
-    return stats
+    return read_json(path, FORMAT, VERSION, "site statistics")
 
 
 def merge_stats(all_stats: Sequence[dict]) -> dict:

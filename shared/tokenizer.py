@@ -9,6 +9,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
+from shared.artifact import read_json, write_json
 from shared.errors import FedclifError
 from shared.events import PREFIX_TYPE, TOKEN_TYPES, UNK, prefix_of
 from shared.stats import quantile_cuts
@@ -85,28 +86,11 @@ class Tokenizer:
         return [self.vocab[i] for i in ids]
 
     def save(self, path: str | Path) -> None:
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        Path(path).write_text(json.dumps({**self.content(), "hash": self.hash}, indent=1))
+        write_json({**self.content(), "hash": self.hash}, path)
 
     @classmethod
     def load(cls, path: str | Path) -> "Tokenizer":
-        path = Path(path)
-        try:
-            raw = json.loads(path.read_text())
-        except FileNotFoundError as e:
-            raise FedclifError(f"tokenizer file not found: {path}") from e
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise FedclifError(f"{path} is not a JSON tokenizer file: {e}") from e
-        if not isinstance(raw, dict) or raw.get("format") != FORMAT:
-            raise FedclifError(
-                f'{path} is not a fedclif tokenizer (expected "format": '
-                f'"{FORMAT}"); make one with `fedclif tokenizer fit`'
-            )
-        if raw.get("version") != VERSION:
-            raise FedclifError(
-                f"{path} is tokenizer version {raw.get('version')}, "
-                f"this fedclif reads version {VERSION}"
-            )
+        raw = read_json(path, FORMAT, VERSION, "tokenizer", "make one with `fedclif tokenizer fit`")
         tok = cls(
             config=raw["config"],
             vocab=tuple(raw["vocab"]),

@@ -141,7 +141,7 @@ def test_bad_stats_files(tmp_path, capsys):
     bad = tmp_path / "bad.json"
     bad.write_text("{not json")
     assert main(["tokenizer", "fit", "--stats", str(bad), "--out", str(tmp_path / "t")]) == 1
-    assert "not a JSON statistics file" in capsys.readouterr().err
+    assert "not a JSON site statistics file" in capsys.readouterr().err
     bad.write_text('{"format": "something-else"}')
     assert main(["tokenizer", "fit", "--stats", str(bad), "--out", str(tmp_path / "t")]) == 1
     assert "not a fedclif site statistics file" in capsys.readouterr().err

@@ -7,6 +7,7 @@ unreadable file, a wrong type, duplicate primary keys) are fatal; row-level ones
 warnings unless they hit more than `max_bad_fraction` of a table.
 """
 
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -425,8 +426,13 @@ def _lab_values(checker: _Checker) -> None:
     )
 
 
-def read_site(path: str | Path, cfg: DictConfig) -> Site:
-    """Read, check and clean every CLIF table fedclif uses. Never raises for bad data."""
+def read_site(
+    path: str | Path, cfg: DictConfig, on_table: Callable[[str], None] | None = None
+) -> Site:
+    """Read, check and clean every CLIF table fedclif uses. Never raises for bad data.
+
+    `on_table` is called with each table's name before it is read (progress display).
+    """
     path = Path(path)
     report = SiteReport(path=str(path))
     schemas = load_schemas(str(cfg.clif_version))
@@ -447,6 +453,8 @@ def read_site(path: str | Path, cfg: DictConfig) -> Site:
         report.tables["site"] = tr
         return site
     for name, schema in schemas.items():
+        if on_table:
+            on_table(name)
         tr = report.tables[name] = TableReport(table=name, file=str(path / schema.file_name))
         df = _check_table(path, schema, tr, cfg)
         if df is not None:
@@ -573,9 +581,11 @@ def _cross_checks(site: Site, schemas: dict[str, TableSchema]) -> None:
         )
 
 
-def load_site(path: str | Path, cfg: DictConfig) -> Site:
+def load_site(
+    path: str | Path, cfg: DictConfig, on_table: Callable[[str], None] | None = None
+) -> Site:
     """Like `read_site`, but raise `SiteInvalid` when the site is not usable."""
-    site = read_site(path, cfg)
+    site = read_site(path, cfg, on_table)
     if site.report.fatal:
         raise SiteInvalid(site.report)
     return site
