@@ -10,7 +10,14 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    SpinnerColumn,
+    TextColumn,
+    TimeElapsedColumn,
+)
 from rich.table import Table
 
 from shared.clif.schema import clifpy_root, load_schemas
@@ -170,16 +177,38 @@ def cmd_fit(args: argparse.Namespace) -> int:
 
 
 def cmd_tokenize(args: argparse.Namespace) -> int:
-    from shared.timelines import tokenize_site
     from shared.tokenizer import Tokenizer
 
     cfg = _configs(args)
     tok = Tokenizer.load(args.tokenizer)
     site = _load(args.dir, cfg["site"])
-    with _step(f"tokenizing with {tok.hash[:12]}"):
-        manifest = tokenize_site(site, tok, args.out)
+    manifest = _tokenize(site, tok, args.out)
     _print_manifest(manifest, args.out)
     return 0
+
+
+def _tokenize(site: Site, tok, out_dir: str | Path) -> dict:
+    """`tokenize_site` with a progress bar over stays."""
+    from shared.timelines import tokenize_site
+
+    t0 = time.perf_counter()
+    columns = (
+        SpinnerColumn(),
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+    )
+    with Progress(*columns, console=console, transient=True) as bar:
+        task = bar.add_task(f"tokenizing with {tok.hash[:12]}", total=None)
+        manifest = tokenize_site(
+            site, tok, out_dir, on_chunk=lambda d, n: bar.update(task, completed=d, total=n)
+        )
+    console.print(
+        f"[green]✓[/] tokenized {manifest['stays']:,} stays "
+        f"[dim]({time.perf_counter() - t0:.1f} s)[/]"
+    )
+    return manifest
 
 
 def _print_manifest(m: dict, path: str | Path) -> None:
@@ -236,7 +265,6 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 def cmd_quickstart(args: argparse.Namespace) -> int:
     """The main job on the embedded demo: demo data, validate, stats, fit, tokenize."""
     from shared.stats import merge_stats, site_stats, write_stats
-    from shared.timelines import tokenize_site
     from shared.tokenizer import fit_tokenizer
 
     root = Path(args.out)
@@ -253,8 +281,7 @@ def cmd_quickstart(args: argparse.Namespace) -> int:
     with _step("fitting the tokenizer"):
         tok = fit_tokenizer(merge_stats([stats]), cfg["tokenizer"])
         tok.save(root / "tokenizer.json")
-    with _step("tokenizing"):
-        manifest = tokenize_site(site, tok, root / "tokens")
+    manifest = _tokenize(site, tok, root / "tokens")
     _print_manifest(manifest, root / "tokens")
     out.print(f"next: fedclif site inspect {root / 'tokens'} --id <hospitalization_id>")
     return 0

@@ -8,6 +8,7 @@ token of a stay.
 """
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -53,9 +54,9 @@ def _bins(code_id: np.ndarray, value: np.ndarray, cuts: dict[int, np.ndarray]) -
     order = np.argsort(
         code_id.astype(np.uint16 if code_id.max(initial=0) < 65536 else np.int64), kind="stable"
     )
-    sorted_ids = code_id[order]
+    ends = np.cumsum(np.bincount(code_id, minlength=max(cuts, default=0) + 1))
     for c, cut in cuts.items():
-        lo, hi = np.searchsorted(sorted_ids, [c, c + 1])
+        lo, hi = (ends[c - 1] if c else 0), ends[c]
         if lo == hi:
             continue
         rows = order[lo:hi]
@@ -121,7 +122,8 @@ def encode(site: Site, tok: Tokenizer, st: pl.DataFrame) -> pl.DataFrame:
         .sort("_when", "_what", maintain_order=True)
     )
 
-    stay = events.get_column("stay").to_numpy()
+    # Stays of a chunk are a contiguous run of ids; count from 0 within it.
+    stay = events.get_column("stay").to_numpy() - int(st.get_column("stay").min() or 0)
     hours = events.get_column("hours").to_numpy()
     pos_ = events.get_column("code_pos").to_numpy()
     code_id, etype = code_ids[pos_], code_types[pos_]
@@ -181,26 +183,52 @@ def encode(site: Site, tok: Tokenizer, st: pl.DataFrame) -> pl.DataFrame:
     )
 
 
-def tokenize_site(site: Site, tok: Tokenizer, out: str | Path) -> dict:
-    """Write timelines, labels, the tokenizer and a manifest to `out`; return the manifest."""
+def tokenize_site(
+    site: Site, tok: Tokenizer, out: str | Path, on_chunk: Callable[[int, int], None] | None = None
+) -> dict:
+    """Write timelines, labels, the tokenizer and a manifest to `out`; return the manifest.
+
+    Stays are encoded `site.cfg.chunk_stays` at a time and written as one parquet row
+    group each, so memory grows with the chunk, not the site. `on_chunk(done, total)`
+    reports progress in stays.
+    """
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     st = stays(site)
-    timelines = encode(site, tok, st)
+    chunk = max(1, int(site.cfg.chunk_stays))
+    unk_ids = [i for t, i in tok.index.items() if t.endswith("_UNK")]
+    tokens = tokens_24h = unknown = 0
+    writer = None
+    try:
+        for lo in range(0, st.height, chunk):
+            part = st.slice(lo, chunk)
+            timelines = encode(site.restrict(part), tok, part)
+            flat = timelines.get_column("tokens").explode()
+            tokens += flat.len()
+            unknown += int(flat.is_in(unk_ids).sum())
+            tokens_24h += int(timelines.get_column("n_tokens_24h").sum())
+            table = timelines.to_arrow()
+            if writer is None:
+                meta = {
+                    **(table.schema.metadata or {}),
+                    b"fedclif_tokenizer_hash": tok.hash.encode(),
+                }
+                writer = pq.ParquetWriter(out / TIMELINES, table.schema.with_metadata(meta))
+            writer.write_table(table.replace_schema_metadata(writer.schema.metadata))
+            if on_chunk:
+                on_chunk(lo + part.height, st.height)
+    finally:
+        if writer is not None:
+            writer.close()
     labels = outcome_labels(site, st)
-    table = timelines.to_arrow()
-    meta = {**(table.schema.metadata or {}), b"fedclif_tokenizer_hash": tok.hash.encode()}
-    pq.write_table(table.replace_schema_metadata(meta), out / TIMELINES)
     labels.write_parquet(out / LABELS)
     tok.save(out / TOKENIZER)
-    flat = timelines.get_column("tokens").explode()
-    unk_ids = [i for t, i in tok.index.items() if t.endswith("_UNK")]
     manifest = {
         "tokenizer_hash": tok.hash,
-        "stays": timelines.height,
-        "tokens": int(flat.len()),
-        "tokens_24h": int(timelines.get_column("n_tokens_24h").sum()),
-        "unknown_token_share": float(flat.is_in(unk_ids).mean() or 0.0),
+        "stays": st.height,
+        "tokens": tokens,
+        "tokens_24h": tokens_24h,
+        "unknown_token_share": unknown / max(tokens, 1),
         "labels": {
             c: int(labels.get_column(c).sum()) for c in labels.columns if c != "hospitalization_id"
         },

@@ -1,5 +1,6 @@
 """Tokenized timelines and labels on the real demo: chain, 24 h cut, unknowns, labels."""
 
+import json
 from datetime import timedelta
 
 import pandas as pd
@@ -223,3 +224,22 @@ def test_console_script_quickstart(tmp_path):
     assert "site usable: 272 stays" in r.stdout
     assert (tmp_path / "qs" / "tokens" / "timelines.parquet").is_file()
     assert "label same_admission_death │ 16" in r.stdout
+
+
+def test_chunked_tokenization_matches_one_pass(demo_dir, demo_tokens, site_cfg, tmp_path):
+    from shared.tokenizer import Tokenizer
+
+    site_cfg.chunk_stays = 50
+    tok = Tokenizer.load(demo_tokens / "tokenizer.json")
+    done = []
+    manifest = tokenize_site(
+        load_site(demo_dir, site_cfg),
+        tok,
+        tmp_path / "c",
+        on_chunk=lambda d, n: done.append((d, n)),
+    )
+    assert done == [(50, 272), (100, 272), (150, 272), (200, 272), (250, 272), (272, 272)]
+    a, _ = read_timelines(demo_tokens)
+    b, _ = read_timelines(tmp_path / "c")
+    assert a.equals(b)
+    assert manifest == json.loads((demo_tokens / "manifest.json").read_text())

@@ -85,6 +85,18 @@ class Site:
     def has(self, table: str) -> bool:
         return table in self.tables
 
+    def restrict(self, stays: pl.DataFrame) -> "Site":
+        """The same site holding only the rows of these stays (and their patients)."""
+        hosp = stays.get_column("hospitalization_id").implode()
+        pats = stays.get_column("patient_id").unique().implode()
+        tables = {
+            name: df.filter(pl.col("hospitalization_id").is_in(hosp))
+            if "hospitalization_id" in df.columns
+            else df.filter(pl.col("patient_id").is_in(pats))
+            for name, df in self.tables.items()
+        }
+        return Site(self.path, tables, self.report, self.cfg)
+
 
 class SiteInvalid(FedclifError):
     """The site has fatal problems; `report` says which."""
