@@ -9,7 +9,7 @@ Statistics and tokenization both read this stream, so the vocabulary is fitted o
 what gets encoded.
 """
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import polars as pl
@@ -22,7 +22,7 @@ UNK = "UNK"
 OPEN_SEP = "="
 
 # Order of events that share a timestamp; lower first. Prefix and suffix bracket them.
-PRIO_START, PRIO_PREFIX, PRIO_GAP, PRIO_DISCHARGE, PRIO_END = 0, 1, 9, 98, 99
+PRIO_START, PRIO_PREFIX, PRIO_DISCHARGE, PRIO_END = 0, 1, 98, 99
 
 # Token types (EHRMamba's type embedding): prefix of a code -> type id.
 TOKEN_TYPES = (
@@ -249,6 +249,16 @@ def stays(site: Site) -> pl.DataFrame:
         .with_row_index("stay")
         .with_columns(pl.col("stay").cast(pl.Int32))
     )
+
+
+def stay_chunks(site: Site) -> Iterator[tuple[Site, pl.DataFrame]]:
+    """The site's stays `site.cfg.chunk_stays` at a time, each with the site restricted
+    to them: what statistics and tokenization iterate over to keep memory bounded."""
+    st = stays(site)
+    chunk = max(1, int(site.cfg.chunk_stays))
+    for lo in range(0, st.height, chunk):
+        part = st.slice(lo, chunk)
+        yield site.restrict(part), part
 
 
 def _hours(expr: pl.Expr) -> pl.Expr:

@@ -19,7 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 from shared.artifact import read_json, write_json
 from shared.clif.site import Site
 from shared.errors import FedclifError
-from shared.events import OPEN_SEP, stay_events
+from shared.events import OPEN_SEP, stay_chunks, stay_events
 
 FORMAT = "fedclif-site-stats"
 VERSION = 1
@@ -32,15 +32,11 @@ def _noisy(counts: pl.Expr, rng: np.random.Generator, n: int, scale: float) -> p
     return (counts + noise).round(0).clip(lower_bound=0).cast(pl.Int64)
 
 
-def _grid_cells(
-    values: pl.LazyFrame, sig_figs: int, min_cell: int
+def _roll_up(
+    cells: pl.DataFrame, sig_figs: int, min_cell: int
 ) -> tuple[pl.DataFrame, pl.DataFrame]:
-    """Counts per (code, rounded value), small cells rolled up; and what was dropped."""
-    cells = (
-        values.group_by("code", pl.col("value").round_sig_figs(sig_figs))
-        .agg(pl.len().alias("n"))
-        .collect()
-    )
+    """Roll cells with fewer than `min_cell` values up to coarser rounding, then drop the
+    rest; returns the kept cells and the dropped count per code."""
     for digits in range(sig_figs - 1, 0, -1):
         small = pl.col("n") < min_cell
         coarse = (
@@ -55,17 +51,29 @@ def _grid_cells(
 
 
 def site_stats(site: Site, cfg: DictConfig) -> dict:
-    """Statistics of one site, ready to be written as JSON and sent to the server."""
+    """Statistics of one site, ready to be written as JSON and sent to the server.
+
+    Counted chunk by chunk of stays (counts add up, so memory follows the chunk size);
+    suppression and noise apply to the site totals.
+    """
     s = cfg.stats
-    events = stay_events(site).select("stay", "code", "value")
-    codes = events.group_by("code").agg(pl.len().alias("n")).collect()
+    sig = int(s.sig_figs)
+    code_parts, cell_parts = [], []
+    for sub, part in stay_chunks(site):
+        ev = stay_events(sub, part).select("code", "value").collect()
+        code_parts.append(ev.group_by("code").agg(pl.len().alias("n")))
+        cell_parts.append(
+            ev.filter(pl.col("value").is_not_null())
+            .group_by("code", pl.col("value").round_sig_figs(sig))
+            .agg(pl.len().alias("n"))
+        )
+    codes = pl.concat(code_parts).group_by("code").agg(pl.col("n").sum())
+    cells = pl.concat(cell_parts).group_by("code", "value").agg(pl.col("n").sum())
     rare_open = pl.col("code").str.contains(OPEN_SEP, literal=True) & (
         pl.col("n") < int(s.min_open_code_count)
     )
     codes = codes.filter(~rare_open)
-    cells, dropped = _grid_cells(
-        events.filter(pl.col("value").is_not_null()), int(s.sig_figs), int(s.min_cell_count)
-    )
+    cells, dropped = _roll_up(cells, sig, int(s.min_cell_count))
     rng = np.random.default_rng(int(s.seed))
     scale = float(s.noise_scale)
     codes = codes.sort("code").with_columns(_noisy(pl.col("n"), rng, codes.height, scale))

@@ -18,7 +18,15 @@ import pyarrow.parquet as pq
 
 from shared.clif.site import Site
 from shared.errors import FedclifError
-from shared.events import PRIO_END, PRIO_START, TOKEN_TYPES, stay_events, stays, type_id
+from shared.events import (
+    PRIO_END,
+    PRIO_START,
+    TOKEN_TYPES,
+    stay_chunks,
+    stay_events,
+    stays,
+    type_id,
+)
 from shared.labels import outcome_labels
 from shared.tokenizer import END, START, TIME_BUCKETS, Tokenizer, bin_token
 
@@ -194,15 +202,13 @@ def tokenize_site(
     """
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    st = stays(site)
-    chunk = max(1, int(site.cfg.chunk_stays))
     unk_ids = [i for t, i in tok.index.items() if t.endswith("_UNK")]
-    tokens = tokens_24h = unknown = 0
+    tokens = tokens_24h = unknown = done = 0
+    n_stays = site.report.usable_stays
     writer = None
     try:
-        for lo in range(0, st.height, chunk):
-            part = st.slice(lo, chunk)
-            timelines = encode(site.restrict(part), tok, part)
+        for sub, part in stay_chunks(site):
+            timelines = encode(sub, tok, part)
             flat = timelines.get_column("tokens").explode()
             tokens += flat.len()
             unknown += int(flat.is_in(unk_ids).sum())
@@ -215,11 +221,13 @@ def tokenize_site(
                 }
                 writer = pq.ParquetWriter(out / TIMELINES, table.schema.with_metadata(meta))
             writer.write_table(table.replace_schema_metadata(writer.schema.metadata))
+            done += part.height
             if on_chunk:
-                on_chunk(lo + part.height, st.height)
+                on_chunk(done, n_stays)
     finally:
         if writer is not None:
             writer.close()
+    st = stays(site)
     labels = outcome_labels(site, st)
     labels.write_parquet(out / LABELS)
     tok.save(out / TOKENIZER)

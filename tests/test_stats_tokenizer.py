@@ -169,3 +169,9 @@ def test_noise_keeps_counts_close(demo_dir, site_cfg, tok_cfg):
     assert noisy["n_stays"] is None
     diffs = [abs(noisy["codes"].get(c, 0) - n) for c, n in exact["codes"].items()]
     assert any(diffs) and np.mean(diffs) < 6
+
+
+def test_stats_do_not_depend_on_chunking(demo_dir, site_cfg, tok_cfg):
+    whole = site_stats(load_site(demo_dir, site_cfg), tok_cfg)
+    site_cfg.chunk_stays = 37
+    assert site_stats(load_site(demo_dir, site_cfg), tok_cfg) == whole
