@@ -56,7 +56,7 @@ def _step(name: str) -> Iterator[None]:
 
 def _print_report(report: SiteReport) -> None:
     t = Table(title=f"CLIF site {report.path}", title_justify="left")
-    for c in ("table", "rows", "stays", "fatal", "warnings"):
+    for c in ("table", "rows", "hospitalizations", "fatal", "warnings"):
         t.add_column(c, justify="left" if c == "table" else "right")
     for name, tr in report.tables.items():
         if not tr.present and not tr.problems:

@@ -142,14 +142,13 @@ class _Checker:
             )
         )
 
-    def _examples(self, rows: pl.DataFrame, column: str | None) -> list[str]:
-        n = int(self.cfg.examples)
+    def _examples(self, rows: pl.DataFrame, columns: tuple[str, ...]) -> list[str]:
         key = next((c for c in ("hospitalization_id", "patient_id") if c in rows.columns), None)
+        show = [c for c in columns if c and c != key and c in rows.columns]
         out = []
-        for r in rows.head(n).iter_rows(named=True):
+        for r in rows.head(int(self.cfg.examples)).iter_rows(named=True):
             parts = [f"{key}={r[key]}"] if key else []
-            if column and column != key and column in r:
-                parts.append(f"{column}={r[column]!r}")
+            parts += [f"{c}={r[c]!r}" for c in show]
             out.append(" ".join(parts))
         return out
 
@@ -160,8 +159,11 @@ class _Checker:
         kind: str,
         message: str,
         action: Literal["drop", "null", "keep"],
+        context: tuple[str, ...] = (),
     ) -> int:
-        """Flag rows matching `mask`; drop them, null `column` in them, or keep them."""
+        """Flag rows matching `mask`; drop them, null `column` in them, or keep them.
+
+        Examples show the row's id, `context` columns and `column`."""
         assert self.df is not None
         n = int(self.df.select(mask.sum()).item() or 0)
         if n == 0:
@@ -176,7 +178,7 @@ class _Checker:
             msg += (
                 f"; more than {float(self.cfg.max_bad_fraction):.0%} of rows: is the export right?"
             )
-        self.add(severity, column, kind, msg, n, self._examples(hit, column))
+        self.add(severity, column, kind, msg, n, self._examples(hit, (*context, column)))
         if action == "drop":
             self.df = self.df.filter(~mask)
         elif action == "null":
@@ -419,6 +421,7 @@ def _check_ranges(checker: _Checker, category: str, value: str) -> None:
         "out-of-range",
         f"{value!r} outside the plausible range for its category (clifpy outlier ranges)",
         "null",
+        context=(category,),
     )
     checker.df = checker.df.drop("_lo", "_hi")
 
