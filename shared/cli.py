@@ -287,6 +287,86 @@ def cmd_quickstart(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_synth(args: argparse.Namespace) -> int:
+    """Write a synthetic site, or (`synth compare DIR`) compare one with a reference."""
+    from simulations import synth
+
+    words = list(args.words)
+    if words and words[0] == "compare":
+        from simulations.compare import compare_sites
+
+        if len(words) != 2 or not args.reference:
+            raise FedclifError("usage: fedclif synth compare DIR --reference DEMO_DIR [--png F]")
+        png = Path(args.png) if args.png else Path(words[1]) / "compare.png"
+        table = compare_sites(Path(words[1]), Path(args.reference), png, _configs(args)["site"])
+        out.print(table)
+        out.print(f"value distributions: {png}")
+        return 0
+    if not args.preset or not args.out:
+        raise FedclifError(
+            "fedclif synth needs --preset NAME and --out DIR "
+            f"(presets: {', '.join(synth.preset_names())})"
+        )
+    cfg = synth.load_preset(args.preset, words)
+    t0 = time.perf_counter()
+    columns = (
+        SpinnerColumn(),
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+    )
+    with Progress(*columns, console=console, transient=True) as bar:
+        task = bar.add_task(f"generating {cfg.name}", total=args.stays)
+        rows = synth.write_site(
+            cfg,
+            args.stays,
+            args.seed,
+            args.out,
+            on_chunk=lambda d, n: bar.update(task, completed=d),
+        )
+    sec = time.perf_counter() - t0
+    out.print(
+        f"wrote {cfg.name} ({args.stays:,} stays, seed {args.seed}) to {args.out} in "
+        f"{sec:.1f} s: " + ", ".join(f"{k} {v:,}" for k, v in rows.items())
+    )
+    return 0
+
+
+def cmd_baseline(args: argparse.Namespace) -> int:
+    """Bag-of-tokens baseline trained at one tokenized site, evaluated at others."""
+    from shared.baseline import MODELS, load_dataset, run_baseline
+    from shared.labels import LABELS
+
+    labels = tuple(args.labels.split(",")) if args.labels else LABELS
+    models = tuple(args.models.split(",")) if args.models else MODELS
+    bad = [lab for lab in labels if lab not in LABELS]
+    if bad:
+        raise FedclifError(f"unknown label(s) {bad}; choose from {', '.join(LABELS)}")
+    with _step("loading tokenized sites"):
+        train = load_dataset(args.train)
+        tests = [load_dataset(t) for t in args.test]
+    with _step("training and evaluating"):
+        results = run_baseline(train, tests, labels, models, seed=args.seed, n_boot=args.boot)
+    t = Table(title=f"bag-of-tokens baseline trained at {train.name}", title_justify="left")
+    for c in ("model", "label", "evaluated at", "n", "prevalence", "AUROC [95% CI]", "AUPRC"):
+        t.add_column(c, justify="left" if c in ("model", "label", "evaluated at") else "right")
+    for r in results:
+        t.add_row(
+            r["model"],
+            r["label"],
+            r["test"],
+            f"{r['n']:,}",
+            f"{r['prevalence']:.3f}",
+            f"{r['auroc']:.3f} [{r['auroc_low']:.3f}, {r['auroc_high']:.3f}]",
+            f"{r['auprc']:.3f}",
+        )
+    out.print(t)
+    if args.out:
+        Path(args.out).write_text(json.dumps(results, indent=1))
+    return 0
+
+
 # --- parser ------------------------------------------------------------------------------
 
 
@@ -339,6 +419,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("out_dir", metavar="OUT")
     p.add_argument("--id", required=True, help="hospitalization_id")
     p.add_argument("--full", action="store_true", help="the full stay, not the input window")
+
+    p = add(sub, "synth", cmd_synth, "write a synthetic CLIF site (or: synth compare DIR)")
+    p.add_argument(
+        "words",
+        nargs="*",
+        metavar="key=value | compare DIR",
+        help="generator overrides (policy.icu_threshold=0.5), or `compare DIR`",
+    )
+    p.add_argument("--preset", help="a preset in configs/sim/sites/")
+    p.add_argument("--stays", type=int, default=1000)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", help="output CLIF directory")
+    p.add_argument("--reference", help="with compare: the CLIF directory to compare against")
+    p.add_argument("--png", help="with compare: where to save the distributions plot")
+    p = add(sub, "baseline", cmd_baseline, "bag-of-tokens baseline across tokenized sites")
+    p.add_argument("--train", required=True, help="tokenized site (fedclif site tokenize --out)")
+    p.add_argument("--test", nargs="*", default=[], help="tokenized sites to evaluate at")
+    p.add_argument("--labels", help="comma-separated labels (default: all)")
+    p.add_argument("--models", help="comma-separated: logreg,gbm (default: both)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--boot", type=int, default=500, help="bootstrap resamples")
+    p.add_argument("--out", help="also write the results as JSON here")
 
     tk = add(sub, "tokenizer", None, "fit the shared tokenizer")
     tsub = tk.add_subparsers(dest="tokenizer_command", required=True)

@@ -1,0 +1,118 @@
+"""Bag-of-tokens baseline and bootstrap metrics on small synthetic sites."""
+
+import json
+
+import numpy as np
+import pytest
+
+from shared.cli import main
+from shared.metrics import auroc
+from simulations.synth import load_preset, write_site
+
+
+def test_bootstrap_interval_brackets_the_estimate():
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 2, 400)
+    p = y + rng.normal(0, 1.0, 400)
+    est = auroc(y, p, n_boot=200)
+    assert 0.7 < est.value < 0.85 and est.low < est.value < est.high
+    assert auroc(y, y.astype(float), n_boot=50).value == 1.0
+    assert np.isnan(auroc(np.zeros(10), np.arange(10.0)).value)
+
+
+@pytest.fixture(scope="module")
+def two_sites(tmp_path_factory):
+    root = tmp_path_factory.mktemp("baseline")
+    for i, name in enumerate(("mimic-like", "shift-none")):
+        write_site(load_preset(name), 800, i, root / name)
+        assert main(["site", "stats", str(root / name), "--out", str(root / f"{name}.json")]) == 0
+    assert (
+        main(
+            [
+                "tokenizer",
+                "fit",
+                "--stats",
+                str(root / "mimic-like.json"),
+                str(root / "shift-none.json"),
+                "--out",
+                str(root / "tok.json"),
+            ]
+        )
+        == 0
+    )
+    for name in ("mimic-like", "shift-none"):
+        assert (
+            main(
+                [
+                    "site",
+                    "tokenize",
+                    str(root / name),
+                    "--tokenizer",
+                    str(root / "tok.json"),
+                    "--out",
+                    str(root / f"{name}-tok"),
+                ]
+            )
+            == 0
+        )
+    return root
+
+
+def test_baseline_cli_reports_auroc_with_intervals(two_sites, capsys):
+    out = two_sites / "res.json"
+    assert (
+        main(
+            [
+                "baseline",
+                "--train",
+                str(two_sites / "mimic-like-tok"),
+                "--test",
+                str(two_sites / "shift-none-tok"),
+                "--labels",
+                "same_admission_death,long_length_of_stay",
+                "--boot",
+                "100",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
+    assert "AUROC" in capsys.readouterr().out
+    res = json.loads(out.read_text())
+    assert {(r["model"], r["label"]) for r in res} == {
+        (m, lab)
+        for m in ("logreg", "gbm")
+        for lab in ("same_admission_death", "long_length_of_stay")
+    }
+    for r in res:
+        assert r["auroc_low"] <= r["auroc"] <= r["auroc_high"]
+        assert 0.6 < r["auroc"] <= 1.0, r  # learns something, even at this size
+    assert len({r["test"] for r in res}) == 2  # held out at the training site + shift-none
+
+
+def test_baseline_refuses_mixed_tokenizers(two_sites, demo_dir, tmp_path, capsys):
+    other = tmp_path / "demo-tok"
+    assert (
+        main(["tokenizer", "fit", "--data", str(demo_dir), "--out", str(tmp_path / "t.json")]) == 0
+    )
+    assert (
+        main(
+            [
+                "site",
+                "tokenize",
+                str(demo_dir),
+                "--tokenizer",
+                str(tmp_path / "t.json"),
+                "--out",
+                str(other),
+            ]
+        )
+        == 0
+    )
+    capsys.readouterr()
+    assert (
+        main(["baseline", "--train", str(two_sites / "mimic-like-tok"), "--test", str(other)]) == 1
+    )
+    assert "another tokenizer" in capsys.readouterr().err
+    assert main(["baseline", "--train", str(other), "--labels", "bogus"]) == 1

@@ -1,0 +1,219 @@
+"""The synthetic site generator: determinism, validity of every preset, knobs, label rates."""
+
+import hashlib
+
+import numpy as np
+import polars as pl
+import pytest
+
+from shared.cli import main
+from shared.clif.site import load_site
+from shared.config import load_config
+from shared.errors import FedclifError
+from shared.events import stays
+from shared.labels import outcome_labels
+from simulations.synth import load_preset, preset_names, write_site
+
+N = 400
+
+
+def digest(d) -> dict[str, str]:
+    return {f.name: hashlib.sha256(f.read_bytes()).hexdigest() for f in sorted(d.glob("*.parquet"))}
+
+
+def gen(tmp_path, name="mimic-like", overrides=(), n=N, seed=3):
+    out = tmp_path / f"{name}-{seed}-{abs(hash(tuple(overrides)))}"
+    write_site(load_preset(name, list(overrides)), n, seed, out)
+    return out
+
+
+def read(d, table):
+    return pl.read_parquet(d / f"clif_{table}.parquet")
+
+
+def test_same_seed_same_bytes_and_chunking_is_invisible_to_memory(tmp_path):
+    a = gen(tmp_path)
+    b = tmp_path / "again"
+    write_site(load_preset("mimic-like"), N, 3, b)
+    assert digest(a) == digest(b)
+    c = gen(tmp_path, seed=4)
+    assert digest(c)["clif_vitals.parquet"] != digest(a)["clif_vitals.parquet"]
+    # Several chunks: ids stay unique across them.
+    d = gen(tmp_path, overrides=["chunk_stays=150"])
+    h = read(d, "hospitalization")
+    assert h.height == N and h["hospitalization_id"].n_unique() == N
+
+
+@pytest.mark.parametrize("preset", preset_names())
+def test_every_preset_is_valid_clif(tmp_path, preset):
+    d = gen(tmp_path, preset)
+    site = load_site(d, load_config("site"))  # raises on any fatal problem
+    assert site.report.usable_stays > 0.85 * N
+    kinds = {p.kind for p in site.report.warnings}
+    assert not kinds & {"type", "orphan", "unknown-category", "missing-column", "null"}, [
+        p.message for p in site.report.warnings
+    ]
+
+
+def test_cli_writes_a_site(tmp_path, capsys):
+    out = tmp_path / "cli"
+    assert (
+        main(
+            [
+                "synth",
+                "--preset",
+                "ucmc-like",
+                "--stays",
+                "120",
+                "--seed",
+                "1",
+                "--out",
+                str(out),
+                "policy.icu_threshold=0.3",
+            ]
+        )
+        == 0
+    )
+    assert "wrote ucmc-like (120 stays" in capsys.readouterr().out
+    assert read(out, "hospitalization").height == 120
+    assert main(["synth", "--preset", "nope", "--out", str(out)]) == 1
+    assert "no site preset 'nope'" in capsys.readouterr().err
+    assert main(["synth", "--preset", "mimic-like", "--out", str(out), "policy.typo=1"]) == 1
+
+
+def test_bad_preset_values_are_refused():
+    with pytest.raises(FedclifError, match="cannot drop required tables"):
+        load_preset("mimic-like", ["documentation.missing_tables=[labs]"])
+    with pytest.raises(FedclifError, match="non-negative shares"):
+        load_preset("mimic-like", ["case_mix.admission_type.ed=-1"])
+
+
+def rates(d) -> dict[str, float]:
+    site = load_site(d, load_config("site"))
+    lab = outcome_labels(site, stays(site))
+    return {c: float(lab[c].drop_nulls().mean()) for c in lab.columns if c != "hospitalization_id"}
+
+
+@pytest.mark.parametrize("preset", preset_names())
+def test_label_rates_within_the_preset_range(tmp_path, preset):
+    got = rates(gen(tmp_path, preset, n=1500, seed=11))
+    for label, (lo, hi) in load_preset(preset).expect.items():
+        assert lo <= got[label] <= hi, (preset, label, got[label])
+
+
+# --- knobs: each changes what it should, and (common random numbers) nothing else ---------
+
+
+def test_policy_icu_threshold_moves_icu_only(tmp_path):
+    base = gen(tmp_path)
+    low = gen(tmp_path, overrides=["policy.icu_threshold=0.0"])
+    assert read(base, "patient").equals(read(low, "patient"))
+    icu = {
+        d: read(d, "adt")
+        .filter(pl.col("location_category") == "icu")["hospitalization_id"]
+        .n_unique()
+        for d in (base, low)
+    }
+    assert icu[low] > icu[base] * 1.2
+
+
+def test_lab_bias_moves_one_lab_only(tmp_path):
+    base = gen(tmp_path)
+    biased = gen(tmp_path, overrides=["measurement.lab_bias.creatinine=1.5"])
+
+    def lab(d, name):
+        return read(d, "labs").filter(pl.col("lab_category") == name)["lab_value_numeric"]
+
+    assert lab(base, "sodium").equals(lab(biased, "sodium"))
+    ratio = lab(biased, "creatinine").median() / lab(base, "creatinine").median()
+    assert 1.4 < ratio < 1.6
+
+
+def test_spo2_offset_moves_spo2_only(tmp_path):
+    base = gen(tmp_path)
+    shifted = gen(tmp_path, overrides=["measurement.spo2_offset=-3"])
+
+    def vit(d, name):
+        return read(d, "vitals").filter(pl.col("vital_category") == name)["vital_value"]
+
+    assert vit(base, "heart_rate").equals(vit(shifted, "heart_rate"))
+    assert vit(base, "spo2").mean() - vit(shifted, "spo2").mean() > 2
+
+
+def test_documentation_drops_tables_and_codes_missing_discharges(tmp_path):
+    base = gen(tmp_path)
+    docs = gen(
+        tmp_path,
+        overrides=[
+            "documentation.missing_tables=[patient_assessments,position]",
+            "documentation.missing_discharge=0.5",
+        ],
+    )
+    assert not (docs / "clif_patient_assessments.parquet").exists()
+    assert not (docs / "clif_position.parquet").exists()
+    assert read(base, "vitals").equals(read(docs, "vitals"))
+    missing = (read(docs, "hospitalization")["discharge_category"] == "Missing").mean()
+    assert 0.35 < missing < 0.55
+
+
+def test_hospice_recording_keeps_deaths(tmp_path):
+    base = gen(tmp_path, n=1500)
+    hospice = gen(tmp_path, n=1500, overrides=["outcomes.hospice_share=0.6"])
+
+    def counts(d):
+        return read(d, "hospitalization")["discharge_category"].value_counts()
+
+    b, h = (dict(counts(d).iter_rows()) for d in (base, hospice))
+    dead = b.get("Expired", 0) + b.get("Hospice", 0)
+    assert h.get("Expired", 0) + h.get("Hospice", 0) == dead
+    assert h["Hospice"] > b.get("Hospice", 0) + 0.4 * b["Expired"]
+
+
+def test_case_mix_and_era(tmp_path):
+    base = gen(tmp_path, n=1000)
+    sick = gen(
+        tmp_path,
+        n=1000,
+        overrides=["case_mix.respiratory_share=0.6", "era.start_year=2020", "era.end_year=2021"],
+    )
+    years = read(sick, "hospitalization")["admission_dttm"].dt.year()
+    assert years.min() >= 2020 and (years <= 2021).mean() > 0.99
+
+    def imv(d):
+        rs = read(d, "respiratory_support")
+        return rs.filter(pl.col("device_category") == "IMV")["hospitalization_id"].n_unique()
+
+    assert imv(sick) > 1.3 * imv(base)
+
+
+def test_vasopressor_preference(tmp_path):
+    d = gen(tmp_path, overrides=["policy.vasopressor=vasopressin"])
+    meds = set(read(d, "medication_admin_continuous")["med_category"].unique())
+    assert "vasopressin" in meds and "norepinephrine" not in meds
+
+
+def test_compare_prints_marginals_and_saves_png(tmp_path, demo_dir, capsys):
+    d = gen(tmp_path)
+    png = tmp_path / "cmp.png"
+    assert main(["synth", "compare", str(d), "--reference", str(demo_dir), "--png", str(png)]) == 0
+    text = capsys.readouterr().out
+    assert "death (Expired)" in text and "heart_rate p5 / p50 / p95" in text
+    assert png.stat().st_size > 10_000 and png.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_generated_values_track_latent_severity(tmp_path):
+    """Deaths look sicker in the first 24 h than survivors (the signal baselines learn)."""
+    d = gen(tmp_path, n=1500)
+    h = read(d, "hospitalization").select(
+        "hospitalization_id", "admission_dttm", "discharge_category"
+    )
+    lac = (
+        read(d, "labs").filter(pl.col("lab_category") == "lactate").join(h, on="hospitalization_id")
+    )
+    first = lac.filter(pl.col("lab_result_dttm") < pl.col("admission_dttm") + pl.duration(hours=24))
+    med = first.group_by(pl.col("discharge_category") == "Expired").agg(
+        pl.col("lab_value_numeric").median()
+    )
+    m = dict(med.iter_rows())
+    assert m[True] > m[False] * 1.3
+    assert np.isfinite(list(m.values())).all()
