@@ -33,23 +33,23 @@ from shared.errors import FedclifError
 PRESET_DIR = CONFIG_DIR / "sim" / "sites"
 _US_PER_DAY = 86_400_000_000
 
-# Labs: (category, panel, median, log-normal?, organ, effect per unit severity, sd).
+# Labs: (category, panel, median, log-normal?, organ, effect per unit severity, sd, digits).
 LABS = (
-    ("sodium", "bmp", 138.0, False, "renal", -0.7, 2.5),
-    ("potassium", "bmp", 4.1, False, "renal", 0.25, 0.45),
-    ("chloride", "bmp", 102.0, False, "renal", -1.0, 4.0),
-    ("bicarbonate", "bmp", 24.0, False, "cardio", -2.0, 3.0),
-    ("bun", "bmp", 20.0, True, "renal", 0.45, 0.45),
-    ("creatinine", "bmp", 1.0, True, "renal", 0.5, 0.4),
-    ("glucose_serum", "bmp", 125.0, True, "infect", 0.1, 0.35),
-    ("calcium_total", "bmp", 8.6, False, "renal", -0.25, 0.6),
-    ("hemoglobin", "cbc", 10.5, False, "cardio", -0.5, 1.7),
-    ("wbc", "cbc", 9.0, True, "infect", 0.3, 0.45),
-    ("platelet_count", "cbc", 200.0, True, "infect", -0.2, 0.45),
-    ("ph", "blood_gas", 7.38, False, "resp", -0.04, 0.06),
-    ("pco2", "blood_gas", 40.0, False, "resp", 4.0, 7.0),
-    ("po2", "blood_gas", 95.0, True, "resp", -0.2, 0.35),
-    ("lactate", "blood_gas", 1.1, True, "cardio", 0.4, 0.4),
+    ("sodium", "bmp", 138.0, False, "renal", -0.7, 2.5, 0),
+    ("potassium", "bmp", 4.1, False, "renal", 0.25, 0.45, 1),
+    ("chloride", "bmp", 102.0, False, "renal", -1.0, 4.0, 0),
+    ("bicarbonate", "bmp", 24.0, False, "cardio", -2.0, 3.0, 0),
+    ("bun", "bmp", 20.0, True, "renal", 0.45, 0.45, 0),
+    ("creatinine", "bmp", 1.0, True, "renal", 0.5, 0.4, 1),
+    ("glucose_serum", "bmp", 125.0, True, "infect", 0.1, 0.35, 0),
+    ("calcium_total", "bmp", 8.6, False, "renal", -0.25, 0.6, 1),
+    ("hemoglobin", "cbc", 9.5, False, "cardio", -0.5, 1.7, 1),
+    ("wbc", "cbc", 9.0, True, "infect", 0.3, 0.45, 1),
+    ("platelet_count", "cbc", 190.0, True, "infect", -0.2, 0.5, 0),
+    ("ph", "blood_gas", 7.38, False, "resp", -0.04, 0.06, 2),
+    ("pco2", "blood_gas", 40.0, False, "resp", 4.0, 7.0, 0),
+    ("po2", "blood_gas", 95.0, True, "resp", -0.2, 0.35, 0),
+    ("lactate", "blood_gas", 1.1, True, "cardio", 0.4, 0.4, 1),
 )
 # Physiological limits the generated vital signs stay within.
 _VITAL_LIMITS = {
@@ -167,7 +167,7 @@ def _draw_stays(cfg: DictConfig, rng: np.random.Generator, n: int) -> _Stays:
     # Death follows the worst point of the course through the failing organ system: the
     # lungs in the respiratory phenotype, the circulation otherwise.
     peak = np.maximum(s0, s0 + slope * los)
-    w_resp = np.where(resp, 0.8, 0.1)
+    w_resp = np.where(resp, float(out.respiratory_death_weight), 0.1)
     organ_peak = peak + w_resp * off["resp"] + (1 - w_resp) * off["cardio"]
     p_death = _sigmoid(
         out.death_intercept + out.death_severity * organ_peak + 0.03 * (age - 63) + 0.2 * comorb
@@ -456,7 +456,7 @@ class _Chunk:
             rng.random(idx.size) < float(pol.blood_gas_per_day_icu) / max(icu, 1e-9)
         )
         frames = []
-        for name, panel, median, log, organ, effect, sd in LABS:
+        for name, panel, median, log, organ, effect, sd, digits in LABS:
             if name in _GASES:  # arterial or venous sampling, by site policy
                 name = f"{name}_{pol.blood_gas}"
                 if name not in _lab_units():
@@ -473,7 +473,7 @@ class _Chunk:
                 * float(meas.lab_bias.get(name, 1.0))
                 * (1 + rng.normal(0, float(meas.lab_noise), i.size))
             )
-            v = np.round(v, 2)
+            v = np.round(v, digits)
             collect = tt + rng.uniform(0, 10, i.size) / 1440
             frames.append(
                 pl.DataFrame(
