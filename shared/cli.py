@@ -46,6 +46,19 @@ def _configs(args: argparse.Namespace) -> dict[str, DictConfig]:
     return {s: load_config(s, files[s], by_section[s]) for s in SECTIONS}
 
 
+def _progress() -> Progress:
+    """The progress bar every long command shows (removed when done)."""
+    return Progress(
+        SpinnerColumn(),
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=console,
+        transient=True,
+    )
+
+
 @contextmanager
 def _step(name: str) -> Iterator[None]:
     t0 = time.perf_counter()
@@ -90,8 +103,7 @@ def _print_report(report: SiteReport) -> None:
 def _read(path: str | Path, cfg: DictConfig, strict: bool = True) -> Site:
     """Read and check a site with a per-table progress bar."""
     t0 = time.perf_counter()
-    columns = (SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn())
-    with Progress(*columns, console=console, transient=True) as bar:
+    with _progress() as bar:
         task = bar.add_task(f"reading {path}", total=len(load_schemas()))
 
         def on_table(name: str) -> None:
@@ -192,14 +204,7 @@ def _tokenize(site: Site, tok, out_dir: str | Path) -> dict:
     from shared.timelines import tokenize_site
 
     t0 = time.perf_counter()
-    columns = (
-        SpinnerColumn(),
-        TextColumn("{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-    )
-    with Progress(*columns, console=console, transient=True) as bar:
+    with _progress() as bar:
         task = bar.add_task(f"tokenizing with {tok.hash[:12]}", total=None)
         manifest = tokenize_site(
             site, tok, out_dir, on_chunk=lambda d, n: bar.update(task, completed=d, total=n)
@@ -309,14 +314,7 @@ def cmd_synth(args: argparse.Namespace) -> int:
         )
     cfg = synth.load_preset(args.preset, words)
     t0 = time.perf_counter()
-    columns = (
-        SpinnerColumn(),
-        TextColumn("{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-    )
-    with Progress(*columns, console=console, transient=True) as bar:
+    with _progress() as bar:
         task = bar.add_task(f"generating {cfg.name}", total=args.stays)
         rows = synth.write_site(
             cfg,

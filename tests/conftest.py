@@ -40,3 +40,11 @@ def read(d: Path, table: str) -> pl.DataFrame:
 
 def write(d: Path, table: str, df: pl.DataFrame) -> None:
     df.write_parquet(d / f"clif_{table}.parquet")
+
+
+def run_tokenize(data: Path, tokenizer: Path, out: Path) -> Path:
+    """`fedclif site tokenize`, as a site runs it; returns the output directory."""
+    assert (
+        main(["site", "tokenize", str(data), "--tokenizer", str(tokenizer), "--out", str(out)]) == 0
+    )
+    return out

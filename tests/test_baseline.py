@@ -4,6 +4,7 @@ import json
 
 import numpy as np
 import pytest
+from conftest import run_tokenize
 
 from shared.cli import main
 from shared.metrics import auroc
@@ -41,20 +42,7 @@ def two_sites(tmp_path_factory):
         == 0
     )
     for name in ("mimic-like", "shift-none"):
-        assert (
-            main(
-                [
-                    "site",
-                    "tokenize",
-                    str(root / name),
-                    "--tokenizer",
-                    str(root / "tok.json"),
-                    "--out",
-                    str(root / f"{name}-tok"),
-                ]
-            )
-            == 0
-        )
+        run_tokenize(root / name, root / "tok.json", root / f"{name}-tok")
     return root
 
 
@@ -96,20 +84,7 @@ def test_baseline_refuses_mixed_tokenizers(two_sites, demo_dir, tmp_path, capsys
     assert (
         main(["tokenizer", "fit", "--data", str(demo_dir), "--out", str(tmp_path / "t.json")]) == 0
     )
-    assert (
-        main(
-            [
-                "site",
-                "tokenize",
-                str(demo_dir),
-                "--tokenizer",
-                str(tmp_path / "t.json"),
-                "--out",
-                str(other),
-            ]
-        )
-        == 0
-    )
+    run_tokenize(demo_dir, tmp_path / "t.json", other)
     capsys.readouterr()
     assert (
         main(["baseline", "--train", str(two_sites / "mimic-like-tok"), "--test", str(other)]) == 1

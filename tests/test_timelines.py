@@ -6,7 +6,7 @@ from datetime import timedelta
 import pandas as pd
 import polars as pl
 import pytest
-from conftest import read, write
+from conftest import read, run_tokenize, write
 
 from shared.cli import main
 from shared.clif.site import load_site
@@ -34,20 +34,7 @@ def demo_tokens(demo_dir, tmp_path_factory):
         )
         == 0
     )
-    assert (
-        main(
-            [
-                "site",
-                "tokenize",
-                str(demo_dir),
-                "--tokenizer",
-                str(root / "tokenizer.json"),
-                "--out",
-                str(root / "out"),
-            ]
-        )
-        == 0
-    )
+    run_tokenize(demo_dir, root / "tokenizer.json", root / "out")
     return root / "out"
 
 
