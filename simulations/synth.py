@@ -342,7 +342,8 @@ class _Chunk:
         logit = (
             np.log(share / (1 - share)) if 0 < share < 1 else (-np.inf if share <= 0 else np.inf)
         )
-        p_hospice = _sigmoid(logit + 0.12 * (st.age[st.died] - 70))
+        slope = float(cfg.outcomes.hospice_age_slope)
+        p_hospice = _sigmoid(logit + slope * (st.age[st.died] - 70))
         discharge[st.died] = np.where(
             rng.random(int(st.died.sum())) < p_hospice, "Hospice", "Expired"
         )
@@ -400,22 +401,23 @@ class _Chunk:
         )
         m = idx.size
         card, resp, inf = (st.organ(o, idx, t) for o in ("cardio", "resp", "infect"))
-        sbp = 118 - 9 * card + rng.normal(0, 15, m)
-        dbp = 62 - 5 * card + rng.normal(0, 9, m)
+        k = float(self.cfg.measurement.vital_noise)  # device precision
+        sbp = 118 - 9 * card + rng.normal(0, 15 * k, m)
+        dbp = 62 - 5 * card + rng.normal(0, 9 * k, m)
         values = {
-            "heart_rate": 84 + 9 * card + rng.normal(0, 11, m),
+            "heart_rate": 84 + 9 * card + rng.normal(0, 11 * k, m),
             "sbp": sbp,
             "dbp": dbp,
             "map": (sbp + 2 * dbp) / 3 + rng.normal(0, 2, m),
-            "respiratory_rate": 18 + 2.5 * resp + rng.normal(0, 3.5, m),
+            "respiratory_rate": 18 + 2.5 * resp + rng.normal(0, 3.5 * k, m),
             "spo2": np.minimum(
                 100,
                 97.5
                 - 1.5 * np.maximum(resp, 0)
-                + rng.normal(0, 1.5, m)
+                + rng.normal(0, 1.5 * k, m)
                 + float(self.cfg.measurement.spo2_offset),
             ),
-            "temp_c": 36.9 + 0.35 * inf + rng.normal(0, 0.4, m),
+            "temp_c": 36.9 + 0.35 * inf + rng.normal(0, 0.4 * k, m),
         }
         for name, (lo, hi) in _VITAL_LIMITS.items():
             values[name] = np.clip(values[name], lo, hi)

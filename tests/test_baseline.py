@@ -91,3 +91,51 @@ def test_baseline_refuses_mixed_tokenizers(two_sites, demo_dir, tmp_path, capsys
     )
     assert "another tokenizer" in capsys.readouterr().err
     assert main(["baseline", "--train", str(other), "--labels", "bogus"]) == 1
+
+
+@pytest.fixture(scope="module")
+def transfer(tmp_path_factory):
+    """mimic-like, shift-none and ucmc-like sites sharing one tokenizer (small: seconds)."""
+    from shared.baseline import load_dataset
+    from shared.clif.site import load_site
+    from shared.config import load_config
+    from shared.stats import merge_stats, site_stats
+    from shared.timelines import tokenize_site
+    from shared.tokenizer import fit_tokenizer
+
+    root = tmp_path_factory.mktemp("transfer")
+    names = ("mimic-like", "shift-none", "ucmc-like")
+    sites = {}
+    for i, name in enumerate(names):
+        write_site(load_preset(name), 2500, 100 + i, root / name)
+        sites[name] = load_site(root / name, load_config("site"))
+    cfg = load_config("tokenizer")
+    tok = fit_tokenizer(merge_stats([site_stats(s, cfg) for s in sites.values()]), cfg)
+    for name, site in sites.items():
+        tokenize_site(site, tok, root / f"{name}-tok")
+    return {name: load_dataset(root / f"{name}-tok") for name in names}
+
+
+def test_transfer_ordering(transfer):
+    """In-site death and long-stay AUROC are realistic (not trivially perfect); a site from
+    the same distribution scores within the in-site interval; ucmc-like scores lower."""
+    from shared.baseline import run_baseline
+
+    res = run_baseline(
+        transfer["mimic-like"],
+        [transfer["shift-none"], transfer["ucmc-like"]],
+        labels=("same_admission_death", "long_length_of_stay"),
+        models=("logreg",),
+        n_boot=200,
+    )
+    by = {(r["label"], r["test"].split("/")[-1]): r for r in res}
+    for label in ("same_admission_death", "long_length_of_stay"):
+        home = by[(label, "mimic-like-tok (held out)")]
+        same = by[(label, "shift-none-tok")]
+        assert 0.72 <= home["auroc"] <= 0.93, home
+        assert home["auroc_low"] <= same["auroc"] <= home["auroc_high"] + 0.03, (home, same)
+    drop = (
+        by[("same_admission_death", "shift-none-tok")]["auroc"]
+        - by[("same_admission_death", "ucmc-like-tok")]["auroc"]
+    )
+    assert drop >= 0.04, drop
