@@ -79,31 +79,26 @@ def _lists(values: np.ndarray, offsets: np.ndarray) -> pl.Series:
     return pl.Series(arr)
 
 
-def encode(site: Site, tok: Tokenizer, st: pl.DataFrame) -> pl.DataFrame:
-    """Timelines of the stays in `st`, one row per stay, in `st` order.
-
-    One sort orders the events; the token arrays are then laid out with numpy (each event
-    writes its optional time token, its token, and in split mode its bin token at offsets
-    from a cumulative sum), which avoids sorting the larger token stream again.
-    """
+def _ordered_events(site: Site, tok: Tokenizer, st: pl.DataFrame) -> dict[str, np.ndarray]:
+    """The stays' events, bracketed by TL_START/TL_END, in timeline order, as arrays:
+    stay (0-based within `st`), hours, code_id, type, value (NaN when none)."""
     lf = st.lazy()
+    none = pl.lit(None, pl.Float64).alias("value")
+    end_hours = (pl.col("discharge_dttm") - pl.col("admission_dttm")).dt.total_microseconds()
     brackets = pl.concat(
         [
             lf.select(
                 "stay",
                 pl.lit(0.0).alias("hours"),
                 pl.lit(START).alias("code"),
-                pl.lit(None, pl.Float64).alias("value"),
+                none,
                 pl.lit(PRIO_START, pl.Int8).alias("prio"),
             ),
             lf.select(
                 "stay",
-                (
-                    (pl.col("discharge_dttm") - pl.col("admission_dttm")).dt.total_microseconds()
-                    / 3.6e9
-                ).alias("hours"),
+                (end_hours / 3.6e9).alias("hours"),
                 pl.lit(END).alias("code"),
-                pl.lit(None, pl.Float64).alias("value"),
+                none,
                 pl.lit(PRIO_END, pl.Int8).alias("prio"),
             ),
         ]
@@ -129,14 +124,28 @@ def encode(site: Site, tok: Tokenizer, st: pl.DataFrame) -> pl.DataFrame:
         )
         .sort("_when", "_what", maintain_order=True)
     )
+    code_pos = events.get_column("code_pos").to_numpy()
+    return {
+        # Stays of a chunk are a contiguous run of ids; count from 0 within it.
+        "stay": events.get_column("stay").to_numpy() - int(st.get_column("stay").min() or 0),
+        "hours": events.get_column("hours").to_numpy(),
+        "code_id": code_ids[code_pos],
+        "type": code_types[code_pos],
+        "value": events.get_column("value").fill_null(np.nan).to_numpy(),
+    }
 
-    # Stays of a chunk are a contiguous run of ids; count from 0 within it.
-    stay = events.get_column("stay").to_numpy() - int(st.get_column("stay").min() or 0)
-    hours = events.get_column("hours").to_numpy()
-    pos_ = events.get_column("code_pos").to_numpy()
-    code_id, etype = code_ids[pos_], code_types[pos_]
+
+def encode(site: Site, tok: Tokenizer, st: pl.DataFrame) -> pl.DataFrame:
+    """Timelines of the stays in `st`, one row per stay, in `st` order.
+
+    One sort orders the events; the token arrays are then laid out with numpy (each event
+    writes its optional time token, its token, and in split mode its bin token at offsets
+    from a cumulative sum), which avoids sorting the larger token stream again.
+    """
+    ev = _ordered_events(site, tok, st)
+    stay, hours, code_id, etype = ev["stay"], ev["hours"], ev["code_id"], ev["type"]
     cuts, lut = _lookups(tok)
-    b = _bins(code_id, events.get_column("value").fill_null(np.nan).to_numpy(), cuts)
+    b = _bins(code_id, ev["value"], cuts)
     has_bin = b >= 0
     main = code_id.copy()
     if tok.fused:
