@@ -9,6 +9,7 @@ import polars as pl
 from scipy import sparse
 from sklearn.ensemble import HistGradientBoostingClassifier
 from sklearn.linear_model import LogisticRegression
+from sklearn.model_selection import GroupKFold, cross_val_predict
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import MaxAbsScaler
 
@@ -57,19 +58,13 @@ def load_dataset(path: str | Path) -> Dataset:
     )
 
 
-def target(
-    ds: Dataset, label: str, rows: np.ndarray | None = None
-) -> tuple[np.ndarray, np.ndarray]:
+def target(ds: Dataset, label: str) -> tuple[np.ndarray, np.ndarray]:
     """(row indices, 0/1 outcomes) usable for a label: known outcome, and for ICU and
     ventilation not already happened in the input window."""
     y = ds.labels.get_column(label)
     ok = y.is_not_null().to_numpy()
     if label in WINDOW_FLAGGED:
         ok &= ~ds.labels.get_column(f"{label}_24h").fill_null(False).to_numpy()
-    if rows is not None:
-        mask = np.zeros(ok.size, bool)
-        mask[rows] = True
-        ok &= mask
     idx = np.flatnonzero(ok)
     return idx, y.to_numpy()[idx].astype(int)
 
@@ -84,13 +79,24 @@ def make_model(kind: str, seed: int):
     raise FedclifError(f"unknown baseline model {kind!r}; choose from {', '.join(MODELS)}")
 
 
-def patient_split(ds: Dataset, test_share: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Train and held-out rows, split by patient so no patient is on both sides."""
-    pats = np.unique(ds.patients)
-    rng = np.random.default_rng(seed)
-    held = set(rng.choice(pats, round(len(pats) * test_share), replace=False))
-    test = np.array([p in held for p in ds.patients])
-    return np.flatnonzero(~test), np.flatnonzero(test)
+def _row(
+    kind: str, label: str, where: str, y: np.ndarray, p: np.ndarray, n_boot: int, seed: int
+) -> dict:
+    a: Estimate = auroc(y, p, n_boot=n_boot, seed=seed)
+    ap: Estimate = auprc(y, p, n_boot=n_boot, seed=seed)
+    return {
+        "model": kind,
+        "label": label,
+        "test": where,
+        "n": int(y.size),
+        "prevalence": float(y.mean()) if y.size else float("nan"),
+        "auroc": a.value,
+        "auroc_low": a.low,
+        "auroc_high": a.high,
+        "auprc": ap.value,
+        "auprc_low": ap.low,
+        "auprc_high": ap.high,
+    }
 
 
 def run_baseline(
@@ -99,48 +105,47 @@ def run_baseline(
     labels: tuple[str, ...] = LABELS,
     models: tuple[str, ...] = MODELS,
     seed: int = 0,
-    test_share: float = 0.3,
+    folds: int = 5,
     n_boot: int = 500,
 ) -> list[dict]:
-    """Train on `train` (minus a held-out share) and evaluate in-site and at every test site."""
+    """Evaluate in-site and at every test site.
+
+    In-site scores are out-of-fold: folds are grouped by patient, so every stay is scored
+    by a model that never saw its patient, and the estimate uses every stay of the site.
+    Other sites are scored by the model fitted on the whole training site.
+    """
     for t in tests:
         if t.tokenizer_hash != train.tokenizer_hash:
             raise FedclifError(
                 f"{t.name} was tokenized with another tokenizer than "
                 f"{train.name}; tokenize every site with the same tokenizer.json"
             )
-    fit_rows, held_rows = patient_split(train, test_share, seed)
     results = []
     for label in labels:
-        idx, y = target(train, label, fit_rows)
-        if len(np.unique(y)) < 2:
+        idx, y = target(train, label)
+        if np.bincount(y, minlength=2).min() < folds:
             continue
         for kind in models:
-            model = make_model(kind, seed)
-            X = train.X[idx]
-            model.fit(X.toarray() if kind == "gbm" else X, y)
-            evals = [(f"{train.name} (held out)", train, held_rows)] + [
-                (t.name, t, None) for t in tests
-            ]
-            for where, ds, rows in evals:
-                ti, ty = target(ds, label, rows)
-                Xt = ds.X[ti]
-                p = model.predict_proba(Xt.toarray() if kind == "gbm" else Xt)[:, 1]
-                a: Estimate = auroc(ty, p, n_boot=n_boot, seed=seed)
-                ap: Estimate = auprc(ty, p, n_boot=n_boot, seed=seed)
-                results.append(
-                    {
-                        "model": kind,
-                        "label": label,
-                        "test": where,
-                        "n": int(ty.size),
-                        "prevalence": float(ty.mean()) if ty.size else float("nan"),
-                        "auroc": a.value,
-                        "auroc_low": a.low,
-                        "auroc_high": a.high,
-                        "auprc": ap.value,
-                        "auprc_low": ap.low,
-                        "auprc_high": ap.high,
-                    }
-                )
+            X = _features(train.X[idx], kind)
+            oof = cross_val_predict(
+                make_model(kind, seed),
+                X,
+                y,
+                groups=train.patients[idx],
+                cv=GroupKFold(folds),
+                method="predict_proba",
+            )[:, 1]
+            results.append(
+                _row(kind, label, f"{train.name} (in-site, {folds}-fold)", y, oof, n_boot, seed)
+            )
+            model = make_model(kind, seed).fit(X, y)
+            for t in tests:
+                ti, ty = target(t, label)
+                p = model.predict_proba(_features(t.X[ti], kind))[:, 1]
+                results.append(_row(kind, label, t.name, ty, p, n_boot, seed))
     return results
+
+
+def _features(X: sparse.csr_matrix, kind: str):
+    # Gradient boosting in scikit-learn takes dense input only.
+    return X.toarray() if kind == "gbm" else X
