@@ -173,7 +173,6 @@ def _draw_stays(cfg: DictConfig, rng: np.random.Generator, n: int) -> _Stays:
         out.death_intercept + out.death_severity * organ_peak + 0.03 * (age - 63) + 0.2 * comorb
     )
     died = rng.random(n) < p_death
-    # A patient's stays follow one another: gaps of days (readmission) to months.
     start = datetime(int(cfg.era.start_year), 1, 1, tzinfo=UTC).timestamp()
     end = datetime(int(cfg.era.end_year), 12, 1, tzinfo=UTC).timestamp()
     u = rng.uniform(0, 1, n)
@@ -308,33 +307,26 @@ class _Chunk:
         is_first = np.r_[True, st.patient[1:] != st.patient[:-1]]
         pats = st.patient[is_first]
         m = pats.size
-        died_pat = np.zeros(m, bool)
-        pat_pos = np.cumsum(is_first) - 1
-        death_us = np.full(m, np.iinfo(np.int64).min)
         discharge_us = st.admit_us + (st.los * _US_PER_DAY).astype(np.int64)
-        died_pat[pat_pos[st.died]] = True
-        death_us[pat_pos[st.died]] = discharge_us[st.died]
+        died_pat = np.zeros(m, bool)
+        died_pat[(np.cumsum(is_first) - 1)[st.died]] = True
+        death_us = np.zeros(m, np.int64)
+        death_us[died_pat] = discharge_us[st.died]  # a patient dies at most once (last stay)
         birth_us = st.admit_us[is_first] - (st.age[is_first] * 365.25 * _US_PER_DAY).astype(
             np.int64
         )
+        utc = pl.Datetime("us", "UTC")
         patient = pl.DataFrame(
             {
                 "patient_id": self.patient_id(pats),
                 "race_category": _choice(rng, cfg.case_mix.race, m),
                 "ethnicity_category": _choice(rng, cfg.case_mix.ethnicity, m),
                 "sex_category": np.where(rng.random(m) < cfg.case_mix.female, "Female", "Male"),
-                "birth_date": pl.Series(birth_us).cast(pl.Datetime("us", "UTC")).dt.date(),
-                "death_dttm": pl.Series(np.where(died_pat, death_us, 0)).cast(
-                    pl.Datetime("us", "UTC")
-                ),
+                "birth_date": pl.Series(birth_us).cast(utc).dt.date(),
+                "death_dttm": pl.Series(death_us).cast(utc),
                 "language_category": np.full(m, "English"),
             }
-        ).with_columns(
-            pl.when(pl.Series(died_pat))
-            .then(pl.col("death_dttm"))
-            .otherwise(None)
-            .alias("death_dttm")
-        )
+        ).with_columns(pl.when(pl.Series(died_pat)).then(pl.col("death_dttm")).alias("death_dttm"))
         discharge = _choice(rng, _SURVIVOR_DISCHARGE, n).to_numpy().astype(object)
         # Dying patients discharged to hospice are mostly the old (comfort care); a site
         # that does this records their deaths as "Hospice", not "Expired".
