@@ -379,7 +379,11 @@ def _overrides(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="fedclif", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="fedclif",
+        description="Federated training of EHR foundation models on CLIF ICU data. "
+        "New here? Run `fedclif quickstart`.",
+    )
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -426,8 +430,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="generator overrides (policy.icu_threshold=0.5), or `compare DIR`",
     )
     p.add_argument("--preset", help="a preset in configs/sim/sites/")
-    p.add_argument("--stays", type=int, default=1000)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--stays", type=int, default=1000, help="hospitalizations to generate")
+    p.add_argument("--seed", type=int, default=0, help="same seed and config, same bytes")
     p.add_argument("--out", help="output CLIF directory")
     p.add_argument("--reference", help="with compare: the CLIF directory to compare against")
     p.add_argument("--png", help="with compare: where to save the distributions plot")
