@@ -35,7 +35,10 @@ class Dataset:
 
 
 def load_dataset(path: str | Path) -> Dataset:
-    tl, tok = read_timelines(path)
+    # Only the input window is a feature: the full-stay columns are never read.
+    tl, tok = read_timelines(
+        path, ["hospitalization_id", "patient_id", "age", "n_tokens_24h", "tokens_24h"]
+    )
     labels = pl.read_parquet(Path(path) / LABELS_FILE)
     tl = tl.join(labels.select("hospitalization_id"), on="hospitalization_id", how="semi")
     labels = tl.select("hospitalization_id").join(labels, on="hospitalization_id", how="left")

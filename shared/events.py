@@ -251,10 +251,11 @@ def stays(site: Site) -> pl.DataFrame:
     )
 
 
-def stay_chunks(site: Site) -> Iterator[tuple[Site, pl.DataFrame]]:
-    """The site's stays `site.cfg.chunk_stays` at a time, each with the site restricted
-    to them: what statistics and tokenization iterate over to keep memory bounded."""
-    st = stays(site)
+def stay_chunks(site: Site, st: pl.DataFrame | None = None) -> Iterator[tuple[Site, pl.DataFrame]]:
+    """The site's stays (`st`, default `stays(site)`) `site.cfg.chunk_stays` at a time,
+    each with the site restricted to them: what statistics and tokenization iterate over
+    to keep memory bounded."""
+    st = stays(site) if st is None else st
     chunk = max(1, int(site.cfg.chunk_stays))
     for lo in range(0, st.height, chunk):
         part = st.slice(lo, chunk)

@@ -213,10 +213,10 @@ def tokenize_site(
     out.mkdir(parents=True, exist_ok=True)
     unk_ids = [i for t, i in tok.index.items() if t.endswith("_UNK")]
     tokens = tokens_24h = unknown = done = 0
-    n_stays = site.report.usable_stays
+    st = stays(site)
     writer = None
     try:
-        for sub, part in stay_chunks(site):
+        for sub, part in stay_chunks(site, st):
             timelines = encode(sub, tok, part)
             flat = timelines.get_column("tokens").explode()
             tokens += flat.len()
@@ -232,11 +232,10 @@ def tokenize_site(
             writer.write_table(table.replace_schema_metadata(writer.schema.metadata))
             done += part.height
             if on_chunk:
-                on_chunk(done, n_stays)
+                on_chunk(done, st.height)
     finally:
         if writer is not None:
             writer.close()
-    st = stays(site)
     labels = outcome_labels(site, st)
     labels.write_parquet(out / LABELS)
     tok.save(out / TOKENIZER)
@@ -254,8 +253,11 @@ def tokenize_site(
     return manifest
 
 
-def read_timelines(path: str | Path) -> tuple[pl.DataFrame, Tokenizer]:
-    """A tokenized site directory and its tokenizer, checked to belong together."""
+def read_timelines(
+    path: str | Path, columns: list[str] | None = None
+) -> tuple[pl.DataFrame, Tokenizer]:
+    """A tokenized site directory (optionally only some columns) and its tokenizer,
+    checked to belong together."""
     path = Path(path)
     if not (path / TIMELINES).is_file():
         raise FedclifError(f"{path} holds no {TIMELINES}: run `fedclif site tokenize` first")
@@ -267,4 +269,4 @@ def read_timelines(path: str | Path) -> tuple[pl.DataFrame, Tokenizer]:
             f"{path / TIMELINES} was made with tokenizer {found[:12] or '?'}, "
             f"but {path / TOKENIZER} is {tok.hash[:12]}; tokenize again"
         )
-    return pl.read_parquet(path / TIMELINES), tok
+    return pl.read_parquet(path / TIMELINES, columns=columns), tok
