@@ -1,4 +1,4 @@
-"""Project-level checks: lint, and that the benchmark still runs (quick profile)."""
+"""Project-level checks: lint, and that the benchmarks still run (quick profiles)."""
 
 import subprocess
 import sys
@@ -7,34 +7,26 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def test_ruff_clean():
+def run_module(*args: str) -> str:
+    """`python -m ARGS` from the repository root; its stdout, after checking it succeeded."""
     r = subprocess.run(
-        [sys.executable, "-m", "ruff", "check", str(ROOT)], capture_output=True, text=True
+        [sys.executable, "-m", *args], cwd=ROOT, capture_output=True, text=True, timeout=600
     )
     assert r.returncode == 0, r.stdout + r.stderr
+    return r.stdout
+
+
+def test_ruff_clean():
+    run_module("ruff", "check", str(ROOT))
 
 
 def test_tokenize_bench_quick_profile():
-    r = subprocess.run(
-        [sys.executable, "-m", "bench.tokenize", "--copies", "2", "--repeats", "1"],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert r.returncode == 0, r.stderr
-    lines = {line.split("  ")[0]: line for line in r.stdout.splitlines()}
+    out = run_module("bench.tokenize", "--copies", "2", "--repeats", "1")
+    lines = {line.split("  ")[0]: line for line in out.splitlines()}
     assert "tokenize (read+check+encode+write)" in lines and "scan (floor)" in lines
-    assert "544 stays of >= 24 h" in r.stdout  # 2 copies x 272
+    assert "544 stays of >= 24 h" in out  # 2 copies x 272
 
 
 def test_synth_bench_quick_profile():
-    r = subprocess.run(
-        [sys.executable, "-m", "bench.synth", "--sizes", "300", "--repeats", "1"],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert r.returncode == 0, r.stderr
-    assert "stays/s" in r.stdout and "    300 " in r.stdout
+    out = run_module("bench.synth", "--sizes", "300", "--repeats", "1")
+    assert "stays/s" in out and "    300 " in out

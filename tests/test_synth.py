@@ -15,6 +15,7 @@ from shared.labels import outcome_labels
 from simulations.synth import load_preset, preset_names, write_site
 
 N = 400
+VITALS = ("heart_rate", "spo2")
 
 
 def digest(d) -> dict[str, str]:
@@ -117,27 +118,29 @@ def test_policy_icu_threshold_moves_icu_only(tmp_path):
     assert icu[low] > icu[base] * 1.2
 
 
+def measured(d, name: str) -> pl.Series:
+    """Values of one vital sign or lab category, in file order."""
+    table, cat, val = (
+        ("vitals", "vital_category", "vital_value")
+        if name in VITALS
+        else ("labs", "lab_category", "lab_value_numeric")
+    )
+    return read(d, table).filter(pl.col(cat) == name)[val]
+
+
 def test_lab_bias_moves_one_lab_only(tmp_path):
     base = gen(tmp_path)
     biased = gen(tmp_path, overrides=["measurement.lab_bias.creatinine=1.5"])
-
-    def lab(d, name):
-        return read(d, "labs").filter(pl.col("lab_category") == name)["lab_value_numeric"]
-
-    assert lab(base, "sodium").equals(lab(biased, "sodium"))
-    ratio = lab(biased, "creatinine").mean() / lab(base, "creatinine").mean()
+    assert measured(base, "sodium").equals(measured(biased, "sodium"))
+    ratio = measured(biased, "creatinine").mean() / measured(base, "creatinine").mean()
     assert 1.4 < ratio < 1.6
 
 
 def test_spo2_offset_moves_spo2_only(tmp_path):
     base = gen(tmp_path)
     shifted = gen(tmp_path, overrides=["measurement.spo2_offset=-3"])
-
-    def vit(d, name):
-        return read(d, "vitals").filter(pl.col("vital_category") == name)["vital_value"]
-
-    assert vit(base, "heart_rate").equals(vit(shifted, "heart_rate"))
-    assert vit(base, "spo2").mean() - vit(shifted, "spo2").mean() > 2
+    assert measured(base, "heart_rate").equals(measured(shifted, "heart_rate"))
+    assert measured(base, "spo2").mean() - measured(shifted, "spo2").mean() > 2
 
 
 def test_documentation_drops_tables_and_codes_missing_discharges(tmp_path):
