@@ -14,8 +14,8 @@ from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import MaxAbsScaler
 
 from shared.errors import FedclifError
-from shared.labels import LABELS, WINDOW_FLAGGED
-from shared.metrics import Estimate, auprc, auroc
+from shared.labels import LABELS, usable
+from shared.metrics import binary_metrics
 from shared.timelines import LABELS as LABELS_FILE
 from shared.timelines import read_timelines
 
@@ -64,12 +64,8 @@ def load_dataset(path: str | Path) -> Dataset:
 def target(ds: Dataset, label: str) -> tuple[np.ndarray, np.ndarray]:
     """(row indices, 0/1 outcomes) usable for a label: known outcome, and for ICU and
     ventilation not already happened in the input window."""
-    y = ds.labels.get_column(label)
-    ok = y.is_not_null().to_numpy()
-    if label in WINDOW_FLAGGED:
-        ok &= ~ds.labels.get_column(f"{label}_24h").fill_null(False).to_numpy()
-    idx = np.flatnonzero(ok)
-    return idx, y.to_numpy()[idx].astype(int)
+    idx = np.flatnonzero(usable(ds.labels, label))
+    return idx, ds.labels.get_column(label).to_numpy()[idx].astype(int)
 
 
 def make_model(kind: str, seed: int):
@@ -85,20 +81,11 @@ def make_model(kind: str, seed: int):
 def _row(
     kind: str, label: str, where: str, y: np.ndarray, p: np.ndarray, n_boot: int, seed: int
 ) -> dict:
-    a: Estimate = auroc(y, p, n_boot=n_boot, seed=seed)
-    ap: Estimate = auprc(y, p, n_boot=n_boot, seed=seed)
     return {
         "model": kind,
         "label": label,
         "test": where,
-        "n": int(y.size),
-        "prevalence": float(y.mean()) if y.size else float("nan"),
-        "auroc": a.value,
-        "auroc_low": a.low,
-        "auroc_high": a.high,
-        "auprc": ap.value,
-        "auprc_low": ap.low,
-        "auprc_high": ap.high,
+        **binary_metrics(y, p, n_boot=n_boot, seed=seed),
     }
 
 

@@ -1,5 +1,6 @@
 """Outcome labels per stay, from the full stay (not the 24 h input window)."""
 
+import numpy as np
 import polars as pl
 
 from shared.clif.site import Site
@@ -14,6 +15,24 @@ LABELS = (
 # Labels whose event can already have happened inside the input window; evaluation
 # leaves those stays out, using the stored `<label>_24h` flag.
 WINDOW_FLAGGED = ("icu_admission", "imv_event")
+# Task tokens of prompted finetuning (`TASK_<name>`, tokenizer `tasks`) and their labels.
+TASKS = {
+    "death": "same_admission_death",
+    "long_los": "long_length_of_stay",
+    "icu": "icu_admission",
+    "imv": "imv_event",
+    "readmission": "readmission_30d",
+}
+
+
+def usable(labels: pl.DataFrame, label: str) -> np.ndarray:
+    """Rows whose `label` can be evaluated: the outcome is known, and for ICU and
+    ventilation it had not already happened in the input window (it would be read, not
+    predicted)."""
+    ok = labels.get_column(label).is_not_null().to_numpy()
+    if label in WINDOW_FLAGGED:
+        ok &= ~labels.get_column(f"{label}_24h").fill_null(False).to_numpy()
+    return ok
 
 
 def _any_event(

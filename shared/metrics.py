@@ -4,7 +4,12 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
-from sklearn.metrics import average_precision_score, roc_auc_score
+from sklearn.metrics import (
+    average_precision_score,
+    f1_score,
+    precision_recall_curve,
+    roc_auc_score,
+)
 
 
 @dataclass(frozen=True)
@@ -44,5 +49,27 @@ def auroc(y: np.ndarray, p: np.ndarray, **kw) -> Estimate:
     return bootstrap(y, p, roc_auc_score, **kw)
 
 
-def auprc(y: np.ndarray, p: np.ndarray, **kw) -> Estimate:
-    return bootstrap(y, p, average_precision_score, **kw)
+def f1_threshold(y: np.ndarray, p: np.ndarray) -> float:
+    """The probability cut that maximises F1 (chosen on validation data, applied to test);
+    0.5 when `y` has a single class."""
+    if len(np.unique(y)) < 2:
+        return 0.5
+    prec, rec, thr = precision_recall_curve(y, p)
+    f1 = 2 * prec[:-1] * rec[:-1] / np.maximum(prec[:-1] + rec[:-1], 1e-12)
+    return float(thr[int(np.argmax(f1))])
+
+
+def binary_metrics(
+    y: np.ndarray, p: np.ndarray, threshold: float | None = None, n_boot: int = 500, seed: int = 0
+) -> dict:
+    """AUROC and AUPRC (and F1 at `threshold`) with bootstrap 95% intervals, flat for JSON."""
+    y, p = np.asarray(y).astype(int), np.asarray(p)
+    row = {"n": int(y.size), "prevalence": float(y.mean()) if y.size else float("nan")}
+    metrics = {"auroc": roc_auc_score, "auprc": average_precision_score}
+    if threshold is not None:
+        row["threshold"] = threshold
+        metrics["f1"] = lambda yy, pp: f1_score(yy, pp >= threshold, zero_division=0.0)
+    for name, fn in metrics.items():
+        e = bootstrap(y, p, fn, n_boot=n_boot, seed=seed)
+        row.update({name: e.value, f"{name}_low": e.low, f"{name}_high": e.high})
+    return row

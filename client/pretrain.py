@@ -1,0 +1,104 @@
+"""Next-token pretraining on a site's full timelines."""
+
+import math
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+from omegaconf import DictConfig
+from torch.utils.data import DataLoader
+
+from client.loop import fit, pick_device, to_device
+from shared.artifact import write_json
+from shared.models import META, EHRModel, build_model, check_tokenizer, load_model, save_model
+from shared.sequences import SiteData, block_batch, packed_blocks
+
+STATE_FILE = "train_state.pt"
+
+
+def unigram_entropy(ids: torch.Tensor, pad_id: int) -> float:
+    """Entropy (nats) of the token frequencies: the loss of a model that ignores context."""
+    ids = ids[ids != pad_id].numpy()
+    p = np.bincount(ids) / ids.size
+    p = p[p > 0]
+    return float(-(p * np.log(p)).sum())
+
+
+def lm_loss(model: torch.nn.Module, batch: dict) -> torch.Tensor:
+    return model(batch)
+
+
+def block_collate(items: list) -> dict:
+    return block_batch([torch.stack(t) for t in zip(*items, strict=True)])
+
+
+def held_out_loss(model: EHRModel, blocks, device: torch.device, batch_size: int) -> float:
+    """Token-weighted mean next-token loss (nats) over blocks."""
+    total = count = 0.0
+    for batch in DataLoader(blocks, batch_size=batch_size, collate_fn=block_collate):
+        batch = to_device(batch, device)
+        n = float((batch["input_ids"][:, 1:] != model.lm.config.pad_token_id).sum())
+        total += float(model(batch)) * n
+        count += n
+    return total / max(count, 1.0)
+
+
+def pretrain(
+    data: SiteData,
+    model_cfg: DictConfig,
+    cfg: DictConfig,
+    out: str | Path,
+    resume: bool = False,
+    progress: Callable[[int, int, float], None] | None = None,
+) -> dict:
+    """Pretrain a new model (or resume one) on `data`; the best held-out checkpoint is
+    written to `out`. Returns the run's metrics (also in `out/metrics.json`)."""
+    out = Path(out)
+    device = pick_device(cfg.device)
+    if resume and (out / META).is_file():
+        model, meta = load_model(out)
+        check_tokenizer(meta["tokenizer_hash"], data.tok.hash, data.path, out)
+    else:
+        model = build_model(model_cfg, data.tok)
+    model.head.requires_grad_(False)  # unused by the LM loss; it is not trained or sent
+    c = cfg.pretrain
+    train = packed_blocks(data, "train", int(c.context))
+    val = packed_blocks(data, "val", int(c.context))
+    pad = model.lm.config.pad_token_id
+    unigram = unigram_entropy(train.tensors[0], pad)
+    tokens = int((train.tensors[0] != pad).sum())
+
+    def save(st) -> None:
+        save_model(model, out, data.tok, "pretrain", {"step": st.step, "val_loss": st.best})
+
+    res = fit(
+        model,
+        lm_loss,
+        train,
+        block_collate,
+        c,
+        device,
+        seed=int(cfg.seed),
+        evaluate=lambda: held_out_loss(model, val, device, int(c.batch_size)),
+        on_improve=save,
+        state_file=out / STATE_FILE,
+        resume=resume,
+        workers=int(cfg.workers),
+        progress=progress,
+    )
+    metrics = {
+        "site": data.name,
+        "train_tokens": tokens,
+        "train_blocks": len(train),
+        "val_blocks": len(val),
+        "unigram_entropy": unigram,
+        "best_val_loss": res.state.best,
+        "best_val_perplexity": math.exp(res.state.best),
+        "final_train_loss": res.train_loss,
+        "steps": res.state.step,
+        "epochs_done": res.state.epoch,
+        "history": res.state.history,
+    }
+    write_json(metrics, out / "metrics.json")
+    return metrics

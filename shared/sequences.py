@@ -1,0 +1,241 @@
+"""A tokenized site as model inputs: packed blocks of full timelines for pretraining,
+the first-24 h view closed by a task token for finetuning, the plain 24 h view for probes.
+
+Every batch is a dict of [batch, length] tensors: `input_ids`, `types`, `hours` (since
+admission), `age`, `visit` (hospitalization index), plus `lengths` and, for prompted
+sequences, `task` and `y`. Padding is on the right: causal models never look ahead, so
+the last real position of each row is exact without an attention mask.
+"""
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+import torch
+from omegaconf import DictConfig
+
+from shared.errors import FedclifError
+from shared.events import type_id
+from shared.labels import TASKS, usable
+from shared.splits import assign_splits
+from shared.timelines import LABELS as LABELS_FILE
+from shared.timelines import read_timelines
+from shared.tokenizer import PAD, Tokenizer
+
+_BASE = ["hospitalization_id", "patient_id", "age", "hosp_index"]
+_FULL = ["tokens", "hours", "types", "n_tokens"]
+_WINDOW = ["tokens_24h", "hours_24h", "types_24h", "n_tokens_24h"]
+# Visits beyond this index share the last embedding.
+MAX_VISIT = 31
+
+
+@dataclass
+class SiteData:
+    """One tokenized site: stays (with their split) and their labels, row-aligned."""
+
+    path: Path
+    tok: Tokenizer
+    stays: pl.DataFrame
+    labels: pl.DataFrame
+
+    @property
+    def name(self) -> str:
+        return self.path.name
+
+    def rows(self, split: str | None) -> np.ndarray:
+        s = self.stays.get_column("split").to_numpy()
+        return np.arange(s.size) if split in (None, "all") else np.flatnonzero(s == split)
+
+
+def load_site_data(path: str | Path, split_cfg: DictConfig, full: bool = False) -> SiteData:
+    """Read a `fedclif site tokenize` directory; `full` also reads whole-stay timelines
+    (pretraining), otherwise only the first-24 h view."""
+    path = Path(path)
+    tl, tok = read_timelines(path, _BASE + _WINDOW + (_FULL if full else []))
+    labels = pl.read_parquet(path / LABELS_FILE)
+    labels = tl.select("hospitalization_id").join(labels, on="hospitalization_id", how="left")
+    tl = tl.with_columns(
+        pl.Series("split", assign_splits(tl.get_column("patient_id").to_numpy(), split_cfg)),
+        pl.col("age").fill_null(pl.col("age").mean()).fill_null(60.0).cast(pl.Float32),
+        pl.col("hosp_index").clip(0, MAX_VISIT),
+    )
+    return SiteData(path, tok, tl, labels)
+
+
+@dataclass
+class Ragged:
+    """Per-stay token arrays stored flat with offsets (cheap to slice, no Python lists)."""
+
+    ids: np.ndarray
+    types: np.ndarray
+    hours: np.ndarray
+    offsets: np.ndarray
+    age: np.ndarray
+    visit: np.ndarray
+
+    @classmethod
+    def of(cls, data: SiteData, rows: np.ndarray, window: bool) -> "Ragged":
+        sfx = "_24h" if window else ""
+        tl = data.stays[rows]
+        n = tl.get_column(f"n_tokens{sfx}").to_numpy()
+
+        def flat(c: str, dtype) -> np.ndarray:
+            return tl.get_column(c + sfx).explode().drop_nulls().to_numpy().astype(dtype)
+
+        return cls(
+            flat("tokens", np.int64),
+            flat("types", np.int64),
+            flat("hours", np.float32),
+            np.r_[0, np.cumsum(n)],
+            tl.get_column("age").to_numpy().astype(np.float32),
+            tl.get_column("hosp_index").to_numpy().astype(np.int64),
+        )
+
+    def __len__(self) -> int:
+        return self.age.size
+
+    def item(self, i: int, last: int) -> dict[str, np.ndarray]:
+        """Stay i's most recent `last` tokens."""
+        lo, hi = self.offsets[i], self.offsets[i + 1]
+        lo = max(lo, hi - last)
+        n = hi - lo
+        return {
+            "input_ids": self.ids[lo:hi],
+            "types": self.types[lo:hi],
+            "hours": self.hours[lo:hi],
+            "age": np.full(n, self.age[i], np.float32),
+            "visit": np.full(n, self.visit[i], np.int64),
+        }
+
+
+def packed_blocks(data: SiteData, split: str, context: int) -> torch.utils.data.TensorDataset:
+    """Full timelines of a split, end to end, cut into blocks of `context` tokens (the last
+    one padded): pretraining wastes no compute on padding."""
+    r = Ragged.of(data, data.rows(split), window=False)
+    n = np.diff(r.offsets)
+    cols = {
+        "input_ids": r.ids,
+        "types": r.types,
+        "hours": r.hours,
+        "age": np.repeat(r.age, n),
+        "visit": np.repeat(r.visit, n),
+    }
+    total = r.ids.size
+    if total == 0:
+        raise FedclifError(f"{data.path}: no tokens in the {split} split")
+    blocks = -(-total // context)
+    pad = blocks * context - total
+    fill = {"input_ids": data.tok.index[PAD]}
+    tensors = [
+        torch.from_numpy(np.r_[v, np.full(pad, fill.get(k, 0), v.dtype)].reshape(blocks, context))
+        for k, v in cols.items()
+    ]
+    return torch.utils.data.TensorDataset(*tensors)
+
+
+def block_batch(tensors: list[torch.Tensor]) -> dict[str, torch.Tensor]:
+    keys = ("input_ids", "types", "hours", "age", "visit")
+    return dict(zip(keys, tensors, strict=True))
+
+
+class Prompted(torch.utils.data.Dataset):
+    """First-24 h views closed by a task token, with that task's 0/1 outcome.
+
+    A stay is an example of a task only where `labels.usable` says its outcome can be
+    evaluated (the 24 h leakage rule for ICU and ventilation). `one_per_stay` makes each stay a single example with one of its tasks
+    drawn at random each time it is read: the unit DP-SGD protects is then the stay.
+    """
+
+    def __init__(
+        self,
+        data: SiteData,
+        split: str,
+        tasks: list[str],
+        context: int,
+        one_per_stay: bool = False,
+        seed: int = 0,
+    ):
+        unknown = [t for t in tasks if t not in TASKS or f"TASK_{t}" not in data.tok.index]
+        if unknown:
+            raise FedclifError(
+                f"unknown task(s) {unknown}: the tokenizer of {data.path} has "
+                f"{', '.join(t[5:] for t in data.tok.vocab if t.startswith('TASK_'))}"
+            )
+        rows = data.rows(split)
+        self.seqs = Ragged.of(data, rows, window=True)
+        self.context = context
+        self.tasks = list(tasks)
+        self.task_ids = [data.tok.index[f"TASK_{t}"] for t in tasks]
+        self.task_type = type_id("TASK_")
+        lab = data.labels[rows]
+        pairs = []
+        for k, t in enumerate(tasks):
+            i = np.flatnonzero(usable(lab, TASKS[t]))
+            y = lab.get_column(TASKS[t]).to_numpy()[i].astype(np.int64)
+            pairs.append(np.c_[i, np.full(i.size, k), y])
+        self.pairs = np.concatenate(pairs) if pairs else np.zeros((0, 3), np.int64)
+        self.stay_ids = data.stays.get_column("hospitalization_id").to_numpy()[rows]
+        self.one_per_stay = one_per_stay
+        if one_per_stay:
+            order = np.argsort(self.pairs[:, 0], kind="stable")
+            self.pairs = self.pairs[order]
+            self.groups = np.split(
+                np.arange(len(self.pairs)), np.flatnonzero(np.diff(self.pairs[:, 0])) + 1
+            )
+            self.rng = np.random.default_rng(seed)
+
+    def __len__(self) -> int:
+        return len(self.groups) if self.one_per_stay else len(self.pairs)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        j = self.rng.choice(self.groups[i]) if self.one_per_stay else i
+        row, k, y = self.pairs[j]
+        x = self.seqs.item(row, self.context - 1)
+        end = x["hours"][-1] if x["hours"].size else 0.0
+        x = {
+            "input_ids": np.r_[x["input_ids"], self.task_ids[k]],
+            "types": np.r_[x["types"], self.task_type],
+            "hours": np.r_[x["hours"], np.float32(end)],
+            "age": np.r_[x["age"], self.seqs.age[row]],
+            "visit": np.r_[x["visit"], self.seqs.visit[row]],
+        }
+        item = {key: torch.from_numpy(np.ascontiguousarray(v)) for key, v in x.items()}
+        item["task"] = torch.tensor(k)
+        item["y"] = torch.tensor(y, dtype=torch.float32)
+        return item
+
+
+class Windows(torch.utils.data.Dataset):
+    """Plain first-24 h views (no task token): the inputs of probes and forecasts."""
+
+    def __init__(self, data: SiteData, rows: np.ndarray, context: int):
+        self.seqs = Ragged.of(data, rows, window=True)
+        self.context = context
+
+    def __len__(self) -> int:
+        return len(self.seqs)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        return {k: torch.from_numpy(v) for k, v in self.seqs.item(i, self.context).items()}
+
+
+def pad_collate(pad_id: int):
+    """Right-pad a list of examples to the longest; adds `lengths`."""
+
+    def collate(items: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+        lengths = torch.tensor([len(it["input_ids"]) for it in items])
+        width = int(lengths.max()) if items else 0
+        out: dict[str, torch.Tensor] = {"lengths": lengths}
+        for key, v in items[0].items() if items else ():
+            if v.dim() == 0:
+                out[key] = torch.stack([it[key] for it in items])
+                continue
+            fill = pad_id if key == "input_ids" else 0
+            batch = torch.full((len(items), width), fill, dtype=v.dtype)
+            for r, it in enumerate(items):
+                batch[r, : len(it[key])] = it[key]
+            out[key] = batch
+        return out
+
+    return collate
