@@ -147,3 +147,7 @@ def finetune(
     }
     write_json(metrics, out / "metrics.json")
     return metrics
+
+
+def _dp_report(spent: float, dp: DictConfig) -> dict:
+    return {"epsilon": spent, "delta": float(dp.delta), "target_epsilon": float(dp.epsilon)}

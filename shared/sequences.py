@@ -143,8 +143,9 @@ class Prompted(torch.utils.data.Dataset):
     """First-24 h views closed by a task token, with that task's 0/1 outcome.
 
     A stay is an example of a task only where `labels.usable` says its outcome can be
-    evaluated (the 24 h leakage rule for ICU and ventilation). `one_per_stay` makes each stay a single example with one of its tasks
-    drawn at random each time it is read: the unit DP-SGD protects is then the stay.
+    evaluated (the 24 h leakage rule for ICU and ventilation). `one_per_stay` makes each
+    stay a single example with one of its tasks drawn at random each time it is read: the
+    unit DP-SGD protects is then the stay.
     """
 
     def __init__(
