@@ -64,11 +64,18 @@ def evaluate_tasks(
     }
 
 
-def prepare(model: EHRModel, lora: bool, cfg: DictConfig) -> None:
-    """Make `model` ready to finetune: LoRA adapters (only they and the head train), or
-    every weight."""
-    if lora:
-        add_lora(model, cfg.lora)
+def uses_lora(cfg: DictConfig) -> bool:
+    if cfg.finetune.peft not in (None, "lora"):
+        raise FedclifError(f"finetune.peft must be null or lora, got {cfg.finetune.peft!r}")
+    return cfg.finetune.peft == "lora"
+
+
+def prepare(model: EHRModel, cfg: DictConfig) -> None:
+    """Make `model` ready to finetune: LoRA adapters (only they and the head train) when
+    `finetune.peft` is lora, else every weight. Idempotent."""
+    if uses_lora(cfg):
+        if getattr(model, "peft", None) is None:
+            add_lora(model, cfg.lora)
     else:
         model.requires_grad_(True)
         out = model.lm.get_output_embeddings()
@@ -79,26 +86,31 @@ def prepare(model: EHRModel, lora: bool, cfg: DictConfig) -> None:
     model.head.requires_grad_(True)
 
 
+def dp_config(cfg: DictConfig) -> DictConfig | None:
+    """The DP-SGD settings when DP is on (dp.epsilon > 0)."""
+    return cfg.dp if float(cfg.dp.epsilon) > 0 else None
+
+
 def finetune(
     data: SiteData,
     base: str | Path,
     cfg: DictConfig,
     out: str | Path,
-    tasks: list[str] | None = None,
-    lora: bool = False,
-    dp: DictConfig | None = None,
     progress: Callable[[int, int, float], None] | None = None,
 ) -> dict:
     """Finetune checkpoint `base` on `data`'s train split (early stopping on val), save
-    the best to `out` (LoRA: adapters and head only) and evaluate it on the test split."""
+    the best to `out` (LoRA: adapters and head only) and evaluate it on the test split.
+    `cfg.finetune` picks tasks and peft, `cfg.dp` DP-SGD."""
     out = Path(out)
     device = pick_device(cfg.device)
     model, meta = load_model(base, device)
     check_tokenizer(meta["tokenizer_hash"], data.tok.hash, data.path, base)
+    lora = uses_lora(cfg)
     if lora and meta.get("base"):
         raise FedclifError(f"{base} is a LoRA finetune; pass its base model {meta['base']}")
-    tasks = list(tasks or cfg.finetune.tasks)
-    prepare(model, lora, cfg)
+    dp = dp_config(cfg)
+    tasks = list(cfg.finetune.tasks)
+    prepare(model, cfg)
     c = cfg.finetune
     train = Prompted(data, "train", tasks, int(c.context), dp is not None, int(cfg.seed))
     val = Prompted(data, "val", tasks, int(c.context))

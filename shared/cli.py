@@ -4,29 +4,17 @@ import argparse
 import json
 import sys
 import time
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from omegaconf import DictConfig
-from rich.console import Console
-from rich.progress import (
-    BarColumn,
-    MofNCompleteColumn,
-    Progress,
-    SpinnerColumn,
-    TextColumn,
-    TimeElapsedColumn,
-)
 from rich.table import Table
 
 from shared.clif.schema import clifpy_root, load_schemas
 from shared.clif.site import Site, SiteInvalid, SiteReport, load_site, read_site
 from shared.config import load_config
 from shared.errors import FedclifError
-
-console = Console(stderr=True)
-out = Console()
+from shared.ui import console, out, progress, step
 
 SECTIONS = ("site", "tokenizer")
 
@@ -44,27 +32,6 @@ def _configs(args: argparse.Namespace) -> dict[str, DictConfig]:
         by_section[section].append(rest)
     files = {"site": getattr(args, "site_config", None), "tokenizer": getattr(args, "config", None)}
     return {s: load_config(s, files[s], by_section[s]) for s in SECTIONS}
-
-
-def _progress() -> Progress:
-    """The progress bar every long command shows (removed when done)."""
-    return Progress(
-        SpinnerColumn(),
-        TextColumn("{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        console=console,
-        transient=True,
-    )
-
-
-@contextmanager
-def _step(name: str) -> Iterator[None]:
-    t0 = time.perf_counter()
-    with console.status(f"{name}…"):
-        yield
-    console.print(f"[green]✓[/] {name} [dim]({time.perf_counter() - t0:.1f} s)[/]")
 
 
 def _print_report(report: SiteReport) -> None:
@@ -103,7 +70,7 @@ def _print_report(report: SiteReport) -> None:
 def _read(path: str | Path, cfg: DictConfig, strict: bool = True) -> Site:
     """Read and check a site with a per-table progress bar."""
     t0 = time.perf_counter()
-    with _progress() as bar:
+    with progress() as bar:
         task = bar.add_task(f"reading {path}", total=len(load_schemas()))
 
         def on_table(name: str) -> None:
@@ -157,7 +124,7 @@ def cmd_stats(args: argparse.Namespace) -> int:
 
     cfg = _configs(args)
     site = _load(args.dir, cfg["site"])
-    with _step("computing mergeable statistics"):
+    with step("computing mergeable statistics"):
         stats = site_stats(site, cfg["tokenizer"])
         write_stats(stats, args.out)
     out.print(
@@ -178,7 +145,7 @@ def cmd_fit(args: argparse.Namespace) -> int:
         all_stats = [site_stats(_load(args.data, cfg["site"]), cfg["tokenizer"])]
     else:
         all_stats = [read_stats(p) for p in args.stats]
-    with _step(f"fitting the tokenizer on {len(all_stats)} site(s)"):
+    with step(f"fitting the tokenizer on {len(all_stats)} site(s)"):
         tok = fit_tokenizer(merge_stats(all_stats), cfg["tokenizer"])
         tok.save(args.out)
     out.print(
@@ -204,7 +171,7 @@ def _tokenize(site: Site, tok, out_dir: str | Path) -> dict:
     from shared.timelines import tokenize_site
 
     t0 = time.perf_counter()
-    with _progress() as bar:
+    with progress() as bar:
         task = bar.add_task(f"tokenizing with {tok.hash[:12]}", total=None)
         manifest = tokenize_site(
             site, tok, out_dir, on_chunk=lambda d, n: bar.update(task, completed=d, total=n)
@@ -280,10 +247,10 @@ def cmd_quickstart(args: argparse.Namespace) -> int:
     _print_report(site.report)
     if site.report.fatal:
         return 1
-    with _step("site statistics"):
+    with step("site statistics"):
         stats = site_stats(site, cfg["tokenizer"])
         write_stats(stats, root / "stats.json")
-    with _step("fitting the tokenizer"):
+    with step("fitting the tokenizer"):
         tok = fit_tokenizer(merge_stats([stats]), cfg["tokenizer"])
         tok.save(root / "tokenizer.json")
     manifest = _tokenize(site, tok, root / "tokens")
@@ -314,7 +281,7 @@ def cmd_synth(args: argparse.Namespace) -> int:
         )
     cfg = synth.load_preset(args.preset, words)
     t0 = time.perf_counter()
-    with _progress() as bar:
+    with progress() as bar:
         task = bar.add_task(f"generating {cfg.name}", total=args.stays)
         rows = synth.write_site(
             cfg,
@@ -341,10 +308,10 @@ def cmd_baseline(args: argparse.Namespace) -> int:
     bad = [lab for lab in labels if lab not in LABELS]
     if bad:
         raise FedclifError(f"unknown label(s) {bad}; choose from {', '.join(LABELS)}")
-    with _step("loading tokenized sites"):
+    with step("loading tokenized sites"):
         train = load_dataset(args.train)
         tests = [load_dataset(t) for t in args.test]
-    with _step("training and evaluating"):
+    with step("training and evaluating"):
         results = run_baseline(train, tests, labels, models, seed=args.seed, n_boot=args.boot)
     t = Table(title=f"bag-of-tokens baseline trained at {train.name}", title_justify="left")
     for c in ("model", "label", "evaluated at", "n", "prevalence", "AUROC [95% CI]", "AUPRC"):
@@ -452,6 +419,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", help="tokenizer YAML (defaults: configs/tokenizer.yaml)")
     p.add_argument("--out", required=True)
     _overrides(p)
+    from client.commands import register
+
+    register(sub, add)
     return parser
 
 

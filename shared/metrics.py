@@ -1,9 +1,15 @@
-"""Discrimination metrics with bootstrap confidence intervals."""
+"""Discrimination metrics with bootstrap confidence intervals.
+
+Point estimates come from scikit-learn. The bootstrap resamples are scored by the
+vectorised equivalents below: scikit-learn's input validation costs milliseconds per
+call, which made 500 resamples x labels x sites the slowest part of an evaluation.
+tests/test_metrics.py checks that both agree.
+"""
 
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import numpy as np
+from scipy.stats import rankdata
 from sklearn.metrics import (
     average_precision_score,
     f1_score,
@@ -12,41 +18,58 @@ from sklearn.metrics import (
 )
 
 
-@dataclass(frozen=True)
-class Estimate:
-    value: float
-    low: float
-    high: float
+def auroc_rows(y: np.ndarray, p: np.ndarray) -> np.ndarray:
+    """AUROC of each row of [resamples, n] arrays (Mann-Whitney U with tied ranks)."""
+    r = rankdata(p, axis=1)
+    n1 = y.sum(1)
+    n0 = y.shape[1] - n1
+    return ((r * y).sum(1) - n1 * (n1 + 1) / 2) / (n1 * n0)
 
-    def __str__(self) -> str:
-        return f"{self.value:.3f} [{self.low:.3f}, {self.high:.3f}]"
+
+def auprc_rows(y: np.ndarray, p: np.ndarray) -> np.ndarray:
+    """Average precision of each row, with ties grouped as scikit-learn does."""
+    out = np.empty(y.shape[0])
+    for i in range(y.shape[0]):
+        o = np.argsort(-p[i], kind="stable")
+        ps, ys = p[i][o], y[i][o]
+        last = np.r_[np.flatnonzero(np.diff(ps)), ps.size - 1]  # end of each tie group
+        tp = np.cumsum(ys)[last]
+        precision = tp / (last + 1)
+        recall = tp / tp[-1]
+        out[i] = np.sum(np.diff(recall, prepend=0.0) * precision)
+    return out
+
+
+def f1_rows(threshold: float) -> Callable[[np.ndarray, np.ndarray], np.ndarray]:
+    def f1(y: np.ndarray, p: np.ndarray) -> np.ndarray:
+        pred = p >= threshold
+        tp = (pred & (y == 1)).sum(1)
+        return 2 * tp / np.maximum(pred.sum(1) + y.sum(1), 1)
+
+    return f1
 
 
 def bootstrap(
     y: np.ndarray,
     p: np.ndarray,
     metric: Callable = roc_auc_score,
+    rows: Callable = auroc_rows,
     n_boot: int = 1000,
     seed: int = 0,
     level: float = 0.95,
-) -> Estimate:
-    """Point estimate and percentile bootstrap interval; resamples with one class are skipped."""
-    y, p = np.asarray(y), np.asarray(p)
+) -> tuple[float, float, float]:
+    """(estimate, low, high): `metric` on the data, percentile interval of `rows` over
+    resamples; resamples with one class are skipped. NaNs when `y` has one class."""
+    y, p = np.asarray(y).astype(int), np.asarray(p, dtype=float)
     if len(np.unique(y)) < 2:
-        return Estimate(float("nan"), float("nan"), float("nan"))
-    rng = np.random.default_rng(seed)
-    stats = []
-    for _ in range(n_boot):
-        i = rng.integers(0, y.size, y.size)
-        if y[i].min() != y[i].max():
-            stats.append(metric(y[i], p[i]))
+        return float("nan"), float("nan"), float("nan")
+    idx = np.random.default_rng(seed).integers(0, y.size, (n_boot, y.size))
+    yb, pb = y[idx], p[idx]
+    both = yb.min(1) != yb.max(1)
+    stats = rows(yb[both], pb[both])
     tail = (1 - level) / 2 * 100
     lo, hi = np.percentile(stats, [tail, 100 - tail])
-    return Estimate(float(metric(y, p)), float(lo), float(hi))
-
-
-def auroc(y: np.ndarray, p: np.ndarray, **kw) -> Estimate:
-    return bootstrap(y, p, roc_auc_score, **kw)
+    return float(metric(y, p)), float(lo), float(hi)
 
 
 def f1_threshold(y: np.ndarray, p: np.ndarray) -> float:
@@ -65,11 +88,17 @@ def binary_metrics(
     """AUROC and AUPRC (and F1 at `threshold`) with bootstrap 95% intervals, flat for JSON."""
     y, p = np.asarray(y).astype(int), np.asarray(p)
     row = {"n": int(y.size), "prevalence": float(y.mean()) if y.size else float("nan")}
-    metrics = {"auroc": roc_auc_score, "auprc": average_precision_score}
+    metrics = {
+        "auroc": (roc_auc_score, auroc_rows),
+        "auprc": (average_precision_score, auprc_rows),
+    }
     if threshold is not None:
         row["threshold"] = threshold
-        metrics["f1"] = lambda yy, pp: f1_score(yy, pp >= threshold, zero_division=0.0)
-    for name, fn in metrics.items():
-        e = bootstrap(y, p, fn, n_boot=n_boot, seed=seed)
-        row.update({name: e.value, f"{name}_low": e.low, f"{name}_high": e.high})
+        metrics["f1"] = (
+            lambda yy, pp: f1_score(yy, pp >= threshold, zero_division=0.0),
+            f1_rows(threshold),
+        )
+    for name, (fn, rows) in metrics.items():
+        v, lo, hi = bootstrap(y, p, fn, rows, n_boot=n_boot, seed=seed)
+        row.update({name: v, f"{name}_low": lo, f"{name}_high": hi})
     return row

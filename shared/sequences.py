@@ -41,18 +41,21 @@ class SiteData:
 
     @property
     def name(self) -> str:
-        return self.path.name
+        return str(self.path)
 
     def rows(self, split: str | None) -> np.ndarray:
         s = self.stays.get_column("split").to_numpy()
         return np.arange(s.size) if split in (None, "all") else np.flatnonzero(s == split)
 
 
-def load_site_data(path: str | Path, split_cfg: DictConfig, full: bool = False) -> SiteData:
+def load_site_data(
+    path: str | Path, split_cfg: DictConfig, full: bool = False, ids: list[str] | None = None
+) -> SiteData:
     """Read a `fedclif site tokenize` directory; `full` also reads whole-stay timelines
-    (pretraining), otherwise only the first-24 h view."""
+    (pretraining), otherwise only the first-24 h view; `ids`: only these stays."""
     path = Path(path)
-    tl, tok = read_timelines(path, _BASE + _WINDOW + (_FULL if full else []))
+    where = pl.col("hospitalization_id").is_in(ids) if ids is not None else None
+    tl, tok = read_timelines(path, _BASE + _WINDOW + (_FULL if full else []), where)
     labels = pl.read_parquet(path / LABELS_FILE)
     labels = tl.select("hospitalization_id").join(labels, on="hospitalization_id", how="left")
     tl = tl.with_columns(

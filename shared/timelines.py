@@ -254,10 +254,10 @@ def tokenize_site(
 
 
 def read_timelines(
-    path: str | Path, columns: list[str] | None = None
+    path: str | Path, columns: list[str] | None = None, where: pl.Expr | None = None
 ) -> tuple[pl.DataFrame, Tokenizer]:
-    """A tokenized site directory (optionally only some columns) and its tokenizer,
-    checked to belong together."""
+    """A tokenized site directory (optionally only some columns, only rows matching
+    `where`) and its tokenizer, checked to belong together."""
     path = Path(path)
     if not (path / TIMELINES).is_file():
         raise FedclifError(f"{path} holds no {TIMELINES}: run `fedclif site tokenize` first")
@@ -269,4 +269,7 @@ def read_timelines(
             f"{path / TIMELINES} was made with tokenizer {found[:12] or '?'}, "
             f"but {path / TOKENIZER} is {tok.hash[:12]}; tokenize again"
         )
-    return pl.read_parquet(path / TIMELINES, columns=columns), tok
+    lf = pl.scan_parquet(path / TIMELINES)
+    if where is not None:
+        lf = lf.filter(where)
+    return lf.select(columns or pl.all()).collect(), tok

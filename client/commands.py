@@ -1,0 +1,242 @@
+"""`fedclif train pretrain|finetune|probe` and `fedclif forecast`: shells over client/."""
+
+import argparse
+import json
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+
+from omegaconf import DictConfig
+from rich.table import Table
+
+from shared.config import CONFIG_DIR, load_config
+from shared.errors import FedclifError
+from shared.ui import console, out, progress, step
+
+TRAIN_FILES = ("fedclif.json", "train_state.pt", "metrics.json", "probe.json")
+
+
+def _quiet_transformers() -> None:
+    """On CPU the notes that the CUDA kernels are missing are noise; on GPU they matter."""
+    import torch
+    from transformers.utils import logging
+
+    logging.disable_progress_bar()
+    if not torch.cuda.is_available():
+        logging.set_verbosity_error()
+
+
+def _configs(args: argparse.Namespace, model: str | None = None) -> tuple[DictConfig, DictConfig]:
+    """(train, model) configs: bare `key=value` overrides configs/train.yaml,
+    `model.key=value` the model size picked by `--model` (a name in configs/model/ or a
+    YAML file laid over `tiny`)."""
+    train_o = [o for o in args.overrides if not o.startswith("model.")]
+    model_o = [o[len("model.") :] for o in args.overrides if o.startswith("model.")]
+    train = load_config("train", args.train_config, train_o)
+    if model is None:
+        if model_o:
+            raise FedclifError("model.* overrides apply only when a model is built (pretrain)")
+        return train, None
+    sizes = sorted(p.stem for p in (CONFIG_DIR / "model").glob("*.yaml"))
+    if Path(model).is_file():
+        return train, load_config("model/tiny", model, model_o)
+    if model not in sizes:
+        raise FedclifError(
+            f"unknown model {model!r}: choose from {', '.join(sizes)} or a YAML file"
+        )
+    return train, load_config(f"model/{model}", None, model_o)
+
+
+def _fresh_out(path: str, overwrite: bool) -> Path:
+    """An output directory that is empty, or a previous fedclif output replaced on request:
+    never silently mixes two runs, never deletes what fedclif did not write."""
+    p = Path(path)
+    if p.exists() and any(p.iterdir()):
+        ours = any((p / f).exists() for f in TRAIN_FILES)
+        if not ours:
+            raise FedclifError(f"{p} exists and is not a fedclif output: choose another --out")
+        if not overwrite:
+            raise FedclifError(f"{p} already holds a run: pass --overwrite to replace it")
+        shutil.rmtree(p)
+    return p
+
+
+def _bar(desc: str) -> tuple[object, Callable[[int, int, float], None]]:
+    bar = progress()
+    task = bar.add_task(desc, total=None)
+
+    def update(done: int, total: int, loss: float) -> None:
+        bar.update(task, completed=done, total=total, description=f"{desc} loss {loss:.3f}")
+
+    return bar, update
+
+
+def _load(path: str, cfg: DictConfig, full: bool = False, ids: list[str] | None = None):
+    from shared.sequences import load_site_data
+
+    with step(f"loading {path}"):
+        return load_site_data(path, cfg.split, full=full, ids=ids)
+
+
+def cmd_pretrain(args: argparse.Namespace) -> int:
+    from client.pretrain import pretrain
+    from shared.models import build_model, n_params
+
+    cfg, model_cfg = _configs(args, args.model)
+    _quiet_transformers()
+    out_dir = Path(args.out) if args.resume else _fresh_out(args.out, args.overwrite)
+    data = _load(args.data, cfg, full=True)
+    console.print(
+        f"{model_cfg.arch} ({args.model}): {n_params(build_model(model_cfg, data.tok)):,} "
+        f"parameters; vocabulary {len(data.tok.vocab):,}"
+    )
+    bar, update = _bar("pretraining")
+    with bar:
+        m = pretrain(data, model_cfg, cfg, out_dir, resume=args.resume, progress=update)
+    console.print(f"pretrained on {data.name}; best checkpoint in {out_dir}")
+    t = Table()
+    t.add_column("")
+    t.add_column("value", justify="right")
+    for k in ("train_tokens", "steps", "unigram_entropy", "best_val_loss", "best_val_perplexity"):
+        v = m[k]
+        t.add_row(k, f"{v:,}" if isinstance(v, int) else f"{v:.3f}")
+    out.print(t)
+    return 0
+
+
+def _parse_dp(spec: str) -> list[str]:
+    """`epsilon=E,delta=D,max_grad_norm=C` → dp.* overrides."""
+    items = [s for s in spec.split(",") if s]
+    bad = [s for s in items if "=" not in s]
+    if bad or not items:
+        raise FedclifError(f"--dp takes epsilon=E[,delta=D,max_grad_norm=C], got {spec!r}")
+    return [f"dp.{s}" for s in items]
+
+
+def cmd_finetune(args: argparse.Namespace) -> int:
+    from client.finetune import finetune
+
+    if args.tasks:
+        args.overrides.append(f"finetune.tasks=[{args.tasks}]")
+    if args.peft:
+        args.overrides.append(f"finetune.peft={args.peft}")
+    if args.dp:
+        args.overrides.extend(_parse_dp(args.dp))
+    cfg, _ = _configs(args)
+    _quiet_transformers()
+    out_dir = _fresh_out(args.out, args.overwrite)
+    data = _load(args.data, cfg)
+    bar, update = _bar("finetuning")
+    with bar:
+        m = finetune(data, args.base, cfg, out_dir, progress=update)
+    title = f"finetuned {args.base} on {data.name} (test split)"
+    if m["dp"]:
+        title += f"; DP-SGD spent ε = {m['dp']['epsilon']:.2f} (δ = {m['dp']['delta']:g})"
+    out.print(_metrics_table(title, m["tasks"], "task"))
+    return 0
+
+
+def _metrics_table(title: str, rows: dict[str, dict], first: str) -> Table:
+    t = Table(title=title, title_justify="left")
+    cols = [c for c in ("auroc", "auprc", "f1") if any(c in r for r in rows.values())]
+    for c in (first, "n", "prevalence", *(f"{c.upper()} [95% CI]" for c in cols)):
+        t.add_column(c, justify="left" if c == first else "right")
+    for name, r in rows.items():
+        cells = [f"{r[c]:.3f} [{r[c + '_low']:.3f}, {r[c + '_high']:.3f}]" for c in cols]
+        t.add_row(name, f"{r['n']:,}", f"{r['prevalence']:.3f}", *cells)
+    return t
+
+
+def cmd_probe(args: argparse.Namespace) -> int:
+    from client.probe import probe
+
+    cfg, _ = _configs(args)
+    _quiet_transformers()
+    out_dir = _fresh_out(args.out, args.overwrite)
+    with step("representations, probes and trajectory metrics"):
+        r = probe(args.model, args.train, args.test, cfg, out_dir, test_split=args.test_split)
+    for site in dict.fromkeys(p["test"] for p in r["probes"]):
+        rows = {p["label"]: p for p in r["probes"] if p["test"] == site}
+        out.print(_metrics_table(f"probes trained at {r['train_site']}, at {site}", rows, "label"))
+    console.print(f"results: {out_dir / 'probe.json'}, plot: {out_dir / 'probe.png'}")
+    return 0
+
+
+def cmd_forecast(args: argparse.Namespace) -> int:
+    from client.forecast import forecast
+    from shared.models import check_tokenizer, load_model
+
+    cfg, _ = _configs(args)
+    _quiet_transformers()
+    data = _load(args.data, cfg, full=True, ids=[args.id])
+    model, meta = load_model(args.model)
+    check_tokenizer(meta["tokenizer_hash"], data.tok.hash, data.path, args.model)
+    r = forecast(
+        model, data, args.id, args.n, cfg.forecast, args.at, int(cfg.finetune.context), args.seed
+    )
+    t = Table(title=f"stay {args.id} after hour {args.at:g}", title_justify="left")
+    for c in ("#", "forecast", "h", "actual", "h "):
+        t.add_column(c, justify="right" if c.strip() in ("#", "h") else "left")
+    for tok, h in r["history_tail"]:
+        t.add_row("", f"[dim]{tok}[/]", f"[dim]{h:.1f}[/]", "", "")
+    for i in range(max(len(r["forecast"]), len(r["actual"]))):
+        f = r["forecast"][i] if i < len(r["forecast"]) else ("", None)
+        a = r["actual"][i] if i < len(r["actual"]) else ("", None)
+        hh = [f"{x[1]:.1f}" if x[1] is not None else "" for x in (f, a)]
+        t.add_row(str(i + 1), f[0], hh[0], a[0], hh[1])
+    out.print(t)
+    if args.json:
+        Path(args.json).write_text(json.dumps(r, indent=1))
+    return 0
+
+
+def register(sub, add: Callable) -> None:
+    """Add the training commands to the `fedclif` parser."""
+
+    def common(p: argparse.ArgumentParser) -> None:
+        p.add_argument(
+            "overrides",
+            nargs="*",
+            metavar="key=value",
+            help="configs/train.yaml overrides (pretrain.lr=1e-3, seed=1); "
+            "model.key=value for the model (model.arch=llama)",
+        )
+        p.add_argument("--train-config", help="training YAML (defaults: configs/train.yaml)")
+
+    tr = add(sub, "train", None, "train at one site: pretrain, finetune, probe")
+    tsub = tr.add_subparsers(dest="train_command", required=True)
+    p = add(tsub, "pretrain", cmd_pretrain, "next-token pretraining on full timelines")
+    p.add_argument("--data", required=True, help="tokenized site (fedclif site tokenize --out)")
+    p.add_argument("--model", default="tiny", help="tiny | small | base | 1b | a YAML file")
+    p.add_argument("--out", required=True, help="checkpoint directory")
+    p.add_argument("--resume", action="store_true", help="continue the run saved in --out")
+    p.add_argument("--overwrite", action="store_true", help="replace a run already in --out")
+    common(p)
+    p = add(tsub, "finetune", cmd_finetune, "multitask prompted finetuning on the first 24 h")
+    p.add_argument("--data", required=True)
+    p.add_argument("--from", dest="base", required=True, help="pretrained checkpoint")
+    p.add_argument("--out", required=True)
+    p.add_argument("--tasks", help="comma-separated task names (default: finetune.tasks)")
+    p.add_argument("--peft", choices=["lora"], help="train LoRA adapters and the head only")
+    p.add_argument("--dp", metavar="epsilon=E,delta=D,max_grad_norm=C", help="DP-SGD (opacus)")
+    p.add_argument("--overwrite", action="store_true")
+    common(p)
+    p = add(tsub, "probe", cmd_probe, "linear probes and trajectory metrics of a frozen model")
+    p.add_argument("--model", required=True, help="checkpoint")
+    p.add_argument("--train", required=True, help="tokenized site the probes are fitted on")
+    p.add_argument("--test", nargs="*", default=[], help="tokenized sites to evaluate at")
+    p.add_argument(
+        "--test-split", default="test", choices=["test", "all"], help="stays used at --test sites"
+    )
+    p.add_argument("--out", required=True)
+    p.add_argument("--overwrite", action="store_true")
+    common(p)
+    p = add(sub, "forecast", cmd_forecast, "generate a stay's next events, beside the real ones")
+    p.add_argument("--model", required=True, help="checkpoint")
+    p.add_argument("--data", required=True, help="tokenized site")
+    p.add_argument("--id", required=True, help="hospitalization_id")
+    p.add_argument("-n", type=int, default=20, help="tokens to generate")
+    p.add_argument("--at", type=float, default=24.0, help="hours of the stay given as history")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", help="also write the forecast as JSON here")
+    common(p)

@@ -1,0 +1,39 @@
+"""Console output shared by every command: results on stdout, progress on stderr."""
+
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    SpinnerColumn,
+    TextColumn,
+    TimeElapsedColumn,
+)
+
+console = Console(stderr=True)
+out = Console()
+
+
+def progress() -> Progress:
+    """The progress bar every long command shows (removed when done)."""
+    return Progress(
+        SpinnerColumn(),
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=console,
+        transient=True,
+    )
+
+
+@contextmanager
+def step(name: str) -> Iterator[None]:
+    t0 = time.perf_counter()
+    with console.status(f"{name}…"):
+        yield
+    console.print(f"[green]✓[/] {name} [dim]({time.perf_counter() - t0:.1f} s)[/]")
