@@ -9,7 +9,7 @@ import torch
 from omegaconf import DictConfig
 from torch.utils.data import DataLoader
 
-from client.loop import fit, pick_device, to_device
+from client.loop import fit, pick_device, seed_everything, to_device
 from shared.artifact import write_json
 from shared.models import META, EHRModel, build_model, check_tokenizer, load_model, save_model
 from shared.sequences import SiteData, block_batch, packed_blocks
@@ -60,6 +60,7 @@ def pretrain(
         model, meta = load_model(out)
         check_tokenizer(meta["tokenizer_hash"], data.tok.hash, data.path, out)
     else:
+        seed_everything(int(cfg.seed))  # the same seed, the same initial weights
         model = build_model(model_cfg, data.tok)
     model.head.requires_grad_(False)  # unused by the LM loss; it is not trained or sent
     c = cfg.pretrain

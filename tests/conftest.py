@@ -16,6 +16,28 @@ def demo_dir(tmp_path_factory) -> Path:
     return d
 
 
+@pytest.fixture(scope="session")
+def demo_tokens(demo_dir, tmp_path_factory) -> Path:
+    """The CLI chain stats -> fit -> tokenize on the demo, as a site would run it."""
+    root = tmp_path_factory.mktemp("chain")
+    assert main(["site", "stats", str(demo_dir), "--out", str(root / "stats.json")]) == 0
+    assert (
+        main(
+            [
+                "tokenizer",
+                "fit",
+                "--stats",
+                str(root / "stats.json"),
+                "--out",
+                str(root / "tokenizer.json"),
+            ]
+        )
+        == 0
+    )
+    run_tokenize(demo_dir, root / "tokenizer.json", root / "out")
+    return root / "out"
+
+
 @pytest.fixture
 def site_dir(demo_dir, tmp_path) -> Path:
     """A private copy of the demo that a test may break."""

@@ -6,7 +6,7 @@ from datetime import timedelta
 import pandas as pd
 import polars as pl
 import pytest
-from conftest import read, run_tokenize, write
+from conftest import read, write
 
 from shared.cli import main
 from shared.clif.site import load_site
@@ -14,28 +14,6 @@ from shared.errors import FedclifError
 from shared.stats import merge_stats, site_stats
 from shared.timelines import read_timelines, tokenize_site
 from shared.tokenizer import fit_tokenizer
-
-
-@pytest.fixture(scope="module")
-def demo_tokens(demo_dir, tmp_path_factory):
-    """The CLI chain stats -> fit -> tokenize on the demo, as a site would run it."""
-    root = tmp_path_factory.mktemp("chain")
-    assert main(["site", "stats", str(demo_dir), "--out", str(root / "stats.json")]) == 0
-    assert (
-        main(
-            [
-                "tokenizer",
-                "fit",
-                "--stats",
-                str(root / "stats.json"),
-                "--out",
-                str(root / "tokenizer.json"),
-            ]
-        )
-        == 0
-    )
-    run_tokenize(demo_dir, root / "tokenizer.json", root / "out")
-    return root / "out"
 
 
 def test_labels_match_an_independent_implementation(demo_dir, demo_tokens):

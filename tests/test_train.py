@@ -1,0 +1,283 @@
+"""Models and local training on the demo with the tiny model: pretraining, checkpoints,
+resume, finetuning (full, LoRA, DP-SGD), probes, forecast, the federation's round API."""
+
+import json
+
+import numpy as np
+import polars as pl
+import pytest
+import torch
+from peft import PeftModel
+from transformers import AutoModelForCausalLM
+
+from client.local import evaluate_round, get_weights, set_weights, train_round
+from client.pretrain import STATE_FILE
+from shared.cli import main
+from shared.config import load_config
+from shared.errors import FedclifError
+from shared.labels import TASKS, usable
+from shared.models import build_model, load_model, save_model
+from shared.sequences import Prompted, load_site_data, pad_collate
+
+# Small and short enough for CPU tests; the defaults in configs/train.yaml are for real runs.
+PRETRAIN = ["pretrain.context=256", "pretrain.max_steps=80", "pretrain.eval_every=20"]
+FINETUNE = ["finetune.context=128", "finetune.epochs=1", "finetune.n_boot=100"]
+
+
+def train_cfg(*overrides: str):
+    return load_config("train", overrides=[*PRETRAIN, *FINETUNE, *overrides])
+
+
+@pytest.fixture(scope="module")
+def pretrained(demo_tokens, tmp_path_factory):
+    """`fedclif train pretrain` on the demo, as a site runs it."""
+    ckpt = tmp_path_factory.mktemp("pt") / "ckpt"
+    args = ["train", "pretrain", "--data", str(demo_tokens), "--out", str(ckpt), *PRETRAIN]
+    assert main(args) == 0
+    return ckpt
+
+
+def batch_of(data, n=6, context=128):
+    ds = Prompted(data, "test", ["death", "long_los"], context)
+    return pad_collate(data.tok.index["PAD"])([ds[i] for i in range(n)])
+
+
+def test_pretraining_loss_falls_well_below_unigram_entropy(pretrained):
+    m = json.loads((pretrained / "metrics.json").read_text())
+    # A model that ignored context would sit at the unigram entropy (5.6 nats here).
+    assert m["best_val_loss"] < m["unigram_entropy"] - 0.8
+    assert m["steps"] == 80 and len(m["history"]) == 4
+    assert {"config.json", "model.safetensors", "tokenizer.json"} <= {
+        p.name for p in pretrained.iterdir()
+    }
+
+
+@pytest.mark.parametrize("arch", ["mamba2", "llama"])
+@pytest.mark.parametrize("ehr", [True, False])
+def test_reloaded_checkpoint_gives_identical_logits(demo_tokens, tmp_path, arch, ehr):
+    data = load_site_data(demo_tokens, train_cfg().split)
+    model_cfg = load_config("model/tiny", overrides=[f"arch={arch}", f"ehr_embeddings={ehr}"])
+    model = build_model(model_cfg, data.tok).eval()
+    save_model(model, tmp_path, data.tok, "pretrain")
+    again, meta = load_model(tmp_path)
+    b = batch_of(data)
+    with torch.no_grad():
+        assert torch.equal(model.logits(b), again.eval().logits(b))
+        # The backbone alone loads with transformers; without EHR embeddings it is the model.
+        lm = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+        plain = lm(input_ids=b["input_ids"]).logits
+        assert torch.equal(plain, model.lm(input_ids=b["input_ids"]).logits)
+        if not ehr:
+            assert torch.equal(plain, model.logits(b))
+    assert meta["tokenizer_hash"] == data.tok.hash and meta["model"]["arch"] == arch
+
+
+def test_resume_continues_to_the_same_weights(demo_tokens, tmp_path):
+    from client.pretrain import pretrain
+
+    data = load_site_data(demo_tokens, train_cfg().split, full=True)
+    cfg = train_cfg(
+        "pretrain.context=64",
+        "pretrain.max_steps=16",
+        "pretrain.eval_every=5",
+        "pretrain.patience=0",
+        "pretrain.batch_size=4",
+    )
+    model_cfg = load_config("model/tiny")
+    pretrain(data, model_cfg, cfg, tmp_path / "whole")
+
+    def crash(step, total, loss):
+        if step == 12:  # after the evaluation (and saved state) at step 10
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        pretrain(data, model_cfg, cfg, tmp_path / "cut", progress=crash)
+    assert torch.load(tmp_path / "cut" / STATE_FILE)["state"]["step"] == 10
+    m = pretrain(data, model_cfg, cfg, tmp_path / "cut", resume=True)
+    assert m["steps"] == 16
+    a = torch.load(tmp_path / "whole" / STATE_FILE)["model"]
+    b = torch.load(tmp_path / "cut" / STATE_FILE)["model"]
+    for k in a:
+        torch.testing.assert_close(a[k], b[k])
+
+
+def test_prompted_examples_follow_the_24h_leakage_rule(demo_tokens):
+    data = load_site_data(demo_tokens, train_cfg().split)
+    tasks = ["death", "icu", "imv"]
+    ds = Prompted(data, "all", tasks, 64)
+    labels = data.labels
+    for k, t in enumerate(tasks):
+        rows = ds.pairs[ds.pairs[:, 1] == k, 0]
+        expect = np.flatnonzero(usable(labels, TASKS[t]))
+        assert np.array_equal(np.sort(rows), expect)
+        if t in ("icu", "imv"):
+            # Stays whose event is already in the first 24 h are not examples at all.
+            flagged = labels.get_column(f"{TASKS[t]}_24h").to_numpy()
+            assert flagged.any() and not flagged[rows].any()
+    item = ds[0]
+    assert item["input_ids"][-1] == data.tok.index[f"TASK_{tasks[item['task']]}"]
+    assert len(item["input_ids"]) <= 64
+    row, _, y = ds.pairs[0]
+    assert y == int(labels.get_column(TASKS[tasks[int(item["task"])]])[int(row)])
+
+
+def test_finetune_writes_per_task_metrics(demo_tokens, pretrained, tmp_path, capsys):
+    out = tmp_path / "ft"
+    args = ["train", "finetune", "--data", str(demo_tokens), "--from", str(pretrained)]
+    assert main([*args, "--out", str(out), "--tasks", "death,long_los", *FINETUNE]) == 0
+    m = json.loads((out / "metrics.json").read_text())
+    assert set(m["tasks"]) == {"death", "long_los"}
+    for r in m["tasks"].values():
+        assert r["n"] > 0 and 0 <= r["auroc"] <= 1 and r["auroc_low"] <= r["auroc_high"]
+        assert {"auprc", "f1", "threshold"} <= r.keys()
+    assert (out / "head.safetensors").is_file() and m["dp"] is None
+    assert "AUROC" in capsys.readouterr().out
+    # The same output directory is not silently reused.
+    assert main([*args, "--out", str(out), *FINETUNE]) == 1
+
+
+def test_lora_saves_only_adapters_that_reload_with_peft(demo_tokens, pretrained, tmp_path):
+    out = tmp_path / "lora"
+    args = ["train", "finetune", "--data", str(demo_tokens), "--from", str(pretrained)]
+    assert main([*args, "--out", str(out), "--peft", "lora", *FINETUNE]) == 0
+    names = {p.name for p in out.iterdir()}
+    assert "adapter" in names and "model.safetensors" not in names
+    peft_model = PeftModel.from_pretrained(
+        AutoModelForCausalLM.from_pretrained(pretrained), out / "adapter"
+    )
+    lora_b = [p for n, p in peft_model.named_parameters() if "lora_B" in n]
+    assert lora_b and any(p.abs().sum() > 0 for p in lora_b)  # trained (B starts at zero)
+    ft, meta = load_model(out)
+    base, _ = load_model(pretrained)
+    data = load_site_data(demo_tokens, train_cfg().split)
+    b = batch_of(data)
+    with torch.no_grad():
+        assert not torch.equal(ft.logits(b), base.logits(b))
+    assert meta["lora"] and meta["base"] == str(pretrained.resolve())
+
+
+def test_dp_finetune_reports_spent_epsilon(demo_tokens, pretrained, tmp_path):
+    out = tmp_path / "dp"
+    args = ["train", "finetune", "--data", str(demo_tokens), "--from", str(pretrained)]
+    assert main([*args, "--out", str(out), "--dp", "epsilon=4,delta=1e-5", *FINETUNE]) == 0
+    dp = json.loads((out / "metrics.json").read_text())["dp"]
+    assert 0 < dp["epsilon"] <= 4.0 + 1e-6 and dp["delta"] == 1e-5
+
+
+def test_probe_writes_results_and_plot(demo_tokens, pretrained, tmp_path):
+    out = tmp_path / "probe"
+    args = ["train", "probe", "--model", str(pretrained), "--train", str(demo_tokens)]
+    assert main([*args, "--test", str(demo_tokens), "--test-split", "all", "--out", str(out)]) == 0
+    r = json.loads((out / "probe.json").read_text())
+    assert (out / "probe.png").stat().st_size > 10_000
+    sites = {p["test"] for p in r["probes"]}
+    assert len(sites) == 2
+    assert {p["label"] for p in r["probes"]} >= {"same_admission_death", "long_length_of_stay"}
+    for s in r["trajectory"]["summary"]:
+        assert s["path_length"] > 0 and s["max_jump"] > 0 and np.isfinite(s["anomaly"])
+    ok = [a for a in r["trajectory"]["association"] if "error" not in a]
+    assert ok and all(0 <= a["anomaly"]["p_value"] <= 1 for a in ok)
+
+
+def test_forecast_prints_generated_and_actual_events(demo_tokens, pretrained, capsys):
+    data = load_site_data(demo_tokens, train_cfg().split, full=True, ids=["25563031"])
+    tl = data.stays.row(0, named=True)
+    after = [data.tok.vocab[t] for t, h in zip(tl["tokens"], tl["hours"], strict=True) if h >= 24]
+    args = ["forecast", "--model", str(pretrained), "--data", str(demo_tokens)]
+    assert main([*args, "--id", "25563031", "-n", "6"]) == 0
+    text = capsys.readouterr().out
+    assert after[0] in text and "forecast" in text
+    assert main([*args, "--id", "no-such-stay"]) == 1
+
+
+def test_data_from_another_tokenizer_is_refused(demo_dir, demo_tokens, pretrained, tmp_path):
+    other = tmp_path / "tok.json"
+    assert (
+        main(
+            [
+                "tokenizer",
+                "fit",
+                "--data",
+                str(demo_dir),
+                "--out",
+                str(other),
+                "tokenizer.k_min_count=25",
+            ]
+        )
+        == 0
+    )
+    assert (
+        main(
+            [
+                "site",
+                "tokenize",
+                str(demo_dir),
+                "--tokenizer",
+                str(other),
+                "--out",
+                str(tmp_path / "t2"),
+            ]
+        )
+        == 0
+    )
+    cfg = train_cfg()
+    from client.finetune import finetune
+
+    data = load_site_data(tmp_path / "t2", cfg.split)
+    with pytest.raises(FedclifError, match="tokenized with tokenizer"):
+        finetune(data, pretrained, cfg, tmp_path / "ft")
+    assert not (tmp_path / "ft").exists()
+    args = ["train", "probe", "--model", str(pretrained), "--train", str(tmp_path / "t2")]
+    assert main([*args, "--out", str(tmp_path / "p")]) == 1
+
+
+def test_round_api_is_deterministic_and_sends_only_what_trains(demo_tokens, pretrained):
+    cfg = train_cfg("pretrain.max_steps=3", "finetune.max_steps=3", "finetune.peft=lora")
+    full = load_site_data(demo_tokens, cfg.split, full=True)
+    runs = []
+    for _ in range(2):
+        model, _ = load_model(pretrained)
+        runs.append(train_round(model, full, cfg, "pretrain", seed=7))
+    a, b = runs
+    assert a.weights.keys() == b.weights.keys()
+    assert not any(k.startswith("head.") for k in a.weights)  # the task head is not trained
+    for k in a.weights:
+        np.testing.assert_array_equal(a.weights[k], b.weights[k])
+    assert a.metrics["num_examples"] > 0 and a.metrics["steps"] == 3
+
+    model, _ = load_model(pretrained)
+    r = train_round(model, full, cfg, "finetune", seed=7)
+    assert all("lora" in k or k.startswith("head.") for k in r.weights)
+    # A round's weights load into a fresh model set up the same way.
+    fresh, _ = load_model(pretrained)
+    before = evaluate_round(fresh, full, cfg, "finetune")
+    train_round(fresh, full, train_cfg("finetune.max_steps=1", "finetune.peft=lora"), "finetune")
+    set_weights(fresh, r.weights)
+    assert evaluate_round(fresh, full, cfg, "finetune") == evaluate_round(
+        model, full, cfg, "finetune"
+    )
+    assert before["num_examples"] > 0 and "death_auroc" in before
+    with pytest.raises(FedclifError, match="shape"):
+        set_weights(fresh, {k: np.zeros(3) for k in get_weights(fresh)})
+
+
+def test_bad_training_input_is_refused(demo_tokens, pretrained, tmp_path, capsys):
+    base = ["train", "pretrain", "--data", str(demo_tokens)]
+    assert main([*base, "--out", str(tmp_path / "a"), "--model", "huge"]) == 1
+    assert main([*base, "--out", str(tmp_path / "a"), "pretrain.lr_typo=1"]) == 1
+    assert main([*base, "--out", str(tmp_path / "a"), "model.shapes.mamba2.head_dim=7"]) == 1
+    assert main([*base, "--out", str(tmp_path / "nothing"), "--resume"]) == 1
+    assert main([*base, "--out", str(demo_tokens)]) == 1  # not a fedclif output: untouched
+    assert (demo_tokens / "timelines.parquet").is_file()
+    err = capsys.readouterr().err
+    for msg in (
+        "unknown model",
+        "lr_typo",
+        "num_heads * head_dim",
+        "nothing to resume",
+        "not a fedclif output",
+    ):
+        assert msg in err
+    with pytest.raises(FedclifError, match="unknown task"):
+        Prompted(load_site_data(demo_tokens, train_cfg().split), "train", ["death", "coma"], 64)
+    assert pl.read_parquet(demo_tokens / "labels.parquet").height == 272
