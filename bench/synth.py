@@ -12,7 +12,7 @@ import statistics
 import tempfile
 from pathlib import Path
 
-from bench.tokenize import measure
+from bench.measure import measure
 
 
 def _generate(stays: int, out: Path) -> int:

@@ -11,17 +11,13 @@ its peak RSS is its own; figures are medians over --repeats runs.
 """
 
 import argparse
-import contextlib
-import multiprocessing as mp
-import resource
 import statistics
 import tempfile
-import time
-from collections.abc import Callable
 from pathlib import Path
 
 import polars as pl
 
+from bench.measure import measure
 from shared.clif.schema import USED_COLUMNS, clifpy_root, load_schemas
 from shared.config import load_config
 
@@ -91,41 +87,6 @@ def _tokenize(site: Path, work: Path) -> int:
     return tokenize_site(_load(site), Tokenizer.load(work / "tokenizer.json"), work / "out")[
         "tokens"
     ]
-
-
-def _peak_mib() -> float:
-    """Peak RSS of this process since `_reset_peak` (Linux VmHWM), else since start."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
-def _reset_peak() -> None:
-    # A spawned child can inherit its parent's high-water mark; "5" resets it.
-    with contextlib.suppress(OSError):
-        Path("/proc/self/clear_refs").write_text("5")
-
-
-def _child(fn: Callable, args: tuple, q) -> None:
-    _reset_peak()
-    t0 = time.perf_counter()
-    n = fn(*args)
-    q.put((time.perf_counter() - t0, _peak_mib(), n))
-
-
-def measure(fn: Callable, *args) -> tuple[float, float, int]:
-    """Seconds, peak RSS (MiB) and fn's count, in a fresh process."""
-    ctx = mp.get_context("spawn")
-    q = ctx.Queue()
-    p = ctx.Process(target=_child, args=(fn, args, q))
-    p.start()
-    out = q.get()
-    p.join()
-    return out
 
 
 def main() -> None:

@@ -16,14 +16,10 @@ from shared.ui import console, out, progress, step
 TRAIN_FILES = ("fedclif.json", "train_state.pt", "metrics.json", "probe.json")
 
 
-def _quiet_transformers() -> None:
-    """On CPU the notes that the CUDA kernels are missing are noise; on GPU they matter."""
-    import torch
-    from transformers.utils import logging
+def _quiet() -> None:
+    from shared.models import quiet_transformers  # torch loads only for these commands
 
-    logging.disable_progress_bar()
-    if not torch.cuda.is_available():
-        logging.set_verbosity_error()
+    quiet_transformers()
 
 
 def _configs(args: argparse.Namespace, model: str | None = None) -> tuple[DictConfig, DictConfig]:
@@ -83,7 +79,7 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
     from shared.models import build_model, n_params
 
     cfg, model_cfg = _configs(args, args.model)
-    _quiet_transformers()
+    _quiet()
     out_dir = Path(args.out) if args.resume else _fresh_out(args.out, args.overwrite)
     data = _load(args.data, cfg, full=True)
     console.print(
@@ -123,7 +119,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     if args.dp:
         args.overrides.extend(_parse_dp(args.dp))
     cfg, _ = _configs(args)
-    _quiet_transformers()
+    _quiet()
     out_dir = _fresh_out(args.out, args.overwrite)
     data = _load(args.data, cfg)
     bar, update = _bar("finetuning")
@@ -151,7 +147,7 @@ def cmd_probe(args: argparse.Namespace) -> int:
     from client.probe import probe
 
     cfg, _ = _configs(args)
-    _quiet_transformers()
+    _quiet()
     out_dir = _fresh_out(args.out, args.overwrite)
     with step("representations, probes and trajectory metrics"):
         r = probe(args.model, args.train, args.test, cfg, out_dir, test_split=args.test_split)
@@ -167,7 +163,7 @@ def cmd_forecast(args: argparse.Namespace) -> int:
     from shared.models import check_tokenizer, load_model
 
     cfg, _ = _configs(args)
-    _quiet_transformers()
+    _quiet()
     data = _load(args.data, cfg, full=True, ids=[args.id])
     model, meta = load_model(args.model)
     check_tokenizer(meta["tokenizer_hash"], data.tok.hash, data.path, args.model)

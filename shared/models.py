@@ -121,6 +121,16 @@ class EHRModel(nn.Module):
         return self.head(self.last_hidden(batch)).squeeze(-1)
 
 
+def quiet_transformers() -> None:
+    """Hide transformers' progress bars, and on CPU its notes that the CUDA kernels are
+    missing (noise there; on a GPU they say how to get the fast path)."""
+    from transformers.utils import logging
+
+    logging.disable_progress_bar()
+    if not torch.cuda.is_available():
+        logging.set_verbosity_error()
+
+
 def build_model(cfg: DictConfig, tok: Tokenizer) -> EHRModel:
     """A freshly initialised model for this tokenizer's vocabulary."""
     arch = str(cfg.arch)

@@ -30,3 +30,12 @@ def test_tokenize_bench_quick_profile():
 def test_synth_bench_quick_profile():
     out = run_module("bench.synth", "--sizes", "300", "--repeats", "1")
     assert "stays/s" in out and "    300 " in out
+
+
+def test_train_bench_quick_profile():
+    out = run_module(
+        "bench.train", "--size", "tiny", "--contexts", "64", "--steps", "1", "--repeats", "1"
+    )
+    assert "overhead" in out and "tokens/s" in out
+    row = next(line.split() for line in out.splitlines() if line.strip().startswith("64 "))
+    assert len(row) == 6 and float(row[3]) > 0  # context, two rates, ratio, two peaks

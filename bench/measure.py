@@ -1,0 +1,43 @@
+"""Run a benchmark phase in a fresh process: its wall time and peak memory are its own."""
+
+import contextlib
+import multiprocessing as mp
+import resource
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+
+def _peak_mib() -> float:
+    """Peak RSS of this process since `_reset_peak` (Linux VmHWM), else since start."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _reset_peak() -> None:
+    # A spawned child can inherit its parent's high-water mark; "5" resets it.
+    with contextlib.suppress(OSError):
+        Path("/proc/self/clear_refs").write_text("5")
+
+
+def _child(fn: Callable, args: tuple, q) -> None:
+    _reset_peak()
+    t0 = time.perf_counter()
+    n = fn(*args)
+    q.put((time.perf_counter() - t0, _peak_mib(), n))
+
+
+def measure(fn: Callable, *args) -> tuple[float, float, int]:
+    """Seconds, peak RSS (MiB) and fn's count, in a fresh process."""
+    ctx = mp.get_context("spawn")
+    q = ctx.Queue()
+    p = ctx.Process(target=_child, args=(fn, args, q))
+    p.start()
+    out = q.get()
+    p.join()
+    return out

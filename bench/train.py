@@ -1,0 +1,226 @@
+"""Pretraining throughput: the data pipeline's overhead over a bare training loop, and
+Mamba-2 against Llama at equal parameter count as the context grows.
+
+1. End to end (`client.loop.fit` on packed blocks of a tokenized site: DataLoader,
+   collation, EHR embeddings, scheduler, clipping) versus a bare forward/backward/step
+   loop on random tokens of the same shape, same model, same process; alternated per
+   repeat. Overhead = 1 - end-to-end / bare (aim: under 10%).
+2. Mamba-2 and Llama (Llama's MLP width solved so both have the same parameter count)
+   at each context, the same tokens per step; each run in a fresh process, so its peak
+   memory (RSS on CPU, allocated on CUDA) is its own. On CUDA with the `cuda` extra,
+   transformers uses the mamba-ssm kernels.
+
+    python -m bench.train                                    # contexts 512 2048 8192
+    python -m bench.train --contexts 128 256 --steps 2 --repeats 1 --size tiny   # quick
+"""
+
+import argparse
+import os
+import statistics
+import tempfile
+import time
+from contextlib import redirect_stderr, redirect_stdout
+from pathlib import Path
+
+from bench.measure import measure
+
+
+def _tokenized_demo(root: Path) -> Path:
+    """The demo site, tokenized by `fedclif quickstart` (its console output dropped)."""
+    from shared.cli import main
+
+    with open(os.devnull, "w") as null, redirect_stdout(null), redirect_stderr(null):
+        assert main(["quickstart", "--out", str(root)]) == 0
+    return root / "tokens"
+
+
+def _model(arch: str, size: str, tok, llama_mlp: int | None = None):
+    from shared.config import load_config
+    from shared.models import build_model, quiet_transformers
+
+    quiet_transformers()
+    o = [f"arch={arch}"] + ([f"shapes.llama.intermediate_size={llama_mlp}"] if llama_mlp else [])
+    return build_model(load_config(f"model/{size}", overrides=o), tok)
+
+
+def equal_llama_mlp(size: str, tok) -> int:
+    """Llama MLP width giving Llama the parameter count of Mamba-2 (count is linear in it)."""
+    from shared.models import n_params
+
+    target = n_params(_model("mamba2", size, tok))
+    a, b = (n_params(_model("llama", size, tok, w)) for w in (64, 128))
+    return max(8, round((64 + (target - a) * 64 / (b - a)) / 8) * 8)
+
+
+def _bare_and_e2e(tokens: Path, size: str, context: int, batch: int, steps: int) -> dict:
+    import torch
+
+    from client.loop import fit, pick_device, seed_everything
+    from client.pretrain import block_collate, lm_loss
+    from shared.config import load_config
+    from shared.sequences import load_site_data, packed_blocks
+
+    cfg = load_config(
+        "train",
+        overrides=[
+            f"pretrain.context={context}",
+            f"pretrain.batch_size={batch}",
+            f"pretrain.max_steps={steps}",
+            "pretrain.eval_every=0",
+        ],
+    )
+    device = pick_device(cfg.device)
+    data = load_site_data(tokens, cfg.split, full=True)
+    blocks = packed_blocks(data, "train", context)
+    seed_everything(0)
+    model = _model("mamba2", size, data.tok).to(device)
+    model.head.requires_grad_(False)
+
+    t0 = time.perf_counter()
+    fit(model, lm_loss, blocks, block_collate, cfg.pretrain, device)
+    _sync(device)
+    e2e = steps * batch * context / (time.perf_counter() - t0)
+
+    g = torch.Generator().manual_seed(0)
+    shape = (batch, context)
+    rnd = {
+        "input_ids": torch.randint(3, len(data.tok.vocab), shape, generator=g),
+        "types": torch.randint(0, 5, shape, generator=g),
+        "hours": torch.rand(shape, generator=g) * 24,
+        "age": torch.full(shape, 60.0),
+        "visit": torch.zeros(shape, dtype=torch.long),
+    }
+    rnd = {k: v.to(device) for k, v in rnd.items()}
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        model(rnd).backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    _sync(device)
+    bare = steps * batch * context / (time.perf_counter() - t0)
+    return {"e2e": e2e, "bare": bare}
+
+
+def _sync(device) -> None:
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def _arch_run(
+    arch: str, size: str, mlp: int, tokens: Path, context: int, batch: int, steps: int
+) -> tuple[float, float | None, int]:
+    """(tokens/s after one warm-up step, CUDA peak MiB or None, parameters)."""
+    import torch
+
+    from client.loop import pick_device
+    from shared.models import n_params
+    from shared.tokenizer import Tokenizer
+
+    tok = Tokenizer.load(tokens / "tokenizer.json")
+    device = pick_device("auto")
+    torch.manual_seed(0)
+    model = _model(arch, size, tok, mlp if arch == "llama" else None).to(device)
+    shape = (batch, context)
+    batch_ = {
+        "input_ids": torch.randint(3, len(tok.vocab), shape),
+        "types": torch.randint(0, 5, shape),
+        "hours": torch.rand(shape) * 24,
+        "age": torch.full(shape, 60.0),
+        "visit": torch.zeros(shape, dtype=torch.long),
+    }
+    batch_ = {k: v.to(device) for k, v in batch_.items()}
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    ctx = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else _null()
+    for i in range(steps + 1):
+        if i == 1:
+            _sync(device)
+            t0 = time.perf_counter()
+        with ctx:
+            loss = model(batch_)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    _sync(device)
+    rate = steps * batch * context / (time.perf_counter() - t0)
+    gpu = torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else None
+    return rate, gpu, n_params(model)
+
+
+def _null():
+    from contextlib import nullcontext
+
+    return nullcontext()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--size", default="small", help="model size in configs/model/")
+    ap.add_argument("--contexts", type=int, nargs="+", default=[512, 2048, 8192])
+    ap.add_argument("--steps", type=int, default=3, help="timed steps per run")
+    ap.add_argument("--repeats", type=int, default=3)
+    args = ap.parse_args()
+    import torch
+
+    from shared.tokenizer import Tokenizer
+
+    cuda = torch.cuda.is_available()
+    kernels = "-"
+    if cuda:
+        from transformers.utils.import_utils import is_mamba_2_ssm_available
+
+        kernels = "mamba-ssm kernels" if is_mamba_2_ssm_available() else "PyTorch path"
+    print(
+        f"device: {'cuda ' + torch.cuda.get_device_name() if cuda else 'cpu'}; "
+        f"Mamba-2 path: {kernels if cuda else 'PyTorch (CPU)'}; "
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads"
+    )
+    with tempfile.TemporaryDirectory() as tmp:
+        tokens = _tokenized_demo(Path(tmp))
+        tok = Tokenizer.load(tokens / "tokenizer.json")
+
+        ctx0, batch0 = min(args.contexts), max(8192 // max(args.contexts), 1)
+        runs = [
+            _bare_and_e2e(tokens, args.size, ctx0, max(4096 // ctx0, 1), args.steps + 2)
+            for _ in range(args.repeats)
+        ]
+        e2e = statistics.median(r["e2e"] for r in runs)
+        bare = statistics.median(r["bare"] for r in runs)
+        print(
+            f"\n1. pipeline overhead ({args.size} mamba2, context {ctx0}, median of {args.repeats})"
+        )
+        print(f"   bare loop on random tokens  {bare:10,.0f} tokens/s")
+        print(f"   end to end (fit + loader)   {e2e:10,.0f} tokens/s")
+        print(f"   overhead                    {100 * (1 - e2e / bare):9.1f} %  (aim < 10%)")
+
+        mlp = equal_llama_mlp(args.size, tok)
+        tokens_per_step = max(args.contexts) * batch0
+        print(
+            f"\n2. mamba2 vs llama ({args.size}; llama intermediate_size={mlp} for equal "
+            f"parameters; {tokens_per_step:,} tokens per step; median of {args.repeats})"
+        )
+        mem = "peak CUDA MiB" if cuda else "peak RSS MiB"
+        print(
+            f"   {'context':>7} {'mamba2 tok/s':>13} {'llama tok/s':>12} {'ratio':>6}  "
+            f"{'mamba2 ' + mem:>20} {'llama ' + mem:>19}"
+        )
+        for ctx in args.contexts:
+            batch = max(tokens_per_step // ctx, 1)
+            row = {}
+            for arch in ("mamba2", "llama"):
+                rs = [
+                    measure(_arch_run, arch, args.size, mlp, tokens, ctx, batch, args.steps)
+                    for _ in range(args.repeats)
+                ]
+                rate = statistics.median(r[2][0] for r in rs)
+                peak = max((r[2][1] if cuda else r[1]) for r in rs)
+                row[arch] = (rate, peak, rs[0][2][2])
+            (mr, mp_, mn), (lr, lp, ln) = row["mamba2"], row["llama"]
+            print(f"   {ctx:7d} {mr:13,.0f} {lr:12,.0f} {mr / lr:6.2f}  {mp_:20,.0f} {lp:19,.0f}")
+        print(f"   parameters: mamba2 {mn:,}, llama {ln:,}")
+
+
+if __name__ == "__main__":
+    main()
