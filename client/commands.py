@@ -160,13 +160,13 @@ def cmd_probe(args: argparse.Namespace) -> int:
 
 def cmd_forecast(args: argparse.Namespace) -> int:
     from client.forecast import forecast
-    from shared.models import check_tokenizer, load_model
+    from shared.models import load_model
 
     cfg, _ = _configs(args)
     _quiet()
     data = _load(args.data, cfg, full=True, ids=[args.id])
-    model, meta = load_model(args.model)
-    check_tokenizer(meta["tokenizer_hash"], data.tok.hash, data.path, args.model)
+    model, _ = load_model(args.model)
+    model.check_data(data.tok.hash, data.path, args.model)
     r = forecast(
         model, data, args.id, args.n, cfg.forecast, args.at, int(cfg.finetune.context), args.seed
     )

@@ -13,7 +13,7 @@ from client.loop import fit, pick_device, to_device
 from shared.artifact import write_json
 from shared.errors import FedclifError
 from shared.metrics import binary_metrics, f1_threshold
-from shared.models import EHRModel, add_lora, check_tokenizer, load_model, save_model
+from shared.models import EHRModel, add_lora, load_model, save_model
 from shared.sequences import Prompted, SiteData, pad_collate
 
 
@@ -104,7 +104,7 @@ def finetune(
     out = Path(out)
     device = pick_device(cfg.device)
     model, meta = load_model(base, device)
-    check_tokenizer(meta["tokenizer_hash"], data.tok.hash, data.path, base)
+    model.check_data(data.tok.hash, data.path, base)
     lora = uses_lora(cfg)
     if lora and meta.get("base"):
         raise FedclifError(f"{base} is a LoRA finetune; pass its base model {meta['base']}")

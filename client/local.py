@@ -70,6 +70,7 @@ def train_round(
 ) -> RoundResult:
     """Train `model` in place on `data`'s train split; return its trained weights.
     Pretraining needs `data` loaded with `full=True`."""
+    model.check_data(data.tok.hash, data.path)
     setup(model, cfg, stage)
     device = pick_device(cfg.device)
     c = cfg[stage]
@@ -101,6 +102,7 @@ def evaluate_round(
 ) -> dict[str, float]:
     """Held-out metrics of the model as it is: next-token loss for pretraining, per-task
     AUROC/AUPRC/F1 for finetuning; flat, with `num_examples`."""
+    model.check_data(data.tok.hash, data.path)
     device = pick_device(cfg.device)
     model.to(device).eval()
     c = cfg[stage]

@@ -1,6 +1,7 @@
 """The one optimisation loop behind pretraining, finetuning and a federated round:
-AdamW with warmup and cosine decay, gradient accumulation and clipping, periodic
-held-out evaluation with early stopping, resumable state, optional DP-SGD (opacus)."""
+AdamW with warmup then a cosine, linear or constant learning rate, gradient accumulation
+and clipping, periodic held-out evaluation with early stopping, resumable state, optional
+DP-SGD (opacus)."""
 
 import random
 from collections.abc import Callable
@@ -12,7 +13,7 @@ import numpy as np
 import torch
 from omegaconf import DictConfig
 from torch.utils.data import DataLoader, Dataset, Sampler
-from transformers import get_cosine_schedule_with_warmup
+from transformers import get_scheduler
 
 from shared.errors import FedclifError
 
@@ -139,7 +140,12 @@ def fit(
             max_grad_norm=float(dp.max_grad_norm),
             grad_sample_mode="hooks",
         )
-    sched = get_cosine_schedule_with_warmup(opt, min(int(cfg.warmup_steps), total // 2), total)
+    try:
+        sched = get_scheduler(str(cfg.schedule), opt, min(int(cfg.warmup_steps), total // 2), total)
+    except ValueError as e:
+        raise FedclifError(
+            f"schedule={cfg.schedule!r}: use cosine, linear or constant_with_warmup"
+        ) from e
     st = LoopState()
     if resume:
         st = _load_state(state_file, model, opt, sched)

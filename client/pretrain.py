@@ -11,7 +11,7 @@ from torch.utils.data import DataLoader
 
 from client.loop import fit, pick_device, seed_everything, to_device
 from shared.artifact import write_json
-from shared.models import META, EHRModel, build_model, check_tokenizer, load_model, save_model
+from shared.models import META, EHRModel, build_model, load_model, save_model
 from shared.sequences import SiteData, block_batch, packed_blocks
 
 STATE_FILE = "train_state.pt"
@@ -57,8 +57,8 @@ def pretrain(
     out = Path(out)
     device = pick_device(cfg.device)
     if resume and (out / META).is_file():
-        model, meta = load_model(out)
-        check_tokenizer(meta["tokenizer_hash"], data.tok.hash, data.path, out)
+        model, _ = load_model(out)
+        model.check_data(data.tok.hash, data.path, out)
     else:
         seed_everything(int(cfg.seed))  # the same seed, the same initial weights
         model = build_model(model_cfg, data.tok)

@@ -22,7 +22,7 @@ from client.loop import autocast, pick_device, to_device
 from shared.artifact import write_json
 from shared.labels import LABELS, usable
 from shared.metrics import binary_metrics
-from shared.models import EHRModel, check_tokenizer, load_model
+from shared.models import EHRModel, load_model
 from shared.sequences import SiteData, Windows, load_site_data, pad_collate
 
 TRAJECTORY = ("path_length", "max_jump", "anomaly")
@@ -82,12 +82,12 @@ def probe(
     """Fit one probe per label on the training site's train split and evaluate it on the
     training site's test split (in-site) and on `test_split` of every other site."""
     device = pick_device(cfg.device)
-    model, meta = load_model(model_path, device)
+    model, _ = load_model(model_path, device)
     ctx = int(cfg.finetune.context)
     c = cfg.probe
     sites = [load_site_data(p, cfg.split) for p in [train_dir, *test_dirs]]
     for s in sites:
-        check_tokenizer(meta["tokenizer_hash"], s.tok.hash, s.path, model_path)
+        model.check_data(s.tok.hash, s.path, model_path)
     train = sites[0]
     fit_rows = train.rows("train")
     evals = [(train, train.rows("test"), f"{train.name} (in-site)")] + [

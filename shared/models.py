@@ -83,12 +83,26 @@ class EHRModel(nn.Module):
     """A causal LM backbone, optional EHR embeddings, and one binary head that reads the
     hidden state at the task token closing each prompted sequence."""
 
-    def __init__(self, lm: PreTrainedModel, ehr: EHREmbedding | None, spec: dict):
+    def __init__(
+        self, lm: PreTrainedModel, ehr: EHREmbedding | None, spec: dict, tokenizer_hash: str
+    ):
         super().__init__()
         self.lm = lm
         self.ehr = ehr
         self.head = nn.Linear(lm.config.hidden_size, 1)
         self.spec = spec  # the model config it was built from, saved with it
+        self.tokenizer_hash = tokenizer_hash  # token ids mean nothing under another one
+
+    def check_data(self, data_hash: str, what: str | Path, source: str | Path = "") -> None:
+        """Refuse data tokenized with another vocabulary than the model's: ids would
+        silently mean other codes. `source`: the checkpoint, for the message."""
+        if data_hash != self.tokenizer_hash:
+            src = f" {source}" if source else ""
+            raise FedclifError(
+                f"{what} was tokenized with tokenizer {data_hash[:12]}, but the model{src} "
+                f"was trained with {self.tokenizer_hash[:12]}: tokenize it with the "
+                f"model's {TOKENIZER_FILE}"
+            )
 
     def forward(self, batch: dict[str, torch.Tensor], head: str = "lm") -> torch.Tensor:
         """`lm`: next-token loss; `task`: one logit per row. One entry point, so that
@@ -158,7 +172,7 @@ def build_model(cfg: DictConfig, tok: Tokenizer) -> EHRModel:
         warnings.warn("model.arch=mamba runs its slow sequential path on CPU", stacklevel=2)
     lm = model_cls(config)
     ehr = EHREmbedding(config.hidden_size) if cfg.ehr_embeddings else None
-    return EHRModel(lm, ehr, OmegaConf.to_container(cfg))
+    return EHRModel(lm, ehr, OmegaConf.to_container(cfg), tok.hash)
 
 
 # LoRA targets when `lora.target_modules` is null: the blocks' projections (peft refuses
@@ -196,16 +210,6 @@ def n_params(model: nn.Module, trainable: bool = False) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable)
 
 
-def check_tokenizer(expected: str, found: str, what: str, model: str | Path) -> None:
-    """Refuse data tokenized with another vocabulary than the model's: ids would silently
-    mean other codes."""
-    if expected != found:
-        raise FedclifError(
-            f"{what} was tokenized with tokenizer {found[:12]}, but {model} was trained with "
-            f"{expected[:12]}: tokenize it with {Path(model) / TOKENIZER_FILE}"
-        )
-
-
 def save_model(
     model: EHRModel,
     out: str | Path,
@@ -221,7 +225,7 @@ def save_model(
         "format": FORMAT,
         "version": VERSION,
         "model": model.spec,
-        "tokenizer_hash": tok.hash,
+        "tokenizer_hash": model.tokenizer_hash,
         "stage": stage,
         "base": str(Path(base).resolve()) if base else None,
         **(extra or {}),
@@ -248,6 +252,11 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[EH
         )
     meta = read_json(path / META, FORMAT, VERSION, "checkpoint")
     if meta.get("base"):
+        if not (Path(meta["base"]) / META).is_file():
+            raise FedclifError(
+                f"{path} holds LoRA adapters for the checkpoint {meta['base']}, "
+                "which is not there any more: restore it or finetune again"
+            )
         model, _ = load_model(meta["base"], device)
         from peft import PeftModel
 
@@ -258,7 +267,7 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[EH
         ehr = EHREmbedding(lm.config.hidden_size) if spec["ehr_embeddings"] else None
         if ehr is not None:
             ehr.load_state_dict(load_file(path / EHR_FILE))
-        model = EHRModel(lm, ehr, spec)
+        model = EHRModel(lm, ehr, spec, meta["tokenizer_hash"])
     if (path / HEAD_FILE).is_file():
         model.head.load_state_dict(load_file(path / HEAD_FILE))
     return model.to(device), meta

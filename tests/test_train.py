@@ -101,6 +101,23 @@ def test_resume_continues_to_the_same_weights(demo_tokens, tmp_path):
         torch.testing.assert_close(a[k], b[k])
 
 
+def test_early_stopping_stops_when_val_loss_stalls(demo_tokens, tmp_path):
+    from client.pretrain import pretrain
+
+    data = load_site_data(demo_tokens, train_cfg().split, full=True)
+    # lr=0: the val loss never improves after the first evaluation.
+    cfg = train_cfg(
+        "pretrain.context=64",
+        "pretrain.max_steps=40",
+        "pretrain.eval_every=2",
+        "pretrain.patience=2",
+        "pretrain.batch_size=2",
+        "pretrain.lr=0",
+    )
+    m = pretrain(data, load_config("model/tiny"), cfg, tmp_path / "es")
+    assert m["steps"] == 6 and [h["step"] for h in m["history"]] == [2, 4, 6]
+
+
 def test_prompted_examples_follow_the_24h_leakage_rule(demo_tokens):
     data = load_site_data(demo_tokens, train_cfg().split)
     tasks = ["death", "icu", "imv"]
@@ -229,6 +246,9 @@ def test_data_from_another_tokenizer_is_refused(demo_dir, demo_tokens, pretraine
     assert not (tmp_path / "ft").exists()
     args = ["train", "probe", "--model", str(pretrained), "--train", str(tmp_path / "t2")]
     assert main([*args, "--out", str(tmp_path / "p")]) == 1
+    model, _ = load_model(pretrained)
+    with pytest.raises(FedclifError, match="tokenized with tokenizer"):
+        train_round(model, data, cfg, "finetune")
 
 
 def test_round_api_is_deterministic_and_sends_only_what_trains(demo_tokens, pretrained):
