@@ -50,14 +50,14 @@ class EpochShuffle(Sampler[int]):
     same order as an uninterrupted one, so it can skip what it already did."""
 
     def __init__(self, n: int, seed: int):
-        self.n, self.seed, self.epoch = n, seed, 0
+        self.n, self.seed, self.epoch, self.start = n, seed, 0, 0
 
     def __iter__(self):
         g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
-        return iter(torch.randperm(self.n, generator=g).tolist())
+        return iter(torch.randperm(self.n, generator=g)[self.start :].tolist())
 
     def __len__(self) -> int:
-        return self.n
+        return self.n - self.start
 
 
 @dataclass
@@ -174,11 +174,11 @@ def fit(
 
     while not st.done and st.step < total and st.epoch < int(cfg.epochs):
         sampler.epoch = st.epoch
-        skip = st.batch_in_epoch
-        for i, batch in enumerate(loader):
-            if i < skip:
-                continue
-            if batch["input_ids"].shape[0] == 0:  # Poisson sampling can draw no one
+        sampler.start = st.batch_in_epoch * int(cfg.batch_size)  # resumed: skip what was done
+        for i, batch in enumerate(loader, start=st.batch_in_epoch):
+            if batch["input_ids"].shape[0] == 0:
+                # Poisson sampling (DP) drew no one: probability (1 - q)^N, negligible at
+                # any realistic N; the step is skipped rather than run on an empty batch.
                 continue
             with autocast(device):
                 loss = loss_fn(model, to_device(batch, device))
