@@ -66,10 +66,16 @@ def setup(model: EHRModel, cfg: DictConfig, stage: str) -> None:
 
 
 def train_round(
-    model: EHRModel, data: SiteData, cfg: DictConfig, stage: str, seed: int = 0
+    model: EHRModel,
+    data: SiteData,
+    cfg: DictConfig,
+    stage: str,
+    seed: int = 0,
+    proximal_mu: float = 0.0,
 ) -> RoundResult:
     """Train `model` in place on `data`'s train split; return its trained weights.
-    Pretraining needs `data` loaded with `full=True`."""
+    Pretraining needs `data` loaded with `full=True`. `proximal_mu` > 0 adds FedProx's
+    mu/2 * ||w - w_global||^2, anchoring the site to the weights it was sent."""
     model.check_data(data.tok.hash, data.path)
     setup(model, cfg, stage)
     device = pick_device(cfg.device)
@@ -85,6 +91,8 @@ def train_round(
         dp = dp_config(cfg)
         ds = Prompted(data, "train", list(c.tasks), int(c.context), dp is not None, seed)
         collate, loss = pad_collate(model.lm.config.pad_token_id), task_loss
+    if proximal_mu > 0:
+        loss = _proximal(loss, model, proximal_mu)
     res = fit(model, loss, ds, collate, c, device, seed=seed, dp=dp, workers=int(cfg.workers))
     metrics = {
         "num_examples": len(ds),
@@ -94,6 +102,17 @@ def train_round(
     if res.epsilon is not None:
         metrics["epsilon"] = res.epsilon
     return RoundResult(get_weights(model), metrics)
+
+
+def _proximal(loss_fn, model: EHRModel, mu: float):
+    anchor = {n: p.detach().clone() for n, p in trainable(model).items()}
+
+    def loss(m, batch):
+        params = trainable(model)
+        prox = sum(((params[n] - a) ** 2).sum() for n, a in anchor.items())
+        return loss_fn(m, batch) + mu / 2 * prox
+
+    return loss
 
 
 @torch.no_grad()

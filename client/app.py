@@ -1,0 +1,200 @@
+"""The Flower ClientApp: what a site does when the server asks. It reads its own CLIF
+data and tokenized timelines; only arrays, aggregate metrics and mergeable statistics
+leave. A failure leaves as an error category (shared/federation.py ERRORS); its details
+stay in the site's work directory (`errors.log`).
+
+Node config (deployment: `flower-supernode --node-config`): `data-path` (the CLIF
+directory), optional `site-name`, `work-dir` (default: ~/.fedclif/<site-name>) and
+`dp-budget` (the most DP epsilon this site spends in one run). In simulation, node
+`partition-id` k takes the k-th entry of the run config's `sites` (comma-separated).
+"""
+
+import contextlib
+import functools
+import json
+import traceback
+from pathlib import Path
+
+import torch
+from flwr.app import ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+from omegaconf import OmegaConf
+from safetensors.numpy import load_file, save_file
+
+from client.local import evaluate_round, set_weights, setup, train_round
+from shared.clif.site import load_site
+from shared.config import load_config
+from shared.errors import FedclifError
+from shared.federation import (
+    ARRAYS,
+    BASE,
+    CONFIG,
+    ERROR_CODE,
+    METRICS,
+    STATS,
+    SiteRefusal,
+    from_record,
+    to_record,
+    weights_id,
+)
+from shared.models import build_model, quiet_transformers
+from shared.sequences import load_site_data
+from shared.stats import site_stats
+from shared.timelines import MANIFEST, tokenize_site
+from shared.tokenizer import Tokenizer
+
+app = ClientApp()
+
+
+class Node:
+    """This site as the node and run configs describe it."""
+
+    def __init__(self, context: Context):
+        nc, rc = context.node_config, context.run_config
+        if "data-path" in nc:
+            data = Path(str(nc["data-path"]))
+        elif "partition-id" in nc and "sites" in rc:
+            paths = [p for p in str(rc["sites"]).split(",") if p]
+            data = Path(paths[int(nc["partition-id"])])
+        else:
+            raise SiteRefusal("invalid_data", "no data-path in the node config")
+        self.data = data
+        self.name = str(nc.get("site-name", data.name))
+        default_work = Path(str(rc.get("work-root", Path.home() / ".fedclif"))) / self.name
+        self.work = Path(str(nc.get("work-dir", default_work)))
+        self.work.mkdir(parents=True, exist_ok=True)
+        self.dp_budget = float(nc["dp-budget"]) if "dp-budget" in nc else None
+        self.run_id = context.run_id
+
+    def tokens(self, tok_hash: str) -> Path:
+        return self.work / f"tokens-{tok_hash[:16]}"
+
+
+def _category(e: BaseException) -> str:
+    if isinstance(e, SiteRefusal):
+        return e.category
+    if isinstance(e, MemoryError | torch.OutOfMemoryError):
+        return "out_of_memory"
+    if isinstance(e, FedclifError):
+        return "invalid_data"
+    return "internal"
+
+
+def guarded(fn):
+    """Reply with an error category instead of raising: Flower would send the exception's
+    text, which may quote data. The traceback is kept at the site."""
+
+    @functools.wraps(fn)
+    def handler(msg: Message, context: Context) -> Message:
+        try:
+            return fn(msg, context)
+        except Exception as e:
+            cat = _category(e)
+            with contextlib.suppress(Exception):  # the reply matters more than the log
+                log = Node(context).work / "errors.log"
+                with log.open("a") as f:
+                    f.write(f"--- {msg.metadata.message_type} ({cat})\n{traceback.format_exc()}")
+            return Message(Error(code=ERROR_CODE[cat], reason=cat), reply_to=msg)
+
+    return handler
+
+
+def _reply(msg: Message, **records) -> Message:
+    return Message(RecordDict(records), reply_to=msg)
+
+
+@app.query("stats")
+@guarded
+def stats(msg: Message, context: Context) -> Message:
+    node = Node(context)
+    tok_cfg = OmegaConf.create(json.loads(str(msg.content[CONFIG]["tokenizer"])))
+    s = site_stats(load_site(node.data, load_config("site")), tok_cfg)
+    return _reply(msg, **{STATS: ConfigRecord({"json": json.dumps(s), "site": node.name})})
+
+
+@app.query("tokenize")
+@guarded
+def tokenize(msg: Message, context: Context) -> Message:
+    node = Node(context)
+    raw = json.loads(str(msg.content[CONFIG]["tokenizer"]))
+    path = node.work / f"tokenizer-{raw['hash'][:16]}.json"
+    path.write_text(json.dumps(raw))
+    tok = Tokenizer.load(path)  # checks the content hash
+    out = node.tokens(tok.hash)
+    if not (out / MANIFEST).is_file():
+        tokenize_site(load_site(node.data, load_config("site")), tok, out)
+    m = json.loads((out / MANIFEST).read_text())
+    return _reply(
+        msg,
+        **{
+            METRICS: MetricRecord({"stays": m["stays"], "tokens": m["tokens"]}),
+            CONFIG: ConfigRecord({"site": node.name}),
+        },
+    )
+
+
+def _model(msg: Message, node: Node, full_data: bool):
+    """The model of this round's stage with the global weights in, and the site's data."""
+    quiet_transformers()
+    c = msg.content[CONFIG]
+    stage = str(c["stage"])
+    cfg = OmegaConf.create(str(c["train"]))
+    tokens = node.tokens(str(c["tokenizer_hash"]))
+    if not (tokens / MANIFEST).is_file():
+        raise SiteRefusal("tokenizer_mismatch", f"no timelines for tokenizer {tokens.name}")
+    data = load_site_data(tokens, cfg.split, full=full_data)
+    model = build_model(OmegaConf.create(json.loads(str(c["model"]))), data.tok)
+    if stage == "finetune":
+        base_file = node.work / f"base-{c['base_id']}.safetensors"
+        if BASE in msg.content.array_records:
+            base = from_record(msg.content[BASE])
+            if weights_id(base) != str(c["base_id"]):
+                raise SiteRefusal("missing_base", "the base received does not match its id")
+            save_file(base, str(base_file))
+        if not base_file.is_file():
+            raise SiteRefusal("missing_base", "the pretrained base was never received")
+        setup(model, cfg, "pretrain")
+        set_weights(model, load_file(str(base_file)))
+    setup(model, cfg, stage)
+    set_weights(model, from_record(msg.content[ARRAYS]))
+    return model, data, cfg, stage
+
+
+def _spend(node: Node, cfg, budget: float) -> float:
+    """Epsilon this site has spent in this run, refusing a round that would pass its
+    budget (the site's own `dp-budget` first, else the run's)."""
+    ledger = node.work / f"dp-run-{node.run_id}.json"
+    spent = json.loads(ledger.read_text())["epsilon"] if ledger.is_file() else 0.0
+    limit = node.dp_budget if node.dp_budget is not None else budget
+    if spent + float(cfg.dp.epsilon) > limit + 1e-9:
+        raise SiteRefusal("dp_budget_exhausted", f"spent {spent:.2f} of {limit:.2f}")
+    return spent
+
+
+@app.train()
+@guarded
+def train(msg: Message, context: Context) -> Message:
+    node = Node(context)
+    c = msg.content[CONFIG]
+    model, data, cfg, stage = _model(msg, node, full_data=str(c["stage"]) == "pretrain")
+    dp = stage == "finetune" and float(cfg.dp.epsilon) > 0
+    spent = _spend(node, cfg, float(c["dp_budget"])) if dp else 0.0
+    mu = float(c.get("proximal-mu", 0.0))
+    res = train_round(model, data, cfg, stage, seed=int(c["seed"]), proximal_mu=mu)
+    metrics = {"num-examples": res.metrics["num_examples"], **res.metrics}
+    if "epsilon" in res.metrics:
+        ledger = node.work / f"dp-run-{node.run_id}.json"
+        ledger.write_text(json.dumps({"epsilon": spent + res.metrics["epsilon"]}))
+    return _reply(msg, **{ARRAYS: to_record(res.weights), METRICS: MetricRecord(metrics)})
+
+
+@app.evaluate()
+@guarded
+def evaluate(msg: Message, context: Context) -> Message:
+    node = Node(context)
+    model, data, cfg, stage = _model(
+        msg, node, full_data=str(msg.content[CONFIG]["stage"]) == "pretrain"
+    )
+    m = evaluate_round(model, data, cfg, stage)
+    m = {"num-examples": m["num_examples"], **{k: float(v) for k, v in m.items()}}
+    return _reply(msg, **{METRICS: MetricRecord(m)})

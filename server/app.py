@@ -1,0 +1,25 @@
+"""The Flower ServerApp: reads the run's federation config from the run config and
+drives it (server/run.py). Run config: `federation` (the YAML text, as `fedclif run`
+sends it), `out-dir` (where the coordinator keeps tokenizer, checkpoint, results) and
+`resume`."""
+
+from flwr.app import Context
+from flwr.serverapp import Grid, ServerApp
+from omegaconf import OmegaConf
+
+from server.run import FederatedRun
+from shared.federation import load_federation
+from shared.models import quiet_transformers
+
+app = ServerApp()
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    quiet_transformers()
+    rc = context.run_config
+    fed = load_federation()
+    text = str(rc.get("federation", ""))
+    if text:
+        fed = OmegaConf.merge(fed, OmegaConf.create(text))
+    FederatedRun(grid, fed, str(rc["out-dir"]), resume=bool(rc.get("resume", False))).run()

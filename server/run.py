@@ -1,0 +1,333 @@
+"""One federated run as the server drives it: statistics and the shared tokenizer, then
+pretraining and finetuning rounds with a Flower strategy, then evaluation at every site.
+Replies are checked before aggregation, every round is checkpointed, and a run resumes
+from its checkpoint. The same code serves simulation and deployment (it only sees a
+Flower Grid)."""
+
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+from flwr.app import ConfigRecord, Message, RecordDict
+from flwr.serverapp import Grid
+from flwr.serverapp import strategy as flwr_strategy
+from omegaconf import DictConfig, OmegaConf
+
+from client.local import get_weights, set_weights, setup
+from client.loop import seed_everything
+from server.checkpoint import load_checkpoint, save_checkpoint
+from server.checks import update_problem
+from shared.artifact import write_json
+from shared.config import load_config
+from shared.errors import FedclifError
+from shared.federation import (
+    ARRAYS,
+    BASE,
+    CONFIG,
+    ERRORS,
+    METRICS,
+    QUERY_STATS,
+    QUERY_TOKENIZE,
+    STATS,
+    from_record,
+    to_record,
+    train_config,
+    weights_id,
+)
+from shared.models import build_model
+from shared.stats import merge_stats
+from shared.tokenizer import Tokenizer, fit_tokenizer
+
+STRATEGIES = {
+    "fedavg": flwr_strategy.FedAvg,
+    "fedprox": flwr_strategy.FedProx,
+    "fedadam": flwr_strategy.FedAdam,
+    "fedyogi": flwr_strategy.FedYogi,
+    "fedmedian": flwr_strategy.FedMedian,
+    "fedtrimmedavg": flwr_strategy.FedTrimmedAvg,
+    "krum": flwr_strategy.Krum,
+}
+WEIGHT_KEY = "num-examples"
+
+
+def make_strategy(fed: DictConfig):
+    name = str(fed.strategy.name)
+    if name not in STRATEGIES:
+        raise FedclifError(f"unknown strategy {name!r}; choose from {', '.join(STRATEGIES)}")
+    n = int(fed.min_sites)
+    return STRATEGIES[name](
+        min_train_nodes=n,
+        min_evaluate_nodes=n,
+        min_available_nodes=n,
+        weighted_by_key=WEIGHT_KEY,
+        **OmegaConf.to_container(fed.strategy.options),
+    )
+
+
+def _bytes(records) -> int:
+    return sum(r.count_bytes() for r in records)
+
+
+class FederatedRun:
+    """Drives one run. `out` receives tokenizer.json, checkpoint/, results.json."""
+
+    def __init__(self, grid: Grid, fed: DictConfig, out: str | Path, resume: bool = False):
+        self.grid, self.fed, self.out = grid, fed, Path(out)
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.cfg = train_config(fed)
+        self.model_cfg = load_config(f"model/{fed.model}", None, list(fed.model_overrides))
+        self.sites: dict[int, str] = {}
+        self.state: dict = {"phase": "statistics", "round": 0, "history": [], "sites": {}}
+        self.resume = resume
+        self.timeout = float(fed.timeout_s)
+
+    # --- messaging ---------------------------------------------------------------------
+
+    def _nodes(self) -> list[int]:
+        """Connected nodes, waiting (up to the timeout) until `min_sites` are there."""
+        t0 = time.monotonic()
+        while True:
+            nodes = sorted(self.grid.get_node_ids())
+            if len(nodes) >= int(self.fed.min_sites):
+                return nodes
+            if time.monotonic() - t0 > self.timeout:
+                raise FedclifError(
+                    f"only {len(nodes)} site(s) connected after {self.timeout:.0f} s; "
+                    f"the run needs min_sites={self.fed.min_sites}"
+                )
+            time.sleep(1.0)
+
+    def _site(self, node: int) -> str:
+        return self.sites.get(node, f"node-{node}")
+
+    def _split(self, replies, what: str) -> tuple[list[Message], list[dict]]:
+        """Replies with content, and the failures (site, error category) logged."""
+        ok, failed = [], []
+        for r in replies:
+            node = r.metadata.src_node_id
+            if r.has_error():
+                name = ERRORS.get(r.error.code, "internal")
+                failed.append({"site": self._site(node), "error": name})
+            else:
+                ok.append(r)
+        for f in failed:
+            print(f"[fedclif] {what}: site {f['site']} failed ({f['error']})")
+        return ok, failed
+
+    def _enough(self, ok: list, what: str) -> None:
+        if len(ok) < int(self.fed.min_sites):
+            raise FedclifError(
+                f"{what}: {len(ok)} valid repl{'y' if len(ok) == 1 else 'ies'}, fewer than "
+                f"min_sites={self.fed.min_sites}; the checkpoint of the last round is kept "
+                "(resume when the sites are back)"
+            )
+
+    def _query(self, kind: str, content: RecordDict) -> list[Message]:
+        msgs = [
+            Message(content=content.copy(), dst_node_id=n, message_type=kind) for n in self._nodes()
+        ]
+        ok, _ = self._split(self.grid.send_and_receive(msgs, timeout=self.timeout), kind)
+        self._enough(ok, kind)
+        return ok
+
+    # --- phases ------------------------------------------------------------------------
+
+    def statistics(self) -> Tokenizer:
+        """Every site's mergeable statistics -> one tokenizer -> every site tokenizes."""
+        tok_cfg = load_config("tokenizer")
+        if self.fed.statistics:
+            content = RecordDict(
+                {CONFIG: ConfigRecord({"tokenizer": json.dumps(OmegaConf.to_container(tok_cfg))})}
+            )
+            replies = self._query(QUERY_STATS, content)
+            stats = []
+            for r in replies:
+                rec = r.content[STATS]
+                self.sites[r.metadata.src_node_id] = str(rec["site"])
+                stats.append(json.loads(str(rec["json"])))
+            tok = fit_tokenizer(merge_stats(stats), tok_cfg)
+        else:
+            tok = Tokenizer.load(self.fed.tokenizer)
+        tok.save(self.out / "tokenizer.json")
+        content = RecordDict(
+            {CONFIG: ConfigRecord({"tokenizer": json.dumps({**tok.content(), "hash": tok.hash})})}
+        )
+        for r in self._query(QUERY_TOKENIZE, content):
+            m = r.content[METRICS]
+            self.sites.setdefault(r.metadata.src_node_id, str(r.content[CONFIG]["site"]))
+            self.state["sites"][self._site(r.metadata.src_node_id)] = {
+                k: int(v) for k, v in m.items()
+            }
+        return tok
+
+    def _config(self, stage: str, rnd: int, tok: Tokenizer, base: dict | None) -> ConfigRecord:
+        return ConfigRecord(
+            {
+                "stage": stage,
+                "round": rnd,
+                "seed": int(self.fed.seed) * 100_003 + len(self.state["history"]),
+                "train": OmegaConf.to_yaml(self.cfg),
+                "model": json.dumps(OmegaConf.to_container(self.model_cfg)),
+                "tokenizer_hash": tok.hash,
+                "dp_budget": float(self.fed.dp_budget),
+                "base_id": weights_id(base) if base is not None else "",
+            }
+        )
+
+    def rounds(
+        self,
+        stage: str,
+        n: int,
+        tok: Tokenizer,
+        weights: dict,
+        base: dict | None,
+        start: int = 0,
+        strategy=None,
+    ):
+        """Rounds start+1..n of `stage`; returns the final global weights."""
+        strategy = strategy or make_strategy(self.fed)
+        send_base = base is not None  # once per server process: sites keep it on disk
+        for rnd in range(start + 1, n + 1):
+            t0 = time.perf_counter()
+            current = to_record(weights)
+            msgs = list(
+                strategy.configure_train(
+                    rnd, current, self._config(stage, rnd, tok, base), self.grid
+                )
+            )
+            if send_base:
+                for m in msgs:
+                    m.content[BASE] = to_record(base)
+            sent = sum(_bytes(m.content.array_records.values()) for m in msgs)
+            replies = list(self.grid.send_and_receive(msgs, timeout=self.timeout))
+            received = sum(
+                _bytes(r.content.array_records.values()) for r in replies if not r.has_error()
+            )
+            ok, failed = self._split(replies, f"{stage} round {rnd}")
+            valid, rejected = [], []
+            for r in ok:
+                why = update_problem(
+                    r.content[ARRAYS], current, float(self.fed.checks.max_update_norm)
+                )
+                if why:
+                    rejected.append({"site": self._site(r.metadata.src_node_id), "reason": why})
+                    print(
+                        f"[fedclif] {stage} round {rnd}: rejected site "
+                        f"{self._site(r.metadata.src_node_id)}: {why}"
+                    )
+                else:
+                    valid.append(r)
+            self._enough(valid, f"{stage} round {rnd}")
+            agg, metrics = strategy.aggregate_train(rnd, valid)
+            weights = from_record(agg)
+            send_base = False
+            self.state["history"].append(
+                {
+                    "phase": stage,
+                    "round": rnd,
+                    "seconds": time.perf_counter() - t0,
+                    "bytes_sent": sent,
+                    "bytes_received": received,
+                    "sites": {
+                        self._site(r.metadata.src_node_id): dict(r.content[METRICS]) for r in valid
+                    },
+                    "failed": failed,
+                    "rejected": rejected,
+                    "metrics": dict(metrics) if metrics else {},
+                }
+            )
+            self.state.update(phase=stage, round=rnd)
+            save_checkpoint(self.out, self._state(tok), weights, strategy, base)
+            print(
+                f"[fedclif] {stage} round {rnd}/{n}: {len(valid)} site(s), "
+                f"loss {dict(metrics or {}).get('train_loss', float('nan')):.3f}"
+            )
+        return weights
+
+    def evaluate(self, stage: str, tok: Tokenizer, weights: dict, base: dict | None) -> dict:
+        strategy = make_strategy(self.fed)
+        msgs = list(
+            strategy.configure_evaluate(
+                0, to_record(weights), self._config(stage, 0, tok, base), self.grid
+            )
+        )
+        for m in msgs:
+            if base is not None:
+                m.content[BASE] = to_record(base)
+        ok, failed = self._split(
+            self.grid.send_and_receive(msgs, timeout=self.timeout), "evaluation"
+        )
+        per_site = {self._site(r.metadata.src_node_id): dict(r.content[METRICS]) for r in ok}
+        agg = strategy.aggregate_evaluate(0, ok) if ok else None
+        return {
+            "stage": stage,
+            "sites": per_site,
+            "weighted": dict(agg) if agg else {},
+            "failed": failed,
+        }
+
+    def _state(self, tok: Tokenizer) -> dict:
+        return {
+            **self.state,
+            "tokenizer_hash": tok.hash,
+            "config": OmegaConf.to_container(self.fed),
+            "site_names": {str(k): v for k, v in self.sites.items()},
+        }
+
+    def _initial(self, tok: Tokenizer, stage: str, base: dict | None) -> dict:
+        """Global weights a stage starts from: a seeded fresh model for pretraining, the
+        pretrained weights (+ a fresh head, or LoRA adapters) for finetuning."""
+        seed_everything(int(self.fed.seed))
+        model = build_model(self.model_cfg, tok)
+        if base is not None:
+            setup(model, self.cfg, "pretrain")
+            set_weights(model, base)
+        setup(model, self.cfg, stage)
+        return get_weights(model)
+
+    # --- the run -----------------------------------------------------------------------
+
+    def run(self) -> dict:
+        phases = [
+            ("pretrain", int(self.fed.rounds.pretrain)),
+            ("finetune", int(self.fed.rounds.finetune)),
+        ]
+        weights, base, start, strategy = None, None, 0, None
+        if self.resume:
+            saved, weights, strat_state, base = load_checkpoint(self.out)
+            self.state = {k: saved[k] for k in ("phase", "round", "history", "sites")}
+            self.sites = {int(k): v for k, v in saved["site_names"].items()}
+            tok = Tokenizer.load(self.out / "tokenizer.json")
+            start = int(saved["round"])
+            strategy = make_strategy(self.fed)
+            from server.checkpoint import restore_strategy
+
+            restore_strategy(strategy, strat_state)
+            print(f"[fedclif] resuming after {saved['phase']} round {start}")
+        else:
+            tok = self.statistics()
+        done_phase = self.state["phase"] if self.resume else None
+        for stage, n in phases:
+            if n == 0:
+                continue
+            if done_phase == "finetune" and stage == "pretrain":
+                continue
+            if done_phase != stage:
+                if stage == "finetune" and weights is not None and base is None:
+                    base = weights  # the pretrained global model becomes the base
+                weights = self._initial(tok, stage, base if stage == "finetune" else None)
+                start, strategy = 0, None
+            weights = self.rounds(stage, n, tok, weights, base, start, strategy)
+            done_phase = None
+        last = "finetune" if int(self.fed.rounds.finetune) else "pretrain"
+        results = {
+            "tokenizer_hash": tok.hash,
+            "sites": self.state["sites"],
+            "rounds": self.state["history"],
+        }
+        if self.fed.evaluate and weights is not None:
+            results["evaluation"] = self.evaluate(last, tok, weights, base)
+        write_json(results, self.out / "results.json")
+        np.savez(self.out / "final_weights.npz", **weights) if weights else None
+        return results

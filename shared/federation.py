@@ -1,0 +1,64 @@
+"""What the server and the sites agree on: the run's config, message record names, and
+error categories (a site reports a category, never the text of an exception, which could
+quote patient data)."""
+
+import hashlib
+from pathlib import Path
+
+import numpy as np
+from flwr.app import Array, ArrayRecord
+from omegaconf import DictConfig, OmegaConf
+
+from shared.config import load_config
+from shared.errors import FedclifError
+
+# Record names inside message content.
+ARRAYS, CONFIG, METRICS, BASE, STATS = "arrays", "config", "metrics", "base", "stats"
+# Message types the ClientApp answers.
+QUERY_STATS, QUERY_TOKENIZE = "query.stats", "query.tokenize"
+
+# Error codes a site may send. Anything unexpected is INTERNAL, whatever it said.
+ERRORS = {
+    1: "invalid_data",  # the site's CLIF export or tokenized data failed checks
+    2: "out_of_memory",
+    3: "dp_budget_exhausted",  # the round would spend more epsilon than the site allows
+    4: "missing_base",  # a LoRA round arrived before the site had the pretrained base
+    5: "tokenizer_mismatch",
+    9: "internal",
+}
+ERROR_CODE = {name: code for code, name in ERRORS.items()}
+
+
+def load_federation(path: str | Path | None = None, overrides: list[str] = ()) -> DictConfig:
+    """configs/federation/default.yaml, an optional user file, `key=value` overrides."""
+    return load_config("federation/default", path, list(overrides))
+
+
+def train_config(fed: DictConfig) -> DictConfig:
+    """configs/train.yaml with the run's `train` overrides (typos are errors)."""
+    return OmegaConf.merge(load_config("train"), fed.train)
+
+
+def to_record(arrays: dict[str, np.ndarray]) -> ArrayRecord:
+    return ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in arrays.items()})
+
+
+def from_record(record: ArrayRecord) -> dict[str, np.ndarray]:
+    return {k: v.numpy() for k, v in record.items()}
+
+
+class SiteRefusal(FedclifError):
+    """A site declines a message for a reason it may share (a category in ERRORS)."""
+
+    def __init__(self, category: str, detail: str):
+        super().__init__(detail)
+        self.category = category
+
+
+def weights_id(arrays: dict[str, np.ndarray]) -> str:
+    """Content hash of a set of arrays: names a LoRA base that sites keep on disk."""
+    h = hashlib.sha256()
+    for k in sorted(arrays):
+        h.update(k.encode())
+        h.update(np.ascontiguousarray(arrays[k]).tobytes())
+    return h.hexdigest()[:16]
