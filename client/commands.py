@@ -186,8 +186,35 @@ def cmd_forecast(args: argparse.Namespace) -> int:
     return 0
 
 
-def register(sub, add: Callable) -> None:
-    """Add the training commands to the `fedclif` parser."""
+def cmd_serve(args: argparse.Namespace) -> int:
+    """Check the site's data, then become its SuperNode (the site daemon)."""
+    import os
+
+    from server.deploy import supernode_command
+    from shared.clif.site import load_site
+
+    cmd = supernode_command(
+        Path(args.data), args.superlink, Path(args.ca), Path(args.key),
+        args.name or Path(args.data).resolve().name,
+        Path(args.work_dir) if args.work_dir else None, args.port, args.dp_budget,
+    )  # fmt: skip
+    with step(f"checking {args.data}"):
+        load_site(args.data, load_config("site"))  # a broken export fails here, not mid-run
+    console.print(f"serving {args.data} to {args.superlink}: only arrays and aggregates leave")
+    os.execv(cmd[0], cmd)  # the SuperNode replaces this process: signals reach it directly
+
+
+def register(sub, site_sub, add: Callable) -> None:
+    """Add the training commands and `site serve` to the `fedclif` parser."""
+    p = add(site_sub, "serve", cmd_serve, "the site daemon: a SuperNode next to the data")
+    p.add_argument("--data", required=True, help="the site's CLIF directory")
+    p.add_argument("--superlink", required=True, help="HOST:PORT of the coordinator")
+    p.add_argument("--ca", required=True, help="CA certificate (ca.crt from the coordinator)")
+    p.add_argument("--key", required=True, help="this site's private key (site.key)")
+    p.add_argument("--name", help="site name (default: the data directory's name)")
+    p.add_argument("--work-dir", help="where tokens, logs live (default: ~/.fedclif/<name>)")
+    p.add_argument("--dp-budget", type=float, help="most DP epsilon this site spends per run")
+    p.add_argument("--port", type=int, default=9094, help="local SuperNode API port")
 
     def common(p: argparse.ArgumentParser) -> None:
         p.add_argument(

@@ -420,8 +420,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True)
     _overrides(p)
     from client.commands import register
+    from server.commands import register_commands
 
-    register(sub, add)
+    register(sub, ssub, add)
+    register_commands(sub, ssub, add)
     return parser
 
 

@@ -1,0 +1,118 @@
+"""`fedclif coordinator init|start`, `fedclif site register`, `fedclif run`,
+`fedclif status`: shells over server/deploy.py and server/pki.py."""
+
+import argparse
+import json
+import os
+import re
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from shared.errors import FedclifError
+from shared.ui import console, out
+
+
+def cmd_init(args: argparse.Namespace) -> int:
+    from server.pki import init_pki
+
+    sites = [s.strip() for s in args.sites.split(",") if s.strip()]
+    paths = init_pki(args.out, sites, args.hosts.split(","))
+    out.print(f"wrote a development CA and server certificate to {args.out}")
+    for s, d in paths.items():
+        out.print(f"  site {s}: give {d / 'site.key'} and {d / 'ca.crt'} to its IT team")
+    out.print(
+        "next: fedclif coordinator start --dir DIR, then "
+        "fedclif site register --key DIR/sites/<name>/site.pub --name <name> ..."
+    )
+    return 0
+
+
+def cmd_start(args: argparse.Namespace) -> int:
+    from server.deploy import superlink_command
+
+    cmd = superlink_command(Path(args.dir), args.host, args.port)
+    console.print(f"starting the SuperLink on {args.host}:{args.port} (TLS, site authentication)")
+    os.execv(cmd[0], cmd)  # the SuperLink replaces this process: signals reach it directly
+
+
+def _connect(args: argparse.Namespace) -> dict[str, str]:
+    from server.deploy import connect
+
+    return connect(args.superlink, Path(args.ca))
+
+
+def cmd_register(args: argparse.Namespace) -> int:
+    from server.deploy import register
+
+    out.print(register(Path(args.key), args.name, _connect(args)))
+    return 0
+
+
+def run_status(run_id: int, env: dict[str, str]) -> str:
+    from server.deploy import flwr
+
+    r = flwr(["ls", "fedclif", "--run-id", str(run_id), "--format", "json"], env)
+    runs = json.loads(r.stdout).get("runs", [])
+    return str(runs[0].get("status", "unknown")) if runs else "unknown"
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from server.deploy import start_run
+    from shared.federation import load_federation
+
+    fed = load_federation(args.config, args.overrides)
+    env = _connect(args)
+    text = start_run(fed, Path(args.out), args.resume, env)
+    m = re.search(r"run (\d+)", text)
+    if not m:
+        raise FedclifError(f"could not read the run id from `flwr run`:\n{text}")
+    run_id = int(m.group(1))
+    out.print(f"run {run_id} started; coordinator files in {args.out}")
+    if args.detach:
+        return 0
+    with console.status(f"run {run_id}: waiting for it to finish"):
+        while (status := run_status(run_id, env)).startswith(("pending", "starting", "running")):
+            time.sleep(2)
+    out.print(f"run {run_id}: {status}")
+    ok = status.endswith("completed")  # flwr: finished:completed | finished:failed | ...
+    if ok and (Path(args.out) / "results.json").is_file():
+        out.print(f"results: {Path(args.out) / 'results.json'}")
+    return 0 if ok else 1
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from server.deploy import flwr
+
+    out.print(flwr(["ls", "fedclif"], _connect(args)).stdout)
+    return 0
+
+
+def register_commands(sub, site_sub, add: Callable) -> None:
+    def link(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--superlink", required=True, help="HOST:PORT of the SuperLink")
+        p.add_argument("--ca", required=True, help="CA certificate the SuperLink's is signed by")
+
+    co = add(sub, "coordinator", None, "run the federation's SuperLink")
+    csub = co.add_subparsers(dest="coordinator_command", required=True)
+    p = add(csub, "init", cmd_init, "development CA, server certificate, one key pair per site")
+    p.add_argument("--out", required=True)
+    p.add_argument("--sites", required=True, help="comma-separated site names")
+    p.add_argument("--hosts", default="localhost,127.0.0.1", help="names the server cert covers")
+    p = add(csub, "start", cmd_start, "flower-superlink with TLS, site authentication, a database")
+    p.add_argument("--dir", required=True, help="the coordinator init directory")
+    p.add_argument("--host", default="0.0.0.0")
+    p.add_argument("--port", type=int, default=9093)
+    p = add(site_sub, "register", cmd_register, "allow a site's key to join (coordinator side)")
+    p.add_argument("--key", required=True, help="the site's public key (site.pub)")
+    p.add_argument("--name", required=True)
+    link(p)
+    p = add(sub, "run", cmd_run, "launch a federated run and follow it")
+    p.add_argument("--config", help="federation YAML (default: configs/federation/default.yaml)")
+    p.add_argument("--out", default="runs/federation", help="coordinator-side outputs")
+    p.add_argument("--resume", action="store_true", help="continue from --out's checkpoint")
+    p.add_argument("--detach", action="store_true", help="submit and return")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="rounds.pretrain=3 ...")
+    link(p)
+    p = add(sub, "status", cmd_status, "runs on the SuperLink and their state")
+    link(p)
