@@ -1,7 +1,7 @@
 """The Flower ServerApp: reads the run's federation config from the run config and
 drives it (server/run.py). Run config: `federation` (the YAML text, as `fedclif run`
-sends it), `out-dir` (where the coordinator keeps tokenizer, checkpoint, results) and
-`resume`."""
+sends it), `out-dir` (where the coordinator keeps tokenizer, checkpoint, results), `resume`, and
+`audit-dir` (optional: every reply's records are written there for inspection)."""
 
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
@@ -18,8 +18,11 @@ app = ServerApp()
 def main(grid: Grid, context: Context) -> None:
     quiet_transformers()
     rc = context.run_config
-    fed = load_federation()
     text = str(rc.get("federation", ""))
+    fed = load_federation()
     if text:
         fed = OmegaConf.merge(fed, OmegaConf.create(text))
-    FederatedRun(grid, fed, str(rc["out-dir"]), resume=bool(rc.get("resume", False))).run()
+    audit = str(rc.get("audit-dir", "")) or None
+    FederatedRun(
+        grid, fed, str(rc["out-dir"]), resume=bool(rc.get("resume", False)), audit=audit
+    ).run()

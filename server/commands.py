@@ -63,7 +63,8 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     fed = load_federation(args.config, args.overrides)
     env = _connect(args)
-    text = start_run(fed, Path(args.out), args.resume, env)
+    audit = Path(args.audit) if args.audit else None
+    text = start_run(fed, Path(args.out), args.resume, env, audit)
     m = re.search(r"run (\d+)", text)
     if not m:
         raise FedclifError(f"could not read the run id from `flwr run`:\n{text}")
@@ -112,6 +113,7 @@ def register_commands(sub, site_sub, add: Callable) -> None:
     p.add_argument("--out", default="runs/federation", help="coordinator-side outputs")
     p.add_argument("--resume", action="store_true", help="continue from --out's checkpoint")
     p.add_argument("--detach", action="store_true", help="submit and return")
+    p.add_argument("--audit", help="write every site reply's records here, to inspect")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="rounds.pretrain=3 ...")
     link(p)
     p = add(sub, "status", cmd_status, "runs on the SuperLink and their state")

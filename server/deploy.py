@@ -115,12 +115,15 @@ def register(public_key: Path, name: str, env: dict[str, str]) -> str:
     return r.stdout.strip()
 
 
-def start_run(fed: DictConfig, out: Path, resume: bool, env: dict[str, str]) -> str:
+def start_run(
+    fed: DictConfig, out: Path, resume: bool, env: dict[str, str], audit: Path | None = None
+) -> str:
     """Submit a run of the fedclif app; returns `flwr run`'s output (with the run id)."""
     run_config = {
         "federation": OmegaConf.to_yaml(fed),
         "out-dir": str(out.resolve()),
         "resume": resume,
+        "audit-dir": str(audit.resolve()) if audit else "",
     }
     with tempfile.NamedTemporaryFile("w", suffix=".toml", delete=False) as f:
         f.write(tomli_w.dumps(run_config))

@@ -72,7 +72,14 @@ def _bytes(records) -> int:
 class FederatedRun:
     """Drives one run. `out` receives tokenizer.json, checkpoint/, results.json."""
 
-    def __init__(self, grid: Grid, fed: DictConfig, out: str | Path, resume: bool = False):
+    def __init__(
+        self,
+        grid: Grid,
+        fed: DictConfig,
+        out: str | Path,
+        resume: bool = False,
+        audit: str | Path | None = None,
+    ):
         self.grid, self.fed, self.out = grid, fed, Path(out)
         self.out.mkdir(parents=True, exist_ok=True)
         self.cfg = train_config(fed)
@@ -81,6 +88,9 @@ class FederatedRun:
         self.state: dict = {"phase": "statistics", "round": 0, "history": [], "sites": {}}
         self.resume = resume
         self.timeout = float(fed.timeout_s)
+        # Every reply's records are written here when set: what left the sites, to inspect.
+        self.audit = Path(audit) if audit else None
+        self._n_audit = 0
 
     # --- messaging ---------------------------------------------------------------------
 
@@ -105,6 +115,7 @@ class FederatedRun:
         """Replies with content, and the failures (site, error category) logged."""
         ok, failed = [], []
         for r in replies:
+            self._audit(r, what)
             node = r.metadata.src_node_id
             if r.has_error():
                 name = ERRORS.get(r.error.code, "internal")
@@ -114,6 +125,27 @@ class FederatedRun:
         for f in failed:
             print(f"[fedclif] {what}: site {f['site']} failed ({f['error']})")
         return ok, failed
+
+    def _audit(self, reply: Message, what: str) -> None:
+        if self.audit is None:
+            return
+        self.audit.mkdir(parents=True, exist_ok=True)
+        self._n_audit += 1
+        base = self.audit / f"{self._n_audit:04d}-{what.replace(' ', '_')}"
+        records = {}
+        if not reply.has_error():
+            c = reply.content
+            records = {
+                "config": {k: dict(v) for k, v in c.config_records.items()},
+                "metrics": {k: dict(v) for k, v in c.metric_records.items()},
+                "arrays": {k: sorted(v.keys()) for k, v in c.array_records.items()},
+            }
+            for k, rec in c.array_records.items():
+                np.savez(f"{base}-{k}.npz", **from_record(rec))
+        error = (
+            {"code": reply.error.code, "reason": reply.error.reason} if reply.has_error() else None
+        )
+        Path(f"{base}.json").write_text(json.dumps({"records": records, "error": error}))
 
     def _enough(self, ok: list, what: str) -> None:
         if len(ok) < int(self.fed.min_sites):
@@ -329,5 +361,6 @@ class FederatedRun:
         if self.fed.evaluate and weights is not None:
             results["evaluation"] = self.evaluate(last, tok, weights, base)
         write_json(results, self.out / "results.json")
-        np.savez(self.out / "final_weights.npz", **weights) if weights else None
+        if weights is not None:
+            np.savez(self.out / "final_weights.npz", **weights)
         return results

@@ -25,15 +25,21 @@ def _load_yaml(path: Path) -> DictConfig:
 
 
 def load_config(
-    name: str, path: str | Path | None = None, overrides: Sequence[str] = ()
+    name: str,
+    path: str | Path | None = None,
+    overrides: Sequence[str] = (),
+    open_sections: Sequence[str] = (),
 ) -> DictConfig:
     """Load `configs/<name>.yaml`, merge an optional user file and dotted overrides.
 
     The defaults are struct-locked, so a misspelt key in a file or override is an
-    error rather than a silently ignored setting.
+    error rather than a silently ignored setting. `open_sections` take any keys: they
+    override another config, which checks them.
     """
     cfg = _load_yaml(CONFIG_DIR / f"{name}.yaml")
     OmegaConf.set_struct(cfg, True)
+    for s in open_sections:
+        OmegaConf.set_struct(cfg[s], False)
     layers = [_load_yaml(Path(path))] if path else []
     bad = [o for o in overrides if "=" not in o]
     if bad:

@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 from flwr.app import Array, ArrayRecord
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
 from shared.config import load_config
 from shared.errors import FedclifError
@@ -30,13 +31,19 @@ ERROR_CODE = {name: code for code, name in ERRORS.items()}
 
 
 def load_federation(path: str | Path | None = None, overrides: list[str] = ()) -> DictConfig:
-    """configs/federation/default.yaml, an optional user file, `key=value` overrides."""
-    return load_config("federation/default", path, list(overrides))
+    """configs/federation/default.yaml, an optional user file, `key=value` overrides
+    (`train.*` override configs/train.yaml and are checked against it)."""
+    fed = load_config("federation/default", path, list(overrides), open_sections=["train"])
+    train_config(fed)
+    return fed
 
 
 def train_config(fed: DictConfig) -> DictConfig:
     """configs/train.yaml with the run's `train` overrides (typos are errors)."""
-    return OmegaConf.merge(load_config("train"), fed.train)
+    try:
+        return OmegaConf.merge(load_config("train"), fed.train)
+    except OmegaConfBaseException as e:
+        raise FedclifError(f"bad train override in the federation config: {e.msg}") from e
 
 
 def to_record(arrays: dict[str, np.ndarray]) -> ArrayRecord:

@@ -1,0 +1,273 @@
+"""Federation on real Flower processes: a SuperLink with TLS and site authentication and
+two SuperNodes on loopback, each with its own small synthetic site; plus the server's
+checks. Every process started here is stopped (process groups), FLWR_HOME is temporary."""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+import pytest
+
+from server.checks import update_problem
+from shared.clif.site import load_site
+from shared.config import load_config
+from shared.federation import from_record, to_record
+from shared.stats import merge_stats, site_stats
+from shared.tokenizer import Tokenizer, fit_tokenizer
+from simulations.synth import load_preset, write_site
+
+FEDCLIF = [sys.executable, "-m", "shared.cli"]
+# Tiny local rounds: the test is about the protocol, not the model.
+RUN = [
+    "train.pretrain.context=64",
+    "train.pretrain.batch_size=4",
+    "train.pretrain.max_steps=2",
+    "timeout_s=120",
+]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for(pred, seconds: float, what: str) -> None:
+    t0 = time.monotonic()
+    while not pred():
+        if time.monotonic() - t0 > seconds:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.5)
+
+
+class Processes:
+    """Started processes, each in its own session so the whole group can be stopped."""
+
+    def __init__(self, root: Path, env: dict):
+        self.root, self.env, self.procs = root, env, {}
+
+    def start(self, name: str, args: list[str]) -> subprocess.Popen:
+        log = open(self.root / f"{name}.log", "w")  # noqa: SIM115 - closed with the process
+        p = subprocess.Popen(
+            args, stdout=log, stderr=subprocess.STDOUT, env=self.env, start_new_session=True
+        )
+        self.procs[name] = (p, log)
+        return p
+
+    def log(self, name: str) -> str:
+        return (self.root / f"{name}.log").read_text()
+
+    def stop(self, name: str) -> None:
+        p, log = self.procs.pop(name)
+        for sig in (signal.SIGTERM, signal.SIGKILL):
+            try:
+                os.killpg(p.pid, sig)
+            except ProcessLookupError:
+                break
+            try:
+                p.wait(timeout=10)
+                break
+            except subprocess.TimeoutExpired:
+                continue
+        log.close()
+
+    def stop_all(self) -> None:
+        for name in list(self.procs):
+            self.stop(name)
+
+
+def fedclif(env: dict, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+    r = subprocess.run([*FEDCLIF, *args], env=env, capture_output=True, text=True, timeout=600)
+    if check:
+        assert r.returncode == 0, r.stdout + r.stderr
+    return r
+
+
+@pytest.fixture(scope="module")
+def federation(tmp_path_factory):
+    """Two sites with their own data, a coordinator with TLS and site authentication, and
+    both sites' daemons connected."""
+    root = tmp_path_factory.mktemp("federation")
+    for i, (name, preset) in enumerate((("a", "mimic-like"), ("b", "ucmc-like"))):
+        # Large enough that every histogram cell the pooled fit uses also clears the
+        # per-site minimum cell count (tiny sites lose cells to privacy roll-up).
+        write_site(load_preset(preset), 300, i + 1, root / "data" / name)
+    env = {**os.environ, "FLWR_HOME": str(root / "flwr"), "FLWR_DISABLE_UPDATE_CHECK": "1"}
+    fedclif(env, "coordinator", "init", "--out", str(root / "pki"), "--sites", "a,b,c")
+    port = free_port()
+    link = f"127.0.0.1:{port}"
+    procs = Processes(root, env)
+    try:
+        procs.start(
+            "superlink",
+            [
+                *FEDCLIF,
+                "coordinator",
+                "start",
+                "--dir",
+                str(root / "pki"),
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(port),
+            ],
+        )
+        wait_for(lambda: "Uvicorn running" in procs.log("superlink"), 60, "the SuperLink")
+        ca = str(root / "pki" / "ca.crt")
+        for s in ("a", "b"):
+            fedclif(
+                env,
+                "site",
+                "register",
+                "--key",
+                str(root / "pki/sites" / s / "site.pub"),
+                "--name",
+                s,
+                "--superlink",
+                link,
+                "--ca",
+                ca,
+            )
+            serve(procs, root, s, link)
+        for s in ("a", "b"):
+            wait_for(lambda s=s: "SuperNode ID" in procs.log(f"node-{s}"), 60, f"site {s}")
+        yield {"root": root, "env": env, "link": link, "ca": ca, "procs": procs}
+    finally:
+        procs.stop_all()
+
+
+def serve(procs: Processes, root: Path, site: str, link: str) -> subprocess.Popen:
+    keys = root / "pki" / "sites" / site
+    return procs.start(f"node-{site}", [
+        *FEDCLIF, "site", "serve", "--data", str(root / "data" / site), "--superlink", link,
+        "--ca", str(keys / "ca.crt"), "--key", str(keys / "site.key"),
+        "--work-dir", str(root / f"work-{site}"), "--port", str(free_port()),
+    ])  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def finished_run(federation):
+    f = federation
+    out, audit = f["root"] / "run", f["root"] / "audit"
+    fedclif(
+        f["env"],
+        "run",
+        "--superlink",
+        f["link"],
+        "--ca",
+        f["ca"],
+        "--out",
+        str(out),
+        "--audit",
+        str(audit),
+        "rounds.pretrain=2",
+        *RUN,
+    )
+    return out, audit
+
+
+def test_statistics_two_pretraining_rounds_and_evaluation(finished_run):
+    out, _ = finished_run
+    r = json.loads((out / "results.json").read_text())
+    assert set(r["sites"]) == {"a", "b"} and all(s["stays"] > 0 for s in r["sites"].values())
+    assert [x["round"] for x in r["rounds"]] == [1, 2]
+    for x in r["rounds"]:
+        assert set(x["sites"]) == {"a", "b"} and not x["failed"] and not x["rejected"]
+        assert x["bytes_sent"] > 0 and x["bytes_received"] > 0
+    assert set(r["evaluation"]["sites"]) == {"a", "b"}
+    assert np.isfinite(r["evaluation"]["weighted"]["loss"])
+    state = json.loads((out / "checkpoint" / "state.json").read_text())
+    assert state["round"] == 2 and state["tokenizer_hash"] == r["tokenizer_hash"]
+    assert Tokenizer.load(out / "tokenizer.json").hash == r["tokenizer_hash"]
+
+
+def test_server_tokenizer_equals_the_pooled_fit(federation, finished_run, tmp_path):
+    """The tokenizer fitted at the server from two sites' statistics is the one fitted
+    on the two sites' data pooled in one place."""
+    out, _ = finished_run
+    data = federation["root"] / "data"
+    pooled = tmp_path / "pooled"
+    pooled.mkdir()
+    for f in sorted((data / "a").glob("clif_*.parquet")):
+        pl.concat(
+            [pl.read_parquet(f), pl.read_parquet(data / "b" / f.name)], how="diagonal_relaxed"
+        ).write_parquet(pooled / f.name)
+    tok_cfg = load_config("tokenizer")
+    pooled_tok = fit_tokenizer(
+        merge_stats([site_stats(load_site(pooled, load_config("site")), tok_cfg)]), tok_cfg
+    )
+    fed_tok = Tokenizer.load(out / "tokenizer.json")
+    assert fed_tok.vocab == pooled_tok.vocab
+    assert fed_tok.cuts.keys() == pooled_tok.cuts.keys()
+    for k in fed_tok.cuts:  # the same bins; cut points from grid cells, within a few %
+        np.testing.assert_allclose(fed_tok.cuts[k], pooled_tok.cuts[k], rtol=0.05)
+
+
+def test_site_messages_carry_no_identifier_or_raw_value(federation, finished_run):
+    _, audit = finished_run
+    data = federation["root"] / "data"
+    ids = set()
+    for s in ("a", "b"):
+        h = pl.read_parquet(data / s / "clif_hospitalization.parquet")
+        ids |= set(h["hospitalization_id"].cast(str)) | set(h["patient_id"].cast(str))
+    texts = [p.read_text() for p in audit.glob("*.json")]
+    assert len(texts) >= 2 * 5  # stats, tokenize, two rounds, evaluation, from two sites
+    blob = "\n".join(texts)
+    for i in ids:
+        assert f'"{i}"' not in blob and f"={i}" not in blob
+    assert "dttm" not in blob and "T00:" not in blob  # no timestamps
+    for t in texts:
+        rec = json.loads(t)["records"]
+        # Only aggregate metrics, statistics and arrays leave a site.
+        assert set(rec["config"]) <= {"stats", "config"} and set(rec["metrics"]) <= {"metrics"}
+    stats = [
+        json.loads(json.loads(t)["records"]["config"]["stats"]["json"])
+        for t in texts
+        if "stats" in json.loads(t)["records"]["config"]
+    ]
+    assert len(stats) == 2  # the per-site statistics, every count on the shared grid
+    for st in stats:  # values only as shared-grid cells holding at least 5 values each
+        assert st["numeric"] and all(
+            min(h["counts"]) >= 5 and all(float(f"{v:.3g}") == v for v in h["values"])
+            for h in st["numeric"].values()
+        )
+        assert min(st["codes"].values()) >= 1 and "n_stays" in st
+
+
+def test_unregistered_site_is_refused(federation):
+    f = federation
+    p = serve(f["procs"], f["root"], "c", f["link"])
+    try:
+        wait_for(
+            lambda: p.poll() is not None or "SuperNode ID" in f["procs"].log("node-c"),
+            60,
+            "site c to be refused",
+        )
+        assert "SuperNode ID" not in f["procs"].log("node-c")
+        assert p.poll() not in (None, 0)
+    finally:
+        f["procs"].stop("node-c")
+
+
+def test_poisoned_and_malformed_updates_are_rejected():
+    rng = np.random.default_rng(0)
+    current = {"w": rng.normal(size=(4, 3)).astype(np.float32), "b": np.zeros(3, np.float32)}
+    cur = to_record(current)
+    fine = {k: v + 0.01 for k, v in current.items()}
+    assert update_problem(to_record(fine), cur, 10.0) is None
+    nan = {**fine, "w": fine["w"].copy()}
+    nan["w"][0, 0] = np.nan
+    assert "non-finite" in update_problem(to_record(nan), cur, 10.0)
+    scaled = {k: v * 1e6 for k, v in current.items()}
+    assert "norm" in update_problem(to_record(scaled), cur, 10.0)
+    assert "keys" in update_problem(to_record({"w": current["w"]}), cur, 10.0)
+    bad = {**current, "b": np.zeros(4, np.float32)}
+    assert "shape" in update_problem(to_record(bad), cur, 10.0)
+    assert from_record(cur).keys() == current.keys()
