@@ -15,13 +15,11 @@ import json
 import traceback
 from pathlib import Path
 
-import torch
 from flwr.app import ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from omegaconf import OmegaConf
 from safetensors.numpy import load_file, save_file
 
-from client.local import evaluate_round, set_weights, setup, train_round
 from shared.clif.site import load_site
 from shared.config import load_config
 from shared.errors import FedclifError
@@ -37,8 +35,6 @@ from shared.federation import (
     to_record,
     weights_id,
 )
-from shared.models import build_model, quiet_transformers
-from shared.sequences import load_site_data
 from shared.stats import site_stats
 from shared.timelines import MANIFEST, tokenize_site
 from shared.tokenizer import Tokenizer
@@ -73,7 +69,7 @@ class Node:
 def _category(e: BaseException) -> str:
     if isinstance(e, SiteRefusal):
         return e.category
-    if isinstance(e, MemoryError | torch.OutOfMemoryError):
+    if isinstance(e, MemoryError) or type(e).__name__ == "OutOfMemoryError":  # torch's
         return "out_of_memory"
     if isinstance(e, FedclifError):
         return "invalid_data"
@@ -135,6 +131,12 @@ def tokenize(msg: Message, context: Context) -> Message:
 
 def _model(msg: Message, node: Node, full_data: bool):
     """The model of this round's stage with the global weights in, and the site's data."""
+    # Imported here: each message runs in a fresh process, and statistics and tokenizing
+    # need none of torch, transformers or peft (seconds of imports per message).
+    from client.local import set_weights, setup
+    from shared.models import build_model, quiet_transformers
+    from shared.sequences import load_site_data
+
     quiet_transformers()
     c = msg.content[CONFIG]
     stage = str(c["stage"])
@@ -180,6 +182,8 @@ def train(msg: Message, context: Context) -> Message:
     dp = stage == "finetune" and float(cfg.dp.epsilon) > 0
     spent = _spend(node, cfg, float(c["dp_budget"])) if dp else 0.0
     mu = float(c.get("proximal-mu", 0.0))
+    from client.local import train_round
+
     res = train_round(model, data, cfg, stage, seed=int(c["seed"]), proximal_mu=mu)
     metrics = {"num-examples": res.metrics["num_examples"], **res.metrics}
     if "epsilon" in res.metrics:
@@ -195,6 +199,8 @@ def evaluate(msg: Message, context: Context) -> Message:
     model, data, cfg, stage = _model(
         msg, node, full_data=str(msg.content[CONFIG]["stage"]) == "pretrain"
     )
+    from client.local import evaluate_round
+
     m = evaluate_round(model, data, cfg, stage)
     m = {"num-examples": m["num_examples"], **{k: float(v) for k, v in m.items()}}
     return _reply(msg, **{METRICS: MetricRecord(m)})
