@@ -1,7 +1,9 @@
-"""Run a benchmark phase in a fresh process: its wall time and peak memory are its own."""
+"""Benchmark helpers: run a phase in a fresh process (its wall time and peak memory are
+its own), and the tokenized demo site benches train on."""
 
 import contextlib
 import multiprocessing as mp
+import os
 import resource
 import time
 from collections.abc import Callable
@@ -41,3 +43,17 @@ def measure(fn: Callable, *args) -> tuple[float, float, int]:
     out = q.get()
     p.join()
     return out
+
+
+def tokenized_demo(root: Path) -> Path:
+    """`fedclif quickstart` into `root` (console output dropped); its tokenized site."""
+    from shared.cli import main
+
+    if not (root / "tokens" / "timelines.parquet").is_file():
+        with (
+            open(os.devnull, "w") as null,
+            contextlib.redirect_stdout(null),
+            contextlib.redirect_stderr(null),
+        ):
+            assert main(["quickstart", "--out", str(root)]) == 0
+    return root / "tokens"

@@ -15,23 +15,12 @@ Mamba-2 against Llama at equal parameter count as the context grows.
 """
 
 import argparse
-import os
 import statistics
 import tempfile
 import time
-from contextlib import redirect_stderr, redirect_stdout
 from pathlib import Path
 
-from bench.measure import measure
-
-
-def _tokenized_demo(root: Path) -> Path:
-    """The demo site, tokenized by `fedclif quickstart` (its console output dropped)."""
-    from shared.cli import main
-
-    with open(os.devnull, "w") as null, redirect_stdout(null), redirect_stderr(null):
-        assert main(["quickstart", "--out", str(root)]) == 0
-    return root / "tokens"
+from bench.measure import measure, tokenized_demo
 
 
 def _model(arch: str, size: str, tok, llama_mlp: int | None = None):
@@ -185,7 +174,7 @@ def main() -> None:
         f"torch {torch.__version__}, {torch.get_num_threads()} threads"
     )
     with tempfile.TemporaryDirectory() as tmp:
-        tokens = _tokenized_demo(Path(tmp))
+        tokens = tokenized_demo(Path(tmp))
         tok = Tokenizer.load(tokens / "tokenizer.json")
 
         ctx0, batch0 = min(args.contexts), max(8192 // max(args.contexts), 1)

@@ -12,6 +12,7 @@ directory), optional `site-name`, `work-dir` (default: ~/.fedclif/<site-name>) a
 import contextlib
 import functools
 import json
+import time
 import traceback
 from pathlib import Path
 
@@ -184,8 +185,13 @@ def train(msg: Message, context: Context) -> Message:
     mu = float(c.get("proximal-mu", 0.0))
     from client.local import train_round
 
+    t0 = time.perf_counter()
     res = train_round(model, data, cfg, stage, seed=int(c["seed"]), proximal_mu=mu)
-    metrics = {"num-examples": res.metrics["num_examples"], **res.metrics}
+    metrics = {
+        "num-examples": res.metrics["num_examples"],
+        "train_seconds": time.perf_counter() - t0,  # the protocol's overhead is the rest
+        **res.metrics,
+    }
     if "epsilon" in res.metrics:
         ledger = node.work / f"dp-run-{node.run_id}.json"
         ledger.write_text(json.dumps({"epsilon": spent + res.metrics["epsilon"]}))

@@ -26,6 +26,7 @@ from shared.federation import (
     BASE,
     CONFIG,
     ERRORS,
+    FLOWER_ERRORS,
     METRICS,
     QUERY_STATS,
     QUERY_TOKENIZE,
@@ -111,17 +112,29 @@ class FederatedRun:
     def _site(self, node: int) -> str:
         return self.sites.get(node, f"node-{node}")
 
-    def _split(self, replies, what: str) -> tuple[list[Message], list[dict]]:
-        """Replies with content, and the failures (site, error category) logged."""
-        ok, failed = [], []
+    def _exchange(self, msgs: list[Message], what: str) -> tuple[list[Message], list[dict]]:
+        """Send, wait up to the timeout, and sort the replies: those with content, and
+        failures as (site, category), silent sites included, each logged by name."""
+        replies = list(self.grid.send_and_receive(msgs, timeout=self.timeout))
+        dst = {m.metadata.message_id: m.metadata.dst_node_id for m in msgs}
+        ok, failed, answered = [], [], set()
         for r in replies:
             self._audit(r, what)
-            node = r.metadata.src_node_id
+            # Error replies the SuperLink makes for a lost site come from the SuperLink:
+            # name the site the message was for.
+            node = dst.get(r.metadata.reply_to_message_id, r.metadata.src_node_id)
+            answered.add(node)
             if r.has_error():
-                name = ERRORS.get(r.error.code, "internal")
+                code = r.error.code
+                name = ERRORS.get(code) or FLOWER_ERRORS.get(code, "internal")
                 failed.append({"site": self._site(node), "error": name})
             else:
                 ok.append(r)
+        failed += [
+            {"site": self._site(m.metadata.dst_node_id), "error": "no_reply"}
+            for m in msgs
+            if m.metadata.dst_node_id not in answered
+        ]
         for f in failed:
             print(f"[fedclif] {what}: site {f['site']} failed ({f['error']})")
         return ok, failed
@@ -159,7 +172,7 @@ class FederatedRun:
         msgs = [
             Message(content=content.copy(), dst_node_id=n, message_type=kind) for n in self._nodes()
         ]
-        ok, _ = self._split(self.grid.send_and_receive(msgs, timeout=self.timeout), kind)
+        ok, _ = self._exchange(msgs, kind)
         self._enough(ok, kind)
         return ok
 
@@ -232,11 +245,8 @@ class FederatedRun:
                 for m in msgs:
                     m.content[BASE] = to_record(base)
             sent = sum(_bytes(m.content.array_records.values()) for m in msgs)
-            replies = list(self.grid.send_and_receive(msgs, timeout=self.timeout))
-            received = sum(
-                _bytes(r.content.array_records.values()) for r in replies if not r.has_error()
-            )
-            ok, failed = self._split(replies, f"{stage} round {rnd}")
+            ok, failed = self._exchange(msgs, f"{stage} round {rnd}")
+            received = sum(_bytes(r.content.array_records.values()) for r in ok)
             valid, rejected = [], []
             for r in ok:
                 why = update_problem(
@@ -287,9 +297,7 @@ class FederatedRun:
         for m in msgs:
             if base is not None:
                 m.content[BASE] = to_record(base)
-        ok, failed = self._split(
-            self.grid.send_and_receive(msgs, timeout=self.timeout), "evaluation"
-        )
+        ok, failed = self._exchange(msgs, "evaluation")
         per_site = {self._site(r.metadata.src_node_id): dict(r.content[METRICS]) for r in ok}
         agg = strategy.aggregate_evaluate(0, ok) if ok else None
         return {

@@ -18,14 +18,24 @@ ARRAYS, CONFIG, METRICS, BASE, STATS = "arrays", "config", "metrics", "base", "s
 # Message types the ClientApp answers.
 QUERY_STATS, QUERY_TOKENIZE = "query.stats", "query.tokenize"
 
-# Error codes a site may send. Anything unexpected is INTERNAL, whatever it said.
+# Error codes a site may send (above Flower's own, 0-8). Anything unexpected is INTERNAL,
+# whatever it said.
 ERRORS = {
-    1: "invalid_data",  # the site's CLIF export or tokenized data failed checks
-    2: "out_of_memory",
-    3: "dp_budget_exhausted",  # the round would spend more epsilon than the site allows
-    4: "missing_base",  # a LoRA round arrived before the site had the pretrained base
-    5: "tokenizer_mismatch",
-    9: "internal",
+    101: "invalid_data",  # the site's CLIF export or tokenized data failed checks
+    102: "out_of_memory",
+    103: "dp_budget_exhausted",  # the round would spend more epsilon than the site allows
+    104: "missing_base",  # a LoRA round arrived before the site had the pretrained base
+    105: "tokenizer_mismatch",
+    199: "internal",
+}
+# Flower's own error replies (flwr.common.constant.ErrorCode), by what they mean here.
+FLOWER_ERRORS = {
+    1: "clientapp_failed",
+    2: "clientapp_failed",
+    3: "no_reply",
+    4: "no_reply",
+    5: "site_unavailable",
+    8: "clientapp_failed",
 }
 ERROR_CODE = {name: code for code, name in ERRORS.items()}
 

@@ -3,19 +3,13 @@ two SuperNodes on loopback, each with its own small synthetic site; plus the ser
 checks. Every process started here is stopped (process groups), FLWR_HOME is temporary."""
 
 import json
-import os
-import signal
-import socket
-import subprocess
-import sys
-import time
-from pathlib import Path
 
 import numpy as np
 import polars as pl
 import pytest
 
 from server.checks import update_problem
+from server.loopback import Loopback, wait_for
 from shared.clif.site import load_site
 from shared.config import load_config
 from shared.federation import from_record, to_record
@@ -23,7 +17,6 @@ from shared.stats import merge_stats, site_stats
 from shared.tokenizer import Tokenizer, fit_tokenizer
 from simulations.synth import load_preset, write_site
 
-FEDCLIF = [sys.executable, "-m", "shared.cli"]
 # Tiny local rounds: the test is about the protocol, not the model.
 RUN = [
     "train.pretrain.context=64",
@@ -37,144 +30,34 @@ RUN = [
 ]
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_for(pred, seconds: float, what: str) -> None:
-    t0 = time.monotonic()
-    while not pred():
-        if time.monotonic() - t0 > seconds:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.5)
-
-
-class Processes:
-    """Started processes, each in its own session so the whole group can be stopped."""
-
-    def __init__(self, root: Path, env: dict):
-        self.root, self.env, self.procs = root, env, {}
-
-    def start(self, name: str, args: list[str]) -> subprocess.Popen:
-        log = open(self.root / f"{name}.log", "w")  # noqa: SIM115 - closed with the process
-        p = subprocess.Popen(
-            args, stdout=log, stderr=subprocess.STDOUT, env=self.env, start_new_session=True
-        )
-        self.procs[name] = (p, log)
-        return p
-
-    def log(self, name: str) -> str:
-        return (self.root / f"{name}.log").read_text()
-
-    def stop(self, name: str) -> None:
-        p, log = self.procs.pop(name)
-        for sig in (signal.SIGTERM, signal.SIGKILL):
-            try:
-                os.killpg(p.pid, sig)
-            except ProcessLookupError:
-                break
-            try:
-                p.wait(timeout=10)
-                break
-            except subprocess.TimeoutExpired:
-                continue
-        log.close()
-
-    def stop_all(self) -> None:
-        for name in list(self.procs):
-            self.stop(name)
-
-
-def fedclif(env: dict, *args: str, check: bool = True) -> subprocess.CompletedProcess:
-    r = subprocess.run([*FEDCLIF, *args], env=env, capture_output=True, text=True, timeout=600)
-    if check:
-        assert r.returncode == 0, r.stdout + r.stderr
-    return r
-
-
 @pytest.fixture(scope="module")
 def federation(tmp_path_factory):
     """Two sites with their own data, a coordinator with TLS and site authentication, and
-    both sites' daemons connected."""
+    both sites' daemons connected (site c has keys but is never registered)."""
     root = tmp_path_factory.mktemp("federation")
+    data = {}
     for i, (name, preset) in enumerate((("a", "mimic-like"), ("b", "ucmc-like"))):
         # Large enough that every histogram cell the pooled fit uses also clears the
         # per-site minimum cell count (tiny sites lose cells to privacy roll-up).
-        write_site(load_preset(preset), 300, i + 1, root / "data" / name)
-    env = {**os.environ, "FLWR_HOME": str(root / "flwr"), "FLWR_DISABLE_UPDATE_CHECK": "1"}
-    fedclif(env, "coordinator", "init", "--out", str(root / "pki"), "--sites", "a,b,c")
-    port = free_port()
-    link = f"127.0.0.1:{port}"
-    procs = Processes(root, env)
+        data[name] = root / "data" / name
+        write_site(load_preset(preset), 300, i + 1, data[name])
+    lb = Loopback(root, ["a", "b"])
     try:
-        procs.start(
-            "superlink",
-            [
-                *FEDCLIF,
-                "coordinator",
-                "start",
-                "--dir",
-                str(root / "pki"),
-                "--host",
-                "127.0.0.1",
-                "--port",
-                str(port),
-            ],
-        )
-        wait_for(lambda: "Uvicorn running" in procs.log("superlink"), 60, "the SuperLink")
-        ca = str(root / "pki" / "ca.crt")
+        lb.init(extra_sites=["c"])
+        lb.start_superlink()
         for s in ("a", "b"):
-            fedclif(
-                env,
-                "site",
-                "register",
-                "--key",
-                str(root / "pki/sites" / s / "site.pub"),
-                "--name",
-                s,
-                "--superlink",
-                link,
-                "--ca",
-                ca,
-            )
-            serve(procs, root, s, link)
-        for s in ("a", "b"):
-            wait_for(lambda s=s: "SuperNode ID" in procs.log(f"node-{s}"), 60, f"site {s}")
-        yield {"root": root, "env": env, "link": link, "ca": ca, "procs": procs}
+            lb.register(s)
+            lb.serve(s, data[s])
+        yield lb
     finally:
-        procs.stop_all()
-
-
-def serve(procs: Processes, root: Path, site: str, link: str) -> subprocess.Popen:
-    keys = root / "pki" / "sites" / site
-    return procs.start(f"node-{site}", [
-        *FEDCLIF, "site", "serve", "--data", str(root / "data" / site), "--superlink", link,
-        "--ca", str(keys / "ca.crt"), "--key", str(keys / "site.key"),
-        "--work-dir", str(root / f"work-{site}"), "--port", str(free_port()),
-    ])  # fmt: skip
+        lb.stop_all()
 
 
 @pytest.fixture(scope="module")
 def finished_run(federation):
-    f = federation
-    out, audit = f["root"] / "run", f["root"] / "audit"
-    fedclif(
-        f["env"],
-        "run",
-        "--superlink",
-        f["link"],
-        "--ca",
-        f["ca"],
-        "--out",
-        str(out),
-        "--audit",
-        str(audit),
-        "rounds.pretrain=2",
-        "rounds.finetune=1",
-        *RUN,
-    )
+    out, audit = federation.root / "run", federation.root / "audit"
+    federation.run(out, "rounds.pretrain=2", "rounds.finetune=1", *RUN,
+                   extra=("--audit", str(audit)))  # fmt: skip
     return out, audit
 
 
@@ -204,7 +87,7 @@ def test_server_tokenizer_equals_the_pooled_fit(federation, finished_run, tmp_pa
     """The tokenizer fitted at the server from two sites' statistics is the one fitted
     on the two sites' data pooled in one place."""
     out, _ = finished_run
-    data = federation["root"] / "data"
+    data = federation.root / "data"
     pooled = tmp_path / "pooled"
     pooled.mkdir()
     for f in sorted((data / "a").glob("clif_*.parquet")):
@@ -224,7 +107,7 @@ def test_server_tokenizer_equals_the_pooled_fit(federation, finished_run, tmp_pa
 
 def test_site_messages_carry_no_identifier_or_raw_value(federation, finished_run):
     _, audit = finished_run
-    data = federation["root"] / "data"
+    data = federation.root / "data"
     ids = set()
     for s in ("a", "b"):
         h = pl.read_parquet(data / s / "clif_hospitalization.parquet")
@@ -254,18 +137,14 @@ def test_site_messages_carry_no_identifier_or_raw_value(federation, finished_run
 
 
 def test_unregistered_site_is_refused(federation):
-    f = federation
-    p = serve(f["procs"], f["root"], "c", f["link"])
+    p = federation.serve("c", federation.root / "data" / "a", wait=False)
     try:
-        wait_for(
-            lambda: p.poll() is not None or "SuperNode ID" in f["procs"].log("node-c"),
-            60,
-            "site c to be refused",
-        )
-        assert "SuperNode ID" not in f["procs"].log("node-c")
+        wait_for(lambda: p.poll() is not None or "SuperNode ID" in federation.log("node-c"),
+                 60, "site c to be refused")  # fmt: skip
+        assert "SuperNode ID" not in federation.log("node-c")
         assert p.poll() not in (None, 0)
     finally:
-        f["procs"].stop("node-c")
+        federation.stop("node-c")
 
 
 def test_poisoned_and_malformed_updates_are_rejected():
@@ -283,3 +162,31 @@ def test_poisoned_and_malformed_updates_are_rejected():
     bad = {**current, "b": np.zeros(4, np.float32)}
     assert "shape" in update_problem(to_record(bad), cur, 10.0)
     assert from_record(cur).keys() == current.keys()
+
+
+def test_killed_site_and_restarted_coordinator(federation):
+    """Site b dies after round 1: round 2 goes on with a. The coordinator dies after
+    round 2 and restarts on its database; `run --resume` finishes round 3 from the
+    checkpoint. (Runs last: it leaves site b stopped.)"""
+    lb = federation
+    out = lb.root / "resilient"
+    args = ("rounds.pretrain=3", "min_sites=1", *RUN, "timeout_s=30")
+
+    def checkpointed(n: int) -> bool:
+        state = out / "checkpoint" / "state.json"
+        return state.is_file() and json.loads(state.read_text())["round"] >= n
+
+    lb.run(out, *args, extra=("--detach",))
+    wait_for(lambda: checkpointed(1), 240, "round 1")
+    lb.stop("node-b")
+    wait_for(lambda: checkpointed(2), 240, "round 2 without site b")
+    lb.stop("superlink")
+    lb.start_superlink("superlink-2")  # same port, same database
+    lb.run(out, *args, extra=("--resume",))
+    r = json.loads((out / "results.json").read_text())
+    rounds = {x["round"]: x for x in r["rounds"]}
+    assert sorted(rounds) == [1, 2, 3]
+    assert set(rounds[1]["sites"]) == {"a", "b"}
+    assert set(rounds[2]["sites"]) == {"a"}
+    assert {x["site"] for x in rounds[2]["failed"]} == {"b"}
+    assert set(rounds[3]["sites"]) == {"a"}

@@ -39,3 +39,9 @@ def test_train_bench_quick_profile():
     assert "overhead" in out and "tokens/s" in out
     row = next(line.split() for line in out.splitlines() if line.strip().startswith("64 "))
     assert len(row) == 6 and float(row[3]) > 0  # context, two rates, ratio, two peaks
+
+
+def test_federation_bench_quick_profile():
+    out = run_module("bench.federation", "--sites", "0", "--replies", "2", "4")
+    assert "tiny lora+head" in out and "small full" in out
+    assert out.count("peak") == 2

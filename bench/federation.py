@@ -1,0 +1,156 @@
+"""Federation costs: protocol overhead per round, bytes per round for full weights versus
+LoRA, and the server's aggregation memory as the number of sites grows.
+
+1. A real loopback deployment (`server/loopback.py`: TLS, site authentication, one
+   SuperNode per synthetic site), tiny model: per pretraining round, wall time minus the
+   slowest site's local training (`train_seconds`, reported by the sites), as a share of
+   that compute. Everything outside training counts as overhead: messaging, the
+   per-message ClientApp process start, imports, data loading, model building.
+2. Bytes per round per site for full weights and for LoRA adapters + head (one way; a
+   round sends and receives about that each), from the real model's ArrayRecords.
+3. Server peak RSS while Flower's FedAvg aggregation (`aggregate_arrayrecords`) holds N
+   replies of the `small` model, each N in a fresh process.
+
+    python -m bench.federation                        # 3 sites, 3 rounds, N = 2, 8, 32
+    python -m bench.federation --sites 0 --replies 2 4      # quick: parts 2 and 3 only
+"""
+
+import argparse
+import json
+import statistics
+import tempfile
+from pathlib import Path
+
+from bench.measure import measure, tokenized_demo
+
+
+def _tok(root: Path):
+    """The demo's tokenizer (a real vocabulary size for the payloads)."""
+    from shared.tokenizer import Tokenizer
+
+    return Tokenizer.load(tokenized_demo(root / "demo") / "tokenizer.json")
+
+
+def payload_bytes(root: Path) -> dict[str, int]:
+    """Bytes of one round's arrays for full pretraining weights and for LoRA + head."""
+    from client.local import get_weights, setup
+    from shared.config import load_config
+    from shared.federation import to_record
+    from shared.models import build_model
+
+    tok = _tok(root)
+    out = {}
+    for size in ("tiny", "small"):
+        cfg = load_config("train", overrides=["finetune.peft=lora"])
+        model = build_model(load_config(f"model/{size}"), tok)
+        setup(model, cfg, "pretrain")
+        out[f"{size} full"] = to_record(get_weights(model)).count_bytes()
+        setup(model, cfg, "finetune")
+        out[f"{size} lora+head"] = to_record(get_weights(model)).count_bytes()
+    return out
+
+
+def _hold_and_aggregate(root: Path, n: int) -> int:
+    """Aggregate n replies of the small model as FedAvg does; returns parameters."""
+    import numpy as np
+    from flwr.app import MetricRecord, RecordDict
+    from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
+
+    from client.local import get_weights, setup
+    from shared.config import load_config
+    from shared.federation import to_record
+    from shared.models import build_model
+
+    model = build_model(load_config("model/small"), _tok(root))
+    setup(model, load_config("train"), "pretrain")
+    w = get_weights(model)
+    rng = np.random.default_rng(0)
+    replies = [
+        RecordDict({
+            "arrays": to_record({k: v + rng.normal(0, 1e-3, v.shape).astype(v.dtype)
+                                 for k, v in w.items()}),
+            "metrics": MetricRecord({"num-examples": 100 + i}),
+        })
+        for i in range(n)
+    ]  # fmt: skip
+    aggregate_arrayrecords(replies, "num-examples")
+    return sum(v.size for v in w.values())
+
+
+def protocol_overhead(root: Path, n_sites: int, rounds: int, steps: int, stays: int) -> list:
+    from server.loopback import Loopback
+    from simulations.synth import load_preset, write_site
+
+    presets = ["mimic-like", "ucmc-like", "shift-none", "shift-case-mix"]
+    sites = [f"site{i}" for i in range(n_sites)]
+    data = {}
+    for i, s in enumerate(sites):
+        data[s] = root / "data" / s
+        write_site(load_preset(presets[i % len(presets)]), stays, i + 1, data[s])
+    lb = Loopback(root / "fed", sites)
+    (root / "fed").mkdir(parents=True)
+    try:
+        lb.up(data)
+        out = root / "fed" / "run"
+        lb.run(out, f"rounds.pretrain={rounds}", "evaluate=false", f"min_sites={n_sites}",
+               f"train.pretrain.max_steps={steps}")  # fmt: skip
+    finally:
+        lb.stop_all()
+    res = json.loads((out / "results.json").read_text())
+    rows = []
+    for x in res["rounds"]:
+        compute = max(m["train_seconds"] for m in x["sites"].values())
+        rows.append((x["round"], x["seconds"], compute, x["bytes_sent"], x["bytes_received"]))
+    return rows
+
+
+def _print_overhead(rows: list, args: argparse.Namespace) -> None:
+    print(
+        f"1. protocol overhead: {args.sites} sites on loopback (TLS, site auth), tiny "
+        f"model, {args.steps} local steps of 8 x 512 tokens"
+    )
+    print(
+        f"   {'round':>5} {'wall s':>8} {'slowest site s':>15} {'overhead s':>11} "
+        f"{'% of compute':>13} {'MB sent':>8} {'MB recv':>8}"
+    )
+    shares = []
+    for rnd, wall, compute, sent, recv in rows:
+        shares.append((wall - compute) / compute)
+        print(
+            f"   {rnd:5d} {wall:8.1f} {compute:15.1f} {wall - compute:11.1f} "
+            f"{100 * shares[-1]:12.0f}% {sent / 1e6:8.2f} {recv / 1e6:8.2f}"
+        )
+    print(f"   median overhead: {100 * statistics.median(shares):.0f}% of compute (aim < 10%)")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--sites", type=int, default=3, help="0: skip the deployment part")
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--steps", type=int, default=30, help="local optimizer steps per round")
+    ap.add_argument("--stays", type=int, default=300, help="stays per synthetic site")
+    ap.add_argument("--replies", type=int, nargs="+", default=[2, 8, 32])
+    args = ap.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        if args.sites:
+            _print_overhead(
+                protocol_overhead(root, args.sites, args.rounds, args.steps, args.stays), args
+            )
+        print("\n2. bytes per site per round, one way")
+        for k, v in payload_bytes(root).items():
+            print(f"   {k:18} {v / 1e6:9.3f} MB")
+        print("\n3. server peak RSS holding N replies of the small model (FedAvg)")
+        base = None
+        for n in args.replies:
+            _, mib, params = measure(_hold_and_aggregate, root, n)
+            base = base or (n, mib)
+            per = (mib - base[1]) / (n - base[0]) if n != base[0] else float("nan")
+            print(
+                f"   N={n:4d}  peak {mib:8.0f} MiB  (+{per:.1f} MiB per extra reply; "
+                f"model {params * 4 / 2**20:.1f} MiB)"
+            )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,121 @@
+"""A whole deployment on this machine's loopback: a SuperLink with TLS and site
+authentication and one SuperNode per site, all real Flower processes started through
+`fedclif` commands. For tests, benchmarks and trying fedclif out; every process is
+started in its own session and `stop_all` ends each group."""
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+FEDCLIF = [sys.executable, "-m", "shared.cli"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for(pred: Callable[[], bool], seconds: float, what: str) -> None:
+    t0 = time.monotonic()
+    while not pred():
+        if time.monotonic() - t0 > seconds:
+            raise TimeoutError(f"timed out after {seconds:.0f} s waiting for {what}")
+        time.sleep(0.5)
+
+
+class Loopback:
+    """PKI in `root/pki`, logs in `root/<process>.log`, FLWR_HOME in `root/flwr`."""
+
+    def __init__(self, root: Path, sites: list[str]):
+        self.root, self.sites = Path(root), list(sites)
+        self.env = {
+            **os.environ,
+            "FLWR_HOME": str(self.root / "flwr"),
+            "FLWR_DISABLE_UPDATE_CHECK": "1",
+        }
+        self.port = free_port()
+        self.link = f"127.0.0.1:{self.port}"
+        self.ca = str(self.root / "pki" / "ca.crt")
+        self.procs: dict[str, tuple[subprocess.Popen, object]] = {}
+
+    def fedclif(self, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+        r = subprocess.run(
+            [*FEDCLIF, *args], env=self.env, capture_output=True, text=True, timeout=1800
+        )
+        if check and r.returncode != 0:
+            raise RuntimeError(f"fedclif {' '.join(args)} failed:\n{r.stdout}{r.stderr}")
+        return r
+
+    def start(self, name: str, args: list[str]) -> subprocess.Popen:
+        log = open(self.root / f"{name}.log", "w")  # noqa: SIM115 - closed in stop()
+        p = subprocess.Popen(
+            args, stdout=log, stderr=subprocess.STDOUT, env=self.env, start_new_session=True
+        )
+        self.procs[name] = (p, log)
+        return p
+
+    def log(self, name: str) -> str:
+        return (self.root / f"{name}.log").read_text()
+
+    def stop(self, name: str) -> None:
+        p, log = self.procs.pop(name)
+        for sig in (signal.SIGTERM, signal.SIGKILL):
+            try:
+                os.killpg(p.pid, sig)
+            except ProcessLookupError:
+                break
+            try:
+                p.wait(timeout=10)
+                break
+            except subprocess.TimeoutExpired:
+                continue
+        log.close()
+
+    def stop_all(self) -> None:
+        for name in list(self.procs):
+            self.stop(name)
+
+    def init(self, extra_sites: list[str] = ()) -> None:
+        sites = ",".join([*self.sites, *extra_sites])
+        self.fedclif("coordinator", "init", "--out", str(self.root / "pki"), "--sites", sites)
+
+    def start_superlink(self, name: str = "superlink") -> None:
+        pki = str(self.root / "pki")
+        self.start(name, [*FEDCLIF, "coordinator", "start", "--dir", pki,
+                          "--host", "127.0.0.1", "--port", str(self.port)])  # fmt: skip
+        wait_for(lambda: "Uvicorn running" in self.log(name), 60, "the SuperLink")
+
+    def register(self, site: str) -> None:
+        key = str(self.root / "pki" / "sites" / site / "site.pub")
+        self.fedclif("site", "register", "--key", key, "--name", site,
+                     "--superlink", self.link, "--ca", self.ca)  # fmt: skip
+
+    def serve(self, site: str, data: Path, wait: bool = True) -> subprocess.Popen:
+        keys = self.root / "pki" / "sites" / site
+        p = self.start(f"node-{site}", [
+            *FEDCLIF, "site", "serve", "--data", str(data), "--superlink", self.link,
+            "--ca", str(keys / "ca.crt"), "--key", str(keys / "site.key"),
+            "--work-dir", str(self.root / f"work-{site}"), "--port", str(free_port()),
+        ])  # fmt: skip
+        if wait:
+            wait_for(lambda: "SuperNode ID" in self.log(f"node-{site}"), 60, f"site {site}")
+        return p
+
+    def up(self, data: dict[str, Path]) -> None:
+        """PKI, SuperLink, every site registered and connected."""
+        self.init()
+        self.start_superlink()
+        for s in self.sites:
+            self.register(s)
+        for s in self.sites:
+            self.serve(s, data[s])
+
+    def run(self, out: Path, *overrides: str, extra: tuple[str, ...] = ()) -> None:
+        self.fedclif("run", "--superlink", self.link, "--ca", self.ca, "--out", str(out),
+                     *extra, *overrides)  # fmt: skip
