@@ -57,13 +57,16 @@ def make_strategy(fed: DictConfig):
     if name not in STRATEGIES:
         raise FedclifError(f"unknown strategy {name!r}; choose from {', '.join(STRATEGIES)}")
     n = int(fed.min_sites)
-    return STRATEGIES[name](
-        min_train_nodes=n,
-        min_evaluate_nodes=n,
-        min_available_nodes=n,
-        weighted_by_key=WEIGHT_KEY,
-        **OmegaConf.to_container(fed.strategy.options),
-    )
+    try:
+        return STRATEGIES[name](
+            min_train_nodes=n,
+            min_evaluate_nodes=n,
+            min_available_nodes=n,
+            weighted_by_key=WEIGHT_KEY,
+            **OmegaConf.to_container(fed.strategy.options),
+        )
+    except TypeError as e:  # an option the Flower class does not take
+        raise FedclifError(f"strategy.options for {name}: {e}") from e
 
 
 def _bytes(records) -> int:

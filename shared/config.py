@@ -39,7 +39,7 @@ def load_config(
     cfg = _load_yaml(CONFIG_DIR / f"{name}.yaml")
     OmegaConf.set_struct(cfg, True)
     for s in open_sections:
-        OmegaConf.set_struct(cfg[s], False)
+        OmegaConf.set_struct(OmegaConf.select(cfg, s), False)
     layers = [_load_yaml(Path(path))] if path else []
     bad = [o for o in overrides if "=" not in o]
     if bad:

@@ -42,8 +42,11 @@ ERROR_CODE = {name: code for code, name in ERRORS.items()}
 
 def load_federation(path: str | Path | None = None, overrides: list[str] = ()) -> DictConfig:
     """configs/federation/default.yaml, an optional user file, `key=value` overrides
-    (`train.*` override configs/train.yaml and are checked against it)."""
-    fed = load_config("federation/default", path, list(overrides), open_sections=["train"])
+    (`train.*` override configs/train.yaml and are checked against it; `strategy.options`
+    are the Flower strategy's arguments, checked when it is built)."""
+    fed = load_config(
+        "federation/default", path, list(overrides), open_sections=["train", "strategy.options"]
+    )
     train_config(fed)
     return fed
 

@@ -1,0 +1,74 @@
+"""Server and site pieces that need no running federation: strategies from config, the
+strategy state a checkpoint keeps, the site's DP budget and error categories."""
+
+import json
+
+import numpy as np
+import pytest
+from flwr.app import Context, RecordDict
+
+from client.app import Node, _category, _spend
+from server.checkpoint import restore_strategy, strategy_state
+from server.run import STRATEGIES, make_strategy
+from shared.errors import FedclifError
+from shared.federation import ERRORS, FLOWER_ERRORS, SiteRefusal, load_federation, train_config
+
+
+@pytest.mark.parametrize("name", sorted(STRATEGIES))
+def test_every_configured_strategy_is_built(name):
+    s = make_strategy(load_federation(overrides=[f"strategy.name={name}", "min_sites=3"]))
+    assert type(s) is STRATEGIES[name] and s.min_train_nodes == 3
+
+
+def test_strategy_options_and_unknown_names_are_checked():
+    s = make_strategy(
+        load_federation(overrides=["strategy.name=fedprox", "strategy.options.proximal_mu=0.5"])
+    )
+    assert s.proximal_mu == 0.5
+    with pytest.raises(FedclifError, match=r"strategy\.options"):
+        make_strategy(load_federation(overrides=["strategy.options.mu=1"]))
+    with pytest.raises(FedclifError, match="unknown strategy"):
+        make_strategy(load_federation(overrides=["strategy.name=fedsgd"]))
+    with pytest.raises(FedclifError, match="lrr"):
+        load_federation(overrides=["train.pretrain.lrr=1"])
+    assert train_config(load_federation(overrides=["train.pretrain.lr=0.5"])).pretrain.lr == 0.5
+
+
+def test_fedadam_moments_survive_a_checkpoint():
+    s = make_strategy(load_federation(overrides=["strategy.name=fedadam"]))
+    rng = np.random.default_rng(0)
+    s.m_t = {"w": rng.normal(size=(3, 2))}
+    s.v_t = {"w": rng.random((3, 2))}
+    s.current_arrays = {"w": rng.normal(size=(3, 2))}
+    flat = strategy_state(s)
+    assert set(flat) == {"m_t/w", "v_t/w", "current_arrays/w"}
+    fresh = make_strategy(load_federation(overrides=["strategy.name=fedadam"]))
+    restore_strategy(fresh, flat)
+    for attr in ("m_t", "v_t", "current_arrays"):
+        np.testing.assert_array_equal(getattr(fresh, attr)["w"], getattr(s, attr)["w"])
+
+
+def _node(tmp_path, **node_config) -> Node:
+    ctx = Context(7, 1, {"data-path": str(tmp_path / "clif"), "work-dir": str(tmp_path / "w"),
+                         **node_config}, RecordDict(), {})  # fmt: skip
+    return Node(ctx)
+
+
+def test_site_refuses_rounds_beyond_its_dp_budget(tmp_path):
+    cfg = train_config(load_federation(overrides=["train.dp.epsilon=0.5"]))
+    node = _node(tmp_path, **{"dp-budget": 1.0})
+    assert _spend(node, cfg, budget=100.0) == 0.0  # the site's own budget wins over the run's
+    (node.work / "dp-run-7.json").write_text(json.dumps({"epsilon": 0.8}))
+    with pytest.raises(SiteRefusal) as e:
+        _spend(node, cfg, budget=100.0)
+    assert e.value.category == "dp_budget_exhausted"
+    assert _spend(_node(tmp_path / "other"), cfg, budget=2.0) == 0.0
+
+
+def test_errors_leave_as_categories_only():
+    assert _category(SiteRefusal("missing_base", "detail")) == "missing_base"
+    assert _category(FedclifError("patient 123 has a bad row")) == "invalid_data"
+    assert _category(MemoryError()) == "out_of_memory"
+    assert _category(ValueError("hospitalization 456")) == "internal"
+    # fedclif's codes sit above Flower's own (0-8), so neither is read as the other.
+    assert min(ERRORS) > max(FLOWER_ERRORS)
