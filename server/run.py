@@ -16,7 +16,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from client.local import get_weights, set_weights, setup
 from client.loop import seed_everything
-from server.checkpoint import load_checkpoint, save_checkpoint
+from server.checkpoint import load_checkpoint, restore_strategy, save_checkpoint
 from server.checks import update_problem
 from shared.artifact import write_json
 from shared.config import load_config
@@ -36,7 +36,7 @@ from shared.federation import (
     train_config,
     weights_id,
 )
-from shared.models import build_model
+from shared.models import build_model, save_model
 from shared.stats import merge_stats
 from shared.tokenizer import Tokenizer, fit_tokenizer
 
@@ -318,16 +318,30 @@ class FederatedRun:
             "site_names": {str(k): v for k, v in self.sites.items()},
         }
 
-    def _initial(self, tok: Tokenizer, stage: str, base: dict | None) -> dict:
-        """Global weights a stage starts from: a seeded fresh model for pretraining, the
-        pretrained weights (+ a fresh head, or LoRA adapters) for finetuning."""
+    def _model(self, tok: Tokenizer, stage: str, base: dict | None, weights: dict | None):
+        """The stage's model: seeded fresh weights, then the pretrained base (finetuning),
+        then `weights` when given."""
         seed_everything(int(self.fed.seed))
         model = build_model(self.model_cfg, tok)
         if base is not None:
             setup(model, self.cfg, "pretrain")
             set_weights(model, base)
         setup(model, self.cfg, stage)
-        return get_weights(model)
+        if weights is not None:
+            set_weights(model, weights)
+        return model
+
+    def _save_final(self, tok: Tokenizer, stage: str, base: dict | None, weights: dict) -> None:
+        """The global model as a fedclif checkpoint in OUT/model (LoRA: adapters and head,
+        on the pretrained base in OUT/model-base), ready for `fedclif train finetune
+        --from` or `train probe --model` at any site."""
+        model = self._model(tok, stage, base, weights)
+        lora = stage == "finetune" and self.cfg.finetune.peft == "lora"
+        if lora:
+            save_model(self._model(tok, "pretrain", None, base), self.out / "model-base", tok,
+                       "pretrain")  # fmt: skip
+        save_model(model, self.out / "model", tok, stage,
+                   base=self.out / "model-base" if lora else None)  # fmt: skip
 
     # --- the run -----------------------------------------------------------------------
 
@@ -344,8 +358,6 @@ class FederatedRun:
             tok = Tokenizer.load(self.out / "tokenizer.json")
             start = int(saved["round"])
             strategy = make_strategy(self.fed)
-            from server.checkpoint import restore_strategy
-
             restore_strategy(strategy, strat_state)
             print(f"[fedclif] resuming after {saved['phase']} round {start}")
         else:
@@ -359,7 +371,9 @@ class FederatedRun:
             if done_phase != stage:
                 if stage == "finetune" and weights is not None and base is None:
                     base = weights  # the pretrained global model becomes the base
-                weights = self._initial(tok, stage, base if stage == "finetune" else None)
+                weights = get_weights(
+                    self._model(tok, stage, base if stage == "finetune" else None, None)
+                )
                 start, strategy = 0, None
             weights = self.rounds(stage, n, tok, weights, base, start, strategy)
             done_phase = None
@@ -373,5 +387,5 @@ class FederatedRun:
             results["evaluation"] = self.evaluate(last, tok, weights, base)
         write_json(results, self.out / "results.json")
         if weights is not None:
-            np.savez(self.out / "final_weights.npz", **weights)
+            self._save_final(tok, last, base, weights)
         return results

@@ -13,6 +13,7 @@ from server.loopback import Loopback, wait_for
 from shared.clif.site import load_site
 from shared.config import load_config
 from shared.federation import from_record, to_record
+from shared.models import load_model
 from shared.stats import merge_stats, site_stats
 from shared.tokenizer import Tokenizer, fit_tokenizer
 from simulations.synth import load_preset, write_site
@@ -81,6 +82,10 @@ def test_statistics_two_pretraining_rounds_and_evaluation(finished_run):
     assert (state["phase"], state["round"]) == ("finetune", 1)
     assert state["tokenizer_hash"] == r["tokenizer_hash"]
     assert Tokenizer.load(out / "tokenizer.json").hash == r["tokenizer_hash"]
+    # The global model is a checkpoint any site can finetune or probe (LoRA: on its base).
+    model, meta = load_model(out / "model")
+    assert meta["stage"] == "finetune" and meta["base"] == str((out / "model-base").resolve())
+    assert model.tokenizer_hash == r["tokenizer_hash"]
 
 
 def test_server_tokenizer_equals_the_pooled_fit(federation, finished_run, tmp_path):

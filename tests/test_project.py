@@ -42,6 +42,6 @@ def test_train_bench_quick_profile():
 
 
 def test_federation_bench_quick_profile():
-    out = run_module("bench.federation", "--sites", "0", "--replies", "2", "4")
+    out = run_module("bench.federation", "--sites", "0", "--replies", "2")
     assert "tiny lora+head" in out and "small full" in out
-    assert out.count("peak") == 2
+    assert sum(line.strip().startswith("N=") for line in out.splitlines()) == 1
