@@ -113,11 +113,8 @@ def stats(msg: Message, context: Context) -> Message:
 @guarded
 def tokenize(msg: Message, context: Context) -> Message:
     node = Node(context)
-    raw = json.loads(str(msg.content[CONFIG]["tokenizer"]))
-    path = node.work / f"tokenizer-{raw['hash'][:16]}.json"
-    path.write_text(json.dumps(raw))
-    tok = Tokenizer.load(path)  # checks the content hash
-    out = node.tokens(tok.hash)
+    tok = Tokenizer.from_dict(json.loads(str(msg.content[CONFIG]["tokenizer"])), "the server")
+    out = node.tokens(tok.hash)  # tokenize_site keeps a copy of the tokenizer there
     if not (out / MANIFEST).is_file():
         tokenize_site(load_site(node.data, load_config("site")), tok, out)
     m = json.loads((out / MANIFEST).read_text())

@@ -198,9 +198,7 @@ class FederatedRun:
         else:
             tok = Tokenizer.load(self.fed.tokenizer)
         tok.save(self.out / "tokenizer.json")
-        content = RecordDict(
-            {CONFIG: ConfigRecord({"tokenizer": json.dumps({**tok.content(), "hash": tok.hash})})}
-        )
+        content = RecordDict({CONFIG: ConfigRecord({"tokenizer": json.dumps(tok.to_dict())})})
         for r in self._query(QUERY_TOKENIZE, content):
             m = r.content[METRICS]
             self.sites.setdefault(r.metadata.src_node_id, str(r.content[CONFIG]["site"]))

@@ -85,12 +85,17 @@ class Tokenizer:
     def decode(self, ids: list[int]) -> list[str]:
         return [self.vocab[i] for i in ids]
 
+    def to_dict(self) -> dict:
+        """What tokenizer.json holds (and what the server sends the sites)."""
+        return {**self.content(), "hash": self.hash}
+
     def save(self, path: str | Path) -> None:
-        write_json({**self.content(), "hash": self.hash}, path)
+        write_json(self.to_dict(), path)
 
     @classmethod
-    def load(cls, path: str | Path) -> "Tokenizer":
-        raw = read_json(path, FORMAT, VERSION, "tokenizer", "make one with `fedclif tokenizer fit`")
+    def from_dict(cls, raw: dict, source: str | Path) -> "Tokenizer":
+        """A tokenizer from `to_dict` output, refused if its content does not match its
+        hash (`source` names where it came from)."""
         tok = cls(
             config=raw["config"],
             vocab=tuple(raw["vocab"]),
@@ -100,9 +105,14 @@ class Tokenizer:
         )
         if tok.hash != raw.get("hash"):
             raise FedclifError(
-                f"{path}: content hash does not match (file edited or corrupt); fit it again"
+                f"{source}: content hash does not match (file edited or corrupt); fit it again"
             )
         return tok
+
+    @classmethod
+    def load(cls, path: str | Path) -> "Tokenizer":
+        raw = read_json(path, FORMAT, VERSION, "tokenizer", "make one with `fedclif tokenizer fit`")
+        return cls.from_dict(raw, path)
 
 
 def fit_tokenizer(merged: dict, cfg: DictConfig) -> Tokenizer:

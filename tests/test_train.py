@@ -28,6 +28,11 @@ def train_cfg(*overrides: str):
     return load_config("train", overrides=[*PRETRAIN, *FINETUNE, *overrides])
 
 
+def short_pretrain(**pretrain):
+    """A train config for pretraining runs of a few steps on 64-token blocks."""
+    return train_cfg("pretrain.context=64", *(f"pretrain.{k}={v}" for k, v in pretrain.items()))
+
+
 @pytest.fixture(scope="module")
 def pretrained(demo_tokens, tmp_path_factory):
     """`fedclif train pretrain` on the demo, as a site runs it."""
@@ -76,13 +81,7 @@ def test_resume_continues_to_the_same_weights(demo_tokens, tmp_path):
     from client.pretrain import pretrain
 
     data = load_site_data(demo_tokens, train_cfg().split, full=True)
-    cfg = train_cfg(
-        "pretrain.context=64",
-        "pretrain.max_steps=16",
-        "pretrain.eval_every=5",
-        "pretrain.patience=0",
-        "pretrain.batch_size=4",
-    )
+    cfg = short_pretrain(max_steps=16, eval_every=5, patience=0, batch_size=4)
     model_cfg = load_config("model/tiny")
     pretrain(data, model_cfg, cfg, tmp_path / "whole")
 
@@ -106,14 +105,7 @@ def test_early_stopping_stops_when_val_loss_stalls(demo_tokens, tmp_path):
 
     data = load_site_data(demo_tokens, train_cfg().split, full=True)
     # lr=0: the val loss never improves after the first evaluation.
-    cfg = train_cfg(
-        "pretrain.context=64",
-        "pretrain.max_steps=40",
-        "pretrain.eval_every=2",
-        "pretrain.patience=2",
-        "pretrain.batch_size=2",
-        "pretrain.lr=0",
-    )
+    cfg = short_pretrain(max_steps=40, eval_every=2, patience=2, batch_size=2, lr=0)
     m = pretrain(data, load_config("model/tiny"), cfg, tmp_path / "es")
     assert m["steps"] == 6 and [h["step"] for h in m["history"]] == [2, 4, 6]
 
