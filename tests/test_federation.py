@@ -169,13 +169,16 @@ def test_poisoned_and_malformed_updates_are_rejected():
     assert from_record(cur).keys() == current.keys()
 
 
-def test_killed_site_and_restarted_coordinator(federation):
+def test_killed_site_and_restarted_coordinator(federation, finished_run):
     """Site b dies after round 1: round 2 goes on with a. The coordinator dies after
     round 2 and restarts on its database; `run --resume` finishes round 3 from the
     checkpoint. (Runs last: it leaves site b stopped.)"""
     lb = federation
     out = lb.root / "resilient"
-    args = ("rounds.pretrain=3", "min_sites=1", *RUN, "timeout_s=30")
+    # The first run's tokenizer: no statistics round, and the sites' timelines are cached.
+    tok = finished_run[0] / "tokenizer.json"
+    args = ("rounds.pretrain=3", "min_sites=1", "statistics=false", f"tokenizer={tok}",
+            *RUN, "timeout_s=30")  # fmt: skip
 
     def checkpointed(n: int) -> bool:
         state = out / "checkpoint" / "state.json"
