@@ -66,6 +66,15 @@ class Node:
     def tokens(self, tok_hash: str) -> Path:
         return self.work / f"tokens-{tok_hash[:16]}"
 
+    @property
+    def dp_ledger(self) -> Path:
+        """Epsilon this site has spent in this run."""
+        return self.work / f"dp-run-{self.run_id}.json"
+
+    def site(self):
+        """The site's CLIF data, read and checked."""
+        return load_site(self.data, load_config("site"))
+
 
 def _category(e: BaseException) -> str:
     if isinstance(e, SiteRefusal):
@@ -105,7 +114,7 @@ def _reply(msg: Message, **records) -> Message:
 def stats(msg: Message, context: Context) -> Message:
     node = Node(context)
     tok_cfg = OmegaConf.create(json.loads(str(msg.content[CONFIG]["tokenizer"])))
-    s = site_stats(load_site(node.data, load_config("site")), tok_cfg)
+    s = site_stats(node.site(), tok_cfg)
     return _reply(msg, **{STATS: ConfigRecord({"json": json.dumps(s), "site": node.name})})
 
 
@@ -116,7 +125,7 @@ def tokenize(msg: Message, context: Context) -> Message:
     tok = Tokenizer.from_dict(json.loads(str(msg.content[CONFIG]["tokenizer"])), "the server")
     out = node.tokens(tok.hash)  # tokenize_site keeps a copy of the tokenizer there
     if not (out / MANIFEST).is_file():
-        tokenize_site(load_site(node.data, load_config("site")), tok, out)
+        tokenize_site(node.site(), tok, out)
     m = json.loads((out / MANIFEST).read_text())
     return _reply(
         msg,
@@ -163,7 +172,7 @@ def _model(msg: Message, node: Node, full_data: bool):
 def _spend(node: Node, cfg, budget: float) -> float:
     """Epsilon this site has spent in this run, refusing a round that would pass its
     budget (the site's own `dp-budget` first, else the run's)."""
-    ledger = node.work / f"dp-run-{node.run_id}.json"
+    ledger = node.dp_ledger
     spent = json.loads(ledger.read_text())["epsilon"] if ledger.is_file() else 0.0
     limit = node.dp_budget if node.dp_budget is not None else budget
     if spent + float(cfg.dp.epsilon) > limit + 1e-9:
@@ -190,8 +199,7 @@ def train(msg: Message, context: Context) -> Message:
         **res.metrics,
     }
     if "epsilon" in res.metrics:
-        ledger = node.work / f"dp-run-{node.run_id}.json"
-        ledger.write_text(json.dumps({"epsilon": spent + res.metrics["epsilon"]}))
+        node.dp_ledger.write_text(json.dumps({"epsilon": spent + res.metrics["epsilon"]}))
     return _reply(msg, **{ARRAYS: to_record(res.weights), METRICS: MetricRecord(metrics)})
 
 
