@@ -140,6 +140,7 @@ def _model(msg: Message, node: Node, full_data: bool):
     """The model of this round's stage with the global weights in, and the site's data."""
     # Imported here: each message runs in a fresh process, and statistics and tokenizing
     # need none of torch, transformers or peft (seconds of imports per message).
+    from client.finetune import uses_lora
     from client.local import set_weights, setup
     from shared.models import build_model, quiet_transformers
     from shared.sequences import load_site_data
@@ -153,7 +154,9 @@ def _model(msg: Message, node: Node, full_data: bool):
         raise SiteRefusal("tokenizer_mismatch", f"no timelines for tokenizer {tokens.name}")
     data = load_site_data(tokens, cfg.split, full=full_data)
     model = build_model(OmegaConf.create(json.loads(str(c["model"]))), data.tok)
-    if stage == "finetune":
+    # A finetuning round names its pretrained base; LoRA rounds need it (only adapters and
+    # head travel), full finetuning sends every weight that matters and may go without.
+    if stage == "finetune" and (str(c["base_id"]) or uses_lora(cfg)):
         base_file = node.work / f"base-{c['base_id']}.safetensors"
         if BASE in msg.content.array_records:
             base = from_record(msg.content[BASE])
@@ -213,5 +216,8 @@ def evaluate(msg: Message, context: Context) -> Message:
     from client.local import evaluate_round
 
     m = evaluate_round(model, data, cfg, stage)
-    m = {"num-examples": m["num_examples"], **{k: float(v) for k, v in m.items()}}
+    m = {
+        "num-examples": m["num_examples"],
+        **{k: v if isinstance(v, list) else float(v) for k, v in m.items()},
+    }
     return _reply(msg, **{METRICS: MetricRecord(m)})

@@ -120,7 +120,7 @@ def evaluate_round(
     model: EHRModel, data: SiteData, cfg: DictConfig, stage: str, split: str = "test"
 ) -> dict[str, float]:
     """Held-out metrics of the model as it is: next-token loss for pretraining, per-task
-    AUROC/AUPRC/F1 for finetuning; flat, with `num_examples`."""
+    AUROC/AUPRC/F1 (and the ROC curve, a list) for finetuning; flat, with `num_examples`."""
     model.check_data(data.tok.hash, data.path)
     device = pick_device(cfg.device)
     model.to(device).eval()
@@ -130,5 +130,9 @@ def evaluate_round(
         loss = held_out_loss(model, blocks, device, int(c.batch_size))
         return {"num_examples": len(blocks), "loss": loss, "perplexity": float(np.exp(loss))}
     res = evaluate_tasks(model, data, list(c.tasks), cfg, split)
-    flat = {f"{t}_{k}": float(v) for t, m in res.items() for k, v in m.items()}
+    flat = {
+        f"{t}_{k}": [float(x) for x in v] if isinstance(v, list) else float(v)
+        for t, m in res.items()
+        for k, v in m.items()
+    }
     return {"num_examples": sum(m["n"] for m in res.values()), **flat}

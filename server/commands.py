@@ -2,10 +2,7 @@
 `fedclif status`: shells over server/deploy.py and server/pki.py."""
 
 import argparse
-import json
 import os
-import re
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -49,36 +46,33 @@ def cmd_register(args: argparse.Namespace) -> int:
     return 0
 
 
-def run_status(run_id: int, env: dict[str, str]) -> str:
-    from server.deploy import flwr
-
-    r = flwr(["ls", "fedclif", "--run-id", str(run_id), "--format", "json"], env)
-    runs = json.loads(r.stdout).get("runs", [])
-    return str(runs[0].get("status", "unknown")) if runs else "unknown"
-
-
 def cmd_run(args: argparse.Namespace) -> int:
-    from server.deploy import start_run
+    from server.deploy import run_config, submit, wait_run
     from shared.federation import load_federation
 
     fed = load_federation(args.config, args.overrides)
+    out_dir = Path(args.out)
+    config = run_config(fed, out_dir, args.resume, Path(args.audit) if args.audit else None)
+    if args.sites:  # a local simulation: one virtual site per CLIF directory
+        from simulations.engine import SimulationEngine
+
+        sites = [Path(s) for s in args.sites.split(",") if s]
+        with SimulationEngine(out_dir / "engine", len(sites)) as engine:
+            ok = engine.run(config, sites, out_dir / "sites")
+        out.print(f"simulated run {'completed' if ok else 'failed'}; files in {out_dir}")
+        return 0 if ok else 1
+    if not (args.superlink and args.ca):
+        raise FedclifError("fedclif run needs --superlink and --ca, or --sites to simulate")
     env = _connect(args)
-    audit = Path(args.audit) if args.audit else None
-    text = start_run(fed, Path(args.out), args.resume, env, audit)
-    m = re.search(r"run (\d+)", text)
-    if not m:
-        raise FedclifError(f"could not read the run id from `flwr run`:\n{text}")
-    run_id = int(m.group(1))
+    run_id = submit(config, env)
     out.print(f"run {run_id} started; coordinator files in {args.out}")
     if args.detach:
         return 0
     with console.status(f"run {run_id}: waiting for it to finish"):
-        while (status := run_status(run_id, env)).startswith(("pending", "starting", "running")):
-            time.sleep(2)
-    out.print(f"run {run_id}: {status}")
-    ok = status.endswith("completed")  # flwr: finished:completed | finished:failed | ...
-    if ok and (Path(args.out) / "results.json").is_file():
-        out.print(f"results: {Path(args.out) / 'results.json'}")
+        ok = wait_run(run_id, env)
+    out.print(f"run {run_id}: {'completed' if ok else 'failed'}")
+    if ok and (out_dir / "results.json").is_file():
+        out.print(f"results: {out_dir / 'results.json'}")
     return 0 if ok else 1
 
 
@@ -90,9 +84,11 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def register_commands(sub, site_sub, add: Callable) -> None:
-    def link(p: argparse.ArgumentParser) -> None:
-        p.add_argument("--superlink", required=True, help="HOST:PORT of the SuperLink")
-        p.add_argument("--ca", required=True, help="CA certificate the SuperLink's is signed by")
+    def link(p: argparse.ArgumentParser, required: bool = True) -> None:
+        p.add_argument("--superlink", required=required, help="HOST:PORT of the SuperLink")
+        p.add_argument(
+            "--ca", required=required, help="CA certificate the SuperLink's is signed by"
+        )
 
     co = add(sub, "coordinator", None, "run the federation's SuperLink")
     csub = co.add_subparsers(dest="coordinator_command", required=True)
@@ -114,7 +110,12 @@ def register_commands(sub, site_sub, add: Callable) -> None:
     p.add_argument("--resume", action="store_true", help="continue from --out's checkpoint")
     p.add_argument("--detach", action="store_true", help="submit and return")
     p.add_argument("--audit", help="write every site reply's records here, to inspect")
+    p.add_argument(
+        "--sites",
+        help="comma-separated CLIF directories: simulate the run on this machine, one "
+        "virtual site each (instead of --superlink/--ca)",
+    )
     p.add_argument("overrides", nargs="*", metavar="key=value", help="rounds.pretrain=3 ...")
-    link(p)
+    link(p, required=False)
     p = add(sub, "status", cmd_status, "runs on the SuperLink and their state")
     link(p)

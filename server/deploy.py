@@ -3,10 +3,13 @@
 through a connection named `fedclif` in $FLWR_HOME/config.toml (default
 ~/.fedclif/flwr)."""
 
+import json
 import os
+import re
 import shutil
 import subprocess
 import tempfile
+import time
 from pathlib import Path
 
 import tomli
@@ -83,20 +86,19 @@ def flwr_home() -> Path:
     return Path(os.environ.get("FLWR_HOME") or Path.home() / ".fedclif" / "flwr")
 
 
-def connect(superlink: str, ca: Path) -> dict[str, str]:
-    """Point the `fedclif` connection at this SuperLink; returns the environment for
-    `flwr` commands."""
-    if not ca.is_file():
+def connect(superlink: str, ca: Path | None, home: Path | None = None) -> dict[str, str]:
+    """Point the `fedclif` connection at this SuperLink (TLS with `ca`; None: plaintext,
+    only for the local simulation engine); returns the environment for `flwr` commands."""
+    if ca is not None and not ca.is_file():
         raise FedclifError(f"CA certificate {ca} not found")
-    home = flwr_home()
+    home = home or flwr_home()
     home.mkdir(parents=True, exist_ok=True)
     path = home / "config.toml"
     conf = tomli.loads(path.read_text()) if path.is_file() else {}
     conf.setdefault("superlink", {})["default"] = CONNECTION
-    conf["superlink"][CONNECTION] = {
-        "address": superlink,
-        "root-certificates": str(ca.resolve()),
-    }
+    conf["superlink"][CONNECTION] = {"address": superlink} | (
+        {"root-certificates": str(ca.resolve())} if ca is not None else {"insecure": True}
+    )
     path.write_text(tomli_w.dumps(conf))
     return {**os.environ, "FLWR_HOME": str(home), "FLWR_DISABLE_UPDATE_CHECK": "1"}
 
@@ -115,20 +117,39 @@ def register(public_key: Path, name: str, env: dict[str, str]) -> str:
     return r.stdout.strip()
 
 
-def start_run(
-    fed: DictConfig, out: Path, resume: bool, env: dict[str, str], audit: Path | None = None
-) -> str:
-    """Submit a run of the fedclif app; returns `flwr run`'s output (with the run id)."""
-    run_config = {
+def run_config(fed: DictConfig, out: Path, resume: bool, audit: Path | None = None) -> dict:
+    """The ServerApp's run config for a federated run (server/app.py)."""
+    return {
         "federation": OmegaConf.to_yaml(fed),
         "out-dir": str(out.resolve()),
         "resume": resume,
         "audit-dir": str(audit.resolve()) if audit else "",
     }
+
+
+def submit(config: dict, env: dict[str, str]) -> int:
+    """Start a run of the fedclif app with this run config; returns its run id."""
     with tempfile.NamedTemporaryFile("w", suffix=".toml", delete=False) as f:
-        f.write(tomli_w.dumps(run_config))
+        f.write(tomli_w.dumps(config))
     try:
-        r = flwr(["run", str(APP_DIR), CONNECTION, "--run-config", f.name], env)
+        text = flwr(["run", str(APP_DIR), CONNECTION, "--run-config", f.name], env).stdout
     finally:
         os.unlink(f.name)
-    return r.stdout.strip()
+    m = re.search(r"run (\d+)", text)
+    if not m:
+        raise FedclifError(f"could not read the run id from `flwr run`:\n{text}")
+    return int(m.group(1))
+
+
+def run_status(run_id: int, env: dict[str, str]) -> str:
+    """flwr's status of a run: pending | starting | running | finished:<result>."""
+    r = flwr(["ls", CONNECTION, "--run-id", str(run_id), "--format", "json"], env)
+    runs = json.loads(r.stdout).get("runs", [])
+    return str(runs[0].get("status", "unknown")) if runs else "unknown"
+
+
+def wait_run(run_id: int, env: dict[str, str], poll_s: float = 2.0) -> bool:
+    """Block until the run ends; True when it completed."""
+    while run_status(run_id, env).startswith(("pending", "starting", "running")):
+        time.sleep(poll_s)
+    return run_status(run_id, env).endswith("completed")

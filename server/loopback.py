@@ -4,45 +4,29 @@ authentication and one SuperNode per site, all real Flower processes started thr
 started in its own session and `stop_all` ends each group."""
 
 import os
-import signal
-import socket
 import subprocess
 import sys
-import time
-from collections.abc import Callable
 from pathlib import Path
+
+from server.processes import Processes, free_port, wait_for
 
 FEDCLIF = [sys.executable, "-m", "shared.cli"]
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_for(pred: Callable[[], bool], seconds: float, what: str) -> None:
-    t0 = time.monotonic()
-    while not pred():
-        if time.monotonic() - t0 > seconds:
-            raise TimeoutError(f"timed out after {seconds:.0f} s waiting for {what}")
-        time.sleep(0.5)
-
-
-class Loopback:
+class Loopback(Processes):
     """PKI in `root/pki`, logs in `root/<process>.log`, FLWR_HOME in `root/flwr`."""
 
     def __init__(self, root: Path, sites: list[str]):
-        self.root, self.sites = Path(root), list(sites)
-        self.env = {
+        env = {
             **os.environ,
-            "FLWR_HOME": str(self.root / "flwr"),
+            "FLWR_HOME": str(Path(root) / "flwr"),
             "FLWR_DISABLE_UPDATE_CHECK": "1",
         }
+        super().__init__(root, env)
+        self.sites = list(sites)
         self.port = free_port()
         self.link = f"127.0.0.1:{self.port}"
         self.ca = str(self.root / "pki" / "ca.crt")
-        self.procs: dict[str, tuple[subprocess.Popen, object]] = {}
 
     def fedclif(self, *args: str, check: bool = True) -> subprocess.CompletedProcess:
         r = subprocess.run(
@@ -51,35 +35,6 @@ class Loopback:
         if check and r.returncode != 0:
             raise RuntimeError(f"fedclif {' '.join(args)} failed:\n{r.stdout}{r.stderr}")
         return r
-
-    def start(self, name: str, args: list[str]) -> subprocess.Popen:
-        log = open(self.root / f"{name}.log", "w")  # noqa: SIM115 - closed in stop()
-        p = subprocess.Popen(
-            args, stdout=log, stderr=subprocess.STDOUT, env=self.env, start_new_session=True
-        )
-        self.procs[name] = (p, log)
-        return p
-
-    def log(self, name: str) -> str:
-        return (self.root / f"{name}.log").read_text()
-
-    def stop(self, name: str) -> None:
-        p, log = self.procs.pop(name)
-        for sig in (signal.SIGTERM, signal.SIGKILL):
-            try:
-                os.killpg(p.pid, sig)
-            except ProcessLookupError:
-                break
-            try:
-                p.wait(timeout=10)
-                break
-            except subprocess.TimeoutExpired:
-                continue
-        log.close()
-
-    def stop_all(self) -> None:
-        for name in list(self.procs):
-            self.stop(name)
 
     def init(self, extra_sites: list[str] = ()) -> None:
         sites = ",".join([*self.sites, *extra_sites])

@@ -116,9 +116,14 @@ class FederatedRun:
         return self.sites.get(node, f"node-{node}")
 
     def _exchange(self, msgs: list[Message], what: str) -> tuple[list[Message], list[dict]]:
-        """Send, wait up to the timeout, and sort the replies: those with content, and
-        failures as (site, category), silent sites included, each logged by name."""
         replies = list(self.grid.send_and_receive(msgs, timeout=self.timeout))
+        return self.sort_replies(msgs, replies, what)
+
+    def sort_replies(
+        self, msgs: list[Message], replies: list[Message], what: str
+    ) -> tuple[list[Message], list[dict]]:
+        """The replies with content, and failures as (site, category), silent sites
+        included, each logged by name."""
         dst = {m.metadata.message_id: m.metadata.dst_node_id for m in msgs}
         ok, failed, answered = [], [], set()
         for r in replies:
@@ -181,23 +186,21 @@ class FederatedRun:
 
     # --- phases ------------------------------------------------------------------------
 
-    def statistics(self) -> Tokenizer:
-        """Every site's mergeable statistics -> one tokenizer -> every site tokenizes."""
+    def collect_stats(self) -> dict[str, dict]:
+        """Every site's mergeable statistics, by site name."""
         tok_cfg = load_config("tokenizer")
-        if self.fed.statistics:
-            content = RecordDict(
-                {CONFIG: ConfigRecord({"tokenizer": json.dumps(OmegaConf.to_container(tok_cfg))})}
-            )
-            replies = self._query(QUERY_STATS, content)
-            stats = []
-            for r in replies:
-                rec = r.content[STATS]
-                self.sites[r.metadata.src_node_id] = str(rec["site"])
-                stats.append(json.loads(str(rec["json"])))
-            tok = fit_tokenizer(merge_stats(stats), tok_cfg)
-        else:
-            tok = Tokenizer.load(self.fed.tokenizer)
-        tok.save(self.out / "tokenizer.json")
+        content = RecordDict(
+            {CONFIG: ConfigRecord({"tokenizer": json.dumps(OmegaConf.to_container(tok_cfg))})}
+        )
+        stats = {}
+        for r in self._query(QUERY_STATS, content):
+            rec = r.content[STATS]
+            self.sites[r.metadata.src_node_id] = str(rec["site"])
+            stats[str(rec["site"])] = json.loads(str(rec["json"]))
+        return stats
+
+    def tokenize(self, tok: Tokenizer) -> None:
+        """Every site tokenizes its data with `tok` (cached there by tokenizer hash)."""
         content = RecordDict({CONFIG: ConfigRecord({"tokenizer": json.dumps(tok.to_dict())})})
         for r in self._query(QUERY_TOKENIZE, content):
             m = r.content[METRICS]
@@ -205,6 +208,17 @@ class FederatedRun:
             self.state["sites"][self._site(r.metadata.src_node_id)] = {
                 k: int(v) for k, v in m.items()
             }
+
+    def statistics(self) -> Tokenizer:
+        """Every site's mergeable statistics -> one tokenizer -> every site tokenizes."""
+        if self.fed.statistics:
+            tok = fit_tokenizer(
+                merge_stats(list(self.collect_stats().values())), load_config("tokenizer")
+            )
+        else:
+            tok = Tokenizer.load(self.fed.tokenizer)
+        tok.save(self.out / "tokenizer.json")
+        self.tokenize(tok)
         return tok
 
     def _config(self, stage: str, rnd: int, tok: Tokenizer, base: dict | None) -> ConfigRecord:
@@ -221,6 +235,83 @@ class FederatedRun:
             }
         )
 
+    def begin_round(
+        self,
+        stage: str,
+        rnd: int,
+        tok: Tokenizer,
+        weights: dict,
+        base: dict | None,
+        strategy,
+        send_base: bool = False,
+    ) -> list[Message]:
+        """Round `rnd`'s messages (send them, then pass the replies to `end_round`)."""
+        self._round = {
+            "stage": stage,
+            "rnd": rnd,
+            "tok": tok,
+            "base": base,
+            "strategy": strategy,
+            "t0": time.perf_counter(),
+            "current": to_record(weights),
+        }
+        msgs = list(
+            self._round["strategy"].configure_train(
+                rnd, self._round["current"], self._config(stage, rnd, tok, base), self.grid
+            )
+        )
+        if send_base:
+            for m in msgs:
+                m.content[BASE] = to_record(base)
+        self._round["msgs"] = msgs
+        return msgs
+
+    def end_round(self, replies: list[Message], n: int) -> dict:
+        """Check, aggregate and checkpoint the replies of the round begun; returns the new
+        global weights. Rejected and failed sites are logged; too few valid replies end
+        the run (its last checkpoint stays)."""
+        cur = self._round
+        stage, rnd, current, msgs = cur["stage"], cur["rnd"], cur["current"], cur["msgs"]
+        strategy = cur["strategy"]
+        sent = sum(_bytes(m.content.array_records.values()) for m in msgs)
+        ok, failed = self.sort_replies(msgs, replies, f"{stage} round {rnd}")
+        received = sum(_bytes(r.content.array_records.values()) for r in ok)
+        valid, rejected = [], []
+        for r in ok:
+            why = update_problem(r.content[ARRAYS], current, float(self.fed.checks.max_update_norm))
+            if why:
+                site = self._site(r.metadata.src_node_id)
+                rejected.append({"site": site, "reason": why})
+                print(f"[fedclif] {stage} round {rnd}: rejected site {site}: {why}")
+            else:
+                valid.append(r)
+        self._enough(valid, f"{stage} round {rnd}")
+        agg, metrics = strategy.aggregate_train(rnd, valid)
+        weights = from_record(agg)
+        self.state["history"].append(
+            {
+                "phase": stage,
+                "round": rnd,
+                "seconds": time.perf_counter() - cur["t0"],
+                "ended": time.time(),  # wall clock, to line rounds up with other logs
+                "bytes_sent": sent,
+                "bytes_received": received,
+                "sites": {
+                    self._site(r.metadata.src_node_id): dict(r.content[METRICS]) for r in valid
+                },
+                "failed": failed,
+                "rejected": rejected,
+                "metrics": dict(metrics) if metrics else {},
+            }
+        )
+        self.state.update(phase=stage, round=rnd)
+        save_checkpoint(self.out, self._state(cur["tok"]), weights, strategy, cur["base"])
+        print(
+            f"[fedclif] {stage} round {rnd}/{n}: {len(valid)} site(s), "
+            f"loss {dict(metrics or {}).get('train_loss', float('nan')):.3f}"
+        )
+        return weights
+
     def rounds(
         self,
         stage: str,
@@ -233,80 +324,46 @@ class FederatedRun:
     ):
         """Rounds start+1..n of `stage`; returns the final global weights."""
         strategy = strategy or make_strategy(self.fed)
-        send_base = base is not None  # once per server process: sites keep it on disk
         for rnd in range(start + 1, n + 1):
-            t0 = time.perf_counter()
-            current = to_record(weights)
-            msgs = list(
-                strategy.configure_train(
-                    rnd, current, self._config(stage, rnd, tok, base), self.grid
-                )
-            )
-            if send_base:
-                for m in msgs:
-                    m.content[BASE] = to_record(base)
-            sent = sum(_bytes(m.content.array_records.values()) for m in msgs)
-            ok, failed = self._exchange(msgs, f"{stage} round {rnd}")
-            received = sum(_bytes(r.content.array_records.values()) for r in ok)
-            valid, rejected = [], []
-            for r in ok:
-                why = update_problem(
-                    r.content[ARRAYS], current, float(self.fed.checks.max_update_norm)
-                )
-                if why:
-                    rejected.append({"site": self._site(r.metadata.src_node_id), "reason": why})
-                    print(
-                        f"[fedclif] {stage} round {rnd}: rejected site "
-                        f"{self._site(r.metadata.src_node_id)}: {why}"
-                    )
-                else:
-                    valid.append(r)
-            self._enough(valid, f"{stage} round {rnd}")
-            agg, metrics = strategy.aggregate_train(rnd, valid)
-            weights = from_record(agg)
-            send_base = False
-            self.state["history"].append(
-                {
-                    "phase": stage,
-                    "round": rnd,
-                    "seconds": time.perf_counter() - t0,
-                    "bytes_sent": sent,
-                    "bytes_received": received,
-                    "sites": {
-                        self._site(r.metadata.src_node_id): dict(r.content[METRICS]) for r in valid
-                    },
-                    "failed": failed,
-                    "rejected": rejected,
-                    "metrics": dict(metrics) if metrics else {},
-                }
-            )
-            self.state.update(phase=stage, round=rnd)
-            save_checkpoint(self.out, self._state(tok), weights, strategy, base)
-            print(
-                f"[fedclif] {stage} round {rnd}/{n}: {len(valid)} site(s), "
-                f"loss {dict(metrics or {}).get('train_loss', float('nan')):.3f}"
+            # The LoRA base goes once per server process: sites keep it on disk.
+            msgs = self.begin_round(stage, rnd, tok, weights, base, strategy,
+                                    send_base=base is not None and rnd == start + 1)  # fmt: skip
+            weights = self.end_round(
+                list(self.grid.send_and_receive(msgs, timeout=self.timeout)), n
             )
         return weights
 
-    def evaluate(self, stage: str, tok: Tokenizer, weights: dict, base: dict | None) -> dict:
-        strategy = make_strategy(self.fed)
+    def begin_evaluate(
+        self, stage: str, tok: Tokenizer, weights: dict, base: dict | None
+    ) -> list[Message]:
+        """Messages asking every site to evaluate `weights` on its test split."""
+        self._eval = make_strategy(self.fed)
         msgs = list(
-            strategy.configure_evaluate(
+            self._eval.configure_evaluate(
                 0, to_record(weights), self._config(stage, 0, tok, base), self.grid
             )
         )
         for m in msgs:
             if base is not None:
                 m.content[BASE] = to_record(base)
-        ok, failed = self._exchange(msgs, "evaluation")
+        self._eval_msgs, self._eval_stage = msgs, stage
+        return msgs
+
+    def end_evaluate(self, replies: list[Message]) -> dict:
+        """Per-site and example-weighted metrics of the evaluation begun."""
+        ok, failed = self.sort_replies(self._eval_msgs, replies, "evaluation")
         per_site = {self._site(r.metadata.src_node_id): dict(r.content[METRICS]) for r in ok}
-        agg = strategy.aggregate_evaluate(0, ok) if ok else None
+        agg = self._eval.aggregate_evaluate(0, ok) if ok else None
         return {
-            "stage": stage,
+            "stage": self._eval_stage,
             "sites": per_site,
             "weighted": dict(agg) if agg else {},
             "failed": failed,
         }
+
+    def evaluate(self, stage: str, tok: Tokenizer, weights: dict, base: dict | None) -> dict:
+        msgs = self.begin_evaluate(stage, tok, weights, base)
+        return self.end_evaluate(list(self.grid.send_and_receive(msgs, timeout=self.timeout)))
 
     def _state(self, tok: Tokenizer) -> dict:
         return {
@@ -316,7 +373,7 @@ class FederatedRun:
             "site_names": {str(k): v for k, v in self.sites.items()},
         }
 
-    def _model(self, tok: Tokenizer, stage: str, base: dict | None, weights: dict | None):
+    def model(self, tok: Tokenizer, stage: str, base: dict | None, weights: dict | None):
         """The stage's model: seeded fresh weights, then the pretrained base (finetuning),
         then `weights` when given."""
         seed_everything(int(self.fed.seed))
@@ -333,10 +390,10 @@ class FederatedRun:
         """The global model as a fedclif checkpoint in OUT/model (LoRA: adapters and head,
         on the pretrained base in OUT/model-base), ready for `fedclif train finetune
         --from` or `train probe --model` at any site."""
-        model = self._model(tok, stage, base, weights)
+        model = self.model(tok, stage, base, weights)
         lora = stage == "finetune" and self.cfg.finetune.peft == "lora"
         if lora:
-            save_model(self._model(tok, "pretrain", None, base), self.out / "model-base", tok,
+            save_model(self.model(tok, "pretrain", None, base), self.out / "model-base", tok,
                        "pretrain")  # fmt: skip
         save_model(model, self.out / "model", tok, stage,
                    base=self.out / "model-base" if lora else None)  # fmt: skip
@@ -358,6 +415,9 @@ class FederatedRun:
             strategy = make_strategy(self.fed)
             restore_strategy(strategy, strat_state)
             print(f"[fedclif] resuming after {saved['phase']} round {start}")
+            # Sites may be back under new node ids (a restarted simulation): this names
+            # them again, and tokenizes at a site that lost its timelines (else cached).
+            self.tokenize(tok)
         else:
             tok = self.statistics()
         done_phase = self.state["phase"] if self.resume else None
@@ -370,7 +430,7 @@ class FederatedRun:
                 if stage == "finetune" and weights is not None and base is None:
                     base = weights  # the pretrained global model becomes the base
                 weights = get_weights(
-                    self._model(tok, stage, base if stage == "finetune" else None, None)
+                    self.model(tok, stage, base if stage == "finetune" else None, None)
                 )
                 start, strategy = 0, None
             weights = self.rounds(stage, n, tok, weights, base, start, strategy)

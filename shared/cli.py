@@ -421,9 +421,11 @@ def build_parser() -> argparse.ArgumentParser:
     _overrides(p)
     from client.commands import register
     from server.commands import register_commands
+    from simulations.commands import register as register_simulate
 
     register(sub, ssub, add)
     register_commands(sub, ssub, add)
+    register_simulate(sub, add)
     return parser
 
 

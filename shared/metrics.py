@@ -15,7 +15,12 @@ from sklearn.metrics import (
     f1_score,
     precision_recall_curve,
     roc_auc_score,
+    roc_curve,
 )
+
+# False-positive rates at which an ROC curve is kept: an aggregate small enough to leave
+# a site, and the same grid everywhere so curves average across seeds.
+FPR_GRID = np.linspace(0.0, 1.0, 21)
 
 
 def auroc_rows(y: np.ndarray, p: np.ndarray) -> np.ndarray:
@@ -85,7 +90,8 @@ def f1_threshold(y: np.ndarray, p: np.ndarray) -> float:
 def binary_metrics(
     y: np.ndarray, p: np.ndarray, threshold: float | None = None, n_boot: int = 500, seed: int = 0
 ) -> dict:
-    """AUROC and AUPRC (and F1 at `threshold`) with bootstrap 95% intervals, flat for JSON."""
+    """AUROC and AUPRC (and F1 at `threshold`) with bootstrap 95% intervals, and the ROC
+    curve as TPR at FPR_GRID (when both classes are present), flat for JSON."""
     y, p = np.asarray(y).astype(int), np.asarray(p)
     row = {"n": int(y.size), "prevalence": float(y.mean()) if y.size else float("nan")}
     metrics = {
@@ -101,4 +107,7 @@ def binary_metrics(
     for name, (fn, rows) in metrics.items():
         v, lo, hi = bootstrap(y, p, fn, rows, n_boot=n_boot, seed=seed)
         row.update({name: v, f"{name}_low": lo, f"{name}_high": hi})
+    if len(np.unique(y)) == 2:
+        fpr, tpr, _ = roc_curve(y, p)
+        row["tpr_at_fpr"] = [float(t) for t in np.interp(FPR_GRID, fpr, tpr)]
     return row

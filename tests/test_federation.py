@@ -9,7 +9,8 @@ import polars as pl
 import pytest
 
 from server.checks import update_problem
-from server.loopback import Loopback, wait_for
+from server.loopback import Loopback
+from server.processes import wait_for
 from shared.clif.site import load_site
 from shared.config import load_config
 from shared.federation import from_record, to_record
@@ -23,10 +24,6 @@ RUN = [
     "train.pretrain.context=64",
     "train.pretrain.batch_size=8",
     "train.pretrain.max_steps=2",
-    "train.finetune.context=64",
-    "train.finetune.max_steps=2",
-    "train.finetune.peft=lora",
-    "train.finetune.n_boot=50",
     "timeout_s=120",
 ]
 
@@ -57,7 +54,7 @@ def federation(tmp_path_factory):
 @pytest.fixture(scope="module")
 def finished_run(federation):
     out, audit = federation.root / "run", federation.root / "audit"
-    federation.run(out, "rounds.pretrain=2", "rounds.finetune=1", *RUN,
+    federation.run(out, "rounds.pretrain=2", *RUN,
                    extra=("--audit", str(audit)))  # fmt: skip
     return out, audit
 
@@ -66,26 +63,18 @@ def test_statistics_two_pretraining_rounds_and_evaluation(finished_run):
     out, _ = finished_run
     r = json.loads((out / "results.json").read_text())
     assert set(r["sites"]) == {"a", "b"} and all(s["stays"] > 0 for s in r["sites"].values())
-    assert [(x["phase"], x["round"]) for x in r["rounds"]] == [
-        ("pretrain", 1),
-        ("pretrain", 2),
-        ("finetune", 1),
-    ]
-    # LoRA rounds move adapters and the head only: a small fraction of the full weights.
-    assert r["rounds"][2]["bytes_received"] < r["rounds"][0]["bytes_received"] / 5
+    assert [(x["phase"], x["round"]) for x in r["rounds"]] == [("pretrain", 1), ("pretrain", 2)]
     for x in r["rounds"]:
         assert set(x["sites"]) == {"a", "b"} and not x["failed"] and not x["rejected"]
         assert x["bytes_sent"] > 0 and x["bytes_received"] > 0
     assert set(r["evaluation"]["sites"]) == {"a", "b"}
-    assert 0 <= r["evaluation"]["weighted"]["death_auroc"] <= 1
+    assert r["evaluation"]["weighted"]["loss"] > 0  # each site's held-out next-token loss
     state = json.loads((out / "checkpoint" / "state.json").read_text())
-    assert (state["phase"], state["round"]) == ("finetune", 1)
+    assert (state["phase"], state["round"]) == ("pretrain", 2)
     assert state["tokenizer_hash"] == r["tokenizer_hash"]
     assert Tokenizer.load(out / "tokenizer.json").hash == r["tokenizer_hash"]
-    # The global model is a checkpoint any site can finetune or probe (LoRA: on its base).
     model, meta = load_model(out / "model")
-    assert meta["stage"] == "finetune" and meta["base"] == str((out / "model-base").resolve())
-    assert model.tokenizer_hash == r["tokenizer_hash"]
+    assert meta["stage"] == "pretrain" and model.tokenizer_hash == r["tokenizer_hash"]
 
 
 def test_server_tokenizer_equals_the_pooled_fit(federation, finished_run, tmp_path):
@@ -118,7 +107,7 @@ def test_site_messages_carry_no_identifier_or_raw_value(federation, finished_run
         h = pl.read_parquet(data / s / "clif_hospitalization.parquet")
         ids |= set(h["hospitalization_id"].cast(str)) | set(h["patient_id"].cast(str))
     texts = [p.read_text() for p in audit.glob("*.json")]
-    assert len(texts) >= 2 * 6  # stats, tokenize, 3 rounds, evaluation, from two sites
+    assert len(texts) >= 2 * 5  # stats, tokenize, 2 rounds, evaluation, from two sites
     blob = "\n".join(texts)
     for i in ids:
         assert f'"{i}"' not in blob and f"={i}" not in blob

@@ -1,0 +1,334 @@
+"""The transfer study's report from its results.json: the paper-style table (ours beside
+arXiv 2504.10422's), the properties the simulation must show, report.md and PNGs (AUROC by
+arm and task, recovery against the target's data fraction, ROC curves, the cross-site
+matrix)."""
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only; no display on servers
+import matplotlib.pyplot as plt
+import numpy as np
+from rich.table import Table
+
+from shared.artifact import write_json
+from shared.metrics import FPR_GRID
+from simulations.study import SOURCE, TARGET
+
+# Columns of the paper-style table: (label, arm, setting, evaluated at).
+COLUMNS = [
+    ("in-distribution", "source_only", "in_distribution", SOURCE),
+    ("zero-shot", "source_only", "zero_shot", TARGET),
+    ("local finetune", "source_finetuned", "local_finetune", TARGET),
+    ("target only", "target_only", "local_finetune", TARGET),
+    ("federated + finetune", "federated_finetuned", "local_finetune", TARGET),
+    ("pooled", "pooled", "pooled", TARGET),
+]
+PAPER = {
+    "in-distribution": "in_distribution",
+    "zero-shot": "zero_shot",
+    "local finetune": "local_finetune",
+}
+RECOVERY_ARMS = {
+    "source_finetuned": "source model, finetuned at target",
+    "target_only": "target from scratch",
+    "federated_finetuned": "federated model, finetuned at target",
+}
+
+
+def _cell(rows: list[dict], arm: str, setting: str, site: str, task: str, frac: float) -> dict:
+    """Mean over seeds of AUROC, its bootstrap interval and AUPRC."""
+    sel = [
+        r
+        for r in rows
+        if r["arm"] == arm
+        and r["setting"] == setting
+        and r["eval_site"] == site
+        and r["task"] == task
+        and abs(r["fraction"] - frac) < 1e-9
+    ]
+    if not sel:
+        return {}
+    mean = {
+        k: float(np.nanmean([r[k] for r in sel]))
+        for k in ("auroc", "auroc_low", "auroc_high", "auprc")
+    }
+    mean["seeds"] = len(sel)
+    mean["auroc_sd"] = float(np.nanstd([r["auroc"] for r in sel]))
+    return mean
+
+
+def summarize(results: dict) -> dict:
+    """The table, the recovery curves, the cross-site matrix and the checks."""
+    cfg, rows = results["config"], results["rows"]
+    tasks, fracs = list(cfg["tasks"]), [float(f) for f in cfg["fractions"]]
+    top = max(fracs)
+    # Finetuned columns at the largest share of the target's data the study used.
+    table = {
+        t: {
+            label: _cell(rows, arm, setting, site, t, top if setting == "local_finetune" else 1.0)
+            for label, arm, setting, site in COLUMNS
+        }
+        for t in tasks
+    }
+    recovery = {
+        arm: {t: [_cell(rows, arm, "local_finetune", TARGET, t, f) for f in fracs] for t in tasks}
+        for arm in RECOVERY_ARMS
+    }
+    sites = sorted({r["eval_site"] for r in rows if r["setting"] == "cross_site"})
+    matrix = [
+        [
+            float(
+                np.nanmean(
+                    [
+                        r["auroc"]
+                        for r in rows
+                        if r["setting"] == "cross_site"
+                        and r["train_sites"] == [a]
+                        and r["eval_site"] == b
+                    ]
+                )
+            )
+            for b in sites
+        ]
+        for a in sites
+    ]
+
+    key_tasks = [t for t in ("death", "long_los") if t in tasks]
+    # Zero-shot at every site the source model was taken to (the target, and the third).
+    zero_sites = sorted({r["eval_site"] for r in rows if r["setting"] == "zero_shot"})
+    gaps, within = {}, {}
+    for site in zero_sites:
+        gaps[site], within[site] = {}, {}
+        for t in tasks:
+            ind = table[t]["in-distribution"]
+            zs = _cell(rows, "source_only", "zero_shot", site, t, 1.0)
+            gaps[site][t] = ind["auroc"] - zs["auroc"]
+            within[site][t] = bool(ind["auroc_low"] <= zs["auroc"] <= ind["auroc_high"])
+
+    def mean_at(arm: str, f: float) -> float:
+        return float(
+            np.nanmean([recovery[arm][t][fracs.index(f)].get("auroc", np.nan) for t in tasks])
+        )
+
+    rises = {arm: mean_at(arm, max(fracs)) > mean_at(arm, min(fracs)) for arm in RECOVERY_ARMS}
+    federated = {
+        f"{f:g}": {
+            "federated": mean_at("federated_finetuned", f),
+            "source_only": mean_at("source_finetuned", f),
+            "target_only": mean_at("target_only", f),
+            "beats_source_only": mean_at("federated_finetuned", f) > mean_at("source_finetuned", f),
+            "beats_target_only": mean_at("federated_finetuned", f) > mean_at("target_only", f),
+        }
+        for f in fracs
+    }
+    checks = {
+        "zero_shot_gap": gaps,
+        "zero_shot_drop_at_least_0.1": {
+            site: any(g[t] >= 0.1 for t in key_tasks) for site, g in gaps.items()
+        },
+        "zero_shot_within_in_distribution_interval": within,
+        "rises_with_target_fraction": rises,
+        "federated_vs_single_site": federated,
+    }
+    return {
+        "table": table,
+        "recovery": recovery,
+        "sites": sites,
+        "matrix": matrix,
+        "checks": checks,
+    }
+
+
+def _fmt(c: dict) -> str:
+    if not c or np.isnan(c.get("auroc", np.nan)):
+        return "-"
+    return f"{c['auroc']:.3f} [{c['auroc_low']:.2f}, {c['auroc_high']:.2f}]"
+
+
+def console_table(summary: dict, paper: dict) -> Table:
+    t = Table(
+        title="AUROC at the target (mean over seeds) [mean bootstrap 95% interval]",
+        title_justify="left",
+    )
+    t.add_column("task")
+    for label, *_ in COLUMNS:
+        t.add_column(label, justify="right")
+    for task, cells in summary["table"].items():
+        t.add_row(task, *(_fmt(cells[label]) for label, *_ in COLUMNS))
+        ref = [
+            f"{paper[PAPER[label]][task]:.3f}"
+            if label in PAPER and task in paper.get(PAPER[label], {})
+            else ""
+            for label, *_ in COLUMNS
+        ]
+        if any(ref):
+            t.add_row("  paper", *ref, style="dim")
+    return t
+
+
+def _plots(summary: dict, results: dict, out: Path) -> list[str]:
+    cfg, rows = results["config"], results["rows"]
+    tasks, fracs = list(cfg["tasks"]), [float(f) for f in cfg["fractions"]]
+    files = []
+    # AUROC by arm and task.
+    fig, ax = plt.subplots(figsize=(1.8 + 1.6 * len(tasks), 4))
+    w = 0.8 / len(COLUMNS)
+    for i, (label, *_) in enumerate(COLUMNS):
+        cells = [summary["table"][t][label] for t in tasks]
+        y = np.array([c.get("auroc", np.nan) for c in cells])
+        lo = y - np.array([c.get("auroc_low", np.nan) for c in cells])
+        hi = np.array([c.get("auroc_high", np.nan) for c in cells]) - y
+        ax.bar(
+            np.arange(len(tasks)) + (i - len(COLUMNS) / 2 + 0.5) * w,
+            y,
+            w,
+            label=label,
+            yerr=[lo, hi],
+            capsize=2,
+        )
+    ax.axhline(0.5, color="grey", lw=0.8, ls="--")
+    ax.set(
+        xticks=range(len(tasks)),
+        xticklabels=tasks,
+        ylabel="AUROC",
+        ylim=(0.3, 1.0),
+        title="AUROC by arm (target unless in-distribution)",
+    )
+    ax.legend(fontsize=7, ncol=2)
+    files.append(_save(fig, out / "auroc_by_arm.png"))
+    # Recovery against the fraction of the target's training data.
+    fig, axes = plt.subplots(1, len(tasks), figsize=(4 * len(tasks), 3.5), squeeze=False)
+    for ax, t in zip(axes[0], tasks, strict=True):
+        for arm, label in RECOVERY_ARMS.items():
+            cells = summary["recovery"][arm][t]
+            y = np.array([c.get("auroc", np.nan) for c in cells])
+            lo = np.array([c.get("auroc_low", np.nan) for c in cells])
+            hi = np.array([c.get("auroc_high", np.nan) for c in cells])
+            ax.plot(fracs, y, marker="o", label=label)
+            ax.fill_between(fracs, lo, hi, alpha=0.15)
+        zs = summary["table"][t]["zero-shot"].get("auroc", np.nan)
+        ax.axhline(zs, color="k", ls=":", lw=1, label="zero-shot")
+        ax.set(xscale="log", xlabel="share of target training data", ylabel="AUROC", title=t)
+    axes[0][0].legend(fontsize=7)
+    files.append(_save(fig, out / "recovery.png"))
+    # ROC curves, mean over seeds.
+    fig, axes = plt.subplots(1, len(tasks), figsize=(3.6 * len(tasks), 3.6), squeeze=False)
+    for ax, t in zip(axes[0], tasks, strict=True):
+        for label, arm, setting, site in COLUMNS[:3]:
+            curves = [
+                r["tpr_at_fpr"]
+                for r in rows
+                if r["arm"] == arm
+                and r["task"] == t
+                and r["setting"] == setting
+                and r["eval_site"] == site
+                and r["fraction"] in (1.0, max(fracs))
+                and "tpr_at_fpr" in r
+            ]
+            if curves:
+                ax.plot(FPR_GRID, np.mean(curves, axis=0), label=label)
+        ax.plot([0, 1], [0, 1], color="grey", lw=0.8, ls="--")
+        ax.set(xlabel="false positive rate", ylabel="true positive rate", title=t)
+    axes[0][0].legend(fontsize=7)
+    files.append(_save(fig, out / "roc.png"))
+    # Cross-site matrix.
+    sites, m = summary["sites"], np.array(summary["matrix"])
+    if sites:
+        fig, ax = plt.subplots(figsize=(1.5 + 1.2 * len(sites), 1.2 + 1.1 * len(sites)))
+        im = ax.imshow(m, vmin=0.5, vmax=1.0, cmap="viridis")
+        for i in range(len(sites)):
+            for j in range(len(sites)):
+                ax.text(j, i, f"{m[i, j]:.3f}", ha="center", va="center", color="w")
+        ax.set(
+            xticks=range(len(sites)),
+            xticklabels=sites,
+            yticks=range(len(sites)),
+            yticklabels=sites,
+            xlabel="evaluated at",
+            ylabel="finetuned at",
+            title="federated model finetuned locally:\nmean AUROC over tasks",
+        )
+        fig.colorbar(im, ax=ax)
+        files.append(_save(fig, out / "cross_site.png"))
+    return files
+
+
+def _save(fig, path: Path) -> str:
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path.name
+
+
+def _markdown(summary: dict, results: dict, files: list[str]) -> str:
+    cfg = results["config"]
+    paper = cfg["paper"]
+    s = cfg["sites"]
+    lines = [
+        f"# Transfer study `{cfg['name']}`",
+        "",
+        f"Source `{s['source']['preset']}` ({s['source']['stays']} stays), target "
+        f"`{s['target']['preset']}` ({s['target']['stays']} stays)"
+        + (f", third `{s['third']['preset']}`" if s.get("third") else "")
+        + f"; model `{cfg['model']}`; seeds {cfg['seeds']}; measured in "
+        f"{results['seconds'] / 60:.1f} min on Flower's simulation engine.",
+        "",
+        "AUROC at the target unless in-distribution (mean over seeds, [mean bootstrap 95% "
+        "interval]); `paper` rows: arXiv 2504.10422, MIMIC-IV -> UCMC.",
+        "",
+        "| task | " + " | ".join(label for label, *_ in COLUMNS) + " |",
+        "|---" * (len(COLUMNS) + 1) + "|",
+    ]
+    for task, cells in summary["table"].items():
+        lines.append(f"| {task} | " + " | ".join(_fmt(cells[c]) for c, *_ in COLUMNS) + " |")
+        ref = [
+            f"{paper[PAPER[c]][task]:.3f}" if c in PAPER and task in paper.get(PAPER[c], {}) else ""
+            for c, *_ in COLUMNS
+        ]
+        if any(ref):
+            lines.append("| paper | " + " | ".join(ref) + " |")
+    ch = summary["checks"]
+    presets = {k: v["preset"] for k, v in s.items() if v}
+    lines += ["", "## What the simulation shows", ""]
+    for site, g in ch["zero_shot_gap"].items():
+        ok = [t for t, v in ch["zero_shot_within_in_distribution_interval"][site].items() if v]
+        drop = "yes" if ch["zero_shot_drop_at_least_0.1"][site] else "no"
+        lines.append(
+            f"- Zero-shot at {site} (`{presets[site]}`), in-distribution minus zero-shot "
+            f"AUROC: {', '.join(f'{t} {v:+.3f}' for t, v in g.items())}. A drop of at least "
+            f"0.1 on death or long stay: **{drop}**; "
+            f"zero-shot within the in-distribution interval for: {', '.join(ok) or 'none'}."
+        )
+    lines += [
+        "- AUROC at the target rises from the smallest to the largest training share: "
+        + ", ".join(
+            f"{RECOVERY_ARMS[a]} **{'yes' if ok else 'no'}**"
+            for a, ok in ch["rises_with_target_fraction"].items()
+        )
+        + ".",
+        "- Federated pretraining then local finetuning, against the source-only model "
+        "finetuned at the target and the target trained alone (mean AUROC over tasks):",
+        "",
+        "| target share | federated | source only | target only | beats source only | "
+        "beats target only |",
+        "|---|---|---|---|---|---|",
+    ]
+    for f, v in ch["federated_vs_single_site"].items():
+        lines.append(
+            f"| {f} | {v['federated']:.3f} | {v['source_only']:.3f} | {v['target_only']:.3f} "
+            f"| {'yes' if v['beats_source_only'] else 'no'} "
+            f"| {'yes' if v['beats_target_only'] else 'no'} |"
+        )
+    lines += ["", "## Figures", ""] + [f"![{f}]({f})" for f in files]
+    return "\n".join(lines) + "\n"
+
+
+def write_report(out: Path, results: dict) -> dict:
+    """report.md, summary.json and the PNGs next to results.json; returns the summary."""
+    summary = summarize(results)
+    files = _plots(summary, results, out)
+    (out / "report.md").write_text(_markdown(summary, results, files))
+    write_json(summary, out / "summary.json")
+    return summary

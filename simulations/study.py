@@ -1,0 +1,351 @@
+"""The transfer study as the ServerApp runs it on the simulation engine. Every arm is a
+set of federated runs (server/run.py `FederatedRun`) restricted to some of the virtual
+sites: pretraining at the source alone, across the real sites, or at the pooled site;
+finetuning at one site on a share of its training data; evaluation at any site. Runs of
+every seed and arm that can go together are sent together, so Ray keeps every core busy.
+Writes `results.json` (one row per arm, seed, task, training and evaluation site) and
+`progress.json` (what is done) in the run's out-dir."""
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from flwr.app import Message
+from flwr.serverapp import Grid
+from omegaconf import DictConfig, OmegaConf
+
+from client.local import get_weights
+from server.run import FederatedRun, make_strategy
+from shared.artifact import write_json
+from shared.config import load_config
+from shared.errors import FedclifError
+from shared.federation import load_federation
+from shared.stats import merge_stats
+from shared.tokenizer import Tokenizer, fit_tokenizer
+
+# Virtual sites: the study's data directories carry these names (simulations/commands.py).
+SOURCE, TARGET, THIRD, POOLED = "source", "target", "third", "pooled"
+
+
+class SiteGrid:
+    """A Flower Grid that shows only some nodes: a FederatedRun (and its strategy's node
+    sampling) on a subset of the simulated sites."""
+
+    def __init__(self, grid: Grid, nodes: list[int]):
+        self._grid, self._nodes = grid, sorted(nodes)
+
+    def get_node_ids(self) -> list[int]:
+        return list(self._nodes)
+
+    def __getattr__(self, name: str):
+        return getattr(self._grid, name)
+
+
+@dataclass
+class Lane:
+    """One arm at one seed: a FederatedRun on its sites with its weights so far."""
+
+    arm: str
+    seed: int
+    run: FederatedRun
+    tok: Tokenizer
+    stage: str
+    weights: dict
+    rounds: int = 1
+    fraction: float = 1.0
+    strategy: object = None
+    meta: dict = field(default_factory=dict)
+
+
+class Study:
+    def __init__(self, grid: Grid, cfg: DictConfig, out: str | Path):
+        self.grid, self.cfg, self.out = grid, cfg, Path(out)
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.rows: list[dict] = []
+        self.done, self.total = 0, 0
+        self.t0 = time.monotonic()
+
+    # --- plumbing ----------------------------------------------------------------------
+
+    def _fed(
+        self,
+        sites: list[str],
+        seed: int,
+        stage: str,
+        steps: int,
+        rounds: int,
+        fraction: float = 1.0,
+    ) -> DictConfig:
+        c = self.cfg
+        fed = load_federation(None)
+        return OmegaConf.merge(
+            fed,
+            {
+                "seed": seed,
+                "model": c.model,
+                "model_overrides": list(c.model_overrides),
+                "statistics": False,
+                "rounds": {
+                    "pretrain": rounds if stage == "pretrain" else 0,
+                    "finetune": rounds if stage == "finetune" else 0,
+                },
+                "evaluate": False,
+                "min_sites": len(sites),
+                "timeout_s": float(c.timeout_s),
+                "train": OmegaConf.merge(
+                    c.train,
+                    {
+                        "seed": seed,
+                        "split": {"train_fraction": fraction},
+                        stage: {"max_steps": steps},
+                        "finetune": {"tasks": list(c.tasks)},
+                    },
+                ),
+            },
+        )
+
+    def _run(self, name: str, sites: list[str], fed: DictConfig) -> FederatedRun:
+        run = FederatedRun(
+            SiteGrid(self.grid, [self.nodes[s] for s in sites]), fed, self.out / "runs" / name
+        )
+        run.sites = {self.nodes[s]: s for s in sites}
+        return run
+
+    def _progress(self, what: str) -> None:
+        write_json(
+            {
+                "done": self.done,
+                "total": self.total,
+                "what": what,
+                "seconds": time.monotonic() - self.t0,
+            },
+            self.out / "progress.json",
+        )
+
+    def _send(self, batches: list[tuple[object, list[Message]]], what: str) -> dict:
+        """Send every batch's messages at once and collect the replies as they come
+        (progress per reply); the replies of each batch, by its key."""
+        msgs = [m for _, ms in batches for m in ms]
+        ids = list(self.grid.push_messages(msgs))
+        pending, got = set(ids), {}
+        end = time.monotonic() + float(self.cfg.timeout_s)
+        done = self.done
+        while pending and time.monotonic() < end:
+            for r in self.grid.pull_messages(list(pending)):
+                got[r.metadata.reply_to_message_id] = r
+            pending -= got.keys()
+            self.done = done + len(got)
+            self._progress(what)
+            if pending:
+                time.sleep(0.2)
+        self.done = done + len(msgs)
+        out, i = {}, 0
+        for key, ms in batches:
+            out[key] = [got[mid] for mid in ids[i : i + len(ms)] if mid in got]
+            i += len(ms)
+        return out
+
+    # --- steps -------------------------------------------------------------------------
+
+    def _discover(self) -> dict[str, dict]:
+        """Wait for every virtual site; their names (data directories) and statistics."""
+        names = [SOURCE, TARGET] + ([THIRD] if self.cfg.sites.third else []) + [POOLED]
+        probe = FederatedRun(self.grid, self._fed(names, 0, "pretrain", 1, 1), self.out / "runs")
+        stats = probe.collect_stats()
+        self.nodes = {name: node for node, name in probe.sites.items()}
+        missing = set(names) - set(self.nodes)
+        if missing:
+            raise FedclifError(f"sites {sorted(missing)} did not answer the statistics query")
+        return stats
+
+    def _tokenizers(self, stats: dict[str, dict]) -> dict[str, Tokenizer]:
+        """Each arm's tokenizer: the source's own (source-only and its transfer), the
+        target's own (target from scratch), all real sites' (federated and pooled: merged
+        statistics fit the pooled data's tokenizer)."""
+        tok_cfg = load_config("tokenizer")
+        real = [s for s in (SOURCE, TARGET, THIRD) if s in self.nodes]
+        toks = {
+            SOURCE: fit_tokenizer(merge_stats([stats[SOURCE]]), tok_cfg),
+            TARGET: fit_tokenizer(merge_stats([stats[TARGET]]), tok_cfg),
+            "federated": fit_tokenizer(merge_stats([stats[s] for s in real]), tok_cfg),
+        }
+        uses = {SOURCE: [SOURCE, TARGET], TARGET: [TARGET], "federated": [*real, POOLED]}
+        self.tokenized: dict[str, dict] = {}
+        for key, tok in toks.items():
+            run = self._run(f"tokenize-{key}", uses[key], self._fed(uses[key], 0, "pretrain", 1, 1))
+            run.tokenize(tok)
+            self.tokenized[key] = run.state["sites"]
+        return toks
+
+    def _train(self, lanes: list[Lane], what: str) -> None:
+        """Every lane's rounds, lanes side by side: round r of all lanes in one send."""
+        for lane in lanes:
+            lane.strategy = make_strategy(lane.run.fed)
+        for r in range(1, max(lane.rounds for lane in lanes) + 1):
+            live = [lane for lane in lanes if r <= lane.rounds]
+            batches = [
+                (
+                    id(lane),
+                    lane.run.begin_round(
+                        lane.stage, r, lane.tok, lane.weights, None, lane.strategy
+                    ),
+                )
+                for lane in live
+            ]
+            replies = self._send(batches, f"{what}, round {r}")
+            for lane in live:
+                lane.weights = lane.run.end_round(replies[id(lane)], lane.rounds)
+
+    def _evaluate(self, jobs: list[tuple[Lane, list[str], str]], what: str) -> None:
+        """Each (lane, sites, setting): the lane's model evaluated at those sites."""
+        batches, runs = [], {}
+        for i, (lane, sites, _) in enumerate(jobs):
+            run = self._run(f"eval-{i}", sites, lane.run.fed)
+            runs[i] = run
+            batches.append((i, run.begin_evaluate(lane.stage, lane.tok, lane.weights, None)))
+        replies = self._send(batches, what)
+        for i, (lane, _, setting) in enumerate(jobs):
+            res = runs[i].end_evaluate(replies[i])
+            for f in res["failed"]:
+                raise FedclifError(f"evaluation of {lane.arm} at {f['site']} failed: {f['error']}")
+            for site, metrics in res["sites"].items():
+                self.rows += _rows(lane, site, setting, metrics, list(self.cfg.tasks))
+
+    def _lane(
+        self,
+        arm: str,
+        sites: list[str],
+        seed: int,
+        tok: Tokenizer,
+        stage: str,
+        init: dict | None,
+        fraction: float = 1.0,
+        rounds: int = 1,
+        steps: int | None = None,
+    ) -> Lane:
+        """A lane whose model starts from `init` (pretrained weights) or from scratch."""
+        c = self.cfg
+        if steps is None:
+            steps = int(c.finetune_steps)
+        fed = self._fed(sites, seed, stage, steps, rounds, fraction)
+        name = f"{arm}-{'+'.join(sites)}-f{fraction:g}-s{seed}"
+        run = self._run(name, sites, fed)
+        base = init if stage == "finetune" else None
+        weights = get_weights(run.model(tok, stage, base, None))
+        return Lane(
+            arm, seed, run, tok, stage, weights, rounds, fraction, meta={"train_sites": sites}
+        )
+
+    # --- the study ---------------------------------------------------------------------
+
+    def run(self) -> dict:
+        c = self.cfg
+        seeds, fractions = [int(s) for s in c.seeds], [float(f) for f in c.fractions]
+        real = [SOURCE, TARGET] + ([THIRD] if c.sites.third else [])
+        n_rounds, spr = int(c.pretrain.rounds), int(c.pretrain.steps_per_round)
+        self.total = planned_messages(c)
+        stats = self._discover()
+        self.done += len(self.nodes)
+        toks = self._tokenizers(stats)
+        self.done += 3 + len(self.nodes)
+
+        fed_tok = toks["federated"]
+        pre = {}
+        for s in seeds:
+            pre[s] = {
+                "source": self._lane(
+                    "source_only", [SOURCE], s, toks[SOURCE], "pretrain", None, steps=n_rounds * spr
+                ),
+                "federated": self._lane(
+                    "federated", real, s, fed_tok, "pretrain", None, rounds=n_rounds, steps=spr
+                ),
+                "pooled": self._lane(
+                    "pooled", [POOLED], s, fed_tok, "pretrain", None, steps=n_rounds * spr
+                ),
+            }
+        self._train([lane for p in pre.values() for lane in p.values()], "pretraining")
+
+        ft, evals = [], []
+        for s in seeds:
+            p = pre[s]
+            src = self._lane(
+                "source_only", [SOURCE], s, toks[SOURCE], "finetune", p["source"].weights
+            )
+            pooled = self._lane("pooled", [POOLED], s, fed_tok, "finetune", p["pooled"].weights)
+            ft += [src, pooled]
+            evals += [
+                (src, [SOURCE], "in_distribution"),
+                (src, [r for r in real if r != SOURCE], "zero_shot"),
+                (pooled, real, "pooled"),
+            ]
+            fed_at = {}
+            for f in fractions:
+                for arm, tok, init in (
+                    ("source_finetuned", toks[SOURCE], p["source"].weights),
+                    ("target_only", toks[TARGET], None),
+                    ("federated_finetuned", fed_tok, p["federated"].weights),
+                ):
+                    lane = self._lane(arm, [TARGET], s, tok, "finetune", init, f)
+                    ft.append(lane)
+                    evals.append((lane, [TARGET], "local_finetune"))
+                    if arm == "federated_finetuned" and f == 1.0:
+                        fed_at[TARGET] = lane
+            for site in real:  # every site finetunes the federated model on all its data
+                if site not in fed_at:
+                    fed_at[site] = self._lane(
+                        "federated_finetuned",
+                        [site],
+                        s,
+                        fed_tok,
+                        "finetune",
+                        p["federated"].weights,
+                    )
+                    ft.append(fed_at[site])
+            evals += [(fed_at[site], real, "cross_site") for site in real]
+        self._train(ft, "finetuning")
+        self._evaluate(evals, "evaluation")
+
+        results = {
+            "config": OmegaConf.to_container(c),
+            "sites": {k: {**v} for k, v in self.tokenized["federated"].items()},
+            "tokenizers": {k: t.hash for k, t in toks.items()},
+            "rows": self.rows,
+            "seconds": time.monotonic() - self.t0,
+        }
+        write_json(results, self.out / "results.json")
+        self._progress("done")
+        return results
+
+
+def planned_messages(cfg: DictConfig) -> int:
+    """Messages the study sends (its progress bar's total)."""
+    real = 3 if cfg.sites.third else 2
+    n_frac, rounds = len(cfg.fractions), int(cfg.pretrain.rounds)
+    setup = (real + 1) + (2 + 1 + real + 1)  # statistics; tokenizing with three tokenizers
+    pretrain = 1 + rounds * real + 1
+    # source and pooled; three arms per fraction; the federated model at the other sites
+    finetune = 2 + 3 * n_frac + real - (1 if 1.0 in [float(f) for f in cfg.fractions] else 0)
+    evaluate = real + real + 3 * n_frac + real * real  # source everywhere, pooled, ...
+    return setup + len(cfg.seeds) * (pretrain + finetune + evaluate)
+
+
+def _rows(lane: Lane, site: str, setting: str, metrics: dict, tasks: list[str]) -> list[dict]:
+    """One row per task from a site's flat evaluation metrics (`<task>_<metric>`)."""
+    rows = []
+    for t in tasks:
+        m = {k[len(t) + 1 :]: v for k, v in metrics.items() if k.startswith(f"{t}_")}
+        if "auroc" not in m:
+            continue
+        rows.append(
+            {
+                "arm": lane.arm,
+                "setting": setting,
+                "seed": lane.seed,
+                "task": t,
+                "fraction": lane.fraction,
+                "train_sites": lane.meta["train_sites"],
+                "eval_site": site,
+                **{k: (list(v) if isinstance(v, list) else float(v)) for k, v in m.items()},
+            }
+        )
+    return rows

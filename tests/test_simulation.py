@@ -1,0 +1,99 @@
+"""Federated runs on Flower's simulation engine (real SuperLink in simulation mode, Ray
+virtual SuperNodes, the same ServerApp/ClientApp as deployment)."""
+
+import json
+import subprocess
+
+import numpy as np
+import pytest
+from safetensors.numpy import load_file
+
+from client.local import get_weights
+from server.deploy import run_config
+from server.processes import wait_for
+from server.run import FederatedRun
+from shared.federation import load_federation
+from shared.models import load_model
+from shared.tokenizer import Tokenizer
+from simulations.engine import SimulationEngine
+from simulations.synth import load_preset, write_site
+
+RUN = [
+    "rounds.pretrain=3",
+    "rounds.finetune=1",
+    "train.pretrain.context=64",
+    "train.pretrain.batch_size=8",
+    # Rounds long enough (~seconds) that the interruption lands inside the run.
+    "train.pretrain.max_steps=10",
+    "train.finetune.context=64",
+    "train.finetune.max_steps=2",
+    "train.finetune.peft=lora",
+    "train.finetune.n_boot=50",
+    "timeout_s=120",
+]
+
+
+@pytest.fixture(scope="module")
+def sites(tmp_path_factory):
+    root = tmp_path_factory.mktemp("sim-sites")
+    out = []
+    for i, preset in enumerate(("mimic-like", "ucmc-like")):
+        out.append(root / preset)
+        write_site(load_preset(preset), 60, i + 1, out[-1])
+    return out
+
+
+def _leftovers(root) -> list[str]:
+    """Processes still running whose command line names this test's directory (the
+    SuperLink, the ServerApp process, Ray's workers)."""
+    ps = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout
+    return [line for line in ps.splitlines() if str(root) in line]
+
+
+def test_interrupted_and_resumed_run_ends_with_the_same_weights(sites, tmp_path):
+    fed = load_federation(None, RUN)
+    whole, cut = tmp_path / "whole", tmp_path / "cut"
+
+    def checkpointed(n: int) -> bool:
+        state = cut / "checkpoint" / "state.json"
+        return state.is_file() and json.loads(state.read_text())["round"] >= n
+
+    with SimulationEngine(tmp_path / "engine-1", len(sites)) as engine:
+        assert engine.run(run_config(fed, whole, False), sites, tmp_path / "work")
+        engine.submit(run_config(fed, cut, False), sites, tmp_path / "work")
+        wait_for(lambda: checkpointed(1), 300, "round 1 of the run to interrupt")
+    # The engine (SuperLink, ServerApp process, Ray) is gone mid-run.
+    assert not _leftovers(tmp_path / "engine-1")
+    state = json.loads((cut / "checkpoint" / "state.json").read_text())
+    assert state["phase"] == "pretrain" and state["round"] < 3
+    with SimulationEngine(tmp_path / "engine-2", len(sites)) as engine:
+        assert engine.run(run_config(fed, cut, True), sites, tmp_path / "work")
+
+    # Pretraining, then LoRA finetuning on its result: both phases end where the
+    # uninterrupted run's did.
+    for f in ("weights", "base"):
+        a = load_file(str(whole / "checkpoint" / f"{f}.safetensors"))
+        b = load_file(str(cut / "checkpoint" / f"{f}.safetensors"))
+        assert a.keys() == b.keys()
+        for k in a:
+            np.testing.assert_allclose(a[k], b[k], rtol=1e-4, atol=1e-6, err_msg=k)
+    r = json.loads((cut / "results.json").read_text())
+    assert [(x["phase"], x["round"]) for x in r["rounds"]] == [
+        ("pretrain", 1), ("pretrain", 2), ("pretrain", 3), ("finetune", 1)
+    ]  # fmt: skip
+    # LoRA rounds move adapters and the head only: a small fraction of the full weights.
+    assert r["rounds"][3]["bytes_received"] < r["rounds"][0]["bytes_received"] / 5
+    assert set(r["evaluation"]["sites"]) == {s.name for s in sites}
+    assert 0 <= r["evaluation"]["weighted"]["long_los_auroc"] <= 1
+    # The global model is a checkpoint any site can finetune or probe (LoRA: on its base).
+    model, meta = load_model(cut / "model")
+    assert meta["stage"] == "finetune" and meta["base"] == str((cut / "model-base").resolve())
+    assert model.tokenizer_hash == r["tokenizer_hash"]
+    # Not trivially equal: pretraining moved the weights away from the seeded model.
+    a = load_file(str(whole / "checkpoint" / "base.safetensors"))
+    init = get_weights(
+        FederatedRun(None, fed, tmp_path / "init").model(
+            Tokenizer.load(whole / "tokenizer.json"), "pretrain", None, None
+        )
+    )
+    assert not all(np.allclose(init[k], a[k]) for k in a)
