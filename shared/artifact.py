@@ -7,9 +7,12 @@ from shared.errors import FedclifError
 
 
 def write_json(obj: dict, path: str | Path) -> None:
+    """Write whole or not at all: readers polling the file never see half of it."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(obj, indent=1, sort_keys=True))
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(obj, indent=1, sort_keys=True))
+    tmp.replace(path)
 
 
 def read_json(path: str | Path, fmt: str, version: int, what: str, hint: str = "") -> dict:

@@ -60,12 +60,12 @@ def run_study(cfg: DictConfig, out_dir: Path, cache: Path = CACHE) -> dict:
                 bar.update(task, completed=prog["done"], total=prog["total"],
                            description=prog["what"])  # fmt: skip
             time.sleep(1)
-    if not status.endswith("completed") or not (out_dir / "results.json").is_file():
-        raise FedclifError(
-            f"the study's run ended {status}; the ServerApp's log: "
-            f"flwr log {run_id} (FLWR_HOME={out_dir / 'engine' / 'flwr'}), the engine's: "
-            f"{out_dir / 'engine' / 'superlink.log'}"
-        )
+        if not status.endswith("completed") or not (out_dir / "results.json").is_file():
+            log = engine.save_log(run_id)
+            raise FedclifError(
+                f"the study's run ended {status}; the ServerApp's log: {log}; the sites' "
+                f"errors: {sites[0].parent / 'work'}/<site>/errors.log"
+            )
     return json.loads((out_dir / "results.json").read_text())
 
 

@@ -74,5 +74,17 @@ class SimulationEngine(Processes):
         )
 
     def run(self, config: dict, sites: list[Path], work_root: Path) -> bool:
-        """Submit and wait; True when the run completed."""
-        return wait_run(self.submit(config, sites, work_root), self.env)
+        """Submit and wait; True when the run completed (else see `save_log`)."""
+        run_id = self.submit(config, sites, work_root)
+        ok = wait_run(run_id, self.env)
+        if not ok:
+            self.save_log(run_id)
+        return ok
+
+    def save_log(self, run_id: int) -> Path:
+        """The run's ServerApp output (kept by the SuperLink, gone with the engine) in
+        `root/run-<id>.log`."""
+        path = self.root / f"run-{run_id}.log"
+        r = flwr(["log", str(run_id), CONNECTION, "--show"], self.env, check=False)
+        path.write_text(r.stdout + r.stderr)
+        return path

@@ -30,6 +30,9 @@ PAPER = {
     "zero-shot": "zero_shot",
     "local finetune": "local_finetune",
 }
+# Fewest positives (and negatives) in the target's test split for a task to count in the
+# recovery check.
+MIN_EVENTS = 10
 RECOVERY_ARMS = {
     "source_finetuned": "source model, finetuned at target",
     "target_only": "target from scratch",
@@ -57,6 +60,15 @@ def _cell(rows: list[dict], arm: str, setting: str, site: str, task: str, frac: 
     mean["seeds"] = len(sel)
     mean["auroc_sd"] = float(np.nanstd([r["auroc"] for r in sel]))
     return mean
+
+
+def _events(rows: list[dict], task: str) -> float:
+    """The smaller class count of the target's test split for `task`."""
+    sel = [r for r in rows if r["eval_site"] == TARGET and r["task"] == task]
+    if not sel:
+        return 0.0
+    n, prev = sel[0]["n"], sel[0]["prevalence"]
+    return min(n * prev, n * (1 - prev))
 
 
 def summarize(results: dict) -> dict:
@@ -112,7 +124,19 @@ def summarize(results: dict) -> dict:
             np.nanmean([recovery[arm][t][fracs.index(f)].get("auroc", np.nan) for t in tasks])
         )
 
-    rises = {arm: mean_at(arm, max(fracs)) > mean_at(arm, min(fracs)) for arm in RECOVERY_ARMS}
+    # Whether AUROC rises with the share is judged on tasks with enough events in the
+    # target's test split to measure it (a handful of deaths makes AUROC a coin toss).
+    measurable = [t for t in tasks if _events(rows, t) >= MIN_EVENTS]
+
+    def mean_over(arm: str, f: float, ts: list[str]) -> float:
+        return float(
+            np.nanmean([recovery[arm][t][fracs.index(f)].get("auroc", np.nan) for t in ts])
+        )
+
+    rises = {
+        arm: mean_over(arm, max(fracs), measurable) > mean_over(arm, min(fracs), measurable)
+        for arm in RECOVERY_ARMS
+    }
     federated = {
         f"{f:g}": {
             "federated": mean_at("federated_finetuned", f),
@@ -130,6 +154,7 @@ def summarize(results: dict) -> dict:
         },
         "zero_shot_within_in_distribution_interval": within,
         "rises_with_target_fraction": rises,
+        "tasks_with_enough_target_events": measurable,
         "federated_vs_single_site": federated,
     }
     return {
@@ -302,7 +327,9 @@ def _markdown(summary: dict, results: dict, files: list[str]) -> str:
             f"zero-shot within the in-distribution interval for: {', '.join(ok) or 'none'}."
         )
     lines += [
-        "- AUROC at the target rises from the smallest to the largest training share: "
+        "- AUROC at the target rises from the smallest to the largest training share (tasks "
+        f"with at least {MIN_EVENTS} events in its test split: "
+        f"{', '.join(ch['tasks_with_enough_target_events']) or 'none'}): "
         + ", ".join(
             f"{RECOVERY_ARMS[a]} **{'yes' if ok else 'no'}**"
             for a, ok in ch["rises_with_target_fraction"].items()

@@ -63,7 +63,8 @@ class Study:
         self.out.mkdir(parents=True, exist_ok=True)
         self.rows: list[dict] = []
         self.done, self.total = 0, 0
-        self.t0 = time.monotonic()
+        self.t0 = self._t = time.monotonic()
+        self.phases: dict[str, float] = {}
 
     # --- plumbing ----------------------------------------------------------------------
 
@@ -110,6 +111,10 @@ class Study:
         )
         run.sites = {self.nodes[s]: s for s in sites}
         return run
+
+    def _phase(self, name: str) -> None:
+        now = time.monotonic()
+        self.phases[name], self._t = now - self._t, now
 
     def _progress(self, what: str) -> None:
         write_json(
@@ -169,7 +174,8 @@ class Study:
             TARGET: fit_tokenizer(merge_stats([stats[TARGET]]), tok_cfg),
             "federated": fit_tokenizer(merge_stats([stats[s] for s in real]), tok_cfg),
         }
-        uses = {SOURCE: [SOURCE, TARGET], TARGET: [TARGET], "federated": [*real, POOLED]}
+        # The source's tokens at every real site: its model is tried zero-shot there.
+        uses = {SOURCE: real, TARGET: [TARGET], "federated": [*real, POOLED]}
         self.tokenized: dict[str, dict] = {}
         for key, tok in toks.items():
             run = self._run(f"tokenize-{key}", uses[key], self._fed(uses[key], 0, "pretrain", 1, 1))
@@ -228,7 +234,7 @@ class Study:
         if steps is None:
             steps = int(c.finetune_steps)
         fed = self._fed(sites, seed, stage, steps, rounds, fraction)
-        name = f"{arm}-{'+'.join(sites)}-f{fraction:g}-s{seed}"
+        name = f"{arm}-{stage}-{'+'.join(sites)}-f{fraction:g}-s{seed}"
         run = self._run(name, sites, fed)
         base = init if stage == "finetune" else None
         weights = get_weights(run.model(tok, stage, base, None))
@@ -247,7 +253,8 @@ class Study:
         stats = self._discover()
         self.done += len(self.nodes)
         toks = self._tokenizers(stats)
-        self.done += 3 + len(self.nodes)
+        self.done += len(real) + 1 + len(self.nodes)
+        self._phase("statistics and tokenizers")
 
         fed_tok = toks["federated"]
         pre = {}
@@ -264,6 +271,7 @@ class Study:
                 ),
             }
         self._train([lane for p in pre.values() for lane in p.values()], "pretraining")
+        self._phase("pretraining")
 
         ft, evals = [], []
         for s in seeds:
@@ -303,7 +311,9 @@ class Study:
                     ft.append(fed_at[site])
             evals += [(fed_at[site], real, "cross_site") for site in real]
         self._train(ft, "finetuning")
+        self._phase("finetuning")
         self._evaluate(evals, "evaluation")
+        self._phase("evaluation")
 
         results = {
             "config": OmegaConf.to_container(c),
@@ -311,6 +321,7 @@ class Study:
             "tokenizers": {k: t.hash for k, t in toks.items()},
             "rows": self.rows,
             "seconds": time.monotonic() - self.t0,
+            "phase_seconds": self.phases,
         }
         write_json(results, self.out / "results.json")
         self._progress("done")
@@ -321,7 +332,7 @@ def planned_messages(cfg: DictConfig) -> int:
     """Messages the study sends (its progress bar's total)."""
     real = 3 if cfg.sites.third else 2
     n_frac, rounds = len(cfg.fractions), int(cfg.pretrain.rounds)
-    setup = (real + 1) + (2 + 1 + real + 1)  # statistics; tokenizing with three tokenizers
+    setup = (real + 1) + (real + 1 + real + 1)  # statistics; tokenizing with three tokenizers
     pretrain = 1 + rounds * real + 1
     # source and pooled; three arms per fraction; the federated model at the other sites
     finetune = 2 + 3 * n_frac + real - (1 if 1.0 in [float(f) for f in cfg.fractions] else 0)

@@ -1,17 +1,29 @@
 """Server and site pieces that need no running federation: strategies from config, the
-strategy state a checkpoint keeps, the site's DP budget and error categories."""
+strategy state a checkpoint keeps, update checks inside a round, the site's DP budget and
+error categories."""
 
 import json
 
 import numpy as np
 import pytest
-from flwr.app import Context, RecordDict
+from flwr.app import Context, Message, MetricRecord, RecordDict
+from flwr.supercore.task_identity import TaskIdentity
 
 from client.app import Node, _category, _spend
 from server.checkpoint import restore_strategy, strategy_state
-from server.run import STRATEGIES, make_strategy
+from server.run import STRATEGIES, FederatedRun, make_strategy
 from shared.errors import FedclifError
-from shared.federation import ERRORS, FLOWER_ERRORS, SiteRefusal, load_federation, train_config
+from shared.federation import (
+    ARRAYS,
+    ERRORS,
+    FLOWER_ERRORS,
+    METRICS,
+    SiteRefusal,
+    load_federation,
+    to_record,
+    train_config,
+)
+from shared.tokenizer import Tokenizer
 
 
 @pytest.mark.parametrize("name", sorted(STRATEGIES))
@@ -72,3 +84,45 @@ def test_errors_leave_as_categories_only():
     assert _category(ValueError("hospitalization 456")) == "internal"
     # fedclif's codes sit above Flower's own (0-8), so neither is read as the other.
     assert min(ERRORS) > max(FLOWER_ERRORS)
+
+
+class _Nodes:
+    """The network as a strategy sees it when sampling: node ids (the round's messages
+    and replies below are real Flower messages)."""
+
+    def get_node_ids(self) -> list[int]:
+        return [11, 12, 13]
+
+
+def test_poisoned_replies_are_rejected_and_the_round_goes_on(tmp_path, demo_tokens, monkeypatch):
+    """A round with an honest site, one sending NaN and one sending weights scaled by 1e6:
+    both bad replies are rejected by site name, the global model is the honest update."""
+    # Flower's ServerApp process sets its run and node; messages need them.
+    for attr, v in (("_run_id", 1), ("_node_id", 0), ("_task_id", 1)):
+        monkeypatch.setattr(TaskIdentity, attr, v)
+    fed = load_federation(overrides=["min_sites=1", "checks.max_update_norm=100"])
+    run = FederatedRun(_Nodes(), fed, tmp_path)
+    run.sites = {11: "honest", 12: "nan", 13: "scaled"}
+    tok = Tokenizer.load(demo_tokens / "tokenizer.json")
+    rng = np.random.default_rng(0)
+    current = {"w": rng.normal(size=(4, 3)).astype(np.float32)}
+    msgs = run.begin_round("pretrain", 1, tok, current, None, make_strategy(fed))
+    assert sorted(m.metadata.dst_node_id for m in msgs) == [11, 12, 13]
+    honest = {"w": current["w"] + 0.01}
+    sent = {11: honest, 12: {"w": np.full((4, 3), np.nan, np.float32)},
+            13: {"w": current["w"] * 1e6}}  # fmt: skip
+    replies = []
+    for m in msgs:
+        m.metadata.__dict__["_message_id"] = f"m{m.metadata.dst_node_id}"  # as a Grid does
+        TaskIdentity._node_id = m.metadata.dst_node_id  # the site answering
+        content = RecordDict({ARRAYS: to_record(sent[m.metadata.dst_node_id]),
+                              METRICS: MetricRecord({"num-examples": 10})})  # fmt: skip
+        replies.append(Message(content, reply_to=m))
+    weights = run.end_round(replies, 1)
+    np.testing.assert_allclose(weights["w"], honest["w"])
+    h = run.state["history"][-1]
+    why = {x["site"]: x["reason"] for x in h["rejected"]}
+    assert set(why) == {"nan", "scaled"}
+    assert "non-finite" in why["nan"] and "norm" in why["scaled"]
+    assert set(h["sites"]) == {"honest"}
+    assert (tmp_path / "checkpoint" / "weights.safetensors").is_file()
