@@ -1,3 +1,9 @@
+import os
+
+# One intra-op thread per test process: pytest-xdist runs two workers on two cores, and the
+# Flower processes tests start inherit this (oversubscribed threads made tests 5-20x slower).
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
 import shutil
 from pathlib import Path
 

@@ -158,16 +158,16 @@ def test_poisoned_and_malformed_updates_are_rejected():
     assert from_record(cur).keys() == current.keys()
 
 
-def test_killed_site_and_restarted_coordinator(federation, finished_run):
-    """Site b dies after round 1: round 2 goes on with a. The coordinator dies after
-    round 2 and restarts on its database; `run --resume` finishes round 3 from the
-    checkpoint. (Runs last: it leaves site b stopped.)"""
+def test_killed_site_does_not_stop_the_run(federation, finished_run):
+    """Site b dies after round 1: round 2 goes on with a, b's failure logged by name.
+    (Runs last: it leaves site b stopped. The coordinator killed mid-run and resumed is
+    tests/test_simulation.py.)"""
     lb = federation
     out = lb.root / "resilient"
     # The first run's tokenizer: no statistics round, and the sites' timelines are cached.
     tok = finished_run[0] / "tokenizer.json"
-    args = ("rounds.pretrain=3", "min_sites=1", "statistics=false", f"tokenizer={tok}",
-            *RUN, "timeout_s=30")  # fmt: skip
+    args = ("rounds.pretrain=2", "min_sites=1", "statistics=false", f"tokenizer={tok}",
+            "evaluate=false", *RUN, "timeout_s=30")  # fmt: skip
 
     def checkpointed(n: int) -> bool:
         state = out / "checkpoint" / "state.json"
@@ -176,14 +176,10 @@ def test_killed_site_and_restarted_coordinator(federation, finished_run):
     lb.run(out, *args, extra=("--detach",))
     wait_for(lambda: checkpointed(1), 240, "round 1")
     lb.stop("node-b")
-    wait_for(lambda: checkpointed(2), 240, "round 2 without site b")
-    lb.stop("superlink")
-    lb.start_superlink("superlink-2")  # same port, same database
-    lb.run(out, *args, extra=("--resume",))
+    wait_for(lambda: (out / "results.json").is_file(), 240, "round 2 without site b")
     r = json.loads((out / "results.json").read_text())
     rounds = {x["round"]: x for x in r["rounds"]}
-    assert sorted(rounds) == [1, 2, 3]
+    assert sorted(rounds) == [1, 2]
     assert set(rounds[1]["sites"]) == {"a", "b"}
     assert set(rounds[2]["sites"]) == {"a"}
     assert {x["site"] for x in rounds[2]["failed"]} == {"b"}
-    assert set(rounds[3]["sites"]) == {"a"}
