@@ -215,7 +215,7 @@ def evaluate(msg: Message, context: Context) -> Message:
     )
     from client.local import evaluate_round
 
-    m = evaluate_round(model, data, cfg, stage)
+    m = evaluate_round(model, data, cfg, stage, str(msg.content[CONFIG].get("eval_split", "test")))
     m = {
         "num-examples": m["num_examples"],
         **{k: v if isinstance(v, list) else float(v) for k, v in m.items()},

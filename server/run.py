@@ -334,15 +334,14 @@ class FederatedRun:
         return weights
 
     def begin_evaluate(
-        self, stage: str, tok: Tokenizer, weights: dict, base: dict | None
+        self, stage: str, tok: Tokenizer, weights: dict, base: dict | None, split: str = "test"
     ) -> list[Message]:
-        """Messages asking every site to evaluate `weights` on its test split."""
+        """Messages asking every site to evaluate `weights` on its `split` ("all": every
+        stay, for a model that never saw the site's data)."""
         self._eval = make_strategy(self.fed)
-        msgs = list(
-            self._eval.configure_evaluate(
-                0, to_record(weights), self._config(stage, 0, tok, base), self.grid
-            )
-        )
+        config = self._config(stage, 0, tok, base)
+        config["eval_split"] = split
+        msgs = list(self._eval.configure_evaluate(0, to_record(weights), config, self.grid))
         for m in msgs:
             if base is not None:
                 m.content[BASE] = to_record(base)

@@ -95,12 +95,9 @@ class Study:
                 "timeout_s": float(c.timeout_s),
                 "train": OmegaConf.merge(
                     c.train,
-                    {
-                        "seed": seed,
-                        "split": {"train_fraction": fraction},
-                        stage: {"max_steps": steps},
-                        "finetune": {"tasks": list(c.tasks)},
-                    },
+                    {"seed": seed, "split": {"train_fraction": fraction}},
+                    {"finetune": {"tasks": list(c.tasks)}},
+                    {stage: {"max_steps": steps}},
                 ),
             },
         )
@@ -203,19 +200,25 @@ class Study:
                 lane.weights = lane.run.end_round(replies[id(lane)], lane.rounds)
 
     def _evaluate(self, jobs: list[tuple[Lane, list[str], str]], what: str) -> None:
-        """Each (lane, sites, setting): the lane's model evaluated at those sites."""
+        """Each (lane, sites, setting): the lane's model evaluated at those sites, on their
+        test splits; zero-shot on every stay (the source's model never saw those sites)."""
         batches, runs = [], {}
+        split = {
+            i: "all" if setting == "zero_shot" else "test" for i, (*_, setting) in enumerate(jobs)
+        }
         for i, (lane, sites, _) in enumerate(jobs):
             run = self._run(f"eval-{i}", sites, lane.run.fed)
             runs[i] = run
-            batches.append((i, run.begin_evaluate(lane.stage, lane.tok, lane.weights, None)))
+            batches.append(
+                (i, run.begin_evaluate(lane.stage, lane.tok, lane.weights, None, split[i]))
+            )
         replies = self._send(batches, what)
         for i, (lane, _, setting) in enumerate(jobs):
             res = runs[i].end_evaluate(replies[i])
             for f in res["failed"]:
                 raise FedclifError(f"evaluation of {lane.arm} at {f['site']} failed: {f['error']}")
             for site, metrics in res["sites"].items():
-                self.rows += _rows(lane, site, setting, metrics, list(self.cfg.tasks))
+                self.rows += _rows(lane, site, setting, metrics, list(self.cfg.tasks), split[i])
 
     def _lane(
         self,
@@ -309,7 +312,8 @@ class Study:
                         p["federated"].weights,
                     )
                     ft.append(fed_at[site])
-            evals += [(fed_at[site], real, "cross_site") for site in real]
+            if s == seeds[0]:  # the cross-site matrix, once: n_sites^2 evaluations
+                evals += [(fed_at[site], real, "cross_site") for site in real]
         self._train(ft, "finetuning")
         self._phase("finetuning")
         self._evaluate(evals, "evaluation")
@@ -336,11 +340,13 @@ def planned_messages(cfg: DictConfig) -> int:
     pretrain = 1 + rounds * real + 1
     # source and pooled; three arms per fraction; the federated model at the other sites
     finetune = 2 + 3 * n_frac + real - (1 if 1.0 in [float(f) for f in cfg.fractions] else 0)
-    evaluate = real + real + 3 * n_frac + real * real  # source everywhere, pooled, ...
-    return setup + len(cfg.seeds) * (pretrain + finetune + evaluate)
+    evaluate = real + real + 3 * n_frac  # source everywhere, pooled, the target's arms
+    return setup + len(cfg.seeds) * (pretrain + finetune + evaluate) + real * real
 
 
-def _rows(lane: Lane, site: str, setting: str, metrics: dict, tasks: list[str]) -> list[dict]:
+def _rows(
+    lane: Lane, site: str, setting: str, metrics: dict, tasks: list[str], split: str
+) -> list[dict]:
     """One row per task from a site's flat evaluation metrics (`<task>_<metric>`)."""
     rows = []
     for t in tasks:
@@ -356,6 +362,7 @@ def _rows(lane: Lane, site: str, setting: str, metrics: dict, tasks: list[str]) 
                 "fraction": lane.fraction,
                 "train_sites": lane.meta["train_sites"],
                 "eval_site": site,
+                "eval_split": split,
                 **{k: (list(v) if isinstance(v, list) else float(v)) for k, v in m.items()},
             }
         )
