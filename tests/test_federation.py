@@ -165,9 +165,11 @@ def test_killed_site_does_not_stop_the_run(federation, finished_run):
     lb = federation
     out = lb.root / "resilient"
     # The first run's tokenizer: no statistics round, and the sites' timelines are cached.
+    # The round timeout stays long (a loaded machine starts a ClientApp slowly): the
+    # SuperLink answers for a lost site well before it.
     tok = finished_run[0] / "tokenizer.json"
     args = ("rounds.pretrain=2", "min_sites=1", "statistics=false", f"tokenizer={tok}",
-            "evaluate=false", *RUN, "timeout_s=30")  # fmt: skip
+            "evaluate=false", *RUN)  # fmt: skip
 
     def checkpointed(n: int) -> bool:
         state = out / "checkpoint" / "state.json"
