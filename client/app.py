@@ -109,6 +109,13 @@ def _reply(msg: Message, **records) -> Message:
     return Message(RecordDict(records), reply_to=msg)
 
 
+@app.query("info")
+@guarded
+def info(msg: Message, context: Context) -> Message:
+    """The site's name only (a simulation learns which virtual node holds which site)."""
+    return _reply(msg, **{CONFIG: ConfigRecord({"site": Node(context).name})})
+
+
 @app.query("stats")
 @guarded
 def stats(msg: Message, context: Context) -> Message:

@@ -28,6 +28,7 @@ from shared.federation import (
     ERRORS,
     FLOWER_ERRORS,
     METRICS,
+    QUERY_INFO,
     QUERY_STATS,
     QUERY_TOKENIZE,
     STATS,
@@ -199,15 +200,34 @@ class FederatedRun:
             stats[str(rec["site"])] = json.loads(str(rec["json"]))
         return stats
 
-    def tokenize(self, tok: Tokenizer) -> None:
-        """Every site tokenizes its data with `tok` (cached there by tokenizer hash)."""
+    def name_sites(self) -> dict[int, str]:
+        """Ask every site its name (no data is read); node id -> name."""
+        for r in self._query(QUERY_INFO, RecordDict()):
+            self.sites[r.metadata.src_node_id] = str(r.content[CONFIG]["site"])
+        return dict(self.sites)
+
+    def begin_tokenize(self, tok: Tokenizer) -> list[Message]:
+        """Messages asking every site to tokenize its data with `tok` (then `end_tokenize`)."""
         content = RecordDict({CONFIG: ConfigRecord({"tokenizer": json.dumps(tok.to_dict())})})
-        for r in self._query(QUERY_TOKENIZE, content):
+        return [
+            Message(content=content.copy(), dst_node_id=n, message_type=QUERY_TOKENIZE)
+            for n in self._nodes()
+        ]
+
+    def end_tokenize(self, msgs: list[Message], replies: list[Message]) -> None:
+        ok, _ = self.sort_replies(msgs, replies, QUERY_TOKENIZE)
+        self._enough(ok, QUERY_TOKENIZE)
+        for r in ok:
             m = r.content[METRICS]
             self.sites.setdefault(r.metadata.src_node_id, str(r.content[CONFIG]["site"]))
             self.state["sites"][self._site(r.metadata.src_node_id)] = {
                 k: int(v) for k, v in m.items()
             }
+
+    def tokenize(self, tok: Tokenizer) -> None:
+        """Every site tokenizes its data with `tok` (cached there by tokenizer hash)."""
+        msgs = self.begin_tokenize(tok)
+        self.end_tokenize(msgs, list(self.grid.send_and_receive(msgs, timeout=self.timeout)))
 
     def statistics(self) -> Tokenizer:
         """Every site's mergeable statistics -> one tokenizer -> every site tokenizes."""

@@ -16,7 +16,7 @@ from shared.errors import FedclifError
 # Record names inside message content.
 ARRAYS, CONFIG, METRICS, BASE, STATS = "arrays", "config", "metrics", "base", "stats"
 # Message types the ClientApp answers.
-QUERY_STATS, QUERY_TOKENIZE = "query.stats", "query.tokenize"
+QUERY_INFO, QUERY_STATS, QUERY_TOKENIZE = "query.info", "query.stats", "query.tokenize"
 
 # Error codes a site may send (above Flower's own, 0-8). Anything unexpected is INTERNAL,
 # whatever it said.

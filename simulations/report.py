@@ -301,7 +301,8 @@ def _markdown(summary: dict, results: dict, files: list[str]) -> str:
         f"{results['seconds'] / 60:.1f} min on Flower's simulation engine.",
         "",
         "AUROC at the target unless in-distribution (mean over seeds, [mean bootstrap 95% "
-        "interval]); `paper` rows: arXiv 2504.10422, MIMIC-IV -> UCMC.",
+        "interval]; test splits, zero-shot on every stay of the site the model never saw); "
+        "`paper` rows: arXiv 2504.10422, MIMIC-IV -> UCMC.",
         "",
         "| task | " + " | ".join(label for label, *_ in COLUMNS) + " |",
         "|---" * (len(COLUMNS) + 1) + "|",

@@ -150,15 +150,16 @@ class Study:
     # --- steps -------------------------------------------------------------------------
 
     def _discover(self) -> dict[str, dict]:
-        """Wait for every virtual site; their names (data directories) and statistics."""
+        """Wait for every virtual site and learn its name (data directory); the real
+        sites' statistics (the pooled site's would merge to the same)."""
         names = [SOURCE, TARGET] + ([THIRD] if self.cfg.sites.third else []) + [POOLED]
         probe = FederatedRun(self.grid, self._fed(names, 0, "pretrain", 1, 1), self.out / "runs")
-        stats = probe.collect_stats()
-        self.nodes = {name: node for node, name in probe.sites.items()}
+        self.nodes = {name: node for node, name in probe.name_sites().items()}
         missing = set(names) - set(self.nodes)
         if missing:
-            raise FedclifError(f"sites {sorted(missing)} did not answer the statistics query")
-        return stats
+            raise FedclifError(f"sites {sorted(missing)} did not answer")
+        real = [n for n in names if n != POOLED]
+        return self._run("statistics", real, self._fed(real, 0, "pretrain", 1, 1)).collect_stats()
 
     def _tokenizers(self, stats: dict[str, dict]) -> dict[str, Tokenizer]:
         """Each arm's tokenizer: the source's own (source-only and its transfer), the
@@ -173,10 +174,16 @@ class Study:
         }
         # The source's tokens at every real site: its model is tried zero-shot there.
         uses = {SOURCE: real, TARGET: [TARGET], "federated": [*real, POOLED]}
+        runs = {
+            key: self._run(f"tokenize-{key}", uses[key], self._fed(uses[key], 0, "pretrain", 1, 1))
+            for key in toks
+        }
+        batches = [(key, runs[key].begin_tokenize(toks[key])) for key in toks]
+        msgs = dict(batches)
+        replies = self._send(batches, "tokenizing")
         self.tokenized: dict[str, dict] = {}
-        for key, tok in toks.items():
-            run = self._run(f"tokenize-{key}", uses[key], self._fed(uses[key], 0, "pretrain", 1, 1))
-            run.tokenize(tok)
+        for key, run in runs.items():
+            run.end_tokenize(msgs[key], replies[key])
             self.tokenized[key] = run.state["sites"]
         return toks
 
@@ -254,9 +261,8 @@ class Study:
         n_rounds, spr = int(c.pretrain.rounds), int(c.pretrain.steps_per_round)
         self.total = planned_messages(c)
         stats = self._discover()
-        self.done += len(self.nodes)
+        self.done += len(self.nodes) + len(real)
         toks = self._tokenizers(stats)
-        self.done += len(real) + 1 + len(self.nodes)
         self._phase("statistics and tokenizers")
 
         fed_tok = toks["federated"]
@@ -336,7 +342,8 @@ def planned_messages(cfg: DictConfig) -> int:
     """Messages the study sends (its progress bar's total)."""
     real = 3 if cfg.sites.third else 2
     n_frac, rounds = len(cfg.fractions), int(cfg.pretrain.rounds)
-    setup = (real + 1) + (real + 1 + real + 1)  # statistics; tokenizing with three tokenizers
+    # names; statistics of the real sites; tokenizing with three tokenizers
+    setup = (real + 1) + real + (real + 1 + real + 1)
     pretrain = 1 + rounds * real + 1
     # source and pooled; three arms per fraction; the federated model at the other sites
     finetune = 2 + 3 * n_frac + real - (1 if 1.0 in [float(f) for f in cfg.fractions] else 0)
