@@ -11,7 +11,8 @@ Mamba-2 against Llama at equal parameter count as the context grows.
    transformers uses the mamba-ssm kernels.
 
     python -m bench.train                                    # contexts 512 2048 8192
-    python -m bench.train --contexts 128 256 --steps 2 --repeats 1 --size tiny   # quick
+    python -m bench.train --contexts 128 256 --steps 2 --repeats 1 --size tiny \
+        --step-tokens 1024                                   # quick
 """
 
 import argparse
@@ -157,6 +158,9 @@ def main() -> None:
     ap.add_argument("--contexts", type=int, nargs="+", default=[512, 2048, 8192])
     ap.add_argument("--steps", type=int, default=3, help="timed steps per run")
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument(
+        "--step-tokens", type=int, default=8192, help="tokens per step in the comparison"
+    )
     args = ap.parse_args()
     import torch
 
@@ -177,9 +181,16 @@ def main() -> None:
         tokens = tokenized_demo(Path(tmp))
         tok = Tokenizer.load(tokens / "tokenizer.json")
 
-        ctx0, batch0 = min(args.contexts), max(8192 // max(args.contexts), 1)
+        ctx0, batch0 = min(args.contexts), max(args.step_tokens // max(args.contexts), 1)
         runs = [
-            _bare_and_e2e(tokens, args.size, ctx0, max(4096 // ctx0, 1), args.steps + 2, i % 2)
+            _bare_and_e2e(
+                tokens,
+                args.size,
+                ctx0,
+                max(args.step_tokens // 2 // ctx0, 1),
+                args.steps + 2,
+                i % 2,
+            )
             for i in range(args.repeats)
         ]
         e2e = statistics.median(r["e2e"] for r in runs)

@@ -34,7 +34,17 @@ def test_synth_bench_quick_profile():
 
 def test_train_bench_quick_profile():
     out = run_module(
-        "bench.train", "--size", "tiny", "--contexts", "64", "--steps", "1", "--repeats", "1"
+        "bench.train",
+        "--size",
+        "tiny",
+        "--contexts",
+        "64",
+        "--steps",
+        "1",
+        "--repeats",
+        "1",
+        "--step-tokens",
+        "1024",
     )
     assert "overhead" in out and "tokens/s" in out
     row = next(line.split() for line in out.splitlines() if line.strip().startswith("64 "))
