@@ -119,34 +119,31 @@ def summarize(results: dict) -> dict:
             gaps[site][t] = ind["auroc"] - zs["auroc"]
             within[site][t] = bool(ind["auroc_low"] <= zs["auroc"] <= ind["auroc_high"])
 
-    def mean_at(arm: str, f: float) -> float:
+    def mean_auroc(arm: str, f: float, ts: list[str] = tasks) -> float:
+        """Mean AUROC over tasks `ts` of `arm` at the target with share `f`."""
         return float(
-            np.nanmean([recovery[arm][t][fracs.index(f)].get("auroc", np.nan) for t in tasks])
+            np.nanmean([recovery[arm][t][fracs.index(f)].get("auroc", np.nan) for t in ts])
         )
 
     # Whether AUROC rises with the share is judged on tasks with enough events in the
     # target's test split to measure it (a handful of deaths makes AUROC a coin toss).
     measurable = [t for t in tasks if _events(rows, t) >= MIN_EVENTS]
-
-    def mean_over(arm: str, f: float, ts: list[str]) -> float:
-        return float(
-            np.nanmean([recovery[arm][t][fracs.index(f)].get("auroc", np.nan) for t in ts])
-        )
-
     rises = {
-        arm: mean_over(arm, max(fracs), measurable) > mean_over(arm, min(fracs), measurable)
+        arm: mean_auroc(arm, max(fracs), measurable) > mean_auroc(arm, min(fracs), measurable)
         for arm in RECOVERY_ARMS
     }
-    federated = {
-        f"{f:g}": {
-            "federated": mean_at("federated_finetuned", f),
-            "source_only": mean_at("source_finetuned", f),
-            "target_only": mean_at("target_only", f),
-            "beats_source_only": mean_at("federated_finetuned", f) > mean_at("source_finetuned", f),
-            "beats_target_only": mean_at("federated_finetuned", f) > mean_at("target_only", f),
+    federated = {}
+    for f in fracs:
+        fed, src, tgt = (
+            mean_auroc(a, f) for a in ("federated_finetuned", "source_finetuned", "target_only")
+        )
+        federated[f"{f:g}"] = {
+            "federated": fed,
+            "source_only": src,
+            "target_only": tgt,
+            "beats_source_only": fed > src,
+            "beats_target_only": fed > tgt,
         }
-        for f in fracs
-    }
     checks = {
         "zero_shot_gap": gaps,
         "zero_shot_drop_at_least_0.1": {
