@@ -30,6 +30,7 @@ from shared.federation import (
     CONFIG,
     ERROR_CODE,
     METRICS,
+    PROBES,
     STATS,
     SiteRefusal,
     from_record,
@@ -213,6 +214,18 @@ def train(msg: Message, context: Context) -> Message:
     return _reply(msg, **{ARRAYS: to_record(res.weights), METRICS: MetricRecord(metrics)})
 
 
+def _eval_split(msg: Message) -> str:
+    return str(msg.content[CONFIG].get("eval_split", "test"))
+
+
+def _metrics_reply(msg: Message, m: dict) -> Message:
+    m = {
+        "num-examples": m["num_examples"],
+        **{k: v if isinstance(v, list) else float(v) for k, v in m.items()},
+    }
+    return _reply(msg, **{METRICS: MetricRecord(m)})
+
+
 @app.evaluate()
 @guarded
 def evaluate(msg: Message, context: Context) -> Message:
@@ -222,9 +235,45 @@ def evaluate(msg: Message, context: Context) -> Message:
     )
     from client.local import evaluate_round
 
-    m = evaluate_round(model, data, cfg, stage, str(msg.content[CONFIG].get("eval_split", "test")))
-    m = {
-        "num-examples": m["num_examples"],
-        **{k: v if isinstance(v, list) else float(v) for k, v in m.items()},
-    }
-    return _reply(msg, **{METRICS: MetricRecord(m)})
+    return _metrics_reply(msg, evaluate_round(model, data, cfg, stage, _eval_split(msg)))
+
+
+def _representations(msg: Message, node: Node, split: str):
+    """The frozen pretrained model's last first-24 h state of every stay of `split`, those
+    stays' outcomes, the run's tasks (name -> label column) and the training config."""
+    from client.probe import representations
+    from shared.labels import TASKS
+
+    model, data, cfg, _ = _model(msg, node, full_data=False)
+    rows = data.rows(split)
+    rep = representations(model, data, rows, int(cfg.finetune.context))["last"]
+    return rep, data.labels[rows], {t: TASKS[t] for t in cfg.finetune.tasks}, cfg
+
+
+@app.train("probe")
+@guarded
+def fit_probe(msg: Message, context: Context) -> Message:
+    """Linear probes fitted on this site's train split; only their coefficients (and the
+    standardization's means and scales) leave."""
+    from client.probe import fit_probes
+
+    rep, labels, names, cfg = _representations(msg, Node(context), "train")
+    probes = fit_probes(rep, labels, names, float(cfg.probe.C))
+    return _reply(
+        msg,
+        **{ARRAYS: to_record(probes), METRICS: MetricRecord({"num-examples": len(rep)})},
+    )
+
+
+@app.evaluate("probe")
+@guarded
+def evaluate_probe(msg: Message, context: Context) -> Message:
+    """Another site's probes (or this site's) scored on this site's `eval_split`."""
+    from client.probe import score_probes
+    from shared.metrics import flat_metrics
+
+    rep, labels, names, cfg = _representations(msg, Node(context), _eval_split(msg))
+    res = score_probes(
+        from_record(msg.content[PROBES]), rep, labels, names, int(cfg.probe.n_boot), int(cfg.seed)
+    )
+    return _metrics_reply(msg, flat_metrics(res))

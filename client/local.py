@@ -17,6 +17,7 @@ from client.finetune import dp_config, evaluate_tasks, prepare, task_loss
 from client.loop import fit, pick_device
 from client.pretrain import block_collate, held_out_loss, lm_loss
 from shared.errors import FedclifError
+from shared.metrics import flat_metrics
 from shared.models import EHRModel
 from shared.sequences import Prompted, SiteData, packed_blocks, pad_collate
 
@@ -129,10 +130,4 @@ def evaluate_round(
         blocks = packed_blocks(data, split, int(c.context))
         loss = held_out_loss(model, blocks, device, int(c.batch_size))
         return {"num_examples": len(blocks), "loss": loss, "perplexity": float(np.exp(loss))}
-    res = evaluate_tasks(model, data, list(c.tasks), cfg, split)
-    flat = {
-        f"{t}_{k}": [float(x) for x in v] if isinstance(v, list) else float(v)
-        for t, m in res.items()
-        for k, v in m.items()
-    }
-    return {"num_examples": sum(m["n"] for m in res.values()), **flat}
+    return flat_metrics(evaluate_tasks(model, data, list(c.tasks), cfg, split))

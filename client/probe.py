@@ -9,12 +9,13 @@ import matplotlib
 matplotlib.use("Agg")  # files only; no display on servers
 import matplotlib.pyplot as plt
 import numpy as np
+import polars as pl
 import statsmodels.api as sm
 import torch
 from omegaconf import DictConfig
+from scipy.special import expit
 from sklearn.ensemble import IsolationForest
 from sklearn.linear_model import LogisticRegression
-from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 from torch.utils.data import DataLoader
 
@@ -70,6 +71,52 @@ def _association(feats: np.ndarray, y: np.ndarray) -> dict:
     }
 
 
+def fit_probes(
+    rep: np.ndarray, labels: pl.DataFrame, names: dict[str, str], C: float
+) -> dict[str, np.ndarray]:
+    """One standardized logistic regression per outcome (`names`: name -> label column)
+    on representations `rep` of the stays whose outcomes are `labels`, as plain arrays
+    `<name>.mean|scale|coef|intercept`: what a site sends when another site scores its
+    probes. Outcomes with one class here are left out."""
+    out = {}
+    for name, label in names.items():
+        ok = usable(labels, label)
+        y = labels.get_column(label).to_numpy()[ok].astype(int)
+        if len(np.unique(y)) < 2:
+            continue
+        scaler = StandardScaler().fit(rep[ok])
+        clf = LogisticRegression(C=C, max_iter=2000).fit(scaler.transform(rep[ok]), y)
+        out |= {
+            f"{name}.mean": scaler.mean_,
+            f"{name}.scale": scaler.scale_,
+            f"{name}.coef": clf.coef_[0],
+            f"{name}.intercept": clf.intercept_,
+        }
+    return out
+
+
+def score_probes(
+    probes: dict[str, np.ndarray],
+    rep: np.ndarray,
+    labels: pl.DataFrame,
+    names: dict[str, str],
+    n_boot: int,
+    seed: int,
+) -> dict[str, dict]:
+    """Per outcome with a probe: AUROC, AUPRC, F1 with bootstrap intervals of the probe's
+    risk (the logistic regression's own formula, from `fit_probes`' arrays) on `rep`."""
+    res = {}
+    for name, label in names.items():
+        if f"{name}.coef" not in probes:
+            continue
+        ok = usable(labels, label)
+        y = labels.get_column(label).to_numpy()[ok].astype(int)
+        z = (rep[ok] - probes[f"{name}.mean"]) / probes[f"{name}.scale"]
+        p = expit(z @ probes[f"{name}.coef"] + probes[f"{name}.intercept"][0])
+        res[name] = binary_metrics(y, p, n_boot=n_boot, seed=seed)
+    return res
+
+
 def probe(
     model_path: str | Path,
     train_dir: str | Path,
@@ -100,20 +147,19 @@ def probe(
     for r in reps:
         r["anomaly"] = -forest.score_samples(r["last"])
 
+    names = {label: label for label in labels}
+    fitted = fit_probes(fit_rep["last"], train.labels[fit_rows], names, float(c.C))
     probes, assoc, summary = [], [], []
     for label in labels:
-        ok = usable(train.labels[fit_rows], label)
-        y = train.labels[fit_rows].get_column(label).to_numpy()[ok].astype(int)
-        if len(np.unique(y)) < 2:
-            continue
-        clf = make_pipeline(StandardScaler(), LogisticRegression(C=float(c.C), max_iter=2000))
-        clf.fit(fit_rep["last"][ok], y)
         for (s, rows, where), r in zip(evals, reps, strict=True):
+            m = score_probes(
+                fitted, r["last"], s.labels[rows], {label: label}, int(c.n_boot), int(cfg.seed)
+            )
+            if label not in m:
+                break
+            probes.append({"label": label, "test": where, **m[label]})
             ok = usable(s.labels[rows], label)
             ty = s.labels[rows].get_column(label).to_numpy()[ok].astype(int)
-            p = clf.predict_proba(r["last"][ok])[:, 1]
-            m = binary_metrics(ty, p, n_boot=int(c.n_boot), seed=int(cfg.seed))
-            probes.append({"label": label, "test": where, **m})
             feats = np.c_[tuple(r[k][ok] for k in TRAJECTORY)]
             if len(np.unique(ty)) == 2:
                 assoc.append({"label": label, "site": where, **_association(feats, ty)})

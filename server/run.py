@@ -26,12 +26,15 @@ from shared.federation import (
     BASE,
     CONFIG,
     ERRORS,
+    EVALUATE_PROBE,
     FLOWER_ERRORS,
     METRICS,
+    PROBES,
     QUERY_INFO,
     QUERY_STATS,
     QUERY_TOKENIZE,
     STATS,
+    TRAIN_PROBE,
     from_record,
     to_record,
     train_config,
@@ -177,10 +180,14 @@ class FederatedRun:
                 "(resume when the sites are back)"
             )
 
-    def _query(self, kind: str, content: RecordDict) -> list[Message]:
-        msgs = [
+    def _messages(self, kind: str, content: RecordDict) -> list[Message]:
+        """One message of type `kind` with `content` to every site."""
+        return [
             Message(content=content.copy(), dst_node_id=n, message_type=kind) for n in self._nodes()
         ]
+
+    def _query(self, kind: str, content: RecordDict) -> list[Message]:
+        msgs = self._messages(kind, content)
         ok, _ = self._exchange(msgs, kind)
         self._enough(ok, kind)
         return ok
@@ -209,10 +216,7 @@ class FederatedRun:
     def begin_tokenize(self, tok: Tokenizer) -> list[Message]:
         """Messages asking every site to tokenize its data with `tok` (then `end_tokenize`)."""
         content = RecordDict({CONFIG: ConfigRecord({"tokenizer": json.dumps(tok.to_dict())})})
-        return [
-            Message(content=content.copy(), dst_node_id=n, message_type=QUERY_TOKENIZE)
-            for n in self._nodes()
-        ]
+        return self._messages(QUERY_TOKENIZE, content)
 
     def end_tokenize(self, msgs: list[Message], replies: list[Message]) -> None:
         ok, _ = self.sort_replies(msgs, replies, QUERY_TOKENIZE)
@@ -353,15 +357,41 @@ class FederatedRun:
             )
         return weights
 
+    def begin_probes(self, tok: Tokenizer, weights: dict) -> list[Message]:
+        """Messages asking every site to fit linear probes of the run's tasks on the frozen
+        pretrained `weights` (then `end_probes`)."""
+        content = RecordDict(
+            {ARRAYS: to_record(weights), CONFIG: self._config("pretrain", 0, tok, None)}
+        )
+        self._probe_msgs = self._messages(TRAIN_PROBE, content)
+        return self._probe_msgs
+
+    def end_probes(self, replies: list[Message]) -> dict[str, dict]:
+        """Each site's probes (arrays for `begin_evaluate(probes=...)`), by site name."""
+        ok, _ = self.sort_replies(self._probe_msgs, replies, TRAIN_PROBE)
+        self._enough(ok, TRAIN_PROBE)
+        return {self._site(r.metadata.src_node_id): from_record(r.content[ARRAYS]) for r in ok}
+
     def begin_evaluate(
-        self, stage: str, tok: Tokenizer, weights: dict, base: dict | None, split: str = "test"
+        self,
+        stage: str,
+        tok: Tokenizer,
+        weights: dict,
+        base: dict | None,
+        split: str = "test",
+        probes: dict | None = None,
     ) -> list[Message]:
         """Messages asking every site to evaluate `weights` on its `split` ("all": every
-        stay, for a model that never saw the site's data)."""
+        stay, for a model that never saw the site's data); with `probes`, those linear
+        probes on the pretrained `weights` instead of the finetuned model."""
         self._eval = make_strategy(self.fed)
         config = self._config(stage, 0, tok, base)
         config["eval_split"] = split
-        msgs = list(self._eval.configure_evaluate(0, to_record(weights), config, self.grid))
+        if probes is None:
+            msgs = list(self._eval.configure_evaluate(0, to_record(weights), config, self.grid))
+        else:
+            content = {ARRAYS: to_record(weights), CONFIG: config, PROBES: to_record(probes)}
+            msgs = self._messages(EVALUATE_PROBE, RecordDict(content))
         for m in msgs:
             if base is not None:
                 m.content[BASE] = to_record(base)

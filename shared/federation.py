@@ -15,8 +15,11 @@ from shared.errors import FedclifError
 
 # Record names inside message content.
 ARRAYS, CONFIG, METRICS, BASE, STATS = "arrays", "config", "metrics", "base", "stats"
-# Message types the ClientApp answers.
+PROBES = "probes"
+# Message types the ClientApp answers (besides Flower's plain train and evaluate).
 QUERY_INFO, QUERY_STATS, QUERY_TOKENIZE = "query.info", "query.stats", "query.tokenize"
+# Linear probes on a frozen pretrained model: fitted at one site, scored at any.
+TRAIN_PROBE, EVALUATE_PROBE = "train.probe", "evaluate.probe"
 
 # Error codes a site may send (above Flower's own, 0-8). Anything unexpected is INTERNAL,
 # whatever it said.

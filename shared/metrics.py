@@ -111,3 +111,14 @@ def binary_metrics(
         fpr, tpr, _ = roc_curve(y, p)
         row["tpr_at_fpr"] = [float(t) for t in np.interp(FPR_GRID, fpr, tpr)]
     return row
+
+
+def flat_metrics(per_task: dict[str, dict]) -> dict:
+    """`{task: binary_metrics}` as one flat record (`<task>_<metric>`, lists kept: the ROC
+    curve) with `num_examples`, the shape evaluation replies carry."""
+    flat = {
+        f"{t}_{k}": [float(x) for x in v] if isinstance(v, list) else float(v)
+        for t, m in per_task.items()
+        for k, v in m.items()
+    }
+    return {"num_examples": sum(m["n"] for m in per_task.values()), **flat}

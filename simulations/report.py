@@ -20,6 +20,9 @@ from simulations.study import SOURCE, TARGET
 COLUMNS = [
     ("in-distribution", "source_only", "in_distribution", SOURCE),
     ("zero-shot", "source_only", "zero_shot", TARGET),
+    # Linear probes on the source's frozen pretrained model, fitted at the source.
+    ("probe in-distribution", "source_only_probe", "in_distribution", SOURCE),
+    ("probe zero-shot", "source_only_probe", "zero_shot", TARGET),
     ("local finetune", "source_finetuned", "local_finetune", TARGET),
     ("target only", "target_only", "local_finetune", TARGET),
     ("federated + finetune", "federated_finetuned", "local_finetune", TARGET),
@@ -170,23 +173,24 @@ def _fmt(c: dict) -> str:
 
 
 def console_table(summary: dict, paper: dict) -> Table:
+    """The table of report.md turned a quarter (arms down, tasks across: it fits a
+    terminal), the paper's numbers under ours."""
     t = Table(
-        title="AUROC at the target (mean over seeds) [mean bootstrap 95% interval]",
+        title="AUROC at the target unless in-distribution (mean over seeds) "
+        "[mean bootstrap 95% interval]",
         title_justify="left",
     )
-    t.add_column("task")
+    t.add_column("arm")
+    tasks = list(summary["table"])
+    for task in tasks:
+        t.add_column(task, justify="right")
     for label, *_ in COLUMNS:
-        t.add_column(label, justify="right")
-    for task, cells in summary["table"].items():
-        t.add_row(task, *(_fmt(cells[label]) for label, *_ in COLUMNS))
-        ref = [
-            f"{paper[PAPER[label]][task]:.3f}"
-            if label in PAPER and task in paper.get(PAPER[label], {})
-            else ""
-            for label, *_ in COLUMNS
-        ]
-        if any(ref):
-            t.add_row("  paper", *ref, style="dim")
+        cells = []
+        for task in tasks:
+            cell = _fmt(summary["table"][task][label])
+            ref = paper.get(PAPER.get(label, ""), {}).get(task)
+            cells.append(cell + (f"\n[dim]paper {ref:.3f}[/dim]" if ref is not None else ""))
+        t.add_row(label, *cells)
     return t
 
 

@@ -7,7 +7,7 @@ Writes `results.json` (one row per arm, seed, task, training and evaluation site
 `progress.json` (what is done) in the run's out-dir."""
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from flwr.app import Message
@@ -43,7 +43,8 @@ class SiteGrid:
 
 @dataclass
 class Lane:
-    """One arm at one seed: a FederatedRun on its sites with its weights so far."""
+    """One arm at one seed: a FederatedRun on its sites with its weights so far (and, for
+    probes, the linear probes fitted on those frozen weights)."""
 
     arm: str
     seed: int
@@ -51,10 +52,11 @@ class Lane:
     tok: Tokenizer
     stage: str
     weights: dict
+    train_sites: list[str]
     rounds: int = 1
     fraction: float = 1.0
     strategy: object = None
-    meta: dict = field(default_factory=dict)
+    probes: dict | None = None
 
 
 class Study:
@@ -214,11 +216,12 @@ class Study:
             i: "all" if setting == "zero_shot" else "test" for i, (*_, setting) in enumerate(jobs)
         }
         for i, (lane, sites, _) in enumerate(jobs):
-            run = self._run(f"eval-{i}", sites, lane.run.fed)
-            runs[i] = run
-            batches.append(
-                (i, run.begin_evaluate(lane.stage, lane.tok, lane.weights, None, split[i]))
+            # The lane's own run directory: evaluation writes nothing there.
+            runs[i] = run = self._run(lane.run.out.name, sites, lane.run.fed)
+            msgs = run.begin_evaluate(
+                lane.stage, lane.tok, lane.weights, None, split[i], lane.probes
             )
+            batches.append((i, msgs))
         replies = self._send(batches, what)
         for i, (lane, _, setting) in enumerate(jobs):
             res = runs[i].end_evaluate(replies[i])
@@ -248,9 +251,18 @@ class Study:
         run = self._run(name, sites, fed)
         base = init if stage == "finetune" else None
         weights = get_weights(run.model(tok, stage, base, None))
-        return Lane(
-            arm, seed, run, tok, stage, weights, rounds, fraction, meta={"train_sites": sites}
-        )
+        return Lane(arm, seed, run, tok, stage, weights, sites, rounds, fraction)
+
+    def _probes(self, lanes: list[Lane]) -> list[Lane]:
+        """Linear probes of the tasks fitted on each pretrained lane's frozen model at its
+        (one) site: a lane `<arm>_probe` per lane, evaluated like any other."""
+        batches = [(id(lane), lane.run.begin_probes(lane.tok, lane.weights)) for lane in lanes]
+        replies = self._send(batches, "fitting linear probes")
+        out = []
+        for lane in lanes:
+            (probes,) = lane.run.end_probes(replies[id(lane)]).values()
+            out.append(replace(lane, arm=f"{lane.arm}_probe", probes=probes))
+        return out
 
     # --- the study ---------------------------------------------------------------------
 
@@ -281,8 +293,15 @@ class Study:
             }
         self._train([lane for p in pre.values() for lane in p.values()], "pretraining")
         self._phase("pretraining")
+        probes = self._probes([pre[s]["source"] for s in seeds])
+        self._phase("probes")
 
         ft, evals = [], []
+        for probe in probes:
+            evals += [
+                (probe, [SOURCE], "in_distribution"),
+                (probe, [r for r in real if r != SOURCE], "zero_shot"),
+            ]
         for s in seeds:
             p = pre[s]
             src = self._lane(
@@ -344,7 +363,9 @@ def planned_messages(cfg: DictConfig) -> int:
     n_frac, rounds = len(cfg.fractions), int(cfg.pretrain.rounds)
     # names; statistics of the real sites; tokenizing with three tokenizers
     setup = (real + 1) + real + (real + 1 + real + 1)
-    pretrain = 1 + rounds * real + 1
+    # source, federated and pooled pretraining; probes fitted at the source, evaluated
+    # at every real site
+    pretrain = 1 + rounds * real + 1 + 1 + real
     # source and pooled; three arms per fraction; the federated model at the other sites
     finetune = 2 + 3 * n_frac + real - (1 if 1.0 in [float(f) for f in cfg.fractions] else 0)
     evaluate = real + real + 3 * n_frac  # source everywhere, pooled, the target's arms
@@ -367,7 +388,7 @@ def _rows(
                 "seed": lane.seed,
                 "task": t,
                 "fraction": lane.fraction,
-                "train_sites": lane.meta["train_sites"],
+                "train_sites": lane.train_sites,
                 "eval_site": site,
                 "eval_split": split,
                 **{k: (list(v) if isinstance(v, list) else float(v)) for k, v in m.items()},

@@ -29,6 +29,8 @@ def test_results_hold_every_arm_task_seed_and_interval(study):
     for arm, setting in [
         ("source_only", "in_distribution"),
         ("source_only", "zero_shot"),
+        ("source_only_probe", "in_distribution"),
+        ("source_only_probe", "zero_shot"),
         ("source_finetuned", "local_finetune"),
         ("target_only", "local_finetune"),
         ("federated_finetuned", "local_finetune"),
