@@ -65,13 +65,15 @@ def _cell(rows: list[dict], arm: str, setting: str, site: str, task: str, frac: 
     return mean
 
 
-def _events(rows: list[dict], task: str) -> float:
-    """The smaller class count of the target's test split for `task`."""
-    sel = [r for r in rows if r["eval_site"] == TARGET and r["task"] == task]
+def _events(rows: list[dict], site: str, task: str) -> int:
+    """The smaller class count of `site`'s test split for `task` (0: never evaluated)."""
+    sel = [
+        r for r in rows if r["eval_site"] == site and r["eval_split"] == "test" and r["task"] == task
+    ]
     if not sel:
-        return 0.0
+        return 0
     n, prev = sel[0]["n"], sel[0]["prevalence"]
-    return min(n * prev, n * (1 - prev))
+    return round(min(n * prev, n * (1 - prev)))
 
 
 def summarize(results: dict) -> dict:
@@ -128,9 +130,13 @@ def summarize(results: dict) -> dict:
             np.nanmean([recovery[arm][t][fracs.index(f)].get("auroc", np.nan) for t in ts])
         )
 
-    # Whether AUROC rises with the share is judged on tasks with enough events in the
-    # target's test split to measure it (a handful of deaths makes AUROC a coin toss).
-    measurable = [t for t in tasks if _events(rows, t) >= MIN_EVENTS]
+    # Recovery and the federated comparison are judged on tasks with enough events in the
+    # target's test split to measure them (a handful of deaths makes AUROC a coin toss).
+    events = {
+        site: {t: _events(rows, site, t) for t in tasks}
+        for site in sorted({r["eval_site"] for r in rows})
+    }
+    measurable = [t for t in tasks if events[TARGET][t] >= MIN_EVENTS]
     rises = {
         arm: mean_auroc(arm, max(fracs), measurable) > mean_auroc(arm, min(fracs), measurable)
         for arm in RECOVERY_ARMS
@@ -138,7 +144,8 @@ def summarize(results: dict) -> dict:
     federated = {}
     for f in fracs:
         fed, src, tgt = (
-            mean_auroc(a, f) for a in ("federated_finetuned", "source_finetuned", "target_only")
+            mean_auroc(a, f, measurable)
+            for a in ("federated_finetuned", "source_finetuned", "target_only")
         )
         federated[f"{f:g}"] = {
             "federated": fed,
@@ -154,6 +161,7 @@ def summarize(results: dict) -> dict:
         },
         "zero_shot_within_in_distribution_interval": within,
         "rises_with_target_fraction": rises,
+        "test_events": events,
         "tasks_with_enough_target_events": measurable,
         "federated_vs_single_site": federated,
     }
@@ -318,7 +326,19 @@ def _markdown(summary: dict, results: dict, files: list[str]) -> str:
             lines.append("| paper | " + " | ".join(ref) + " |")
     ch = summary["checks"]
     presets = {k: v["preset"] for k, v in s.items() if v}
-    lines += ["", "## What the simulation shows", ""]
+    lines += [
+        "",
+        "Events in each test split (the smaller class; under "
+        f"{MIN_EVENTS} an AUROC is mostly noise): "
+        + "; ".join(
+            f"{site} " + ", ".join(f"{t} {n}" for t, n in ev.items())
+            for site, ev in ch["test_events"].items()
+        )
+        + ".",
+        "",
+        "## What the simulation shows",
+        "",
+    ]
     for site, g in ch["zero_shot_gap"].items():
         ok = [t for t, v in ch["zero_shot_within_in_distribution_interval"][site].items() if v]
         drop = "yes" if ch["zero_shot_drop_at_least_0.1"][site] else "no"
@@ -338,7 +358,8 @@ def _markdown(summary: dict, results: dict, files: list[str]) -> str:
         )
         + ".",
         "- Federated pretraining then local finetuning, against the source-only model "
-        "finetuned at the target and the target trained alone (mean AUROC over tasks):",
+        "finetuned at the target and the target trained alone (mean AUROC over the tasks "
+        "above):",
         "",
         "| target share | federated | source only | target only | beats source only | "
         "beats target only |",

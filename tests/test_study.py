@@ -7,6 +7,7 @@ import pytest
 
 from shared.cli import main
 from simulations.commands import load_study
+from simulations.report import MIN_EVENTS
 from simulations.study import planned_messages
 
 
@@ -50,6 +51,15 @@ def test_results_hold_every_arm_task_seed_and_interval(study):
     assert {x["fraction"] for x in local} == set(cfg.fractions)
     progress = json.loads((out / "progress.json").read_text())
     assert progress["done"] == progress["total"] == planned_messages(cfg)
+    # Event counts come from each site's test split, where the AUROCs in the table are.
+    checks = json.loads((out / "summary.json").read_text())["checks"]
+    for x in rows:
+        if x["eval_split"] == "test":
+            small = min(x["prevalence"], 1 - x["prevalence"])
+            assert checks["test_events"][x["eval_site"]][x["task"]] == round(x["n"] * small)
+    assert checks["tasks_with_enough_target_events"] == [
+        t for t in cfg.tasks if checks["test_events"]["target"][t] >= MIN_EVENTS
+    ]
     report = (out / "report.md").read_text()
     assert "beats source only" in report and "| paper |" in report
     for png in ("auroc_by_arm", "recovery", "roc", "cross_site"):
