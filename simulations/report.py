@@ -68,7 +68,9 @@ def _cell(rows: list[dict], arm: str, setting: str, site: str, task: str, frac: 
 def _events(rows: list[dict], site: str, task: str) -> int:
     """The smaller class count of `site`'s test split for `task` (0: never evaluated)."""
     sel = [
-        r for r in rows if r["eval_site"] == site and r["eval_split"] == "test" and r["task"] == task
+        r
+        for r in rows
+        if r["eval_site"] == site and r["eval_split"] == "test" and r["task"] == task
     ]
     if not sel:
         return 0
