@@ -73,12 +73,14 @@ class Study:
     def _fed(
         self,
         sites: list[str],
-        seed: int,
-        stage: str,
-        steps: int,
-        rounds: int,
+        seed: int = 0,
+        stage: str = "pretrain",
+        steps: int = 1,
+        rounds: int = 1,
         fraction: float = 1.0,
     ) -> DictConfig:
+        """One job's run config; with `sites` alone, that of a query which trains nothing
+        (names, statistics, tokenizing)."""
         c = self.cfg
         fed = load_federation(None)
         return OmegaConf.merge(
@@ -155,13 +157,13 @@ class Study:
         """Wait for every virtual site and learn its name (data directory); the real
         sites' statistics (the pooled site's would merge to the same)."""
         names = [SOURCE, TARGET] + ([THIRD] if self.cfg.sites.third else []) + [POOLED]
-        probe = FederatedRun(self.grid, self._fed(names, 0, "pretrain", 1, 1), self.out / "runs")
+        probe = FederatedRun(self.grid, self._fed(names), self.out / "runs")
         self.nodes = {name: node for node, name in probe.name_sites().items()}
         missing = set(names) - set(self.nodes)
         if missing:
             raise FedclifError(f"sites {sorted(missing)} did not answer")
         real = [n for n in names if n != POOLED]
-        return self._run("statistics", real, self._fed(real, 0, "pretrain", 1, 1)).collect_stats()
+        return self._run("statistics", real, self._fed(real)).collect_stats()
 
     def _tokenizers(self, stats: dict[str, dict]) -> dict[str, Tokenizer]:
         """Each arm's tokenizer: the source's own (source-only and its transfer), the
@@ -176,10 +178,7 @@ class Study:
         }
         # The source's tokens at every real site: its model is tried zero-shot there.
         uses = {SOURCE: real, TARGET: [TARGET], "federated": [*real, POOLED]}
-        runs = {
-            key: self._run(f"tokenize-{key}", uses[key], self._fed(uses[key], 0, "pretrain", 1, 1))
-            for key in toks
-        }
+        runs = {key: self._run(f"tokenize-{key}", uses[key], self._fed(uses[key])) for key in toks}
         batches = [(key, runs[key].begin_tokenize(toks[key])) for key in toks]
         msgs = dict(batches)
         replies = self._send(batches, "tokenizing")
