@@ -8,7 +8,7 @@ import pytest
 from shared.cli import main
 from simulations.commands import load_study
 from simulations.report import MIN_EVENTS
-from simulations.study import planned_messages
+from simulations.study import Study, planned_messages
 
 
 @pytest.fixture(scope="module")
@@ -80,3 +80,13 @@ def test_the_study_shows_the_transfer_gap_and_its_recovery(study):
     fed = checks["federated_vs_single_site"]
     assert set(fed) == {"0.05", "1"}
     assert all({"beats_source_only", "beats_target_only"} <= set(v) for v in fed.values())
+
+
+def test_study_train_settings_override_the_federation_defaults(tmp_path):
+    """Local finetuning is one whole run: the study's cosine decay, not the federation's
+    constant rate for short rounds, is what the site is sent."""
+    cfg = load_study(None, "default", [])
+    fed = Study(None, cfg, tmp_path)._fed(["target"], 0, "finetune", 100, 1, 0.25)
+    ft = fed.train.finetune
+    assert ft.schedule == cfg.train.finetune.schedule == "cosine"
+    assert (ft.max_steps, ft.context, fed.train.split.train_fraction) == (100, 128, 0.25)
