@@ -26,17 +26,16 @@ from bench.measure import measure, tokenized_demo
 
 def _tok(root: Path):
     """The demo's tokenizer (a real vocabulary size for the payloads)."""
-    from shared.tokenizer import Tokenizer
+    from fedclif.shared.tokenizer import Tokenizer
 
     return Tokenizer.load(tokenized_demo(root / "demo") / "tokenizer.json")
 
 
 def payload_bytes(root: Path) -> dict[str, int]:
     """Bytes of one round's arrays for full pretraining weights and for LoRA + head."""
-    from client.local import get_weights, setup
-    from shared.config import load_config
-    from shared.federation import to_record
-    from shared.models import build_model
+    from fedclif.shared.config import load_config
+    from fedclif.shared.federation import to_record
+    from fedclif.shared.models import build_model, get_weights, setup
 
     tok = _tok(root)
     out = {}
@@ -56,10 +55,9 @@ def _hold_and_aggregate(root: Path, n: int) -> int:
     from flwr.app import MetricRecord, RecordDict
     from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
 
-    from client.local import get_weights, setup
-    from shared.config import load_config
-    from shared.federation import to_record
-    from shared.models import build_model
+    from fedclif.shared.config import load_config
+    from fedclif.shared.federation import to_record
+    from fedclif.shared.models import build_model, get_weights, setup
 
     model = build_model(load_config("model/small"), _tok(root))
     setup(model, load_config("train"), "pretrain")
@@ -78,8 +76,8 @@ def _hold_and_aggregate(root: Path, n: int) -> int:
 
 
 def protocol_overhead(root: Path, n_sites: int, rounds: int, steps: int, stays: int) -> list:
-    from server.loopback import Loopback
-    from simulations.synth import load_preset, write_site
+    from fedclif.server.loopback import Loopback
+    from fedclif.simulations.synth import load_preset, write_site
 
     presets = ["mimic-like", "ucmc-like", "shift-none", "shift-case-mix"]
     sites = [f"site{i}" for i in range(n_sites)]

@@ -47,7 +47,7 @@ def measure(fn: Callable, *args) -> tuple[float, float, int]:
 
 def tokenized_demo(root: Path) -> Path:
     """`fedclif quickstart` into `root` (console output dropped); its tokenized site."""
-    from shared.cli import main
+    from fedclif.cli import main
 
     if not (root / "tokens" / "timelines.parquet").is_file():
         with (

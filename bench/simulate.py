@@ -19,7 +19,7 @@ from pathlib import Path
 import psutil
 from rich.table import Table
 
-from shared.ui import console, out
+from fedclif.shared.ui import console, out
 
 
 def _tree_rss(pid: int) -> int:
@@ -39,10 +39,10 @@ def _tree_rss(pid: int) -> int:
 
 def run_sites(root: Path, n: int, rounds: int, steps: int, stays: int) -> list[dict]:
     """One federated run over n synthetic sites; per round: seconds and peak MiB."""
-    from server.deploy import run_config
-    from shared.federation import load_federation
-    from simulations.engine import SimulationEngine
-    from simulations.synth import load_preset, write_site
+    from fedclif.server.deploy import run_config
+    from fedclif.shared.federation import load_federation
+    from fedclif.simulations.engine import SimulationEngine
+    from fedclif.simulations.synth import load_preset, write_site
 
     presets = ["mimic-like", "ucmc-like", "shift-none", "shift-case-mix"]
     sites = []

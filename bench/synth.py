@@ -16,7 +16,7 @@ from bench.measure import measure
 
 
 def _generate(stays: int, out: Path) -> int:
-    from simulations.synth import load_preset, write_site
+    from fedclif.simulations.synth import load_preset, write_site
 
     return sum(write_site(load_preset("mimic-like"), stays, 0, out).values())
 

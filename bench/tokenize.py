@@ -18,8 +18,8 @@ from pathlib import Path
 import polars as pl
 
 from bench.measure import measure
-from shared.clif.schema import USED_COLUMNS, clifpy_root, load_schemas
-from shared.config import load_config
+from fedclif.shared.clif.schema import USED_COLUMNS, clifpy_root, load_schemas
+from fedclif.shared.config import load_config
 
 ID_COLUMNS = ("patient_id", "hospitalization_id")
 
@@ -58,13 +58,13 @@ def _scan(site: Path) -> int:
 
 
 def _load(site: Path):
-    from shared.clif.site import load_site
+    from fedclif.shared.clif.site import load_site
 
     return load_site(site, load_config("site"))
 
 
 def _stats(site: Path, work: Path) -> int:
-    from shared.stats import site_stats, write_stats
+    from fedclif.shared.stats import site_stats, write_stats
 
     s = site_stats(_load(site), load_config("tokenizer"))
     write_stats(s, work / "stats.json")
@@ -72,8 +72,8 @@ def _stats(site: Path, work: Path) -> int:
 
 
 def _fit(work: Path) -> int:
-    from shared.stats import merge_stats, read_stats
-    from shared.tokenizer import fit_tokenizer
+    from fedclif.shared.stats import merge_stats, read_stats
+    from fedclif.shared.tokenizer import fit_tokenizer
 
     tok = fit_tokenizer(merge_stats([read_stats(work / "stats.json")]), load_config("tokenizer"))
     tok.save(work / "tokenizer.json")
@@ -81,8 +81,8 @@ def _fit(work: Path) -> int:
 
 
 def _tokenize(site: Path, work: Path) -> int:
-    from shared.timelines import tokenize_site
-    from shared.tokenizer import Tokenizer
+    from fedclif.shared.timelines import tokenize_site
+    from fedclif.shared.tokenizer import Tokenizer
 
     return tokenize_site(_load(site), Tokenizer.load(work / "tokenizer.json"), work / "out")[
         "tokens"

@@ -25,8 +25,8 @@ from bench.measure import measure, tokenized_demo
 
 
 def _model(arch: str, size: str, tok, llama_mlp: int | None = None):
-    from shared.config import load_config
-    from shared.models import build_model, quiet_transformers
+    from fedclif.shared.config import load_config
+    from fedclif.shared.models import build_model, quiet_transformers
 
     quiet_transformers()
     o = [f"arch={arch}"] + ([f"shapes.llama.intermediate_size={llama_mlp}"] if llama_mlp else [])
@@ -35,7 +35,7 @@ def _model(arch: str, size: str, tok, llama_mlp: int | None = None):
 
 def equal_llama_mlp(size: str, tok) -> int:
     """Llama MLP width giving Llama the parameter count of Mamba-2 (count is linear in it)."""
-    from shared.models import n_params
+    from fedclif.shared.models import n_params
 
     target = n_params(_model("mamba2", size, tok))
     a, b = (n_params(_model("llama", size, tok, w)) for w in (64, 128))
@@ -63,10 +63,11 @@ def _bare_and_e2e(
 ) -> dict:
     import torch
 
-    from client.loop import fit, pick_device, seed_everything
-    from client.pretrain import block_collate, lm_loss
-    from shared.config import load_config
-    from shared.sequences import load_site_data, packed_blocks
+    from fedclif.client.loop import fit, pick_device
+    from fedclif.client.pretrain import block_collate, lm_loss
+    from fedclif.shared.config import load_config
+    from fedclif.shared.models import seed_everything
+    from fedclif.shared.sequences import load_site_data, packed_blocks
 
     cfg = load_config(
         "train",
@@ -120,9 +121,9 @@ def _arch_run(
     """(tokens/s after one warm-up step, CUDA peak MiB or None, parameters)."""
     import torch
 
-    from client.loop import pick_device
-    from shared.models import n_params
-    from shared.tokenizer import Tokenizer
+    from fedclif.client.loop import pick_device
+    from fedclif.shared.models import n_params
+    from fedclif.shared.tokenizer import Tokenizer
 
     tok = Tokenizer.load(tokens / "tokenizer.json")
     device = pick_device("auto")
@@ -164,7 +165,7 @@ def main() -> None:
     args = ap.parse_args()
     import torch
 
-    from shared.tokenizer import Tokenizer
+    from fedclif.shared.tokenizer import Tokenizer
 
     cuda = torch.cuda.is_available()
     kernels = "-"

@@ -21,10 +21,10 @@ from flwr.clientapp import ClientApp
 from omegaconf import OmegaConf
 from safetensors.numpy import load_file, save_file
 
-from shared.clif.site import load_site
-from shared.config import load_config
-from shared.errors import FedclifError
-from shared.federation import (
+from fedclif.shared.clif.site import load_site
+from fedclif.shared.config import load_config
+from fedclif.shared.errors import FedclifError
+from fedclif.shared.federation import (
     ARRAYS,
     BASE,
     CONFIG,
@@ -37,9 +37,9 @@ from shared.federation import (
     to_record,
     weights_id,
 )
-from shared.stats import site_stats
-from shared.timelines import MANIFEST, tokenize_site
-from shared.tokenizer import Tokenizer
+from fedclif.shared.stats import site_stats
+from fedclif.shared.timelines import MANIFEST, tokenize_site
+from fedclif.shared.tokenizer import Tokenizer
 
 app = ClientApp()
 
@@ -148,10 +148,8 @@ def _model(msg: Message, node: Node, full_data: bool):
     """The model of this round's stage with the global weights in, and the site's data."""
     # Imported here: each message runs in a fresh process, and statistics and tokenizing
     # need none of torch, transformers or peft (seconds of imports per message).
-    from client.finetune import uses_lora
-    from client.local import set_weights, setup
-    from shared.models import build_model, quiet_transformers
-    from shared.sequences import load_site_data
+    from fedclif.shared.models import quiet_transformers, stage_model, uses_lora
+    from fedclif.shared.sequences import load_site_data
 
     quiet_transformers()
     c = msg.content[CONFIG]
@@ -161,7 +159,7 @@ def _model(msg: Message, node: Node, full_data: bool):
     if not (tokens / MANIFEST).is_file():
         raise SiteRefusal("tokenizer_mismatch", f"no timelines for tokenizer {tokens.name}")
     data = load_site_data(tokens, cfg.split, full=full_data)
-    model = build_model(OmegaConf.create(json.loads(str(c["model"]))), data.tok)
+    base = None
     # A finetuning round names its pretrained base; LoRA rounds need it (only adapters and
     # head travel), full finetuning sends every weight that matters and may go without.
     if stage == "finetune" and (str(c["base_id"]) or uses_lora(cfg)):
@@ -173,11 +171,10 @@ def _model(msg: Message, node: Node, full_data: bool):
             save_file(base, str(base_file))
         if not base_file.is_file():
             raise SiteRefusal("missing_base", "the pretrained base was never received")
-        setup(model, cfg, "pretrain")
-        set_weights(model, load_file(str(base_file)))
-    setup(model, cfg, stage)
-    set_weights(model, from_record(msg.content[ARRAYS]))
-    return model, data, cfg, stage
+        base = load_file(str(base_file))
+    model_cfg = OmegaConf.create(json.loads(str(c["model"])))
+    weights = from_record(msg.content[ARRAYS])
+    return stage_model(model_cfg, data.tok, cfg, stage, base, weights), data, cfg, stage
 
 
 def _spend(node: Node, cfg, budget: float) -> float:
@@ -200,7 +197,7 @@ def train(msg: Message, context: Context) -> Message:
     dp = stage == "finetune" and float(cfg.dp.epsilon) > 0
     spent = _spend(node, cfg, float(c["dp_budget"])) if dp else 0.0
     mu = float(c.get("proximal-mu", 0.0))
-    from client.local import train_round
+    from fedclif.client.local import train_round
 
     t0 = time.perf_counter()
     res = train_round(model, data, cfg, stage, seed=int(c["seed"]), proximal_mu=mu)
@@ -233,7 +230,7 @@ def evaluate(msg: Message, context: Context) -> Message:
     model, data, cfg, stage = _model(
         msg, node, full_data=str(msg.content[CONFIG]["stage"]) == "pretrain"
     )
-    from client.local import evaluate_round
+    from fedclif.client.local import evaluate_round
 
     return _metrics_reply(msg, evaluate_round(model, data, cfg, stage, _eval_split(msg)))
 
@@ -241,8 +238,8 @@ def evaluate(msg: Message, context: Context) -> Message:
 def _representations(msg: Message, node: Node, split: str):
     """The frozen pretrained model's last first-24 h state of every stay of `split`, those
     stays' outcomes, the run's tasks (name -> label column) and the training config."""
-    from client.probe import representations
-    from shared.labels import TASKS
+    from fedclif.client.probe import representations
+    from fedclif.shared.labels import TASKS
 
     model, data, cfg, _ = _model(msg, node, full_data=False)
     rows = data.rows(split)
@@ -255,7 +252,7 @@ def _representations(msg: Message, node: Node, split: str):
 def fit_probe(msg: Message, context: Context) -> Message:
     """Linear probes fitted on this site's train split; only their coefficients (and the
     standardization's means and scales) leave."""
-    from client.probe import fit_probes
+    from fedclif.client.probe import fit_probes
 
     rep, labels, names, cfg = _representations(msg, Node(context), "train")
     probes = fit_probes(rep, labels, names, float(cfg.probe.C))
@@ -269,8 +266,8 @@ def fit_probe(msg: Message, context: Context) -> Message:
 @guarded
 def evaluate_probe(msg: Message, context: Context) -> Message:
     """Another site's probes (or this site's) scored on this site's `eval_split`."""
-    from client.probe import score_probes
-    from shared.metrics import flat_metrics
+    from fedclif.client.probe import score_probes
+    from fedclif.shared.metrics import flat_metrics
 
     rep, labels, names, cfg = _representations(msg, Node(context), _eval_split(msg))
     res = score_probes(

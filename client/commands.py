@@ -2,6 +2,7 @@
 
 import argparse
 import json
+import os
 import shutil
 from collections.abc import Callable
 from pathlib import Path
@@ -9,15 +10,17 @@ from pathlib import Path
 from omegaconf import DictConfig
 from rich.table import Table
 
-from shared.config import CONFIG_DIR, load_config
-from shared.errors import FedclifError
-from shared.ui import console, out, progress, step
+from fedclif.client.daemon import supernode_command
+from fedclif.shared.clif.site import load_site
+from fedclif.shared.config import CONFIG_DIR, load_config
+from fedclif.shared.errors import FedclifError
+from fedclif.shared.ui import console, out, progress, step
 
 TRAIN_FILES = ("fedclif.json", "train_state.pt", "metrics.json", "probe.json")
 
 
 def _quiet() -> None:
-    from shared.models import quiet_transformers  # torch loads only for these commands
+    from fedclif.shared.models import quiet_transformers  # torch loads only for these commands
 
     quiet_transformers()
 
@@ -68,15 +71,15 @@ def _bar(desc: str) -> tuple[object, Callable[[int, int, float], None]]:
 
 
 def _load(path: str, cfg: DictConfig, full: bool = False, ids: list[str] | None = None):
-    from shared.sequences import load_site_data
+    from fedclif.shared.sequences import load_site_data
 
     with step(f"loading {path}"):
         return load_site_data(path, cfg.split, full=full, ids=ids)
 
 
 def cmd_pretrain(args: argparse.Namespace) -> int:
-    from client.pretrain import pretrain
-    from shared.models import build_model, n_params
+    from fedclif.client.pretrain import pretrain
+    from fedclif.shared.models import build_model, n_params
 
     cfg, model_cfg = _configs(args, args.model)
     _quiet()
@@ -110,7 +113,7 @@ def _parse_dp(spec: str) -> list[str]:
 
 
 def cmd_finetune(args: argparse.Namespace) -> int:
-    from client.finetune import finetune
+    from fedclif.client.finetune import finetune
 
     if args.tasks:
         args.overrides.append(f"finetune.tasks=[{args.tasks}]")
@@ -144,7 +147,7 @@ def _metrics_table(title: str, rows: dict[str, dict], first: str) -> Table:
 
 
 def cmd_probe(args: argparse.Namespace) -> int:
-    from client.probe import probe
+    from fedclif.client.probe import probe
 
     cfg, _ = _configs(args)
     _quiet()
@@ -159,8 +162,8 @@ def cmd_probe(args: argparse.Namespace) -> int:
 
 
 def cmd_forecast(args: argparse.Namespace) -> int:
-    from client.forecast import forecast
-    from shared.models import load_model
+    from fedclif.client.forecast import forecast
+    from fedclif.shared.models import load_model
 
     cfg, _ = _configs(args)
     _quiet()
@@ -188,11 +191,6 @@ def cmd_forecast(args: argparse.Namespace) -> int:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     """Check the site's data, then become its SuperNode (the site daemon)."""
-    import os
-
-    from server.deploy import supernode_command
-    from shared.clif.site import load_site
-
     cmd = supernode_command(
         Path(args.data), args.superlink, Path(args.ca), Path(args.key),
         args.name or Path(args.data).resolve().name,
@@ -204,9 +202,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     os.execv(cmd[0], cmd)  # the SuperNode replaces this process: signals reach it directly
 
 
-def register(sub, site_sub, add: Callable) -> None:
+def register(sub, groups: dict, add: Callable) -> None:
     """Add the training commands and `site serve` to the `fedclif` parser."""
-    p = add(site_sub, "serve", cmd_serve, "the site daemon: a SuperNode next to the data")
+    p = add(groups["site"], "serve", cmd_serve, "the site daemon: a SuperNode next to the data")
     p.add_argument("--data", required=True, help="the site's CLIF directory")
     p.add_argument("--superlink", required=True, help="HOST:PORT of the coordinator")
     p.add_argument("--ca", required=True, help="CA certificate (ca.crt from the coordinator)")

@@ -9,12 +9,12 @@ import torch
 from omegaconf import DictConfig
 from torch.utils.data import DataLoader
 
-from client.loop import fit, pick_device, to_device
-from shared.artifact import write_json
-from shared.errors import FedclifError
-from shared.metrics import binary_metrics, f1_threshold
-from shared.models import EHRModel, add_lora, load_model, save_model
-from shared.sequences import Prompted, SiteData, pad_collate
+from fedclif.client.loop import fit, pick_device, to_device
+from fedclif.shared.artifact import write_json
+from fedclif.shared.errors import FedclifError
+from fedclif.shared.metrics import binary_metrics, f1_threshold
+from fedclif.shared.models import EHRModel, load_model, save_model, setup, uses_lora
+from fedclif.shared.sequences import Prompted, SiteData, pad_collate
 
 
 def task_loss(model: torch.nn.Module, batch: dict) -> torch.Tensor:
@@ -64,28 +64,6 @@ def evaluate_tasks(
     }
 
 
-def uses_lora(cfg: DictConfig) -> bool:
-    if cfg.finetune.peft not in (None, "lora"):
-        raise FedclifError(f"finetune.peft must be null or lora, got {cfg.finetune.peft!r}")
-    return cfg.finetune.peft == "lora"
-
-
-def prepare(model: EHRModel, cfg: DictConfig) -> None:
-    """Make `model` ready to finetune: LoRA adapters (only they and the head train) when
-    `finetune.peft` is lora, else every weight. Idempotent."""
-    if uses_lora(cfg):
-        if getattr(model, "peft", None) is None:
-            add_lora(model, cfg.lora)
-    else:
-        model.requires_grad_(True)
-        out = model.lm.get_output_embeddings()
-        if out.weight is not model.lm.get_input_embeddings().weight:
-            # The task loss never reaches the LM head: training it would only waste
-            # optimizer state, and under DP-SGD it would have no per-sample gradient.
-            out.requires_grad_(False)
-    model.head.requires_grad_(True)
-
-
 def dp_config(cfg: DictConfig) -> DictConfig | None:
     """The DP-SGD settings when DP is on (dp.epsilon > 0)."""
     return cfg.dp if float(cfg.dp.epsilon) > 0 else None
@@ -110,7 +88,7 @@ def finetune(
         raise FedclifError(f"{base} is a LoRA finetune; pass its base model {meta['base']}")
     dp = dp_config(cfg)
     tasks = list(cfg.finetune.tasks)
-    prepare(model, cfg)
+    setup(model, cfg, "finetune")
     c = cfg.finetune
     train = Prompted(data, "train", tasks, int(c.context), dp is not None, int(cfg.seed))
     val = Prompted(data, "val", tasks, int(c.context))
@@ -159,7 +137,3 @@ def finetune(
     }
     write_json(metrics, out / "metrics.json")
     return metrics
-
-
-def _dp_report(spent: float, dp: DictConfig) -> dict:
-    return {"epsilon": spent, "delta": float(dp.delta), "target_epsilon": float(dp.epsilon)}

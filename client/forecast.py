@@ -4,11 +4,11 @@ import numpy as np
 import torch
 from omegaconf import DictConfig
 
-from shared.errors import FedclifError
-from shared.events import type_id
-from shared.models import EHRModel
-from shared.sequences import SiteData
-from shared.tokenizer import END, PAD, START, TIME_BUCKETS
+from fedclif.shared.errors import FedclifError
+from fedclif.shared.events import type_id
+from fedclif.shared.models import EHRModel
+from fedclif.shared.sequences import SiteData
+from fedclif.shared.tokenizer import END, PAD, START, TIME_BUCKETS
 
 
 @torch.no_grad()

@@ -13,57 +13,18 @@ import numpy as np
 import torch
 from omegaconf import DictConfig
 
-from client.finetune import dp_config, evaluate_tasks, prepare, task_loss
-from client.loop import fit, pick_device
-from client.pretrain import block_collate, held_out_loss, lm_loss
-from shared.errors import FedclifError
-from shared.metrics import flat_metrics
-from shared.models import EHRModel
-from shared.sequences import Prompted, SiteData, packed_blocks, pad_collate
-
-STAGES = ("pretrain", "finetune")
+from fedclif.client.finetune import dp_config, evaluate_tasks, task_loss
+from fedclif.client.loop import fit, pick_device
+from fedclif.client.pretrain import block_collate, held_out_loss, lm_loss
+from fedclif.shared.metrics import flat_metrics
+from fedclif.shared.models import EHRModel, get_weights, setup, trainable
+from fedclif.shared.sequences import Prompted, SiteData, packed_blocks, pad_collate
 
 
 @dataclass
 class RoundResult:
     weights: dict[str, np.ndarray]
     metrics: dict[str, float]
-
-
-def trainable(model: EHRModel) -> dict[str, torch.nn.Parameter]:
-    return {n: p for n, p in model.named_parameters() if p.requires_grad}
-
-
-def get_weights(model: EHRModel) -> dict[str, np.ndarray]:
-    """The parameters that train in the model's current stage, as numpy arrays."""
-    return {n: p.detach().cpu().numpy().copy() for n, p in trainable(model).items()}
-
-
-def set_weights(model: EHRModel, weights: dict[str, np.ndarray]) -> None:
-    """Load arrays from `get_weights` (of this stage's layout), checking names and shapes."""
-    own = trainable(model)
-    missing, extra = own.keys() - weights.keys(), weights.keys() - own.keys()
-    if missing or extra:
-        raise FedclifError(
-            f"weights do not fit the model: missing {sorted(missing)[:3]}, "
-            f"unexpected {sorted(extra)[:3]}"
-        )
-    with torch.no_grad():
-        for n, p in own.items():
-            if tuple(weights[n].shape) != tuple(p.shape):
-                raise FedclifError(f"weight {n}: shape {weights[n].shape}, model has {p.shape}")
-            p.copy_(torch.from_numpy(np.asarray(weights[n])))
-
-
-def setup(model: EHRModel, cfg: DictConfig, stage: str) -> None:
-    """Fix which parameters train in `stage` (call before `get_weights`/`set_weights`)."""
-    if stage not in STAGES:
-        raise FedclifError(f"unknown stage {stage!r}; choose from {', '.join(STAGES)}")
-    if stage == "pretrain":
-        model.requires_grad_(True)
-        model.head.requires_grad_(False)
-    else:
-        prepare(model, cfg)
 
 
 def train_round(

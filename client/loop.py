@@ -3,7 +3,6 @@ AdamW with warmup then a cosine, linear or constant learning rate, gradient accu
 and clipping, periodic held-out evaluation with early stopping, resumable state, optional
 DP-SGD (opacus)."""
 
-import random
 from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -15,7 +14,8 @@ from omegaconf import DictConfig
 from torch.utils.data import DataLoader, Dataset, Sampler
 from transformers import get_scheduler
 
-from shared.errors import FedclifError
+from fedclif.shared.errors import FedclifError
+from fedclif.shared.models import seed_everything
 
 Batch = dict[str, torch.Tensor]
 
@@ -33,12 +33,6 @@ def autocast(device: torch.device):
     if device.type == "cuda":
         return torch.autocast("cuda", dtype=torch.bfloat16)
     return nullcontext()
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
 
 
 def to_device(batch: Batch, device: torch.device) -> Batch:

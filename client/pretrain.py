@@ -9,10 +9,17 @@ import torch
 from omegaconf import DictConfig
 from torch.utils.data import DataLoader
 
-from client.loop import fit, pick_device, seed_everything, to_device
-from shared.artifact import write_json
-from shared.models import META, EHRModel, build_model, load_model, save_model
-from shared.sequences import SiteData, block_batch, packed_blocks
+from fedclif.client.loop import fit, pick_device, to_device
+from fedclif.shared.artifact import write_json
+from fedclif.shared.models import (
+    EHRModel,
+    build_model,
+    is_checkpoint,
+    load_model,
+    save_model,
+    seed_everything,
+)
+from fedclif.shared.sequences import SiteData, block_batch, packed_blocks
 
 STATE_FILE = "train_state.pt"
 
@@ -56,7 +63,7 @@ def pretrain(
     written to `out`. Returns the run's metrics (also in `out/metrics.json`)."""
     out = Path(out)
     device = pick_device(cfg.device)
-    if resume and (out / META).is_file():
+    if resume and is_checkpoint(out):
         model, _ = load_model(out)
         model.check_data(data.tok.hash, data.path, out)
     else:

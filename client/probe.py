@@ -19,12 +19,12 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.preprocessing import StandardScaler
 from torch.utils.data import DataLoader
 
-from client.loop import autocast, pick_device, to_device
-from shared.artifact import write_json
-from shared.labels import LABELS, usable
-from shared.metrics import binary_metrics
-from shared.models import EHRModel, load_model
-from shared.sequences import SiteData, Windows, load_site_data, pad_collate
+from fedclif.client.loop import autocast, pick_device, to_device
+from fedclif.shared.artifact import write_json
+from fedclif.shared.labels import LABELS, usable
+from fedclif.shared.metrics import binary_metrics
+from fedclif.shared.models import EHRModel, load_model
+from fedclif.shared.sequences import SiteData, Windows, load_site_data, pad_collate
 
 TRAJECTORY = ("path_length", "max_jump", "anomaly")
 

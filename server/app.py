@@ -1,17 +1,16 @@
-"""The Flower ServerApp: reads the run's federation config from the run config and
-drives it (server/run.py). Run config: `federation` (the YAML text, as `fedclif run`
-sends it), `out-dir` (where the coordinator keeps tokenizer, checkpoint, results), `resume`, and
-`audit-dir` (optional: every reply's records are written there for inspection). With
-`study` (a simulation study's config, `fedclif simulate`) it runs that study instead:
-many federated runs over subsets of the simulated sites (simulations/study.py)."""
+"""The coordinator's Flower ServerApp: reads the run's federation config from the run
+config and drives it (server/run.py). Run config (server/deploy.py RUN_CONFIG):
+`federation` (the YAML text, as `fedclif run` sends it), `out-dir` (where the coordinator
+keeps tokenizer, checkpoint, results), `resume`, and `audit-dir` (optional: every reply's
+records are written there for inspection)."""
 
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 from omegaconf import OmegaConf
 
-from server.run import FederatedRun
-from shared.federation import load_federation
-from shared.models import quiet_transformers
+from fedclif.server.run import FederatedRun
+from fedclif.shared.federation import load_federation
+from fedclif.shared.models import quiet_transformers
 
 app = ServerApp()
 
@@ -20,11 +19,6 @@ app = ServerApp()
 def main(grid: Grid, context: Context) -> None:
     quiet_transformers()
     rc = context.run_config
-    if str(rc.get("study", "")):
-        from simulations.study import Study
-
-        Study(grid, OmegaConf.create(str(rc["study"])), str(rc["out-dir"])).run()
-        return
     text = str(rc.get("federation", ""))
     fed = load_federation()
     if text:

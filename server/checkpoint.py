@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 from safetensors.numpy import load_file, save_file
 
-from shared.errors import FedclifError
+from fedclif.shared.errors import FedclifError
 
 CHECKPOINT = "checkpoint"
 Arrays = dict[str, np.ndarray]

@@ -6,12 +6,12 @@ import os
 from collections.abc import Callable
 from pathlib import Path
 
-from shared.errors import FedclifError
-from shared.ui import console, out
+from fedclif.shared.errors import FedclifError
+from fedclif.shared.ui import console, out
 
 
 def cmd_init(args: argparse.Namespace) -> int:
-    from server.pki import init_pki
+    from fedclif.server.pki import init_pki
 
     sites = [s.strip() for s in args.sites.split(",") if s.strip()]
     paths = init_pki(args.out, sites, args.hosts.split(","))
@@ -26,7 +26,7 @@ def cmd_init(args: argparse.Namespace) -> int:
 
 
 def cmd_start(args: argparse.Namespace) -> int:
-    from server.deploy import superlink_command
+    from fedclif.server.deploy import superlink_command
 
     cmd = superlink_command(Path(args.dir), args.host, args.port)
     console.print(f"starting the SuperLink on {args.host}:{args.port} (TLS, site authentication)")
@@ -34,35 +34,27 @@ def cmd_start(args: argparse.Namespace) -> int:
 
 
 def _connect(args: argparse.Namespace) -> dict[str, str]:
-    from server.deploy import connect
+    from fedclif.server.deploy import connect
 
     return connect(args.superlink, Path(args.ca))
 
 
 def cmd_register(args: argparse.Namespace) -> int:
-    from server.deploy import register
+    from fedclif.server.deploy import register
 
     out.print(register(Path(args.key), args.name, _connect(args)))
     return 0
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from server.deploy import run_config, submit, wait_run
-    from shared.federation import load_federation
+    from fedclif.server.deploy import run_config, submit, wait_run
+    from fedclif.shared.federation import load_federation
 
     fed = load_federation(args.config, args.overrides)
     out_dir = Path(args.out)
     config = run_config(fed, out_dir, args.resume, Path(args.audit) if args.audit else None)
-    if args.sites:  # a local simulation: one virtual site per CLIF directory
-        from simulations.engine import SimulationEngine
-
-        sites = [Path(s) for s in args.sites.split(",") if s]
-        with SimulationEngine(out_dir / "engine", len(sites)) as engine:
-            ok = engine.run(config, sites, out_dir / "sites")
-        out.print(f"simulated run {'completed' if ok else 'failed'}; files in {out_dir}")
-        return 0 if ok else 1
     if not (args.superlink and args.ca):
-        raise FedclifError("fedclif run needs --superlink and --ca, or --sites to simulate")
+        raise FedclifError("fedclif run needs --superlink and --ca (or --sites to simulate)")
     env = _connect(args)
     run_id = submit(config, env)
     out.print(f"run {run_id} started; coordinator files in {args.out}")
@@ -77,13 +69,16 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from server.deploy import flwr
+    from fedclif.server.deploy import flwr
 
     out.print(flwr(["ls", "fedclif"], _connect(args)).stdout)
     return 0
 
 
-def register_commands(sub, site_sub, add: Callable) -> None:
+def register(sub, groups: dict, add: Callable) -> None:
+    """Add the coordinator's commands to the `fedclif` parser; `groups["run"]` becomes
+    the `run` parser (simulations/ adds `--sites` to it)."""
+
     def link(p: argparse.ArgumentParser, required: bool = True) -> None:
         p.add_argument("--superlink", required=required, help="HOST:PORT of the SuperLink")
         p.add_argument(
@@ -100,21 +95,18 @@ def register_commands(sub, site_sub, add: Callable) -> None:
     p.add_argument("--dir", required=True, help="the coordinator init directory")
     p.add_argument("--host", default="0.0.0.0")
     p.add_argument("--port", type=int, default=9093)
-    p = add(site_sub, "register", cmd_register, "allow a site's key to join (coordinator side)")
+    p = add(
+        groups["site"], "register", cmd_register, "allow a site's key to join (coordinator side)"
+    )
     p.add_argument("--key", required=True, help="the site's public key (site.pub)")
     p.add_argument("--name", required=True)
     link(p)
-    p = add(sub, "run", cmd_run, "launch a federated run and follow it")
+    p = groups["run"] = add(sub, "run", cmd_run, "launch a federated run and follow it")
     p.add_argument("--config", help="federation YAML (default: configs/federation/default.yaml)")
     p.add_argument("--out", default="runs/federation", help="coordinator-side outputs")
     p.add_argument("--resume", action="store_true", help="continue from --out's checkpoint")
     p.add_argument("--detach", action="store_true", help="submit and return")
     p.add_argument("--audit", help="write every site reply's records here, to inspect")
-    p.add_argument(
-        "--sites",
-        help="comma-separated CLIF directories: simulate the run on this machine, one "
-        "virtual site each (instead of --superlink/--ca)",
-    )
     p.add_argument("overrides", nargs="*", metavar="key=value", help="rounds.pretrain=3 ...")
     link(p, required=False)
     p = add(sub, "status", cmd_status, "runs on the SuperLink and their state")

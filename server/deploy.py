@@ -6,28 +6,29 @@ through a connection named `fedclif` in $FLWR_HOME/config.toml (default
 import json
 import os
 import re
-import shutil
 import subprocess
 import tempfile
 import time
+import tomllib
 from pathlib import Path
 
-import tomli
 import tomli_w
 from omegaconf import DictConfig, OmegaConf
 
-from shared.errors import FedclifError
+from fedclif.shared.errors import FedclifError
+from fedclif.shared.flower import executable, write_app
 
 CONNECTION = "fedclif"
-# The Flower app (pyproject.toml [tool.flwr.app]) is this checkout.
-APP_DIR = Path(__file__).resolve().parent.parent
-
-
-def _exe(name: str) -> str:
-    path = shutil.which(name)
-    if path is None:
-        raise FedclifError(f"{name} not found on PATH: install fedclif (it brings flwr)")
-    return path
+# The coordinator's Flower app: its ServerApp and the run-config keys it reads.
+SERVERAPP = "fedclif.server.app:app"
+RUN_CONFIG = {
+    "federation": "",
+    "out-dir": "runs/federation",
+    "resume": False,
+    "audit-dir": "",
+    "sites": "",
+    "work-root": "",
+}
 
 
 def superlink_command(pki: Path, host: str, port: int) -> list[str]:
@@ -37,7 +38,7 @@ def superlink_command(pki: Path, host: str, port: int) -> list[str]:
         if not (pki / f).is_file():
             raise FedclifError(f"{pki / f} missing: run `fedclif coordinator init` first")
     return [
-        _exe("flower-superlink"),
+        executable("flower-superlink"),
         "--ssl-ca-certfile", str(pki / "ca.crt"),
         "--ssl-certfile", str(pki / "server.crt"),
         "--ssl-keyfile", str(pki / "server.key"),
@@ -45,39 +46,6 @@ def superlink_command(pki: Path, host: str, port: int) -> list[str]:
         "--database", str(pki / "superlink.db"),
         "--disable-runtime-dependency-installation",
         "--host", host,
-        "--port", str(port),
-    ]  # fmt: skip
-
-
-def supernode_command(
-    data: Path,
-    superlink: str,
-    ca: Path,
-    key: Path,
-    name: str,
-    work_dir: Path | None,
-    port: int,
-    dp_budget: float | None,
-) -> list[str]:
-    """`flower-supernode` for one site: TLS to the SuperLink, its authentication key, and
-    the site's data path in its node config."""
-    for f, what in ((data, "CLIF directory"), (ca, "CA certificate"), (key, "site key")):
-        if not f.exists():
-            raise FedclifError(f"{what} {f} not found")
-    cfg = {"data-path": str(data.resolve()), "site-name": name}
-    if work_dir is not None:
-        cfg["work-dir"] = str(work_dir.resolve())
-    if dp_budget is not None:
-        cfg["dp-budget"] = dp_budget
-    node_config = " ".join(
-        f"{k}={v}" if isinstance(v, float) else f'{k}="{v}"' for k, v in cfg.items()
-    )
-    return [
-        _exe("flower-supernode"),
-        "--root-certificates", str(ca),
-        "--superlink", superlink,
-        "--auth-supernode-private-key", str(key),
-        "--node-config", node_config,
         "--port", str(port),
     ]  # fmt: skip
 
@@ -94,7 +62,7 @@ def connect(superlink: str, ca: Path | None, home: Path | None = None) -> dict[s
     home = home or flwr_home()
     home.mkdir(parents=True, exist_ok=True)
     path = home / "config.toml"
-    conf = tomli.loads(path.read_text()) if path.is_file() else {}
+    conf = tomllib.loads(path.read_text()) if path.is_file() else {}
     conf.setdefault("superlink", {})["default"] = CONNECTION
     conf["superlink"][CONNECTION] = {"address": superlink} | (
         {"root-certificates": str(ca.resolve())} if ca is not None else {"insecure": True}
@@ -104,7 +72,7 @@ def connect(superlink: str, ca: Path | None, home: Path | None = None) -> dict[s
 
 
 def flwr(args: list[str], env: dict[str, str], check: bool = True) -> subprocess.CompletedProcess:
-    r = subprocess.run([_exe("flwr"), *args], env=env, capture_output=True, text=True)
+    r = subprocess.run([executable("flwr"), *args], env=env, capture_output=True, text=True)
     if check and r.returncode != 0:
         raise FedclifError(f"`flwr {' '.join(args)}` failed:\n{(r.stdout + r.stderr).strip()}")
     return r
@@ -127,14 +95,19 @@ def run_config(fed: DictConfig, out: Path, resume: bool, audit: Path | None = No
     }
 
 
-def submit(config: dict, env: dict[str, str]) -> int:
-    """Start a run of the fedclif app with this run config; returns its run id."""
-    with tempfile.NamedTemporaryFile("w", suffix=".toml", delete=False) as f:
-        f.write(tomli_w.dumps(config))
-    try:
-        text = flwr(["run", str(APP_DIR), CONNECTION, "--run-config", f.name], env).stdout
-    finally:
-        os.unlink(f.name)
+def submit(
+    config: dict,
+    env: dict[str, str],
+    serverapp: str = SERVERAPP,
+    defaults: dict = RUN_CONFIG,
+) -> int:
+    """Start a run of the Flower app whose ServerApp is `serverapp` (run-config keys and
+    defaults: `defaults`) with this run config; returns its run id."""
+    with tempfile.TemporaryDirectory(prefix="fedclif-app-") as tmp:
+        app = write_app(Path(tmp), "fedclif", serverapp, defaults)
+        conf = Path(tmp) / "run-config.toml"
+        conf.write_text(tomli_w.dumps(config))
+        text = flwr(["run", str(app), CONNECTION, "--run-config", str(conf)], env).stdout
     m = re.search(r"run (\d+)", text)
     if not m:
         raise FedclifError(f"could not read the run id from `flwr run`:\n{text}")

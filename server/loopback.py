@@ -8,9 +8,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-from server.processes import Processes, free_port, wait_for
+from fedclif.server.processes import Processes, free_port, wait_for
 
-FEDCLIF = [sys.executable, "-m", "shared.cli"]
+FEDCLIF = [sys.executable, "-m", "fedclif.cli"]
 
 
 class Loopback(Processes):

@@ -12,7 +12,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from shared.errors import FedclifError
+from fedclif.shared.errors import FedclifError
 
 DAYS = 365
 

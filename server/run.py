@@ -5,23 +5,23 @@ from its checkpoint. The same code serves simulation and deployment (it only see
 Flower Grid)."""
 
 import json
+import logging
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from flwr.app import ConfigRecord, Message, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp import strategy as flwr_strategy
 from omegaconf import DictConfig, OmegaConf
 
-from client.local import get_weights, set_weights, setup
-from client.loop import seed_everything
-from server.checkpoint import load_checkpoint, restore_strategy, save_checkpoint
-from server.checks import update_problem
-from shared.artifact import write_json
-from shared.config import load_config
-from shared.errors import FedclifError
-from shared.federation import (
+from fedclif.server.checkpoint import load_checkpoint, restore_strategy, save_checkpoint
+from fedclif.server.checks import update_problem
+from fedclif.shared.artifact import write_json
+from fedclif.shared.config import load_config
+from fedclif.shared.errors import FedclifError
+from fedclif.shared.federation import (
     ARRAYS,
     BASE,
     CONFIG,
@@ -40,9 +40,9 @@ from shared.federation import (
     train_config,
     weights_id,
 )
-from shared.models import build_model, save_model
-from shared.stats import merge_stats
-from shared.tokenizer import Tokenizer, fit_tokenizer
+from fedclif.shared.models import get_weights, save_model, stage_model
+from fedclif.shared.stats import merge_stats
+from fedclif.shared.tokenizer import Tokenizer, fit_tokenizer
 
 STRATEGIES = {
     "fedavg": flwr_strategy.FedAvg,
@@ -54,6 +54,7 @@ STRATEGIES = {
     "krum": flwr_strategy.Krum,
 }
 WEIGHT_KEY = "num-examples"
+log = logging.getLogger(__name__)
 
 
 def make_strategy(fed: DictConfig):
@@ -71,6 +72,22 @@ def make_strategy(fed: DictConfig):
         )
     except TypeError as e:  # an option the Flower class does not take
         raise FedclifError(f"strategy.options for {name}: {e}") from e
+
+
+@dataclass
+class Pending:
+    """Messages sent to the sites and what finishing them needs: `begin_*` returns one,
+    the caller sends `msgs` (alone, or batched with other runs' as the study does) and
+    passes the replies with it to the matching `end_*`."""
+
+    msgs: list[Message]
+    stage: str = ""
+    rnd: int = 0
+    tok: Tokenizer | None = None
+    base: dict | None = None
+    strategy: object = None
+    current: ArrayRecord | None = None
+    t0: float = field(default_factory=time.perf_counter)
 
 
 def _bytes(records) -> int:
@@ -119,9 +136,12 @@ class FederatedRun:
     def _site(self, node: int) -> str:
         return self.sites.get(node, f"node-{node}")
 
+    def _send(self, pending: Pending) -> list[Message]:
+        """Send a request's messages and wait (up to the timeout) for the replies."""
+        return list(self.grid.send_and_receive(pending.msgs, timeout=self.timeout))
+
     def _exchange(self, msgs: list[Message], what: str) -> tuple[list[Message], list[dict]]:
-        replies = list(self.grid.send_and_receive(msgs, timeout=self.timeout))
-        return self.sort_replies(msgs, replies, what)
+        return self.sort_replies(msgs, self._send(Pending(msgs)), what)
 
     def sort_replies(
         self, msgs: list[Message], replies: list[Message], what: str
@@ -148,7 +168,7 @@ class FederatedRun:
             if m.metadata.dst_node_id not in answered
         ]
         for f in failed:
-            print(f"[fedclif] {what}: site {f['site']} failed ({f['error']})")
+            log.warning("%s: site %s failed (%s)", what, f["site"], f["error"])
         return ok, failed
 
     def _audit(self, reply: Message, what: str) -> None:
@@ -213,13 +233,13 @@ class FederatedRun:
             self.sites[r.metadata.src_node_id] = str(r.content[CONFIG]["site"])
         return dict(self.sites)
 
-    def begin_tokenize(self, tok: Tokenizer) -> list[Message]:
-        """Messages asking every site to tokenize its data with `tok` (then `end_tokenize`)."""
+    def begin_tokenize(self, tok: Tokenizer) -> Pending:
+        """Ask every site to tokenize its data with `tok` (then `end_tokenize`)."""
         content = RecordDict({CONFIG: ConfigRecord({"tokenizer": json.dumps(tok.to_dict())})})
-        return self._messages(QUERY_TOKENIZE, content)
+        return Pending(self._messages(QUERY_TOKENIZE, content), tok=tok)
 
-    def end_tokenize(self, msgs: list[Message], replies: list[Message]) -> None:
-        ok, _ = self.sort_replies(msgs, replies, QUERY_TOKENIZE)
+    def end_tokenize(self, pending: Pending, replies: list[Message]) -> None:
+        ok, _ = self.sort_replies(pending.msgs, replies, QUERY_TOKENIZE)
         self._enough(ok, QUERY_TOKENIZE)
         for r in ok:
             m = r.content[METRICS]
@@ -230,8 +250,8 @@ class FederatedRun:
 
     def tokenize(self, tok: Tokenizer) -> None:
         """Every site tokenizes its data with `tok` (cached there by tokenizer hash)."""
-        msgs = self.begin_tokenize(tok)
-        self.end_tokenize(msgs, list(self.grid.send_and_receive(msgs, timeout=self.timeout)))
+        pending = self.begin_tokenize(tok)
+        self.end_tokenize(pending, self._send(pending))
 
     def statistics(self) -> Tokenizer:
         """Every site's mergeable statistics -> one tokenizer -> every site tokenizes."""
@@ -268,35 +288,22 @@ class FederatedRun:
         base: dict | None,
         strategy,
         send_base: bool = False,
-    ) -> list[Message]:
-        """Round `rnd`'s messages (send them, then pass the replies to `end_round`)."""
-        self._round = {
-            "stage": stage,
-            "rnd": rnd,
-            "tok": tok,
-            "base": base,
-            "strategy": strategy,
-            "t0": time.perf_counter(),
-            "current": to_record(weights),
-        }
-        msgs = list(
-            self._round["strategy"].configure_train(
-                rnd, self._round["current"], self._config(stage, rnd, tok, base), self.grid
-            )
-        )
+    ) -> Pending:
+        """Round `rnd` (send its messages, then pass the replies to `end_round`)."""
+        current = to_record(weights)
+        config = self._config(stage, rnd, tok, base)
+        msgs = list(strategy.configure_train(rnd, current, config, self.grid))
         if send_base:
             for m in msgs:
                 m.content[BASE] = to_record(base)
-        self._round["msgs"] = msgs
-        return msgs
+        return Pending(msgs, stage, rnd, tok, base, strategy, current)
 
-    def end_round(self, replies: list[Message], n: int) -> dict:
-        """Check, aggregate and checkpoint the replies of the round begun; returns the new
-        global weights. Rejected and failed sites are logged; too few valid replies end
-        the run (its last checkpoint stays)."""
-        cur = self._round
-        stage, rnd, current, msgs = cur["stage"], cur["rnd"], cur["current"], cur["msgs"]
-        strategy = cur["strategy"]
+    def end_round(self, pending: Pending, replies: list[Message], n: int) -> dict:
+        """Check, aggregate and checkpoint the replies of a round; returns the new global
+        weights. Rejected and failed sites are logged; too few valid replies end the run
+        (its last checkpoint stays)."""
+        stage, rnd, current, msgs = pending.stage, pending.rnd, pending.current, pending.msgs
+        strategy = pending.strategy
         sent = sum(_bytes(m.content.array_records.values()) for m in msgs)
         ok, failed = self.sort_replies(msgs, replies, f"{stage} round {rnd}")
         received = sum(_bytes(r.content.array_records.values()) for r in ok)
@@ -306,7 +313,7 @@ class FederatedRun:
             if why:
                 site = self._site(r.metadata.src_node_id)
                 rejected.append({"site": site, "reason": why})
-                print(f"[fedclif] {stage} round {rnd}: rejected site {site}: {why}")
+                log.warning("%s round %d: rejected site %s: %s", stage, rnd, site, why)
             else:
                 valid.append(r)
         self._enough(valid, f"{stage} round {rnd}")
@@ -316,7 +323,7 @@ class FederatedRun:
             {
                 "phase": stage,
                 "round": rnd,
-                "seconds": time.perf_counter() - cur["t0"],
+                "seconds": time.perf_counter() - pending.t0,
                 "ended": time.time(),  # wall clock, to line rounds up with other logs
                 "bytes_sent": sent,
                 "bytes_received": received,
@@ -329,11 +336,11 @@ class FederatedRun:
             }
         )
         self.state.update(phase=stage, round=rnd)
-        save_checkpoint(self.out, self._state(cur["tok"]), weights, strategy, cur["base"])
-        print(
-            f"[fedclif] {stage} round {rnd}/{n}: {len(valid)} site(s), "
-            f"loss {dict(metrics or {}).get('train_loss', float('nan')):.3f}"
-        )
+        save_checkpoint(self.out, self._state(pending.tok), weights, strategy, pending.base)
+        log.info(
+            "%s round %d/%d: %d site(s), loss %.3f",
+            stage, rnd, n, len(valid), dict(metrics or {}).get("train_loss", float("nan")),
+        )  # fmt: skip
         return weights
 
     def rounds(
@@ -350,25 +357,22 @@ class FederatedRun:
         strategy = strategy or make_strategy(self.fed)
         for rnd in range(start + 1, n + 1):
             # The LoRA base goes once per server process: sites keep it on disk.
-            msgs = self.begin_round(stage, rnd, tok, weights, base, strategy,
-                                    send_base=base is not None and rnd == start + 1)  # fmt: skip
-            weights = self.end_round(
-                list(self.grid.send_and_receive(msgs, timeout=self.timeout)), n
-            )
+            pending = self.begin_round(stage, rnd, tok, weights, base, strategy,
+                                       send_base=base is not None and rnd == start + 1)  # fmt: skip
+            weights = self.end_round(pending, self._send(pending), n)
         return weights
 
-    def begin_probes(self, tok: Tokenizer, weights: dict) -> list[Message]:
-        """Messages asking every site to fit linear probes of the run's tasks on the frozen
-        pretrained `weights` (then `end_probes`)."""
+    def begin_probes(self, tok: Tokenizer, weights: dict) -> Pending:
+        """Ask every site to fit linear probes of the run's tasks on the frozen pretrained
+        `weights` (then `end_probes`)."""
         content = RecordDict(
             {ARRAYS: to_record(weights), CONFIG: self._config("pretrain", 0, tok, None)}
         )
-        self._probe_msgs = self._messages(TRAIN_PROBE, content)
-        return self._probe_msgs
+        return Pending(self._messages(TRAIN_PROBE, content), "pretrain", tok=tok)
 
-    def end_probes(self, replies: list[Message]) -> dict[str, dict]:
+    def end_probes(self, pending: Pending, replies: list[Message]) -> dict[str, dict]:
         """Each site's probes (arrays for `begin_evaluate(probes=...)`), by site name."""
-        ok, _ = self.sort_replies(self._probe_msgs, replies, TRAIN_PROBE)
+        ok, _ = self.sort_replies(pending.msgs, replies, TRAIN_PROBE)
         self._enough(ok, TRAIN_PROBE)
         return {self._site(r.metadata.src_node_id): from_record(r.content[ARRAYS]) for r in ok}
 
@@ -380,39 +384,38 @@ class FederatedRun:
         base: dict | None,
         split: str = "test",
         probes: dict | None = None,
-    ) -> list[Message]:
-        """Messages asking every site to evaluate `weights` on its `split` ("all": every
-        stay, for a model that never saw the site's data); with `probes`, those linear
-        probes on the pretrained `weights` instead of the finetuned model."""
-        self._eval = make_strategy(self.fed)
+    ) -> Pending:
+        """Ask every site to evaluate `weights` on its `split` ("all": every stay, for a
+        model that never saw the site's data); with `probes`, those linear probes on the
+        pretrained `weights` instead of the finetuned model (then `end_evaluate`)."""
+        strategy = make_strategy(self.fed)
         config = self._config(stage, 0, tok, base)
         config["eval_split"] = split
         if probes is None:
-            msgs = list(self._eval.configure_evaluate(0, to_record(weights), config, self.grid))
+            msgs = list(strategy.configure_evaluate(0, to_record(weights), config, self.grid))
         else:
             content = {ARRAYS: to_record(weights), CONFIG: config, PROBES: to_record(probes)}
             msgs = self._messages(EVALUATE_PROBE, RecordDict(content))
         for m in msgs:
             if base is not None:
                 m.content[BASE] = to_record(base)
-        self._eval_msgs, self._eval_stage = msgs, stage
-        return msgs
+        return Pending(msgs, stage, tok=tok, base=base, strategy=strategy)
 
-    def end_evaluate(self, replies: list[Message]) -> dict:
-        """Per-site and example-weighted metrics of the evaluation begun."""
-        ok, failed = self.sort_replies(self._eval_msgs, replies, "evaluation")
+    def end_evaluate(self, pending: Pending, replies: list[Message]) -> dict:
+        """Per-site and example-weighted metrics of an evaluation."""
+        ok, failed = self.sort_replies(pending.msgs, replies, "evaluation")
         per_site = {self._site(r.metadata.src_node_id): dict(r.content[METRICS]) for r in ok}
-        agg = self._eval.aggregate_evaluate(0, ok) if ok else None
+        agg = pending.strategy.aggregate_evaluate(0, ok) if ok else None
         return {
-            "stage": self._eval_stage,
+            "stage": pending.stage,
             "sites": per_site,
             "weighted": dict(agg) if agg else {},
             "failed": failed,
         }
 
     def evaluate(self, stage: str, tok: Tokenizer, weights: dict, base: dict | None) -> dict:
-        msgs = self.begin_evaluate(stage, tok, weights, base)
-        return self.end_evaluate(list(self.grid.send_and_receive(msgs, timeout=self.timeout)))
+        pending = self.begin_evaluate(stage, tok, weights, base)
+        return self.end_evaluate(pending, self._send(pending))
 
     def _state(self, tok: Tokenizer) -> dict:
         return {
@@ -425,15 +428,9 @@ class FederatedRun:
     def model(self, tok: Tokenizer, stage: str, base: dict | None, weights: dict | None):
         """The stage's model: seeded fresh weights, then the pretrained base (finetuning),
         then `weights` when given."""
-        seed_everything(int(self.fed.seed))
-        model = build_model(self.model_cfg, tok)
-        if base is not None:
-            setup(model, self.cfg, "pretrain")
-            set_weights(model, base)
-        setup(model, self.cfg, stage)
-        if weights is not None:
-            set_weights(model, weights)
-        return model
+        return stage_model(
+            self.model_cfg, tok, self.cfg, stage, base, weights, seed=int(self.fed.seed)
+        )
 
     def _save_final(self, tok: Tokenizer, stage: str, base: dict | None, weights: dict) -> None:
         """The global model as a fedclif checkpoint in OUT/model (LoRA: adapters and head,
@@ -463,7 +460,7 @@ class FederatedRun:
             start = int(saved["round"])
             strategy = make_strategy(self.fed)
             restore_strategy(strategy, strat_state)
-            print(f"[fedclif] resuming after {saved['phase']} round {start}")
+            log.info("resuming after %s round %d", saved["phase"], start)
             # Sites may be back under new node ids (a restarted simulation): this names
             # them again, and tokenizes at a site that lost its timelines (else cached).
             self.tokenize(tok)

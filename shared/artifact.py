@@ -3,7 +3,7 @@
 import json
 from pathlib import Path
 
-from shared.errors import FedclifError
+from fedclif.shared.errors import FedclifError
 
 
 def write_json(obj: dict, path: str | Path) -> None:

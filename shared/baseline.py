@@ -13,11 +13,11 @@ from sklearn.model_selection import GroupKFold, cross_val_predict
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import MaxAbsScaler
 
-from shared.errors import FedclifError
-from shared.labels import LABELS, usable
-from shared.metrics import binary_metrics
-from shared.timelines import LABELS as LABELS_FILE
-from shared.timelines import read_timelines
+from fedclif.shared.errors import FedclifError
+from fedclif.shared.labels import LABELS, usable
+from fedclif.shared.metrics import binary_metrics
+from fedclif.shared.timelines import LABELS as LABELS_FILE
+from fedclif.shared.timelines import read_timelines
 
 MODELS = ("logreg", "gbm")
 

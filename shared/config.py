@@ -1,15 +1,17 @@
 """The one config loader: packaged YAML defaults, then a user file, then `key=value` overrides."""
 
 from collections.abc import Sequence
+from importlib.resources import files
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from shared.errors import FedclifError
+from fedclif.shared.errors import FedclifError
 
-# configs/ sits beside the packages in the checkout (the project is installed editable).
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+# configs/ ships inside the package (fedclif/configs), found through it: the same in a
+# checkout installed editable and in a wheel.
+CONFIG_DIR = Path(str(files("fedclif") / "configs"))
 
 
 def _load_yaml(path: Path) -> DictConfig:

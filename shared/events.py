@@ -14,8 +14,8 @@ from dataclasses import dataclass
 
 import polars as pl
 
-from shared.clif.schema import RESP_SETTINGS, load_schemas
-from shared.clif.site import Site
+from fedclif.shared.clif.schema import RESP_SETTINGS, load_schemas
+from fedclif.shared.clif.site import Site
 
 UNK = "UNK"
 # Marks a code built from free text; statistics keep such codes only when common.

@@ -10,8 +10,8 @@ from flwr.app import Array, ArrayRecord
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from shared.config import load_config
-from shared.errors import FedclifError
+from fedclif.shared.config import load_config
+from fedclif.shared.errors import FedclifError
 
 # Record names inside message content.
 ARRAYS, CONFIG, METRICS, BASE, STATS = "arrays", "config", "metrics", "base", "stats"

@@ -3,7 +3,7 @@
 import numpy as np
 import polars as pl
 
-from shared.clif.site import Site
+from fedclif.shared.clif.site import Site
 
 LABELS = (
     "same_admission_death",

@@ -1,54 +1,64 @@
-"""Backbones (Hugging Face Mamba-2, Mamba, Llama) with EHR embeddings and a task head,
-and their checkpoints.
+"""The EHR model (a Hugging Face backbone, EHR embeddings and a task head) as one
+transformers `PreTrainedModel`, its assembly for a training stage, the weights that travel
+between sites and the server, and checkpoints.
 
-A checkpoint directory is the backbone's `save_pretrained` output (config.json,
-model.safetensors: `AutoModelForCausalLM.from_pretrained(ckpt)` loads it) plus
-`ehr_embedding.safetensors` and `head.safetensors` when trained, the `tokenizer.json` the
-model was trained with, and `fedclif.json` (model config, tokenizer hash, stage). A LoRA
-finetune saves only `adapter/` (peft) and the head, and points to its base checkpoint.
+A checkpoint is `save_pretrained` output (config.json, model.safetensors) plus the
+`tokenizer.json` the model was trained with. `EHRConfig` is registered with transformers'
+Auto classes when this module is imported, so `AutoModel.from_pretrained(ckpt)` loads the
+whole model, EHR embeddings and head included. A LoRA finetune saves only `adapter/`
+(peft), the head and `fedclif.json`, which points to its base checkpoint.
 """
 
 import math
+import random
 import warnings
 from pathlib import Path
 
+import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import (
-    AutoModelForCausalLM,
+    AutoConfig,
+    AutoModel,
     LlamaConfig,
     LlamaForCausalLM,
     Mamba2Config,
     Mamba2ForCausalLM,
     MambaConfig,
     MambaForCausalLM,
+    PretrainedConfig,
     PreTrainedModel,
 )
 
-from shared.artifact import read_json, write_json
-from shared.errors import FedclifError
-from shared.events import TOKEN_TYPES
-from shared.sequences import MAX_VISIT
-from shared.tokenizer import END, PAD, START, Tokenizer
+from fedclif.shared.artifact import read_json, write_json
+from fedclif.shared.errors import FedclifError
+from fedclif.shared.events import TOKEN_TYPES
+from fedclif.shared.sequences import MAX_VISIT
+from fedclif.shared.tokenizer import END, PAD, START, Tokenizer
 
 ARCHS = {
     "mamba2": (Mamba2Config, Mamba2ForCausalLM),
     "mamba": (MambaConfig, MambaForCausalLM),
     "llama": (LlamaConfig, LlamaForCausalLM),
 }
-FORMAT, VERSION = "fedclif-checkpoint", 1
-META, EHR_FILE, HEAD_FILE, ADAPTER_DIR, TOKENIZER_FILE = (
+STAGES = ("pretrain", "finetune")
+# A LoRA checkpoint: peft's adapter directory, the head, and fedclif.json naming its base.
+FORMAT, VERSION = "fedclif-lora", 1
+META, HEAD_FILE, ADAPTER_DIR, TOKENIZER_FILE = (
     "fedclif.json",
-    "ehr_embedding.safetensors",
     "head.safetensors",
     "adapter",
     "tokenizer.json",
 )
 
 
-def _sinusoids(x: torch.Tensor, periods: torch.Tensor) -> torch.Tensor:
+def _sinusoids(x: torch.Tensor, top: float, n_freq: int) -> torch.Tensor:
+    """sin and cos of `x` at `n_freq` periods from 1 to 10**top. Computed here, not kept
+    as buffers: `from_pretrained` builds modules without running their initialisation,
+    and a non-persistent buffer would come back uninitialised."""
+    periods = torch.logspace(0, top, n_freq, device=x.device)
     angle = x.float().unsqueeze(-1) * (2 * math.pi / periods)
     return torch.cat([angle.sin(), angle.cos()], dim=-1)
 
@@ -66,32 +76,75 @@ class EHREmbedding(nn.Module):
         self.time = nn.Linear(2 * n_freq, hidden)
         self.age = nn.Linear(2 * n_freq, hidden)
         self.norm = nn.LayerNorm(hidden)
-        self.register_buffer("hour_periods", torch.logspace(0, 4, n_freq), persistent=False)
-        self.register_buffer("age_periods", torch.logspace(0, 2.3, n_freq), persistent=False)
+        self.n_freq = n_freq
 
     def forward(self, concept: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         extra = (
             self.types(batch["types"])
             + self.visit(batch["visit"])
-            + self.time(_sinusoids(batch["hours"], self.hour_periods))
-            + self.age(_sinusoids(batch["age"], self.age_periods))
+            + self.time(_sinusoids(batch["hours"], 4, self.n_freq))
+            + self.age(_sinusoids(batch["age"], 2.3, self.n_freq))
         )
         return self.norm(concept + extra)
 
 
-class EHRModel(nn.Module):
+class EHRConfig(PretrainedConfig):
+    """The whole EHR model: `arch` and its transformers config (`backbone`), whether EHR
+    embeddings are on, the fedclif model config it was built from (`spec`), the hash of
+    the tokenizer whose ids it reads, the training `stage` it was saved after and what
+    training recorded (`training`: step, validation loss, tasks)."""
+
+    model_type = "fedclif-ehr"
+
+    def __init__(
+        self,
+        arch: str = "mamba2",
+        backbone: dict | None = None,
+        ehr_embeddings: bool = True,
+        spec: dict | None = None,
+        tokenizer_hash: str = "",
+        stage: str = "pretrain",
+        training: dict | None = None,
+        **kwargs,
+    ):
+        self.arch, self.backbone = arch, dict(backbone or {})
+        self.ehr_embeddings, self.spec = ehr_embeddings, dict(spec or {})
+        self.tokenizer_hash, self.stage = tokenizer_hash, stage
+        self.training = dict(training or {})
+        super().__init__(**kwargs)
+
+
+class EHRModel(PreTrainedModel):
     """A causal LM backbone, optional EHR embeddings, and one binary head that reads the
     hidden state at the task token closing each prompted sequence."""
 
-    def __init__(
-        self, lm: PreTrainedModel, ehr: EHREmbedding | None, spec: dict, tokenizer_hash: str
-    ):
-        super().__init__()
-        self.lm = lm
-        self.ehr = ehr
-        self.head = nn.Linear(lm.config.hidden_size, 1)
-        self.spec = spec  # the model config it was built from, saved with it
-        self.tokenizer_hash = tokenizer_hash  # token ids mean nothing under another one
+    config_class = EHRConfig
+    base_model_prefix = "ehr"
+    main_input_name = "input_ids"
+
+    def __init__(self, config: EHRConfig):
+        super().__init__(config)
+        backbone_cls, lm_cls = ARCHS[config.arch]
+        # Built in this order (backbone, EHR embeddings, head), each initialised by its
+        # own constructor: a seed gives the same weights as before they were one model.
+        self.lm = lm_cls(backbone_cls(**config.backbone))
+        self.ehr = EHREmbedding(self.lm.config.hidden_size) if config.ehr_embeddings else None
+        self.head = nn.Linear(self.lm.config.hidden_size, 1)
+        self.post_init()
+
+    def _init_weights(self, module: nn.Module) -> None:
+        """Nothing to do: every part initialised itself when built (see __init__), and
+        `from_pretrained` overwrites all of them."""
+
+    @property
+    def spec(self) -> dict:
+        """The fedclif model config it was built from."""
+        return self.config.spec
+
+    @property
+    def tokenizer_hash(self) -> str:
+        """Token ids mean nothing under another tokenizer."""
+        return self.config.tokenizer_hash
 
     def check_data(self, data_hash: str, what: str | Path, source: str | Path = "") -> None:
         """Refuse data tokenized with another vocabulary than the model's: ids would
@@ -160,19 +213,23 @@ def build_model(cfg: DictConfig, tok: Tokenizer) -> EHRModel:
             f"(got {shape['num_heads']} * {shape['head_dim']} vs "
             f"{shape['expand']} * {shape['hidden_size']})"
         )
-    config_cls, model_cls = ARCHS[arch]
-    config = config_cls(
-        vocab_size=len(tok.vocab),
-        pad_token_id=tok.index[PAD],
-        bos_token_id=tok.index[START],
-        eos_token_id=tok.index[END],
+    backbone = {
+        "vocab_size": len(tok.vocab),
+        "pad_token_id": tok.index[PAD],
+        "bos_token_id": tok.index[START],
+        "eos_token_id": tok.index[END],
         **shape,
-    )
+    }
     if arch == "mamba" and not torch.cuda.is_available():
         warnings.warn("model.arch=mamba runs its slow sequential path on CPU", stacklevel=2)
-    lm = model_cls(config)
-    ehr = EHREmbedding(config.hidden_size) if cfg.ehr_embeddings else None
-    return EHRModel(lm, ehr, OmegaConf.to_container(cfg), tok.hash)
+    config = EHRConfig(
+        arch=arch,
+        backbone=backbone,
+        ehr_embeddings=bool(cfg.ehr_embeddings),
+        spec=OmegaConf.to_container(cfg),
+        tokenizer_hash=tok.hash,
+    )
+    return EHRModel(config)
 
 
 # LoRA targets when `lora.target_modules` is null: the blocks' projections (peft refuses
@@ -210,6 +267,12 @@ def n_params(model: nn.Module, trainable: bool = False) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable)
 
 
+def is_checkpoint(path: str | Path) -> bool:
+    """A fedclif checkpoint: a whole model (config.json) or a LoRA finetune (fedclif.json)."""
+    path = Path(path)
+    return (path / "config.json").is_file() or (path / META).is_file()
+
+
 def save_model(
     model: EHRModel,
     out: str | Path,
@@ -218,56 +281,145 @@ def save_model(
     extra: dict | None = None,
     base: str | Path | None = None,
 ) -> None:
-    """Write a checkpoint. With `base` (LoRA) only the adapters and the head are written."""
+    """Write a checkpoint: `save_pretrained` and the tokenizer. With `base` (LoRA) only
+    the adapters (peft), the head and fedclif.json naming the base are written."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    meta = {
-        "format": FORMAT,
-        "version": VERSION,
-        "model": model.spec,
-        "tokenizer_hash": model.tokenizer_hash,
-        "stage": stage,
-        "base": str(Path(base).resolve()) if base else None,
-        **(extra or {}),
-    }
-    if base is not None:
-        model.peft.save_pretrained(out / ADAPTER_DIR)
+    if base is None:
+        model.config.stage, model.config.training = stage, dict(extra or {})
+        model.save_pretrained(out)
     else:
-        model.lm.save_pretrained(out)
-        if model.ehr is not None:
-            save_file(model.ehr.state_dict(), out / EHR_FILE)
-    if stage == "finetune":
+        model.peft.save_pretrained(out / ADAPTER_DIR)
         save_file(model.head.state_dict(), out / HEAD_FILE)
+        meta = {
+            "format": FORMAT,
+            "version": VERSION,
+            "model": model.spec,
+            "tokenizer_hash": model.tokenizer_hash,
+            "stage": stage,
+            "base": str(Path(base).resolve()),
+            **(extra or {}),
+        }
+        write_json(meta, out / META)
     tok.save(out / TOKENIZER_FILE)
-    write_json(meta, out / META)
 
 
 def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[EHRModel, dict]:
-    """A checkpoint (full or LoRA) and its metadata; its tokenizer is `path/tokenizer.json`."""
+    """A checkpoint (whole or LoRA) and what it records (`model`: the fedclif model
+    config, `tokenizer_hash`, `stage`, `base`: a LoRA finetune's base, and what training
+    recorded); its tokenizer is `path/tokenizer.json`."""
     path = Path(path)
-    if not (path / META).is_file():
+    if not is_checkpoint(path):
         raise FedclifError(
-            f"{path} is not a fedclif checkpoint (no {META}); "
+            f"{path} is not a fedclif checkpoint (no config.json); "
             "make one with `fedclif train pretrain`"
         )
-    meta = read_json(path / META, FORMAT, VERSION, "checkpoint")
-    if meta.get("base"):
-        if not (Path(meta["base"]) / META).is_file():
-            raise FedclifError(
-                f"{path} holds LoRA adapters for the checkpoint {meta['base']}, "
-                "which is not there any more: restore it or finetune again"
-            )
-        model, _ = load_model(meta["base"], device)
-        from peft import PeftModel
+    if not (path / META).is_file():
+        model = EHRModel.from_pretrained(path)
+        c = model.config
+        meta = {"model": c.spec, "tokenizer_hash": c.tokenizer_hash, "stage": c.stage,
+                "base": None, **c.training}  # fmt: skip
+        return model.to(device), meta
+    meta = read_json(path / META, FORMAT, VERSION, "LoRA checkpoint")
+    if not is_checkpoint(meta["base"]):
+        raise FedclifError(
+            f"{path} holds LoRA adapters for the checkpoint {meta['base']}, "
+            "which is not there any more: restore it or finetune again"
+        )
+    model, _ = load_model(meta["base"], device)
+    from peft import PeftModel
 
-        _set_peft(model, PeftModel.from_pretrained(model.lm, path / ADAPTER_DIR))
-    else:
-        lm = AutoModelForCausalLM.from_pretrained(path)
-        spec = meta["model"]
-        ehr = EHREmbedding(lm.config.hidden_size) if spec["ehr_embeddings"] else None
-        if ehr is not None:
-            ehr.load_state_dict(load_file(path / EHR_FILE))
-        model = EHRModel(lm, ehr, spec, meta["tokenizer_hash"])
-    if (path / HEAD_FILE).is_file():
-        model.head.load_state_dict(load_file(path / HEAD_FILE))
+    _set_peft(model, PeftModel.from_pretrained(model.lm, path / ADAPTER_DIR))
+    model.head.load_state_dict(load_file(path / HEAD_FILE))
     return model.to(device), meta
+
+
+# --- what trains in a stage, and the arrays that travel --------------------------------
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def trainable(model: EHRModel) -> dict[str, torch.nn.Parameter]:
+    return {n: p for n, p in model.named_parameters() if p.requires_grad}
+
+
+def get_weights(model: EHRModel) -> dict[str, np.ndarray]:
+    """The parameters that train in the model's current stage, as numpy arrays."""
+    return {n: p.detach().cpu().numpy().copy() for n, p in trainable(model).items()}
+
+
+def set_weights(model: EHRModel, weights: dict[str, np.ndarray]) -> None:
+    """Load arrays from `get_weights` (of this stage's layout), checking names and shapes."""
+    own = trainable(model)
+    missing, extra = own.keys() - weights.keys(), weights.keys() - own.keys()
+    if missing or extra:
+        raise FedclifError(
+            f"weights do not fit the model: missing {sorted(missing)[:3]}, "
+            f"unexpected {sorted(extra)[:3]}"
+        )
+    with torch.no_grad():
+        for n, p in own.items():
+            if tuple(weights[n].shape) != tuple(p.shape):
+                raise FedclifError(f"weight {n}: shape {weights[n].shape}, model has {p.shape}")
+            p.copy_(torch.from_numpy(np.asarray(weights[n])))
+
+
+def uses_lora(cfg: DictConfig) -> bool:
+    if cfg.finetune.peft not in (None, "lora"):
+        raise FedclifError(f"finetune.peft must be null or lora, got {cfg.finetune.peft!r}")
+    return cfg.finetune.peft == "lora"
+
+
+def setup(model: EHRModel, cfg: DictConfig, stage: str) -> None:
+    """Fix which parameters train in `stage` (call before `get_weights`/`set_weights`):
+    pretraining trains all but the head; finetuning trains LoRA adapters and the head
+    (`finetune.peft: lora`) or every weight the task loss reaches. Idempotent."""
+    if stage not in STAGES:
+        raise FedclifError(f"unknown stage {stage!r}; choose from {', '.join(STAGES)}")
+    if stage == "pretrain":
+        model.requires_grad_(True)
+        model.head.requires_grad_(False)
+        return
+    if uses_lora(cfg):
+        if getattr(model, "peft", None) is None:
+            add_lora(model, cfg.lora)
+    else:
+        model.requires_grad_(True)
+        out = model.lm.get_output_embeddings()
+        if out.weight is not model.lm.get_input_embeddings().weight:
+            # The task loss never reaches the LM head: training it would only waste
+            # optimizer state, and under DP-SGD it would have no per-sample gradient.
+            out.requires_grad_(False)
+    model.head.requires_grad_(True)
+
+
+def stage_model(
+    model_cfg: DictConfig,
+    tok: Tokenizer,
+    cfg: DictConfig,
+    stage: str,
+    base: dict | None = None,
+    weights: dict | None = None,
+    seed: int | None = None,
+) -> EHRModel:
+    """The one way the server and a site build a stage's model: fresh weights (seeded
+    when `seed` is given), then the pretrained `base` arrays (a finetuning stage), then
+    `weights` (this stage's layout) when given."""
+    if seed is not None:
+        seed_everything(seed)
+    model = build_model(model_cfg, tok)
+    if base is not None:
+        setup(model, cfg, "pretrain")
+        set_weights(model, base)
+    setup(model, cfg, stage)
+    if weights is not None:
+        set_weights(model, weights)
+    return model
+
+
+AutoConfig.register(EHRConfig.model_type, EHRConfig)
+AutoModel.register(EHRConfig, EHRModel)

@@ -15,13 +15,13 @@ import polars as pl
 import torch
 from omegaconf import DictConfig
 
-from shared.errors import FedclifError
-from shared.events import type_id
-from shared.labels import TASKS, usable
-from shared.splits import assign_splits
-from shared.timelines import LABELS as LABELS_FILE
-from shared.timelines import read_timelines
-from shared.tokenizer import PAD, Tokenizer
+from fedclif.shared.errors import FedclifError
+from fedclif.shared.events import type_id
+from fedclif.shared.labels import TASKS, usable
+from fedclif.shared.splits import assign_splits
+from fedclif.shared.timelines import LABELS as LABELS_FILE
+from fedclif.shared.timelines import read_timelines
+from fedclif.shared.tokenizer import PAD, Tokenizer
 
 _BASE = ["hospitalization_id", "patient_id", "age", "hosp_index"]
 _FULL = ["tokens", "hours", "types", "n_tokens"]

@@ -5,7 +5,7 @@ import hashlib
 import numpy as np
 from omegaconf import DictConfig
 
-from shared.errors import FedclifError
+from fedclif.shared.errors import FedclifError
 
 SPLITS = ("train", "val", "test")
 

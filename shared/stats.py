@@ -16,10 +16,10 @@ import numpy as np
 import polars as pl
 from omegaconf import DictConfig, OmegaConf
 
-from shared.artifact import read_json, write_json
-from shared.clif.site import Site
-from shared.errors import FedclifError
-from shared.events import OPEN_SEP, stay_chunks, stay_events
+from fedclif.shared.artifact import read_json, write_json
+from fedclif.shared.clif.site import Site
+from fedclif.shared.errors import FedclifError
+from fedclif.shared.events import OPEN_SEP, stay_chunks, stay_events
 
 FORMAT = "fedclif-site-stats"
 VERSION = 1

@@ -16,9 +16,9 @@ import polars as pl
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from shared.clif.site import Site
-from shared.errors import FedclifError
-from shared.events import (
+from fedclif.shared.clif.site import Site
+from fedclif.shared.errors import FedclifError
+from fedclif.shared.events import (
     PRIO_END,
     PRIO_START,
     TOKEN_TYPES,
@@ -27,8 +27,8 @@ from shared.events import (
     stays,
     type_id,
 )
-from shared.labels import outcome_labels
-from shared.tokenizer import END, START, TIME_BUCKETS, Tokenizer, bin_token
+from fedclif.shared.labels import outcome_labels
+from fedclif.shared.tokenizer import END, START, TIME_BUCKETS, Tokenizer, bin_token
 
 TIMELINES, LABELS, MANIFEST, TOKENIZER = (
     "timelines.parquet",

@@ -9,10 +9,10 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from shared.artifact import read_json, write_json
-from shared.errors import FedclifError
-from shared.events import PREFIX_TYPE, TOKEN_TYPES, UNK, prefix_of
-from shared.stats import quantile_cuts
+from fedclif.shared.artifact import read_json, write_json
+from fedclif.shared.errors import FedclifError
+from fedclif.shared.events import PREFIX_TYPE, TOKEN_TYPES, UNK, prefix_of
+from fedclif.shared.stats import quantile_cuts
 
 FORMAT = "fedclif-tokenizer"
 VERSION = 1

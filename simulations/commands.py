@@ -1,5 +1,6 @@
-"""`fedclif simulate`: the transfer study on Flower's simulation engine, with progress,
-then its report and table."""
+"""The simulation floor's commands: `fedclif simulate` (the transfer study on Flower's
+simulation engine, with progress, then its report and table), `fedclif synth` (synthetic
+sites) and `fedclif run --sites` (any federated run, simulated on this machine)."""
 
 import argparse
 import json
@@ -9,11 +10,20 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from shared.config import load_config
-from shared.errors import FedclifError
-from shared.ui import console, out, progress
+from fedclif.server.deploy import run_config, run_status
+from fedclif.shared.commands import section_configs
+from fedclif.shared.config import load_config
+from fedclif.shared.errors import FedclifError
+from fedclif.shared.federation import load_federation, train_config
+from fedclif.shared.ui import console, out, progress
+from fedclif.simulations import synth
+from fedclif.simulations.engine import SimulationEngine
+from fedclif.simulations.sites import study_sites
 
 CACHE = Path("runs/sim-cache")
+# The study's own Flower app (simulations/app.py) and the run-config keys it reads.
+STUDY_SERVERAPP = "fedclif.simulations.app:app"
+STUDY_RUN_CONFIG = {"study": "", "out-dir": "runs/transfer", "sites": "", "work-root": ""}
 
 
 def load_study(path: str | None, profile: str, overrides: list[str]) -> DictConfig:
@@ -23,8 +33,6 @@ def load_study(path: str | None, profile: str, overrides: list[str]) -> DictConf
     if profile not in base.profiles:
         raise FedclifError(f"unknown profile {profile!r}; choose from {', '.join(base.profiles)}")
     cfg = load_config("sim/transfer", path, [*base.profiles[profile], *overrides], ["train"])
-    from shared.federation import train_config
-
     train_config(OmegaConf.create({"train": cfg.train}))
     if not cfg.fractions or not all(0 < float(f) <= 1 for f in cfg.fractions):
         raise FedclifError(f"fractions must lie in (0, 1], got {list(cfg.fractions)}")
@@ -36,10 +44,6 @@ def load_study(path: str | None, profile: str, overrides: list[str]) -> DictConf
 def run_study(cfg: DictConfig, out_dir: Path, cache: Path = CACHE) -> dict:
     """Generate (or reuse) the sites, run the study on the simulation engine with one
     virtual site each, and return its results (also in out_dir/results.json)."""
-    from server.deploy import run_status
-    from simulations.engine import SimulationEngine
-    from simulations.sites import study_sites
-
     sites = study_sites(cfg, cache)
     out_dir.mkdir(parents=True, exist_ok=True)
     for f in ("results.json", "progress.json"):
@@ -49,7 +53,8 @@ def run_study(cfg: DictConfig, out_dir: Path, cache: Path = CACHE) -> dict:
                               float(e.gpus_per_site), e.ray_address)  # fmt: skip
     config = {"study": OmegaConf.to_yaml(cfg), "out-dir": str(out_dir.resolve())}
     with engine, progress() as bar:
-        run_id = engine.submit(config, sites, sites[0].parent / "work")
+        run_id = engine.submit(config, sites, sites[0].parent / "work", STUDY_SERVERAPP,
+                               STUDY_RUN_CONFIG)  # fmt: skip
         task = bar.add_task("starting the simulation engine", total=None)
         while (status := run_status(run_id, engine.env)).startswith(
             ("pending", "starting", "running")
@@ -70,7 +75,7 @@ def run_study(cfg: DictConfig, out_dir: Path, cache: Path = CACHE) -> dict:
 
 
 def cmd_simulate(args: argparse.Namespace) -> int:
-    from simulations.report import console_table, write_report
+    from fedclif.simulations.report import console_table, write_report
 
     cfg = load_study(args.config, args.profile, args.overrides)
     out_dir = Path(args.out or f"runs/{cfg.name}-{args.profile}")
@@ -85,10 +90,84 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     return 0
 
 
-def register(sub, add: Callable) -> None:
+def cmd_synth(args: argparse.Namespace) -> int:
+    """Write a synthetic site, or (`synth compare DIR`) compare one with a reference."""
+
+    words = list(args.words)
+    if words and words[0] == "compare":
+        if len(words) != 2 or not args.reference:
+            raise FedclifError("usage: fedclif synth compare DIR --reference DEMO_DIR [--png F]")
+        from fedclif.simulations.compare import compare_sites  # matplotlib: only here
+
+        png = Path(args.png) if args.png else Path(words[1]) / "compare.png"
+        table = compare_sites(
+            Path(words[1]), Path(args.reference), png, section_configs(args)["site"]
+        )
+        out.print(table)
+        out.print(f"value distributions: {png}")
+        return 0
+    if not args.preset or not args.out:
+        raise FedclifError(
+            "fedclif synth needs --preset NAME and --out DIR "
+            f"(presets: {', '.join(synth.preset_names())})"
+        )
+    cfg = synth.load_preset(args.preset, words)
+    t0 = time.perf_counter()
+    with progress() as bar:
+        task = bar.add_task(f"generating {cfg.name}", total=args.stays)
+        rows = synth.write_site(
+            cfg,
+            args.stays,
+            args.seed,
+            args.out,
+            on_chunk=lambda d, n: bar.update(task, completed=d),
+        )
+    sec = time.perf_counter() - t0
+    out.print(
+        f"wrote {cfg.name} ({args.stays:,} stays, seed {args.seed}) to {args.out} in "
+        f"{sec:.1f} s: " + ", ".join(f"{k} {v:,}" for k, v in rows.items())
+    )
+    return 0
+
+
+def cmd_run_simulated(args: argparse.Namespace) -> int:
+    """`fedclif run --sites A,B`: the run on this machine, one virtual site per CLIF dir."""
+    fed = load_federation(args.config, args.overrides)
+    out_dir = Path(args.out)
+    config = run_config(fed, out_dir, args.resume, Path(args.audit) if args.audit else None)
+    sites = [Path(s) for s in args.sites.split(",") if s]
+    with SimulationEngine(out_dir / "engine", len(sites)) as engine:
+        ok = engine.run(config, sites, out_dir / "sites")
+    out.print(f"simulated run {'completed' if ok else 'failed'}; files in {out_dir}")
+    return 0 if ok else 1
+
+
+def register(sub, groups: dict, add: Callable) -> None:
+    """`simulate`, `synth`, and `--sites` on the coordinator's `run` (simulated)."""
+    run = groups["run"]
+    deployed = run.get_default("fn")
+    run.add_argument(
+        "--sites",
+        help="comma-separated CLIF directories: simulate the run on this machine, one "
+        "virtual site each (instead of --superlink/--ca)",
+    )
+    run.set_defaults(fn=lambda a: cmd_run_simulated(a) if a.sites else deployed(a))
     p = add(sub, "simulate", cmd_simulate, "the cross-site transfer study, simulated")
     p.add_argument("--config", help="study YAML (default: configs/sim/transfer.yaml)")
     p.add_argument("--profile", default="default", help="quick | default | large")
     p.add_argument("--out", help="output directory (default: runs/<name>-<profile>)")
     p.add_argument("--cache", default=str(CACHE), help="where generated sites are kept")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="seeds=[0,1] ...")
+    p = add(sub, "synth", cmd_synth, "write a synthetic CLIF site (or: synth compare DIR)")
+    p.add_argument(
+        "words",
+        nargs="*",
+        metavar="key=value | compare DIR",
+        help="generator overrides (policy.icu_threshold=0.5), or `compare DIR`",
+    )
+    p.add_argument("--preset", help="a preset in configs/sim/sites/")
+    p.add_argument("--stays", type=int, default=1000, help="hospitalizations to generate")
+    p.add_argument("--seed", type=int, default=0, help="same seed and config, same bytes")
+    p.add_argument("--out", help="output CLIF directory")
+    p.add_argument("--reference", help="with compare: the CLIF directory to compare against")
+    p.add_argument("--png", help="with compare: where to save the distributions plot")

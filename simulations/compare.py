@@ -11,9 +11,9 @@ import polars as pl
 from omegaconf import DictConfig
 from rich.table import Table
 
-from shared.clif.site import Site, load_site
-from shared.events import stays
-from shared.labels import outcome_labels
+from fedclif.shared.clif.site import Site, load_site
+from fedclif.shared.events import stays
+from fedclif.shared.labels import outcome_labels
 
 VITALS = ("heart_rate", "sbp", "map", "respiratory_rate", "spo2", "temp_c")
 LABS = (

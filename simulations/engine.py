@@ -4,12 +4,12 @@ with `flwr run` — the same ServerApp and ClientApp a deployment runs. Virtual 
 reads the k-th CLIF directory of the run config's `sites` (client/app.py)."""
 
 import os
-import shutil
 from pathlib import Path
 
-from server.deploy import CONNECTION, connect, flwr, submit, wait_run
-from server.processes import Processes, free_port, wait_for
-from shared.errors import FedclifError
+from fedclif.server.deploy import CONNECTION, RUN_CONFIG, SERVERAPP, connect, flwr, submit, wait_run
+from fedclif.server.processes import Processes, free_port, wait_for
+from fedclif.shared.errors import FedclifError
+from fedclif.shared.flower import executable
 
 
 class SimulationEngine(Processes):
@@ -34,9 +34,7 @@ class SimulationEngine(Processes):
         self.link = f"127.0.0.1:{free_port()}"
 
     def __enter__(self) -> "SimulationEngine":
-        exe = shutil.which("flower-superlink")
-        if exe is None:
-            raise FedclifError("flower-superlink not found on PATH: install fedclif")
+        exe = executable("flower-superlink")
         host, port = self.link.split(":")
         self.start("superlink", [
             exe, "--simulation", "--insecure", "--disable-runtime-dependency-installation",
@@ -54,8 +52,16 @@ class SimulationEngine(Processes):
     def __exit__(self, *exc) -> None:
         self.stop_all()
 
-    def submit(self, config: dict, sites: list[Path], work_root: Path) -> int:
-        """Start a run; virtual site k keeps its derived files in work_root/<its dir name>."""
+    def submit(
+        self,
+        config: dict,
+        sites: list[Path],
+        work_root: Path,
+        serverapp: str = SERVERAPP,
+        defaults: dict = RUN_CONFIG,
+    ) -> int:
+        """Start a run of the app whose ServerApp is `serverapp` (the coordinator's by
+        default); virtual site k keeps its derived files in work_root/<its dir name>."""
         if len(sites) != self.n_sites:
             raise FedclifError(f"{len(sites)} sites given to an engine of {self.n_sites}")
         for s in sites:
@@ -71,6 +77,8 @@ class SimulationEngine(Processes):
                 "work-root": str(Path(work_root).resolve()),
             },
             self.env,
+            serverapp,
+            defaults,
         )
 
     def run(self, config: dict, sites: list[Path], work_root: Path) -> bool:

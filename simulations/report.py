@@ -12,9 +12,9 @@ import matplotlib.pyplot as plt
 import numpy as np
 from rich.table import Table
 
-from shared.artifact import write_json
-from shared.metrics import FPR_GRID
-from simulations.study import SOURCE, TARGET
+from fedclif.shared.artifact import write_json
+from fedclif.shared.metrics import FPR_GRID
+from fedclif.simulations.sites import SOURCE, TARGET
 
 # Columns of the paper-style table: (label, arm, setting, evaluated at).
 COLUMNS = [

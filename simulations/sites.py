@@ -8,9 +8,11 @@ from pathlib import Path
 import polars as pl
 from omegaconf import DictConfig, OmegaConf
 
-from shared.ui import console
-from simulations.study import POOLED, SOURCE, TARGET, THIRD
-from simulations.synth import load_preset, write_site
+from fedclif.shared.ui import console
+from fedclif.simulations.synth import load_preset, write_site
+
+# Virtual sites: the study's data directories carry these names.
+SOURCE, TARGET, THIRD, POOLED = "source", "target", "third", "pooled"
 
 
 def site_roles(cfg: DictConfig) -> list[str]:

@@ -10,21 +10,18 @@ import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from flwr.app import Message
 from flwr.serverapp import Grid
 from omegaconf import DictConfig, OmegaConf
 
-from client.local import get_weights
-from server.run import FederatedRun, make_strategy
-from shared.artifact import write_json
-from shared.config import load_config
-from shared.errors import FedclifError
-from shared.federation import load_federation
-from shared.stats import merge_stats
-from shared.tokenizer import Tokenizer, fit_tokenizer
-
-# Virtual sites: the study's data directories carry these names (simulations/commands.py).
-SOURCE, TARGET, THIRD, POOLED = "source", "target", "third", "pooled"
+from fedclif.server.run import FederatedRun, Pending, make_strategy
+from fedclif.shared.artifact import write_json
+from fedclif.shared.config import load_config
+from fedclif.shared.errors import FedclifError
+from fedclif.shared.federation import load_federation
+from fedclif.shared.models import get_weights
+from fedclif.shared.stats import merge_stats
+from fedclif.shared.tokenizer import Tokenizer, fit_tokenizer
+from fedclif.simulations.sites import POOLED, SOURCE, TARGET, THIRD
 
 
 class SiteGrid:
@@ -128,10 +125,10 @@ class Study:
             self.out / "progress.json",
         )
 
-    def _send(self, batches: list[tuple[object, list[Message]]], what: str) -> dict:
-        """Send every batch's messages at once and collect the replies as they come
-        (progress per reply); the replies of each batch, by its key."""
-        msgs = [m for _, ms in batches for m in ms]
+    def _send(self, batches: list[tuple[object, Pending]], what: str) -> dict:
+        """Send every request's messages at once and collect the replies as they come
+        (progress per reply); the replies of each request, by its key."""
+        msgs = [m for _, pending in batches for m in pending.msgs]
         ids = list(self.grid.push_messages(msgs))
         pending, got = set(ids), {}
         end = time.monotonic() + float(self.cfg.timeout_s)
@@ -146,9 +143,10 @@ class Study:
                 time.sleep(0.2)
         self.done = done + len(msgs)
         out, i = {}, 0
-        for key, ms in batches:
-            out[key] = [got[mid] for mid in ids[i : i + len(ms)] if mid in got]
-            i += len(ms)
+        for key, pending in batches:
+            n = len(pending.msgs)
+            out[key] = [got[mid] for mid in ids[i : i + n] if mid in got]
+            i += n
         return out
 
     # --- steps -------------------------------------------------------------------------
@@ -180,11 +178,11 @@ class Study:
         uses = {SOURCE: real, TARGET: [TARGET], "federated": [*real, POOLED]}
         runs = {key: self._run(f"tokenize-{key}", uses[key], self._fed(uses[key])) for key in toks}
         batches = [(key, runs[key].begin_tokenize(toks[key])) for key in toks]
-        msgs = dict(batches)
+        pending = dict(batches)
         replies = self._send(batches, "tokenizing")
         self.tokenized: dict[str, dict] = {}
         for key, run in runs.items():
-            run.end_tokenize(msgs[key], replies[key])
+            run.end_tokenize(pending[key], replies[key])
             self.tokenized[key] = run.state["sites"]
         return toks
 
@@ -194,7 +192,7 @@ class Study:
             lane.strategy = make_strategy(lane.run.fed)
         for r in range(1, max(lane.rounds for lane in lanes) + 1):
             live = [lane for lane in lanes if r <= lane.rounds]
-            batches = [
+            batches: list[tuple[int, Pending]] = [
                 (
                     id(lane),
                     lane.run.begin_round(
@@ -205,7 +203,8 @@ class Study:
             ]
             replies = self._send(batches, f"{what}, round {r}")
             for lane in live:
-                lane.weights = lane.run.end_round(replies[id(lane)], lane.rounds)
+                lane.weights = lane.run.end_round(dict(batches)[id(lane)], replies[id(lane)],
+                                                  lane.rounds)  # fmt: skip
 
     def _evaluate(self, jobs: list[tuple[Lane, list[str], str]], what: str) -> None:
         """Each (lane, sites, setting): the lane's model evaluated at those sites, on their
@@ -217,13 +216,13 @@ class Study:
         for i, (lane, sites, _) in enumerate(jobs):
             # The lane's own run directory: evaluation writes nothing there.
             runs[i] = run = self._run(lane.run.out.name, sites, lane.run.fed)
-            msgs = run.begin_evaluate(
+            pending = run.begin_evaluate(
                 lane.stage, lane.tok, lane.weights, None, split[i], lane.probes
             )
-            batches.append((i, msgs))
+            batches.append((i, pending))
         replies = self._send(batches, what)
         for i, (lane, _, setting) in enumerate(jobs):
-            res = runs[i].end_evaluate(replies[i])
+            res = runs[i].end_evaluate(dict(batches)[i], replies[i])
             for f in res["failed"]:
                 raise FedclifError(f"evaluation of {lane.arm} at {f['site']} failed: {f['error']}")
             for site, metrics in res["sites"].items():
@@ -259,7 +258,7 @@ class Study:
         replies = self._send(batches, "fitting linear probes")
         out = []
         for lane in lanes:
-            (probes,) = lane.run.end_probes(replies[id(lane)]).values()
+            (probes,) = lane.run.end_probes(dict(batches)[id(lane)], replies[id(lane)]).values()
             out.append(replace(lane, arm=f"{lane.arm}_probe", probes=probes))
         return out
 

@@ -26,9 +26,9 @@ import pyarrow.parquet as pq
 import yaml
 from omegaconf import DictConfig
 
-from shared.clif.schema import REQUIRED_TABLES, clifpy_root, load_schemas
-from shared.config import CONFIG_DIR, load_config
-from shared.errors import FedclifError
+from fedclif.shared.clif.schema import REQUIRED_TABLES, clifpy_root, load_schemas
+from fedclif.shared.config import CONFIG_DIR, load_config
+from fedclif.shared.errors import FedclifError
 
 PRESET_DIR = CONFIG_DIR / "sim" / "sites"
 _US_PER_DAY = 86_400_000_000

@@ -10,8 +10,8 @@ from pathlib import Path
 import polars as pl
 import pytest
 
-from shared.cli import main
-from shared.config import load_config
+from fedclif.cli import main
+from fedclif.shared.config import load_config
 
 
 @pytest.fixture(scope="session")

@@ -5,8 +5,8 @@ import json
 import pytest
 from conftest import run_tokenize
 
-from shared.cli import main
-from simulations.synth import load_preset, write_site
+from fedclif.cli import main
+from fedclif.simulations.synth import load_preset, write_site
 
 
 @pytest.fixture(scope="module")
@@ -84,12 +84,12 @@ def test_baseline_refuses_mixed_tokenizers(two_sites, demo_dir, tmp_path, capsys
 @pytest.fixture(scope="module")
 def transfer(tmp_path_factory):
     """mimic-like, shift-none and ucmc-like sites sharing one tokenizer (small: seconds)."""
-    from shared.baseline import load_dataset
-    from shared.clif.site import load_site
-    from shared.config import load_config
-    from shared.stats import merge_stats, site_stats
-    from shared.timelines import tokenize_site
-    from shared.tokenizer import fit_tokenizer
+    from fedclif.shared.baseline import load_dataset
+    from fedclif.shared.clif.site import load_site
+    from fedclif.shared.config import load_config
+    from fedclif.shared.stats import merge_stats, site_stats
+    from fedclif.shared.timelines import tokenize_site
+    from fedclif.shared.tokenizer import fit_tokenizer
 
     root = tmp_path_factory.mktemp("transfer")
     names = ("mimic-like", "shift-none", "ucmc-like")
@@ -107,7 +107,7 @@ def transfer(tmp_path_factory):
 def test_transfer_ordering(transfer):
     """In-site death and long-stay AUROC are realistic (not trivially perfect); a site from
     the same distribution scores within the in-site interval; ucmc-like scores lower."""
-    from shared.baseline import run_baseline
+    from fedclif.shared.baseline import run_baseline
 
     res = run_baseline(
         transfer["mimic-like"],

@@ -8,16 +8,16 @@ import numpy as np
 import polars as pl
 import pytest
 
-from server.checks import update_problem
-from server.loopback import Loopback
-from server.processes import wait_for
-from shared.clif.site import load_site
-from shared.config import load_config
-from shared.federation import from_record, to_record
-from shared.models import load_model
-from shared.stats import merge_stats, site_stats
-from shared.tokenizer import Tokenizer, fit_tokenizer
-from simulations.synth import load_preset, write_site
+from fedclif.server.checks import update_problem
+from fedclif.server.loopback import Loopback
+from fedclif.server.processes import wait_for
+from fedclif.shared.clif.site import load_site
+from fedclif.shared.config import load_config
+from fedclif.shared.federation import from_record, to_record
+from fedclif.shared.models import load_model
+from fedclif.shared.stats import merge_stats, site_stats
+from fedclif.shared.tokenizer import Tokenizer, fit_tokenizer
+from fedclif.simulations.synth import load_preset, write_site
 
 # Tiny local rounds: the test is about the protocol, not the model.
 RUN = [

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from sklearn.metrics import average_precision_score, f1_score, roc_auc_score
 
-from shared.metrics import (
+from fedclif.shared.metrics import (
     auprc_rows,
     auroc_rows,
     binary_metrics,

@@ -9,11 +9,11 @@ import pytest
 from flwr.app import Context, Message, MetricRecord, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 
-from client.app import Node, _category, _spend
-from server.checkpoint import restore_strategy, strategy_state
-from server.run import STRATEGIES, FederatedRun, make_strategy
-from shared.errors import FedclifError
-from shared.federation import (
+from fedclif.client.app import Node, _category, _spend
+from fedclif.server.checkpoint import restore_strategy, strategy_state
+from fedclif.server.run import STRATEGIES, FederatedRun, make_strategy
+from fedclif.shared.errors import FedclifError
+from fedclif.shared.federation import (
     ARRAYS,
     ERRORS,
     FLOWER_ERRORS,
@@ -23,7 +23,7 @@ from shared.federation import (
     to_record,
     train_config,
 )
-from shared.tokenizer import Tokenizer
+from fedclif.shared.tokenizer import Tokenizer
 
 
 @pytest.mark.parametrize("name", sorted(STRATEGIES))
@@ -106,7 +106,8 @@ def test_poisoned_replies_are_rejected_and_the_round_goes_on(tmp_path, demo_toke
     tok = Tokenizer.load(demo_tokens / "tokenizer.json")
     rng = np.random.default_rng(0)
     current = {"w": rng.normal(size=(4, 3)).astype(np.float32)}
-    msgs = run.begin_round("pretrain", 1, tok, current, None, make_strategy(fed))
+    pending = run.begin_round("pretrain", 1, tok, current, None, make_strategy(fed))
+    msgs = pending.msgs
     assert sorted(m.metadata.dst_node_id for m in msgs) == [11, 12, 13]
     honest = {"w": current["w"] + 0.01}
     sent = {11: honest, 12: {"w": np.full((4, 3), np.nan, np.float32)},
@@ -118,7 +119,7 @@ def test_poisoned_replies_are_rejected_and_the_round_goes_on(tmp_path, demo_toke
         content = RecordDict({ARRAYS: to_record(sent[m.metadata.dst_node_id]),
                               METRICS: MetricRecord({"num-examples": 10})})  # fmt: skip
         replies.append(Message(content, reply_to=m))
-    weights = run.end_round(replies, 1)
+    weights = run.end_round(pending, replies, 1)
     np.testing.assert_allclose(weights["w"], honest["w"])
     h = run.state["history"][-1]
     why = {x["site"]: x["reason"] for x in h["rejected"]}

@@ -8,15 +8,14 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file
 
-from client.local import get_weights
-from server.deploy import run_config
-from server.processes import wait_for
-from server.run import FederatedRun
-from shared.federation import load_federation
-from shared.models import load_model
-from shared.tokenizer import Tokenizer
-from simulations.engine import SimulationEngine
-from simulations.synth import load_preset, write_site
+from fedclif.server.deploy import run_config
+from fedclif.server.processes import wait_for
+from fedclif.server.run import FederatedRun
+from fedclif.shared.federation import load_federation
+from fedclif.shared.models import get_weights, load_model
+from fedclif.shared.tokenizer import Tokenizer
+from fedclif.simulations.engine import SimulationEngine
+from fedclif.simulations.synth import load_preset, write_site
 
 RUN = [
     "rounds.pretrain=3",

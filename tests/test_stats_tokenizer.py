@@ -7,12 +7,12 @@ import polars as pl
 import pytest
 from conftest import read, write
 
-from shared.cli import main
-from shared.clif.site import load_site
-from shared.errors import FedclifError
-from shared.events import stay_events
-from shared.stats import merge_stats, read_stats, site_stats
-from shared.tokenizer import Tokenizer, fit_tokenizer
+from fedclif.cli import main
+from fedclif.shared.clif.site import load_site
+from fedclif.shared.errors import FedclifError
+from fedclif.shared.events import stay_events
+from fedclif.shared.stats import merge_stats, read_stats, site_stats
+from fedclif.shared.tokenizer import Tokenizer, fit_tokenizer
 
 
 def _with_sbp(site_dir, values: np.ndarray) -> None:

@@ -5,10 +5,10 @@ import json
 
 import pytest
 
-from shared.cli import main
-from simulations.commands import load_study
-from simulations.report import MIN_EVENTS
-from simulations.study import Study, planned_messages
+from fedclif.cli import main
+from fedclif.simulations.commands import load_study
+from fedclif.simulations.report import MIN_EVENTS
+from fedclif.simulations.study import Study, planned_messages
 
 
 @pytest.fixture(scope="module")

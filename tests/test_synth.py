@@ -6,13 +6,13 @@ import numpy as np
 import polars as pl
 import pytest
 
-from shared.cli import main
-from shared.clif.site import load_site
-from shared.config import load_config
-from shared.errors import FedclifError
-from shared.events import stays
-from shared.labels import outcome_labels
-from simulations.synth import load_preset, preset_names, write_site
+from fedclif.cli import main
+from fedclif.shared.clif.site import load_site
+from fedclif.shared.config import load_config
+from fedclif.shared.errors import FedclifError
+from fedclif.shared.events import stays
+from fedclif.shared.labels import outcome_labels
+from fedclif.simulations.synth import load_preset, preset_names, write_site
 
 N = 400
 VITALS = ("heart_rate", "spo2")

@@ -8,12 +8,12 @@ import polars as pl
 import pytest
 from conftest import read, write
 
-from shared.cli import main
-from shared.clif.site import load_site
-from shared.errors import FedclifError
-from shared.stats import merge_stats, site_stats
-from shared.timelines import read_timelines, tokenize_site
-from shared.tokenizer import fit_tokenizer
+from fedclif.cli import main
+from fedclif.shared.clif.site import load_site
+from fedclif.shared.errors import FedclifError
+from fedclif.shared.stats import merge_stats, site_stats
+from fedclif.shared.timelines import read_timelines, tokenize_site
+from fedclif.shared.tokenizer import fit_tokenizer
 
 
 def test_labels_match_an_independent_implementation(demo_dir, demo_tokens):
@@ -192,7 +192,7 @@ def test_console_script_quickstart(tmp_path):
 
 
 def test_chunked_tokenization_matches_one_pass(demo_dir, demo_tokens, site_cfg, tmp_path):
-    from shared.tokenizer import Tokenizer
+    from fedclif.shared.tokenizer import Tokenizer
 
     site_cfg.chunk_stays = 50
     tok = Tokenizer.load(demo_tokens / "tokenizer.json")

@@ -6,8 +6,8 @@ import polars as pl
 import pytest
 from conftest import read, write
 
-from shared.cli import main
-from shared.clif.site import load_site, read_site
+from fedclif.cli import main
+from fedclif.shared.clif.site import load_site, read_site
 
 
 def run(capsys, *args) -> tuple[int, str]:

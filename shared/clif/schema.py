@@ -7,7 +7,7 @@ from pathlib import Path
 
 import yaml
 
-from shared.errors import FedclifError
+from fedclif.shared.errors import FedclifError
 
 REQUIRED_TABLES = ("patient", "hospitalization", "adt", "vitals", "labs")
 OPTIONAL_TABLES = (

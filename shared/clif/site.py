@@ -15,8 +15,14 @@ from typing import Literal
 import polars as pl
 from omegaconf import DictConfig
 
-from shared.clif.schema import EVENT_CATEGORY, PRIMARY_KEYS, Column, TableSchema, load_schemas
-from shared.errors import FedclifError
+from fedclif.shared.clif.schema import (
+    EVENT_CATEGORY,
+    PRIMARY_KEYS,
+    Column,
+    TableSchema,
+    load_schemas,
+)
+from fedclif.shared.errors import FedclifError
 
 Severity = Literal["fatal", "warning"]
 

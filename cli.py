@@ -1,0 +1,87 @@
+"""`fedclif`: the one command line, the roof over the floors. It builds the parser from
+each floor's own commands (shared, client, server, simulations), sets up logging, and
+turns a user's mistake into a message and a non-zero exit instead of a traceback."""
+
+import argparse
+import logging
+import sys
+from collections.abc import Callable, Sequence
+
+from rich.logging import RichHandler
+
+from fedclif.client import commands as client_commands
+from fedclif.server import commands as server_commands
+from fedclif.shared import commands as shared_commands
+from fedclif.shared.clif.site import SiteInvalid
+from fedclif.shared.errors import FedclifError
+from fedclif.shared.ui import console
+from fedclif.simulations import commands as simulation_commands
+
+
+def _add(subparsers, name: str, fn: Callable | None, help_: str) -> argparse.ArgumentParser:
+    p = subparsers.add_parser(name, help=help_, description=help_)
+    p.set_defaults(fn=fn)
+    return p
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="fedclif",
+        description="Federated training of EHR foundation models on CLIF ICU data. "
+        "New here? Run `fedclif quickstart`.",
+    )
+    parser.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
+    sub = parser.add_subparsers(dest="command", required=True)
+    # Command groups that several floors add to.
+    groups = {}
+    for name, help_ in (
+        ("site", "commands a hospital runs on its own data"),
+        ("tokenizer", "fit the shared tokenizer"),
+    ):
+        groups[name] = _add(sub, name, None, help_).add_subparsers(
+            dest=f"{name}_command", required=True
+        )
+    for floor in (shared_commands, client_commands, server_commands, simulation_commands):
+        floor.register(sub, groups, _add)
+    return parser
+
+
+def setup_logging(debug: bool = False) -> None:
+    """fedclif's log lines on stderr through rich (results go to stdout)."""
+    handler = RichHandler(console=console, show_path=False, show_time=False)
+    log = logging.getLogger("fedclif")
+    log.handlers[:] = [handler]
+    log.setLevel(logging.DEBUG if debug else logging.INFO)
+    log.propagate = False
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    setup_logging(args.debug)
+    try:
+        return args.fn(args)
+    except SiteInvalid as e:
+        shared_commands.print_report(e.report)
+        console.print(f"[red bold]error:[/] {e}", soft_wrap=True)
+        return 1
+    except FedclifError as e:
+        console.print(f"[red bold]error:[/] {e}", soft_wrap=True)
+        return 1
+    except OSError as e:  # unwritable output, full disk: the user's to fix, not a bug
+        console.print(f"[red bold]error:[/] {e}", soft_wrap=True)
+        return 1
+    except KeyboardInterrupt:
+        console.print("interrupted")
+        return 130
+    except Exception as e:
+        if args.debug:
+            raise
+        console.print(
+            f"[red bold]internal error[/] ({type(e).__name__}): {e}\n"
+            "This is a fedclif bug; rerun with --debug for the traceback."
+        )
+        return 3
+
+
+if __name__ == "__main__":
+    sys.exit(main())
