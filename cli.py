@@ -3,18 +3,15 @@ each floor's own commands (shared, client, server, simulations), sets up logging
 turns a user's mistake into a message and a non-zero exit instead of a traceback."""
 
 import argparse
-import logging
 import sys
 from collections.abc import Callable, Sequence
-
-from rich.logging import RichHandler
 
 from fedclif.client import commands as client_commands
 from fedclif.server import commands as server_commands
 from fedclif.shared import commands as shared_commands
 from fedclif.shared.clif.site import SiteInvalid
 from fedclif.shared.errors import FedclifError
-from fedclif.shared.ui import console
+from fedclif.shared.ui import console, setup_logging
 from fedclif.simulations import commands as simulation_commands
 
 
@@ -44,15 +41,6 @@ def build_parser() -> argparse.ArgumentParser:
     for floor in (shared_commands, client_commands, server_commands, simulation_commands):
         floor.register(sub, groups, _add)
     return parser
-
-
-def setup_logging(debug: bool = False) -> None:
-    """fedclif's log lines on stderr through rich (results go to stdout)."""
-    handler = RichHandler(console=console, show_path=False, show_time=False)
-    log = logging.getLogger("fedclif")
-    log.handlers[:] = [handler]
-    log.setLevel(logging.DEBUG if debug else logging.INFO)
-    log.propagate = False
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -14,6 +14,7 @@ from fedclif.client.daemon import supernode_command
 from fedclif.shared.clif.site import load_site
 from fedclif.shared.config import CONFIG_DIR, load_config
 from fedclif.shared.errors import FedclifError
+from fedclif.shared.flower import flower_env
 from fedclif.shared.ui import console, out, progress, step
 
 TRAIN_FILES = ("fedclif.json", "train_state.pt", "metrics.json", "probe.json")
@@ -199,7 +200,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     with step(f"checking {args.data}"):
         load_site(args.data, load_config("site"))  # a broken export fails here, not mid-run
     console.print(f"serving {args.data} to {args.superlink}: only arrays and aggregates leave")
-    os.execv(cmd[0], cmd)  # the SuperNode replaces this process: signals reach it directly
+    # The SuperNode replaces this process: signals reach it directly.
+    os.execve(cmd[0], cmd, flower_env())
 
 
 def register(sub, groups: dict, add: Callable) -> None:

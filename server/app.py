@@ -11,6 +11,7 @@ from omegaconf import OmegaConf
 from fedclif.server.run import FederatedRun
 from fedclif.shared.federation import load_federation
 from fedclif.shared.models import quiet_transformers
+from fedclif.shared.ui import setup_logging
 
 app = ServerApp()
 
@@ -18,6 +19,7 @@ app = ServerApp()
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     quiet_transformers()
+    setup_logging()
     rc = context.run_config
     text = str(rc.get("federation", ""))
     fed = load_federation()

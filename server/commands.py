@@ -7,6 +7,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from fedclif.shared.errors import FedclifError
+from fedclif.shared.flower import flower_env
 from fedclif.shared.ui import console, out
 
 
@@ -30,7 +31,8 @@ def cmd_start(args: argparse.Namespace) -> int:
 
     cmd = superlink_command(Path(args.dir), args.host, args.port)
     console.print(f"starting the SuperLink on {args.host}:{args.port} (TLS, site authentication)")
-    os.execv(cmd[0], cmd)  # the SuperLink replaces this process: signals reach it directly
+    # The SuperLink replaces this process: signals reach it directly.
+    os.execve(cmd[0], cmd, flower_env())
 
 
 def _connect(args: argparse.Namespace) -> dict[str, str]:

@@ -16,7 +16,7 @@ import tomli_w
 from omegaconf import DictConfig, OmegaConf
 
 from fedclif.shared.errors import FedclifError
-from fedclif.shared.flower import executable, write_app
+from fedclif.shared.flower import executable, flower_env, write_app
 
 CONNECTION = "fedclif"
 # The coordinator's Flower app: its ServerApp and the run-config keys it reads.
@@ -68,7 +68,7 @@ def connect(superlink: str, ca: Path | None, home: Path | None = None) -> dict[s
         {"root-certificates": str(ca.resolve())} if ca is not None else {"insecure": True}
     )
     path.write_text(tomli_w.dumps(conf))
-    return {**os.environ, "FLWR_HOME": str(home), "FLWR_DISABLE_UPDATE_CHECK": "1"}
+    return flower_env({**os.environ, "FLWR_HOME": str(home), "FLWR_DISABLE_UPDATE_CHECK": "1"})
 
 
 def flwr(args: list[str], env: dict[str, str], check: bool = True) -> subprocess.CompletedProcess:

@@ -7,6 +7,7 @@ holds only its pyproject (components and run-config defaults), and the component
 the installed `fedclif.*` modules, so every process (SuperLink, SuperNodes, Ray actors)
 runs the fedclif installed on its machine, never code that came with the bundle."""
 
+import os
 import shutil
 import sys
 from pathlib import Path
@@ -32,6 +33,16 @@ def executable(name: str) -> str:
             "flwr) into this environment"
         )
     return found
+
+
+def flower_env(env: dict[str, str] | None = None) -> dict[str, str]:
+    """`env` (default: this process's) with this interpreter's bin directory first on
+    PATH: Flower starts its own helpers (`flwr-serverapp`, `flwr-simulation`,
+    `flwr-clientapp`) by name, and they must be this environment's."""
+    env = dict(os.environ if env is None else env)
+    here = str(Path(sys.executable).parent)
+    env["PATH"] = os.pathsep.join([here, *(p for p in env.get("PATH", "").split(os.pathsep) if p)])
+    return env
 
 
 def write_app(root: Path, name: str, serverapp: str, config: dict) -> Path:

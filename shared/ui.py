@@ -1,10 +1,12 @@
 """Console output shared by every command: results on stdout, progress on stderr."""
 
+import logging
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 
 from rich.console import Console
+from rich.logging import RichHandler
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
@@ -29,6 +31,15 @@ def progress() -> Progress:
         console=console,
         transient=True,
     )
+
+
+def setup_logging(debug: bool = False) -> None:
+    """fedclif's log lines (loggers under `fedclif`) on stderr through rich: the command
+    line and the Flower app processes alike (their output is the run's log)."""
+    log = logging.getLogger("fedclif")
+    log.handlers[:] = [RichHandler(console=console, show_path=False, show_time=False)]
+    log.setLevel(logging.DEBUG if debug else logging.INFO)
+    log.propagate = False
 
 
 @contextmanager

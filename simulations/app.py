@@ -9,6 +9,7 @@ from flwr.serverapp import Grid, ServerApp
 from omegaconf import OmegaConf
 
 from fedclif.shared.models import quiet_transformers
+from fedclif.shared.ui import setup_logging
 from fedclif.simulations.study import Study
 
 app = ServerApp()
@@ -17,5 +18,6 @@ app = ServerApp()
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     quiet_transformers()
+    setup_logging()
     rc = context.run_config
     Study(grid, OmegaConf.create(str(rc["study"])), str(rc["out-dir"])).run()

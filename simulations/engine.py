@@ -9,7 +9,7 @@ from pathlib import Path
 from fedclif.server.deploy import CONNECTION, RUN_CONFIG, SERVERAPP, connect, flwr, submit, wait_run
 from fedclif.server.processes import Processes, free_port, wait_for
 from fedclif.shared.errors import FedclifError
-from fedclif.shared.flower import executable
+from fedclif.shared.flower import executable, flower_env
 
 
 class SimulationEngine(Processes):
@@ -26,7 +26,7 @@ class SimulationEngine(Processes):
         gpus: float = 0.0,
         ray_address: str | None = None,
     ):
-        env = {**os.environ, "FLWR_DISABLE_UPDATE_CHECK": "1"}
+        env = flower_env({**os.environ, "FLWR_DISABLE_UPDATE_CHECK": "1"})
         if ray_address:
             env["RAY_ADDRESS"] = ray_address  # ray.init() joins the cluster it names
         super().__init__(root, env)
