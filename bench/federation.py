@@ -90,8 +90,8 @@ def protocol_overhead(root: Path, n_sites: int, rounds: int, steps: int, stays: 
     try:
         lb.up(data)
         out = root / "fed" / "run"
-        lb.run(out, f"rounds.pretrain={rounds}", "evaluate=false", f"min_sites={n_sites}",
-               f"train.pretrain.max_steps={steps}")  # fmt: skip
+        lb.run(out, f"federation.rounds.pretrain={rounds}", "federation.evaluate=false",
+               f"federation.min_sites={n_sites}", f"train.pretrain.max_steps={steps}")  # fmt: skip
     finally:
         lb.stop_all()
     res = json.loads((out / "results.json").read_text())

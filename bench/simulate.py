@@ -54,14 +54,14 @@ def run_sites(root: Path, n: int, rounds: int, steps: int, stays: int) -> list[d
     fed = load_federation(
         None,
         [
-            f"rounds.pretrain={rounds}",
-            f"min_sites={n}",
-            "statistics=true",
-            "evaluate=false",
+            f"federation.rounds.pretrain={rounds}",
+            f"federation.min_sites={n}",
+            "federation.statistics=true",
+            "federation.evaluate=false",
             "train.pretrain.context=128",
             "train.pretrain.batch_size=8",
             f"train.pretrain.max_steps={steps}",
-            "timeout_s=1800",
+            "federation.timeout_s=1800",
         ],
     )
     run_out = root / f"run-{n}"

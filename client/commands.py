@@ -12,12 +12,12 @@ from rich.table import Table
 
 from fedclif.client.daemon import supernode_command
 from fedclif.shared.clif.site import load_site
-from fedclif.shared.config import CONFIG_DIR, load_config
+from fedclif.shared.config import RESOLVED, load_config, load_tree, write_resolved
 from fedclif.shared.errors import FedclifError
 from fedclif.shared.flower import flower_env
 from fedclif.shared.ui import console, out, progress, step
 
-TRAIN_FILES = ("fedclif.json", "train_state.pt", "metrics.json", "probe.json")
+TRAIN_FILES = (RESOLVED, "fedclif.json", "train_state.pt", "metrics.json", "probe.json")
 
 
 def _quiet() -> None:
@@ -26,25 +26,10 @@ def _quiet() -> None:
     quiet_transformers()
 
 
-def _configs(args: argparse.Namespace, model: str | None = None) -> tuple[DictConfig, DictConfig]:
-    """(train, model) configs: bare `key=value` overrides configs/train.yaml,
-    `model.key=value` the model size picked by `--model` (a name in configs/model/ or a
-    YAML file laid over `tiny`)."""
-    train_o = [o for o in args.overrides if not o.startswith("model.")]
-    model_o = [o[len("model.") :] for o in args.overrides if o.startswith("model.")]
-    train = load_config("train", args.train_config, train_o)
-    if model is None:
-        if model_o:
-            raise FedclifError("model.* overrides apply only when a model is built (pretrain)")
-        return train, None
-    sizes = sorted(p.stem for p in (CONFIG_DIR / "model").glob("*.yaml"))
-    if Path(model).is_file():
-        return train, load_config("model/tiny", model, model_o)
-    if model not in sizes:
-        raise FedclifError(
-            f"unknown model {model!r}: choose from {', '.join(sizes)} or a YAML file"
-        )
-    return train, load_config(f"model/{model}", None, model_o)
+def _configs(args: argparse.Namespace, model: bool = False) -> DictConfig:
+    """The `train` section (and `model`, for a model built here: pretraining), from
+    `--config FILE` and `section.key=value` overrides."""
+    return load_tree(("train", "model") if model else ("train",), (), args.config, args.overrides)
 
 
 def _fresh_out(path: str, overwrite: bool) -> Path:
@@ -82,12 +67,14 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
     from fedclif.client.pretrain import pretrain
     from fedclif.shared.models import build_model, n_params
 
-    cfg, model_cfg = _configs(args, args.model)
+    config = _configs(args, model=True)
+    cfg, model_cfg = config.train, config.model
     _quiet()
     out_dir = Path(args.out) if args.resume else _fresh_out(args.out, args.overwrite)
+    write_resolved(config, out_dir)
     data = _load(args.data, cfg, full=True)
     console.print(
-        f"{model_cfg.arch} ({args.model}): {n_params(build_model(model_cfg, data.tok)):,} "
+        f"{model_cfg.arch} ({model_cfg.size}): {n_params(build_model(model_cfg, data.tok)):,} "
         f"parameters; vocabulary {len(data.tok.vocab):,}"
     )
     bar, update = _bar("pretraining")
@@ -104,27 +91,14 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
     return 0
 
 
-def _parse_dp(spec: str) -> list[str]:
-    """`epsilon=E,delta=D,max_grad_norm=C` → dp.* overrides."""
-    items = [s for s in spec.split(",") if s]
-    bad = [s for s in items if "=" not in s]
-    if bad or not items:
-        raise FedclifError(f"--dp takes epsilon=E[,delta=D,max_grad_norm=C], got {spec!r}")
-    return [f"dp.{s}" for s in items]
-
-
 def cmd_finetune(args: argparse.Namespace) -> int:
     from fedclif.client.finetune import finetune
 
-    if args.tasks:
-        args.overrides.append(f"finetune.tasks=[{args.tasks}]")
-    if args.peft:
-        args.overrides.append(f"finetune.peft={args.peft}")
-    if args.dp:
-        args.overrides.extend(_parse_dp(args.dp))
-    cfg, _ = _configs(args)
+    config = _configs(args)
+    cfg = config.train
     _quiet()
     out_dir = _fresh_out(args.out, args.overwrite)
+    write_resolved(config, out_dir)
     data = _load(args.data, cfg)
     bar, update = _bar("finetuning")
     with bar:
@@ -150,9 +124,11 @@ def _metrics_table(title: str, rows: dict[str, dict], first: str) -> Table:
 def cmd_probe(args: argparse.Namespace) -> int:
     from fedclif.client.probe import probe
 
-    cfg, _ = _configs(args)
+    config = _configs(args)
+    cfg = config.train
     _quiet()
     out_dir = _fresh_out(args.out, args.overwrite)
+    write_resolved(config, out_dir)
     with step("representations, probes and trajectory metrics"):
         r = probe(args.model, args.train, args.test, cfg, out_dir, test_split=args.test_split)
     for site in dict.fromkeys(p["test"] for p in r["probes"]):
@@ -166,7 +142,7 @@ def cmd_forecast(args: argparse.Namespace) -> int:
     from fedclif.client.forecast import forecast
     from fedclif.shared.models import load_model
 
-    cfg, _ = _configs(args)
+    cfg = _configs(args).train
     _quiet()
     data = _load(args.data, cfg, full=True, ids=[args.id])
     model, _ = load_model(args.model)
@@ -220,17 +196,16 @@ def register(sub, groups: dict, add: Callable) -> None:
         p.add_argument(
             "overrides",
             nargs="*",
-            metavar="key=value",
-            help="configs/train.yaml overrides (pretrain.lr=1e-3, seed=1); "
-            "model.key=value for the model (model.arch=llama)",
+            metavar="section.key=value",
+            help="train.key=value (train.pretrain.lr=1e-3, train.finetune.peft=lora, "
+            "train.dp.epsilon=2); for pretraining also model.key=value (model.size=small)",
         )
-        p.add_argument("--train-config", help="training YAML (defaults: configs/train.yaml)")
+        p.add_argument("--config", help="a YAML of sections (train:, model:) over the defaults")
 
     tr = add(sub, "train", None, "train at one site: pretrain, finetune, probe")
     tsub = tr.add_subparsers(dest="train_command", required=True)
     p = add(tsub, "pretrain", cmd_pretrain, "next-token pretraining on full timelines")
     p.add_argument("--data", required=True, help="tokenized site (fedclif site tokenize --out)")
-    p.add_argument("--model", default="tiny", help="tiny | small | base | 1b | a YAML file")
     p.add_argument("--out", required=True, help="checkpoint directory")
     p.add_argument("--resume", action="store_true", help="continue the run saved in --out")
     p.add_argument("--overwrite", action="store_true", help="replace a run already in --out")
@@ -239,9 +214,6 @@ def register(sub, groups: dict, add: Callable) -> None:
     p.add_argument("--data", required=True)
     p.add_argument("--from", dest="base", required=True, help="pretrained checkpoint")
     p.add_argument("--out", required=True)
-    p.add_argument("--tasks", help="comma-separated task names (default: finetune.tasks)")
-    p.add_argument("--peft", choices=["lora"], help="train LoRA adapters and the head only")
-    p.add_argument("--dp", metavar="epsilon=E,delta=D,max_grad_norm=C", help="DP-SGD (opacus)")
     p.add_argument("--overwrite", action="store_true")
     common(p)
     p = add(tsub, "probe", cmd_probe, "linear probes and trajectory metrics of a frozen model")

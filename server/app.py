@@ -1,7 +1,7 @@
-"""The coordinator's Flower ServerApp: reads the run's federation config from the run
-config and drives it (server/run.py). Run config (server/deploy.py RUN_CONFIG):
-`federation` (the YAML text, as `fedclif run` sends it), `out-dir` (where the coordinator
-keeps tokenizer, checkpoint, results), `resume`, and `audit-dir` (optional: every reply's
+"""The coordinator's Flower ServerApp: reads the run's config tree from the run config
+and drives it (server/run.py). Run config (server/deploy.py RUN_CONFIG): `config` (the
+resolved tree, YAML, as `fedclif run` sends it), `out-dir` (where the coordinator keeps
+tokenizer, checkpoint, results), `resume`, and `audit-dir` (optional: every reply's
 records are written there for inspection)."""
 
 from flwr.app import Context
@@ -21,11 +21,9 @@ def main(grid: Grid, context: Context) -> None:
     quiet_transformers()
     setup_logging()
     rc = context.run_config
-    text = str(rc.get("federation", ""))
-    fed = load_federation()
-    if text:
-        fed = OmegaConf.merge(fed, OmegaConf.create(text))
+    text = str(rc.get("config", ""))
+    config = OmegaConf.create(text) if text else load_federation()
     audit = str(rc.get("audit-dir", "")) or None
     FederatedRun(
-        grid, fed, str(rc["out-dir"]), resume=bool(rc.get("resume", False)), audit=audit
+        grid, config, str(rc["out-dir"]), resume=bool(rc.get("resume", False)), audit=audit
     ).run()

@@ -22,7 +22,7 @@ CONNECTION = "fedclif"
 # The coordinator's Flower app: its ServerApp and the run-config keys it reads.
 SERVERAPP = "fedclif.server.app:app"
 RUN_CONFIG = {
-    "federation": "",
+    "config": "",
     "out-dir": "runs/federation",
     "resume": False,
     "audit-dir": "",
@@ -85,10 +85,10 @@ def register(public_key: Path, name: str, env: dict[str, str]) -> str:
     return r.stdout.strip()
 
 
-def run_config(fed: DictConfig, out: Path, resume: bool, audit: Path | None = None) -> dict:
+def run_config(config: DictConfig, out: Path, resume: bool, audit: Path | None = None) -> dict:
     """The ServerApp's run config for a federated run (server/app.py)."""
     return {
-        "federation": OmegaConf.to_yaml(fed),
+        "config": OmegaConf.to_yaml(config),
         "out-dir": str(out.resolve()),
         "resume": resume,
         "audit-dir": str(audit.resolve()) if audit else "",

@@ -19,7 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 from fedclif.server.checkpoint import load_checkpoint, restore_strategy, save_checkpoint
 from fedclif.server.checks import update_problem
 from fedclif.shared.artifact import write_json
-from fedclif.shared.config import load_config
+from fedclif.shared.config import load_config, write_resolved
 from fedclif.shared.errors import FedclifError
 from fedclif.shared.federation import (
     ARRAYS,
@@ -37,7 +37,6 @@ from fedclif.shared.federation import (
     TRAIN_PROBE,
     from_record,
     to_record,
-    train_config,
     weights_id,
 )
 from fedclif.shared.models import get_weights, save_model, stage_model
@@ -95,24 +94,25 @@ def _bytes(records) -> int:
 
 
 class FederatedRun:
-    """Drives one run. `out` receives tokenizer.json, checkpoint/, results.json."""
+    """Drives one run of `config` (the tree of shared/federation.py `load_federation`:
+    its `federation`, `train` and `model` sections). `out` receives tokenizer.json,
+    checkpoint/, results.json and, for a whole run, resolved.yaml."""
 
     def __init__(
         self,
         grid: Grid,
-        fed: DictConfig,
+        config: DictConfig,
         out: str | Path,
         resume: bool = False,
         audit: str | Path | None = None,
     ):
-        self.grid, self.fed, self.out = grid, fed, Path(out)
+        self.grid, self.config, self.out = grid, config, Path(out)
         self.out.mkdir(parents=True, exist_ok=True)
-        self.cfg = train_config(fed)
-        self.model_cfg = load_config(f"model/{fed.model}", None, list(fed.model_overrides))
+        self.fed, self.cfg, self.model_cfg = config.federation, config.train, config.model
         self.sites: dict[int, str] = {}
         self.state: dict = {"phase": "statistics", "round": 0, "history": [], "sites": {}}
         self.resume = resume
-        self.timeout = float(fed.timeout_s)
+        self.timeout = float(self.fed.timeout_s)
         # Every reply's records are written here when set: what left the sites, to inspect.
         self.audit = Path(audit) if audit else None
         self._n_audit = 0
@@ -421,7 +421,7 @@ class FederatedRun:
         return {
             **self.state,
             "tokenizer_hash": tok.hash,
-            "config": OmegaConf.to_container(self.fed),
+            "config": OmegaConf.to_container(self.config),
             "site_names": {str(k): v for k, v in self.sites.items()},
         }
 
@@ -447,6 +447,7 @@ class FederatedRun:
     # --- the run -----------------------------------------------------------------------
 
     def run(self) -> dict:
+        write_resolved(self.config, self.out)
         phases = [
             ("pretrain", int(self.fed.rounds.pretrain)),
             ("finetune", int(self.fed.rounds.finetune)),

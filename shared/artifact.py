@@ -1,4 +1,5 @@
-"""Versioned JSON files that travel between sites and the server (statistics, tokenizer)."""
+"""Files written whole, and versioned JSON files that travel between sites and the
+server (statistics, tokenizer)."""
 
 import json
 from pathlib import Path
@@ -6,13 +7,17 @@ from pathlib import Path
 from fedclif.shared.errors import FedclifError
 
 
-def write_json(obj: dict, path: str | Path) -> None:
+def write_text(text: str, path: str | Path) -> None:
     """Write whole or not at all: readers polling the file never see half of it."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=1, sort_keys=True))
+    tmp.write_text(text)
     tmp.replace(path)
+
+
+def write_json(obj: dict, path: str | Path) -> None:
+    write_text(json.dumps(obj, indent=1, sort_keys=True), path)
 
 
 def read_json(path: str | Path, fmt: str, version: int, what: str, hint: str = "") -> dict:

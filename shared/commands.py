@@ -12,26 +12,16 @@ from rich.table import Table
 
 from fedclif.shared.clif.schema import clifpy_root, load_schemas
 from fedclif.shared.clif.site import Site, SiteReport, load_site, read_site
-from fedclif.shared.config import load_config
+from fedclif.shared.config import load_tree
 from fedclif.shared.errors import FedclifError
 from fedclif.shared.ui import console, out, progress, step
 
 SECTIONS = ("site", "tokenizer")
 
 
-def section_configs(args: argparse.Namespace) -> dict[str, DictConfig]:
-    """Section configs from `--site-config`/`--config` files and `section.key=value`."""
-    by_section: dict[str, list[str]] = {s: [] for s in SECTIONS}
-    for o in getattr(args, "overrides", []) or []:
-        section, _, rest = o.partition(".")
-        if section not in by_section or not rest:
-            raise FedclifError(
-                f"override {o!r} must start with one of: "
-                f"{', '.join(s + '.' for s in SECTIONS)} (e.g. site.timezone=UTC)"
-            )
-        by_section[section].append(rest)
-    files = {"site": getattr(args, "site_config", None), "tokenizer": getattr(args, "config", None)}
-    return {s: load_config(s, files[s], by_section[s]) for s in SECTIONS}
+def section_configs(args: argparse.Namespace) -> DictConfig:
+    """The `site` and `tokenizer` sections, from `--config FILE` and `section.key=value`."""
+    return load_tree(SECTIONS, (), args.config, args.overrides)
 
 
 def print_report(report: SiteReport) -> None:
@@ -303,7 +293,7 @@ def overrides_argument(p: argparse.ArgumentParser) -> None:
         metavar="section.key=value",
         help="config overrides, e.g. site.timezone=America/Chicago tokenizer.k_min_count=20",
     )
-    p.add_argument("--site-config", help="site YAML (defaults: configs/site.yaml)")
+    p.add_argument("--config", help="a YAML of sections (site:, tokenizer:) over the defaults")
 
 
 def register(sub, groups: dict, add: Callable) -> None:
@@ -315,7 +305,6 @@ def register(sub, groups: dict, add: Callable) -> None:
         sub, "quickstart", cmd_quickstart, "validate, summarise and tokenize the embedded demo site"
     )
     p.add_argument("--out", default="runs/quickstart")
-    p.add_argument("--config", help="tokenizer YAML")
     overrides_argument(p)
 
     ssub = groups["site"]
@@ -326,7 +315,6 @@ def register(sub, groups: dict, add: Callable) -> None:
     p = add(ssub, "stats", cmd_stats, "mergeable statistics of a site (no row-level data)")
     p.add_argument("dir")
     p.add_argument("--out", required=True)
-    p.add_argument("--config", help="tokenizer YAML (its stats section applies)")
     overrides_argument(p)
     p = add(ssub, "tokenize", cmd_tokenize, "write token timelines and labels")
     p.add_argument("dir")
@@ -350,6 +338,5 @@ def register(sub, groups: dict, add: Callable) -> None:
     p = add(groups["tokenizer"], "fit", cmd_fit, "merge site statistics into tokenizer.json")
     p.add_argument("--stats", nargs="+", help="site statistics files")
     p.add_argument("--data", help="shortcut: one local CLIF directory")
-    p.add_argument("--config", help="tokenizer YAML (defaults: configs/tokenizer.yaml)")
     p.add_argument("--out", required=True)
     overrides_argument(p)

@@ -3,14 +3,14 @@ error categories (a site reports a category, never the text of an exception, whi
 quote patient data)."""
 
 import hashlib
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 from flwr.app import Array, ArrayRecord
-from omegaconf import DictConfig, OmegaConf
-from omegaconf.errors import OmegaConfBaseException
+from omegaconf import DictConfig
 
-from fedclif.shared.config import load_config
+from fedclif.shared.config import load_tree
 from fedclif.shared.errors import FedclifError
 
 # Record names inside message content.
@@ -43,23 +43,17 @@ FLOWER_ERRORS = {
 ERROR_CODE = {name: code for code, name in ERRORS.items()}
 
 
-def load_federation(path: str | Path | None = None, overrides: list[str] = ()) -> DictConfig:
-    """configs/federation/default.yaml, an optional user file, `key=value` overrides
-    (`train.*` override configs/train.yaml and are checked against it; `strategy.options`
-    are the Flower strategy's arguments, checked when it is built)."""
-    fed = load_config(
-        "federation/default", path, list(overrides), open_sections=["train", "strategy.options"]
-    )
-    train_config(fed)
-    return fed
+RUN_SECTIONS = ("federation", "train", "model")
+RUN_LAYERS = ("federation/default",)
+# The Flower strategy's keyword arguments, checked when it is built.
+OPEN_KEYS = ("federation.strategy.options",)
 
 
-def train_config(fed: DictConfig) -> DictConfig:
-    """configs/train.yaml with the run's `train` overrides (typos are errors)."""
-    try:
-        return OmegaConf.merge(load_config("train"), fed.train)
-    except OmegaConfBaseException as e:
-        raise FedclifError(f"bad train override in the federation config: {e.msg}") from e
+def load_federation(path: str | Path | None = None, overrides: Sequence[str] = ()) -> DictConfig:
+    """A federated run's config tree: `federation` (rounds, strategy, checks), `train`
+    (the sites' local rounds, configs/train.yaml under configs/federation/default.yaml)
+    and `model`; then a user file and `section.key=value` overrides."""
+    return load_tree(RUN_SECTIONS, RUN_LAYERS, path, overrides, OPEN_KEYS)
 
 
 def to_record(arrays: dict[str, np.ndarray]) -> ArrayRecord:

@@ -5,16 +5,15 @@ sites) and `fedclif run --sites` (any federated run, simulated on this machine).
 import argparse
 import json
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
 from fedclif.server.deploy import run_config, run_status
-from fedclif.shared.commands import section_configs
-from fedclif.shared.config import load_config
+from fedclif.shared.config import load_tree, write_resolved
 from fedclif.shared.errors import FedclifError
-from fedclif.shared.federation import load_federation, train_config
+from fedclif.shared.federation import OPEN_KEYS, RUN_LAYERS, RUN_SECTIONS, load_federation
 from fedclif.shared.ui import console, out, progress
 from fedclif.simulations import synth
 from fedclif.simulations.engine import SimulationEngine
@@ -26,29 +25,37 @@ STUDY_SERVERAPP = "fedclif.simulations.app:app"
 STUDY_RUN_CONFIG = {"study": "", "out-dir": "runs/transfer", "sites": "", "work-root": ""}
 
 
-def load_study(path: str | None, profile: str, overrides: list[str]) -> DictConfig:
-    """configs/sim/transfer.yaml (or a file), then the profile's overrides, then the
-    user's; `train` overrides are checked against configs/train.yaml."""
-    base = load_config("sim/transfer", path, open_sections=["train"])
-    if profile not in base.profiles:
-        raise FedclifError(f"unknown profile {profile!r}; choose from {', '.join(base.profiles)}")
-    cfg = load_config("sim/transfer", path, [*base.profiles[profile], *overrides], ["train"])
-    train_config(OmegaConf.create({"train": cfg.train}))
-    if not cfg.fractions or not all(0 < float(f) <= 1 for f in cfg.fractions):
-        raise FedclifError(f"fractions must lie in (0, 1], got {list(cfg.fractions)}")
-    if len(cfg.seeds) < 1:
-        raise FedclifError("seeds must name at least one seed")
+STUDY_SECTIONS = ("study", *RUN_SECTIONS)
+STUDY_LAYERS = (*RUN_LAYERS, "sim/transfer")
+
+
+def load_study(path: str | None, profile: str, overrides: Sequence[str]) -> DictConfig:
+    """The study's config tree: a federated run's (configs/federation/default.yaml) with
+    configs/sim/transfer.yaml over it, then the user's file, the profile's overrides and
+    the command line's."""
+    base = load_tree(STUDY_SECTIONS, STUDY_LAYERS, path, open_keys=OPEN_KEYS)
+    profiles = base.study.profiles
+    if profile not in profiles:
+        raise FedclifError(f"unknown profile {profile!r}; choose from {', '.join(profiles)}")
+    layers = [*profiles[profile], *overrides]
+    cfg = load_tree(STUDY_SECTIONS, STUDY_LAYERS, path, layers, OPEN_KEYS)
+    s = cfg.study
+    if not s.fractions or not all(0 < float(f) <= 1 for f in s.fractions):
+        raise FedclifError(f"study.fractions must lie in (0, 1], got {list(s.fractions)}")
+    if len(s.seeds) < 1:
+        raise FedclifError("study.seeds must name at least one seed")
     return cfg
 
 
 def run_study(cfg: DictConfig, out_dir: Path, cache: Path = CACHE) -> dict:
     """Generate (or reuse) the sites, run the study on the simulation engine with one
     virtual site each, and return its results (also in out_dir/results.json)."""
-    sites = study_sites(cfg, cache)
+    sites = study_sites(cfg.study, cache)
     out_dir.mkdir(parents=True, exist_ok=True)
     for f in ("results.json", "progress.json"):
         (out_dir / f).unlink(missing_ok=True)
-    e = cfg.engine
+    write_resolved(cfg, out_dir)
+    e = cfg.study.engine
     engine = SimulationEngine(out_dir / "engine", len(sites), int(e.cpus_per_site),
                               float(e.gpus_per_site), e.ray_address)  # fmt: skip
     config = {"study": OmegaConf.to_yaml(cfg), "out-dir": str(out_dir.resolve())}
@@ -78,11 +85,11 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     from fedclif.simulations.report import console_table, write_report
 
     cfg = load_study(args.config, args.profile, args.overrides)
-    out_dir = Path(args.out or f"runs/{cfg.name}-{args.profile}")
+    out_dir = Path(args.out or f"runs/{cfg.study.name}-{args.profile}")
     t0 = time.perf_counter()
     results = run_study(cfg, out_dir, Path(args.cache))
     summary = write_report(out_dir, results)
-    out.print(console_table(summary, OmegaConf.to_container(cfg.paper)))
+    out.print(console_table(summary, OmegaConf.to_container(cfg.study.paper)))
     console.print(
         f"{len(results['rows'])} results in {(time.perf_counter() - t0) / 60:.1f} min; "
         f"report: {out_dir / 'report.md'}"
@@ -93,16 +100,15 @@ def cmd_simulate(args: argparse.Namespace) -> int:
 def cmd_synth(args: argparse.Namespace) -> int:
     """Write a synthetic site, or (`synth compare DIR`) compare one with a reference."""
 
-    words = list(args.words)
+    words = [w for w in args.words if "=" not in w]
     if words and words[0] == "compare":
         if len(words) != 2 or not args.reference:
             raise FedclifError("usage: fedclif synth compare DIR --reference DEMO_DIR [--png F]")
         from fedclif.simulations.compare import compare_sites  # matplotlib: only here
 
         png = Path(args.png) if args.png else Path(words[1]) / "compare.png"
-        table = compare_sites(
-            Path(words[1]), Path(args.reference), png, section_configs(args)["site"]
-        )
+        site = load_tree(("site",), (), args.config, [w for w in args.words if "=" in w]).site
+        table = compare_sites(Path(words[1]), Path(args.reference), png, site)
         out.print(table)
         out.print(f"value distributions: {png}")
         return 0
@@ -111,7 +117,12 @@ def cmd_synth(args: argparse.Namespace) -> int:
             "fedclif synth needs --preset NAME and --out DIR "
             f"(presets: {', '.join(synth.preset_names())})"
         )
-    cfg = synth.load_preset(args.preset, words)
+    if words:
+        raise FedclifError(f"unexpected {words}: overrides look like synth.key=value")
+    bad = [w for w in args.words if not w.startswith("synth.")]
+    if bad:
+        raise FedclifError(f"{bad}: the generator's overrides look like synth.key=value")
+    cfg = synth.load_preset(args.preset, [w.removeprefix("synth.") for w in args.words])
     t0 = time.perf_counter()
     with progress() as bar:
         task = bar.add_task(f"generating {cfg.name}", total=args.stays)
@@ -153,18 +164,25 @@ def register(sub, groups: dict, add: Callable) -> None:
     )
     run.set_defaults(fn=lambda a: cmd_run_simulated(a) if a.sites else deployed(a))
     p = add(sub, "simulate", cmd_simulate, "the cross-site transfer study, simulated")
-    p.add_argument("--config", help="study YAML (default: configs/sim/transfer.yaml)")
+    p.add_argument("--config", help="a YAML of sections over configs/sim/transfer.yaml")
     p.add_argument("--profile", default="default", help="quick | default | large")
     p.add_argument("--out", help="output directory (default: runs/<name>-<profile>)")
     p.add_argument("--cache", default=str(CACHE), help="where generated sites are kept")
-    p.add_argument("overrides", nargs="*", metavar="key=value", help="seeds=[0,1] ...")
+    p.add_argument(
+        "overrides",
+        nargs="*",
+        metavar="section.key=value",
+        help="study.seeds=[0,1] train.finetune.lr=5e-4 model.arch=mamba2 ...",
+    )
     p = add(sub, "synth", cmd_synth, "write a synthetic CLIF site (or: synth compare DIR)")
     p.add_argument(
         "words",
         nargs="*",
-        metavar="key=value | compare DIR",
-        help="generator overrides (policy.icu_threshold=0.5), or `compare DIR`",
+        metavar="synth.key=value | compare DIR",
+        help="generator overrides (synth.policy.icu_threshold=0.5), or `compare DIR` "
+        "(site.key=value)",
     )
+    p.add_argument("--config", help="with compare: a YAML with a site section")
     p.add_argument("--preset", help="a preset in configs/sim/sites/")
     p.add_argument("--stays", type=int, default=1000, help="hospitalizations to generate")
     p.add_argument("--seed", type=int, default=0, help="same seed and config, same bytes")

@@ -13,6 +13,7 @@ import numpy as np
 from rich.table import Table
 
 from fedclif.shared.artifact import write_json
+from fedclif.shared.config import RESOLVED
 from fedclif.shared.metrics import FPR_GRID
 from fedclif.simulations.sites import SOURCE, TARGET
 
@@ -80,7 +81,7 @@ def _events(rows: list[dict], site: str, task: str) -> int:
 
 def summarize(results: dict) -> dict:
     """The table, the recovery curves, the cross-site matrix and the checks."""
-    cfg, rows = results["config"], results["rows"]
+    cfg, rows = results["config"]["study"], results["rows"]
     tasks, fracs = list(cfg["tasks"]), [float(f) for f in cfg["fractions"]]
     top = max(fracs)
     # Finetuned columns at the largest share of the target's data the study used.
@@ -205,7 +206,7 @@ def console_table(summary: dict, paper: dict) -> Table:
 
 
 def _plots(summary: dict, results: dict, out: Path) -> list[str]:
-    cfg, rows = results["config"], results["rows"]
+    cfg, rows = results["config"]["study"], results["rows"]
     tasks, fracs = list(cfg["tasks"]), [float(f) for f in cfg["fractions"]]
     files = []
     # AUROC by arm and task.
@@ -299,7 +300,7 @@ def _save(fig, path: Path) -> str:
 
 
 def _markdown(summary: dict, results: dict, files: list[str]) -> str:
-    cfg = results["config"]
+    cfg, model = results["config"]["study"], results["config"]["model"]
     paper = cfg["paper"]
     s = cfg["sites"]
     lines = [
@@ -308,8 +309,9 @@ def _markdown(summary: dict, results: dict, files: list[str]) -> str:
         f"Source `{s['source']['preset']}` ({s['source']['stays']} stays), target "
         f"`{s['target']['preset']}` ({s['target']['stays']} stays)"
         + (f", third `{s['third']['preset']}`" if s.get("third") else "")
-        + f"; model `{cfg['model']}`; seeds {cfg['seeds']}; measured in "
-        f"{results['seconds'] / 60:.1f} min on Flower's simulation engine.",
+        + f"; model `{model['size']}` `{model['arch']}`; seeds {cfg['seeds']}; measured in "
+        f"{results['seconds'] / 60:.1f} min on Flower's simulation engine. Every setting: "
+        f"[`{RESOLVED}`]({RESOLVED}) (`fedclif simulate --config {RESOLVED}` runs it again).",
         "",
         "AUROC at the target unless in-distribution (mean over seeds, [mean bootstrap 95% "
         "interval]; test splits, zero-shot on every stay of the site the model never saw); "

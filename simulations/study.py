@@ -17,11 +17,11 @@ from fedclif.server.run import FederatedRun, Pending, make_strategy
 from fedclif.shared.artifact import write_json
 from fedclif.shared.config import load_config
 from fedclif.shared.errors import FedclifError
-from fedclif.shared.federation import load_federation
+from fedclif.shared.federation import RUN_SECTIONS
 from fedclif.shared.models import get_weights
 from fedclif.shared.stats import merge_stats
 from fedclif.shared.tokenizer import Tokenizer, fit_tokenizer
-from fedclif.simulations.sites import POOLED, SOURCE, TARGET, THIRD
+from fedclif.simulations.sites import POOLED, SOURCE, TARGET, THIRD, site_roles
 
 
 class SiteGrid:
@@ -57,8 +57,12 @@ class Lane:
 
 
 class Study:
+    """The study of `cfg` (the tree of simulations/commands.py `load_study`: its `study`
+    section, and the `federation`, `train` and `model` every job starts from)."""
+
     def __init__(self, grid: Grid, cfg: DictConfig, out: str | Path):
         self.grid, self.cfg, self.out = grid, cfg, Path(out)
+        self.run_config = OmegaConf.masked_copy(cfg, list(RUN_SECTIONS))
         self.out.mkdir(parents=True, exist_ok=True)
         self.rows: list[dict] = []
         self.done, self.total = 0, 0
@@ -76,30 +80,30 @@ class Study:
         rounds: int = 1,
         fraction: float = 1.0,
     ) -> DictConfig:
-        """One job's run config; with `sites` alone, that of a query which trains nothing
-        (names, statistics, tokenizing)."""
-        c = self.cfg
-        fed = load_federation(None)
+        """One job's config tree (the study's `federation`, `train` and `model` with this
+        job's seed, rounds, sites, tasks, share and steps); with `sites` alone, that of a
+        query which trains nothing (names, statistics, tokenizing)."""
+        c = self.cfg.study
         return OmegaConf.merge(
-            fed,
+            self.run_config,
             {
-                "seed": seed,
-                "model": c.model,
-                "model_overrides": list(c.model_overrides),
-                "statistics": False,
-                "rounds": {
-                    "pretrain": rounds if stage == "pretrain" else 0,
-                    "finetune": rounds if stage == "finetune" else 0,
+                "federation": {
+                    "seed": seed,
+                    "statistics": False,
+                    "rounds": {
+                        "pretrain": rounds if stage == "pretrain" else 0,
+                        "finetune": rounds if stage == "finetune" else 0,
+                    },
+                    "evaluate": False,
+                    "min_sites": len(sites),
+                    "timeout_s": float(c.timeout_s),
                 },
-                "evaluate": False,
-                "min_sites": len(sites),
-                "timeout_s": float(c.timeout_s),
-                "train": OmegaConf.merge(
-                    c.train,
-                    {"seed": seed, "split": {"train_fraction": fraction}},
-                    {"finetune": {"tasks": list(c.tasks)}},
-                    {stage: {"max_steps": steps}},
-                ),
+                "train": {
+                    "seed": seed,
+                    "split": {"train_fraction": fraction},
+                    "finetune": {"tasks": list(c.tasks)},
+                    stage: {"max_steps": steps},
+                },
             },
         )
 
@@ -131,7 +135,7 @@ class Study:
         msgs = [m for _, pending in batches for m in pending.msgs]
         ids = list(self.grid.push_messages(msgs))
         pending, got = set(ids), {}
-        end = time.monotonic() + float(self.cfg.timeout_s)
+        end = time.monotonic() + float(self.cfg.study.timeout_s)
         done = self.done
         while pending and time.monotonic() < end:
             for r in self.grid.pull_messages(list(pending)):
@@ -154,7 +158,7 @@ class Study:
     def _discover(self) -> dict[str, dict]:
         """Wait for every virtual site and learn its name (data directory); the real
         sites' statistics (the pooled site's would merge to the same)."""
-        names = [SOURCE, TARGET] + ([THIRD] if self.cfg.sites.third else []) + [POOLED]
+        names = site_roles(self.cfg.study)
         probe = FederatedRun(self.grid, self._fed(names), self.out / "runs")
         self.nodes = {name: node for node, name in probe.name_sites().items()}
         missing = set(names) - set(self.nodes)
@@ -226,7 +230,9 @@ class Study:
             for f in res["failed"]:
                 raise FedclifError(f"evaluation of {lane.arm} at {f['site']} failed: {f['error']}")
             for site, metrics in res["sites"].items():
-                self.rows += _rows(lane, site, setting, metrics, list(self.cfg.tasks), split[i])
+                self.rows += _rows(
+                    lane, site, setting, metrics, list(self.cfg.study.tasks), split[i]
+                )
 
     def _lane(
         self,
@@ -241,7 +247,7 @@ class Study:
         steps: int | None = None,
     ) -> Lane:
         """A lane whose model starts from `init` (pretrained weights) or from scratch."""
-        c = self.cfg
+        c = self.cfg.study
         if steps is None:
             steps = int(c.finetune_steps)
         fed = self._fed(sites, seed, stage, steps, rounds, fraction)
@@ -265,7 +271,7 @@ class Study:
     # --- the study ---------------------------------------------------------------------
 
     def run(self) -> dict:
-        c = self.cfg
+        c = self.cfg.study
         seeds, fractions = [int(s) for s in c.seeds], [float(f) for f in c.fractions]
         real = [SOURCE, TARGET] + ([THIRD] if c.sites.third else [])
         n_rounds, spr = int(c.pretrain.rounds), int(c.pretrain.steps_per_round)
@@ -343,7 +349,7 @@ class Study:
         self._phase("evaluation")
 
         results = {
-            "config": OmegaConf.to_container(c),
+            "config": OmegaConf.to_container(self.cfg),
             "sites": {k: {**v} for k, v in self.tokenized["federated"].items()},
             "tokenizers": {k: t.hash for k, t in toks.items()},
             "rows": self.rows,
@@ -356,7 +362,7 @@ class Study:
 
 
 def planned_messages(cfg: DictConfig) -> int:
-    """Messages the study sends (its progress bar's total)."""
+    """Messages the study (its `study` section: `cfg`) sends, its progress bar's total."""
     real = 3 if cfg.sites.third else 2
     n_frac, rounds = len(cfg.fractions), int(cfg.pretrain.rounds)
     # names; statistics of the real sites; tokenizing with three tokenizers

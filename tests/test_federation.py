@@ -24,7 +24,7 @@ RUN = [
     "train.pretrain.context=64",
     "train.pretrain.batch_size=8",
     "train.pretrain.max_steps=2",
-    "timeout_s=120",
+    "federation.timeout_s=120",
 ]
 
 
@@ -54,7 +54,7 @@ def federation(tmp_path_factory):
 @pytest.fixture(scope="module")
 def finished_run(federation):
     out, audit = federation.root / "run", federation.root / "audit"
-    federation.run(out, "rounds.pretrain=2", *RUN,
+    federation.run(out, "federation.rounds.pretrain=2", *RUN,
                    extra=("--audit", str(audit)))  # fmt: skip
     return out, audit
 
@@ -168,8 +168,9 @@ def test_killed_site_does_not_stop_the_run(federation, finished_run):
     # The round timeout stays long (a loaded machine starts a ClientApp slowly): the
     # SuperLink answers for a lost site well before it.
     tok = finished_run[0] / "tokenizer.json"
-    args = ("rounds.pretrain=2", "min_sites=1", "statistics=false", f"tokenizer={tok}",
-            "evaluate=false", *RUN)  # fmt: skip
+    args = ("federation.rounds.pretrain=2", "federation.min_sites=1",
+            "federation.statistics=false", f"federation.tokenizer={tok}",
+            "federation.evaluate=false", *RUN)  # fmt: skip
 
     def checkpointed(n: int) -> bool:
         state = out / "checkpoint" / "state.json"

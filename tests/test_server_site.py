@@ -21,40 +21,50 @@ from fedclif.shared.federation import (
     SiteRefusal,
     load_federation,
     to_record,
-    train_config,
 )
 from fedclif.shared.tokenizer import Tokenizer
 
 
 @pytest.mark.parametrize("name", sorted(STRATEGIES))
 def test_every_configured_strategy_is_built(name):
-    s = make_strategy(load_federation(overrides=[f"strategy.name={name}", "min_sites=3"]))
+    s = make_strategy(
+        load_federation(
+            overrides=[f"federation.strategy.name={name}", "federation.min_sites=3"]
+        ).federation
+    )
     assert type(s) is STRATEGIES[name] and s.min_train_nodes == 3
 
 
 def test_strategy_options_and_unknown_names_are_checked():
     s = make_strategy(
-        load_federation(overrides=["strategy.name=fedprox", "strategy.options.proximal_mu=0.5"])
+        load_federation(
+            overrides=[
+                "federation.strategy.name=fedprox",
+                "federation.strategy.options.proximal_mu=0.5",
+            ]
+        ).federation
     )
     assert s.proximal_mu == 0.5
     with pytest.raises(FedclifError, match=r"strategy\.options"):
-        make_strategy(load_federation(overrides=["strategy.options.mu=1"]))
+        make_strategy(load_federation(overrides=["federation.strategy.options.mu=1"]).federation)
     with pytest.raises(FedclifError, match="unknown strategy"):
-        make_strategy(load_federation(overrides=["strategy.name=fedsgd"]))
+        make_strategy(load_federation(overrides=["federation.strategy.name=fedsgd"]).federation)
     with pytest.raises(FedclifError, match="lrr"):
         load_federation(overrides=["train.pretrain.lrr=1"])
-    assert train_config(load_federation(overrides=["train.pretrain.lr=0.5"])).pretrain.lr == 0.5
+    assert load_federation(overrides=["train.pretrain.lr=0.5"]).train.pretrain.lr == 0.5
 
 
 def test_fedadam_moments_survive_a_checkpoint():
-    s = make_strategy(load_federation(overrides=["strategy.name=fedadam"]))
+    s = make_strategy(load_federation(overrides=["federation.strategy.name=fedadam"]).federation)
     rng = np.random.default_rng(0)
     s.m_t = {"w": rng.normal(size=(3, 2))}
     s.v_t = {"w": rng.random((3, 2))}
     s.current_arrays = {"w": rng.normal(size=(3, 2))}
     flat = strategy_state(s)
     assert set(flat) == {"m_t/w", "v_t/w", "current_arrays/w"}
-    fresh = make_strategy(load_federation(overrides=["strategy.name=fedadam"]))
+    fresh = make_strategy(
+        load_federation(overrides=["federation.strategy.name=fedadam"]).federation
+    )
     restore_strategy(fresh, flat)
     for attr in ("m_t", "v_t", "current_arrays"):
         np.testing.assert_array_equal(getattr(fresh, attr)["w"], getattr(s, attr)["w"])
@@ -67,7 +77,7 @@ def _node(tmp_path, **node_config) -> Node:
 
 
 def test_site_refuses_rounds_beyond_its_dp_budget(tmp_path):
-    cfg = train_config(load_federation(overrides=["train.dp.epsilon=0.5"]))
+    cfg = load_federation(overrides=["train.dp.epsilon=0.5"]).train
     node = _node(tmp_path, **{"dp-budget": 1.0})
     assert _spend(node, cfg, budget=100.0) == 0.0  # the site's own budget wins over the run's
     (node.work / "dp-run-7.json").write_text(json.dumps({"epsilon": 0.8}))
@@ -100,13 +110,15 @@ def test_poisoned_replies_are_rejected_and_the_round_goes_on(tmp_path, demo_toke
     # Flower's ServerApp process sets its run and node; messages need them.
     for attr, v in (("_run_id", 1), ("_node_id", 0), ("_task_id", 1)):
         monkeypatch.setattr(TaskIdentity, attr, v)
-    fed = load_federation(overrides=["min_sites=1", "checks.max_update_norm=100"])
+    fed = load_federation(
+        overrides=["federation.min_sites=1", "federation.checks.max_update_norm=100"]
+    )
     run = FederatedRun(_Nodes(), fed, tmp_path)
     run.sites = {11: "honest", 12: "nan", 13: "scaled"}
     tok = Tokenizer.load(demo_tokens / "tokenizer.json")
     rng = np.random.default_rng(0)
     current = {"w": rng.normal(size=(4, 3)).astype(np.float32)}
-    pending = run.begin_round("pretrain", 1, tok, current, None, make_strategy(fed))
+    pending = run.begin_round("pretrain", 1, tok, current, None, make_strategy(fed.federation))
     msgs = pending.msgs
     assert sorted(m.metadata.dst_node_id for m in msgs) == [11, 12, 13]
     honest = {"w": current["w"] + 0.01}

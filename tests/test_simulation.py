@@ -18,8 +18,8 @@ from fedclif.simulations.engine import SimulationEngine
 from fedclif.simulations.synth import load_preset, write_site
 
 RUN = [
-    "rounds.pretrain=3",
-    "rounds.finetune=1",
+    "federation.rounds.pretrain=3",
+    "federation.rounds.finetune=1",
     "train.pretrain.context=64",
     "train.pretrain.batch_size=8",
     # Rounds long enough (~seconds) that the interruption lands inside the run.
@@ -28,7 +28,7 @@ RUN = [
     "train.finetune.max_steps=2",
     "train.finetune.peft=lora",
     "train.finetune.n_boot=50",
-    "timeout_s=120",
+    "federation.timeout_s=120",
 ]
 
 

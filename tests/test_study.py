@@ -17,7 +17,7 @@ def study(tmp_path_factory):
     out = root / "out"
     args = ["simulate", "--profile", "quick", "--out", str(out), "--cache", str(root / "cache")]
     assert main(args) == 0
-    return out, load_study(None, "quick", [])
+    return out, load_study(None, "quick", []).study
 
 
 def test_results_hold_every_arm_task_seed_and_interval(study):
@@ -62,6 +62,10 @@ def test_results_hold_every_arm_task_seed_and_interval(study):
     ]
     report = (out / "report.md").read_text()
     assert "beats source only" in report and "| paper |" in report
+    # Every setting the study used, named by the report and loadable as a --config.
+    assert "resolved.yaml" in report
+    again = load_study(str(out / "resolved.yaml"), "quick", []).study
+    assert again == cfg
     for png in ("auroc_by_arm", "recovery", "roc", "cross_site"):
         assert (out / f"{png}.png").stat().st_size > 5000
 
@@ -87,6 +91,7 @@ def test_study_train_settings_override_the_federation_defaults(tmp_path):
     constant rate for short rounds, is what the site is sent."""
     cfg = load_study(None, "default", [])
     fed = Study(None, cfg, tmp_path)._fed(["target"], 0, "finetune", 100, 1, 0.25)
+    assert fed.federation.rounds.finetune == 1 and fed.model.arch == "llama"
     ft = fed.train.finetune
     assert ft.schedule == cfg.train.finetune.schedule == "cosine"
     assert (ft.max_steps, ft.context, fed.train.split.train_fraction) == (100, 128, 0.25)

@@ -70,7 +70,7 @@ def test_cli_writes_a_site(tmp_path, capsys):
                 "1",
                 "--out",
                 str(out),
-                "policy.icu_threshold=0.3",
+                "synth.policy.icu_threshold=0.3",
             ]
         )
         == 0
@@ -79,7 +79,10 @@ def test_cli_writes_a_site(tmp_path, capsys):
     assert read(out, "hospitalization").height == 120
     assert main(["synth", "--preset", "nope", "--out", str(out)]) == 1
     assert "no site preset 'nope'" in capsys.readouterr().err
-    assert main(["synth", "--preset", "mimic-like", "--out", str(out), "policy.typo=1"]) == 1
+    assert main(["synth", "--preset", "mimic-like", "--out", str(out), "synth.policy.typo=1"]) == 1
+    assert (
+        main(["synth", "--preset", "mimic-like", "--out", str(out), "policy.icu_threshold=1"]) == 1
+    )
 
 
 def test_bad_preset_values_are_refused():

@@ -31,6 +31,11 @@ PRETRAIN = ["pretrain.context=256", "pretrain.max_steps=80", "pretrain.eval_ever
 FINETUNE = ["finetune.context=128", "finetune.epochs=1", "finetune.n_boot=100"]
 
 
+def cli(overrides: list[str]) -> list[str]:
+    """The same settings in the command line's grammar (`train.` section)."""
+    return [f"train.{o}" for o in overrides]
+
+
 def train_cfg(*overrides: str):
     return load_config("train", overrides=[*PRETRAIN, *FINETUNE, *overrides])
 
@@ -44,7 +49,7 @@ def short_pretrain(**pretrain):
 def pretrained(demo_tokens, tmp_path_factory):
     """`fedclif train pretrain` on the demo, as a site runs it."""
     ckpt = tmp_path_factory.mktemp("pt") / "ckpt"
-    args = ["train", "pretrain", "--data", str(demo_tokens), "--out", str(ckpt), *PRETRAIN]
+    args = ["train", "pretrain", "--data", str(demo_tokens), "--out", str(ckpt), *cli(PRETRAIN)]
     assert main(args) == 0
     return ckpt
 
@@ -141,7 +146,8 @@ def test_prompted_examples_follow_the_24h_leakage_rule(demo_tokens):
 def test_finetune_writes_per_task_metrics(demo_tokens, pretrained, tmp_path, capsys):
     out = tmp_path / "ft"
     args = ["train", "finetune", "--data", str(demo_tokens), "--from", str(pretrained)]
-    assert main([*args, "--out", str(out), "--tasks", "death,long_los", *FINETUNE]) == 0
+    tasks = "train.finetune.tasks=[death,long_los]"
+    assert main([*args, "--out", str(out), tasks, *cli(FINETUNE)]) == 0
     m = json.loads((out / "metrics.json").read_text())
     assert set(m["tasks"]) == {"death", "long_los"}
     for r in m["tasks"].values():
@@ -153,13 +159,13 @@ def test_finetune_writes_per_task_metrics(demo_tokens, pretrained, tmp_path, cap
     assert not torch.equal(ft.head.weight, load_model(pretrained)[0].head.weight)
     assert "AUROC" in capsys.readouterr().out
     # The same output directory is not silently reused.
-    assert main([*args, "--out", str(out), *FINETUNE]) == 1
+    assert main([*args, "--out", str(out), *cli(FINETUNE)]) == 1
 
 
 def test_lora_saves_only_adapters_that_reload_with_peft(demo_tokens, pretrained, tmp_path):
     out = tmp_path / "lora"
     args = ["train", "finetune", "--data", str(demo_tokens), "--from", str(pretrained)]
-    assert main([*args, "--out", str(out), "--peft", "lora", *FINETUNE]) == 0
+    assert main([*args, "--out", str(out), "train.finetune.peft=lora", *cli(FINETUNE)]) == 0
     names = {p.name for p in out.iterdir()}
     assert "adapter" in names and "model.safetensors" not in names
     peft_model = PeftModel.from_pretrained(
@@ -179,7 +185,8 @@ def test_lora_saves_only_adapters_that_reload_with_peft(demo_tokens, pretrained,
 def test_dp_finetune_reports_spent_epsilon(demo_tokens, pretrained, tmp_path):
     out = tmp_path / "dp"
     args = ["train", "finetune", "--data", str(demo_tokens), "--from", str(pretrained)]
-    assert main([*args, "--out", str(out), "--dp", "epsilon=4,delta=1e-5", *FINETUNE]) == 0
+    dp = ["train.dp.epsilon=4", "train.dp.delta=1e-5"]
+    assert main([*args, "--out", str(out), *dp, *cli(FINETUNE)]) == 0
     dp = json.loads((out / "metrics.json").read_text())["dp"]
     assert 0 < dp["epsilon"] <= 4.0 + 1e-6 and dp["delta"] == 1e-5
 
@@ -286,8 +293,9 @@ def test_round_api_is_deterministic_and_sends_only_what_trains(demo_tokens, pret
 
 def test_bad_training_input_is_refused(demo_tokens, pretrained, tmp_path, capsys):
     base = ["train", "pretrain", "--data", str(demo_tokens)]
-    assert main([*base, "--out", str(tmp_path / "a"), "--model", "huge"]) == 1
-    assert main([*base, "--out", str(tmp_path / "a"), "pretrain.lr_typo=1"]) == 1
+    assert main([*base, "--out", str(tmp_path / "a"), "model.size=huge"]) == 1
+    assert main([*base, "--out", str(tmp_path / "a"), "train.pretrain.lr_typo=1"]) == 1
+    assert main([*base, "--out", str(tmp_path / "a"), "pretrain.lr=1"]) == 1  # no section
     assert main([*base, "--out", str(tmp_path / "a"), "model.shapes.mamba2.head_dim=7"]) == 1
     assert main([*base, "--out", str(tmp_path / "nothing"), "--resume"]) == 1
     assert main([*base, "--out", str(demo_tokens)]) == 1  # not a fedclif output: untouched

@@ -59,14 +59,14 @@ def test_wheel_installs_and_runs_unactivated(tmp_path):
     _run([fedclif, "site", "tokenize", "demo", "--tokenizer", "tokenizer.json", "--out", "tokens"],
          work, env)  # fmt: skip
     _run([fedclif, "train", "pretrain", "--data", "tokens", "--out", "model",
-          "pretrain.max_steps=5", "pretrain.context=64"], work, env)  # fmt: skip
+          "train.pretrain.max_steps=5", "train.pretrain.context=64"], work, env)  # fmt: skip
     assert json.loads((work / "model" / "metrics.json").read_text())["steps"] == 5
 
     for name, preset, seed in (("a", "mimic-like", 1), ("b", "ucmc-like", 2)):
         _run([fedclif, "synth", "--preset", preset, "--stays", "120", "--seed", seed,
               "--out", name], work, env)  # fmt: skip
-    _run([fedclif, "run", "--sites", "a,b", "--out", "fed", "rounds.pretrain=1",
-          "evaluate=false", "train.pretrain.max_steps=2", "train.pretrain.context=64"],
+    _run([fedclif, "run", "--sites", "a,b", "--out", "fed", "federation.rounds.pretrain=1",
+          "federation.evaluate=false", "train.pretrain.max_steps=2", "train.pretrain.context=64"],
          work, env)  # fmt: skip
     r = json.loads((work / "fed" / "results.json").read_text())
     assert [h["round"] for h in r["rounds"]] == [1] and set(r["rounds"][0]["sites"]) == {"a", "b"}
