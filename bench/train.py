@@ -64,10 +64,10 @@ def _bare_and_e2e(
     import torch
 
     from fedclif.client.loop import fit, pick_device
-    from fedclif.client.pretrain import block_collate, lm_loss
+    from fedclif.client.stage import STAGES
     from fedclif.shared.config import load_config
     from fedclif.shared.models import seed_everything
-    from fedclif.shared.sequences import load_site_data, packed_blocks
+    from fedclif.shared.sequences import load_site_data
 
     cfg = load_config(
         "train",
@@ -80,7 +80,8 @@ def _bare_and_e2e(
     )
     device = pick_device(cfg.device)
     data = load_site_data(tokens, cfg.split, full=True)
-    blocks = packed_blocks(data, "train", context)
+    st = STAGES["pretrain"]
+    blocks = st.examples(data, "train", cfg)
     seed_everything(0)
     model = _model("mamba2", size, data.tok).to(device)
     model.head.requires_grad_(False)
@@ -94,7 +95,7 @@ def _bare_and_e2e(
             opt.zero_grad(set_to_none=True)
 
     def end_to_end(_: int) -> None:
-        fit(model, lm_loss, blocks, block_collate, cfg.pretrain, device)
+        fit(model, st.loss, blocks, st.collate(model), cfg.pretrain, device)
 
     bare_loop(1)  # warm-up: first-call allocations land in neither timing
     order = [("bare", bare_loop), ("e2e", end_to_end)]

@@ -4,39 +4,15 @@ closed by the task token; one binary head reads it. Optional LoRA (peft) and DP-
 from collections.abc import Callable
 from pathlib import Path
 
-import numpy as np
-import torch
 from omegaconf import DictConfig
-from torch.utils.data import DataLoader
 
-from fedclif.client.loop import fit, pick_device, to_device
+from fedclif.client.loop import fit, pick_device
+from fedclif.client.stage import STAGES, predict
 from fedclif.shared.artifact import write_json
 from fedclif.shared.errors import FedclifError
 from fedclif.shared.metrics import binary_metrics, f1_threshold
 from fedclif.shared.models import EHRModel, load_model, save_model, setup, uses_lora
-from fedclif.shared.sequences import Prompted, SiteData, pad_collate
-
-
-def task_loss(model: torch.nn.Module, batch: dict) -> torch.Tensor:
-    # Per-row mean: opacus computes per-sample gradients of a batch-mean loss.
-    return torch.nn.functional.binary_cross_entropy_with_logits(model(batch, "task"), batch["y"])
-
-
-@torch.no_grad()
-def predict(
-    model: EHRModel, ds: Prompted, device: torch.device, batch_size: int
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(probabilities, outcomes, task index) of every example of `ds`, in order."""
-    model.eval()
-    p, y, k = [], [], []
-    pad = model.lm.config.pad_token_id
-    for batch in DataLoader(ds, batch_size=batch_size, collate_fn=pad_collate(pad)):
-        p.append(torch.sigmoid(model(to_device(batch, device), "task").float()).cpu())
-        y.append(batch["y"])
-        k.append(batch["task"])
-    if not p:
-        return np.zeros(0), np.zeros(0), np.zeros(0, int)
-    return torch.cat(p).numpy(), torch.cat(y).numpy(), torch.cat(k).numpy()
+from fedclif.shared.sequences import Prompted, SiteData
 
 
 def evaluate_tasks(
@@ -89,30 +65,25 @@ def finetune(
     dp = dp_config(cfg)
     tasks = list(cfg.finetune.tasks)
     setup(model, cfg, "finetune")
-    c = cfg.finetune
-    train = Prompted(data, "train", tasks, int(c.context), dp is not None, int(cfg.seed))
-    val = Prompted(data, "val", tasks, int(c.context))
+    c, st = cfg.finetune, STAGES["finetune"]
+    train = st.examples(data, "train", cfg, dp is not None, int(cfg.seed))
+    val = st.examples(data, "val", cfg)
     if len(train) == 0 or len(val) == 0:
         raise FedclifError(f"{data.path}: no train or val examples for tasks {tasks}")
 
-    def val_loss() -> float:
-        p, y, _ = predict(model, val, device, int(c.batch_size))
-        p = np.clip(p, 1e-7, 1 - 1e-7)
-        return float(-np.mean(y * np.log(p) + (1 - y) * np.log(1 - p)))
-
-    def save(st) -> None:
-        extra = {"tasks": tasks, "step": st.step, "val_loss": st.best, "lora": lora}
+    def save(state) -> None:
+        extra = {"tasks": tasks, "step": state.step, "val_loss": state.best, "lora": lora}
         save_model(model, out, data.tok, "finetune", extra, base=base if lora else None)
 
     res = fit(
         model,
-        task_loss,
+        st.loss,
         train,
-        pad_collate(model.lm.config.pad_token_id),
+        st.collate(model),
         c,
         device,
         seed=int(cfg.seed),
-        evaluate=val_loss,
+        evaluate=lambda: st.held_out(model, val, device, int(c.batch_size)),
         on_improve=save,
         dp=dp,
         workers=int(cfg.workers),

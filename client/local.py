@@ -13,12 +13,12 @@ import numpy as np
 import torch
 from omegaconf import DictConfig
 
-from fedclif.client.finetune import dp_config, evaluate_tasks, task_loss
+from fedclif.client.finetune import dp_config, evaluate_tasks
 from fedclif.client.loop import fit, pick_device
-from fedclif.client.pretrain import block_collate, held_out_loss, lm_loss
+from fedclif.client.stage import stage as stage_of
 from fedclif.shared.metrics import flat_metrics
 from fedclif.shared.models import EHRModel, get_weights, setup, trainable
-from fedclif.shared.sequences import Prompted, SiteData, packed_blocks, pad_collate
+from fedclif.shared.sequences import SiteData
 
 
 @dataclass
@@ -41,21 +41,14 @@ def train_round(
     model.check_data(data.tok.hash, data.path)
     setup(model, cfg, stage)
     device = pick_device(cfg.device)
-    c = cfg[stage]
-    if stage == "pretrain":
-        ds, collate, loss, dp = (
-            packed_blocks(data, "train", int(c.context)),
-            block_collate,
-            lm_loss,
-            None,
-        )
-    else:
-        dp = dp_config(cfg)
-        ds = Prompted(data, "train", list(c.tasks), int(c.context), dp is not None, seed)
-        collate, loss = pad_collate(model.lm.config.pad_token_id), task_loss
+    st = stage_of(stage)
+    dp = dp_config(cfg) if stage == "finetune" else None
+    ds = st.examples(data, "train", cfg, dp is not None, seed)
+    loss = st.loss
     if proximal_mu > 0:
         loss = _proximal(loss, model, proximal_mu)
-    res = fit(model, loss, ds, collate, c, device, seed=seed, dp=dp, workers=int(cfg.workers))
+    res = fit(model, loss, ds, st.collate(model), cfg[stage], device, seed=seed, dp=dp,
+              workers=int(cfg.workers))  # fmt: skip
     metrics = {
         "num_examples": len(ds),
         "train_loss": res.train_loss,
@@ -86,9 +79,9 @@ def evaluate_round(
     model.check_data(data.tok.hash, data.path)
     device = pick_device(cfg.device)
     model.to(device).eval()
-    c = cfg[stage]
     if stage == "pretrain":
-        blocks = packed_blocks(data, split, int(c.context))
-        loss = held_out_loss(model, blocks, device, int(c.batch_size))
+        st = stage_of(stage)
+        blocks = st.examples(data, split, cfg)
+        loss = st.held_out(model, blocks, device, int(cfg.pretrain.batch_size))
         return {"num_examples": len(blocks), "loss": loss, "perplexity": float(np.exp(loss))}
-    return flat_metrics(evaluate_tasks(model, data, list(c.tasks), cfg, split))
+    return flat_metrics(evaluate_tasks(model, data, list(cfg.finetune.tasks), cfg, split))

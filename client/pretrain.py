@@ -7,19 +7,18 @@ from pathlib import Path
 import numpy as np
 import torch
 from omegaconf import DictConfig
-from torch.utils.data import DataLoader
 
-from fedclif.client.loop import fit, pick_device, to_device
+from fedclif.client.loop import fit, pick_device
+from fedclif.client.stage import STAGES
 from fedclif.shared.artifact import write_json
 from fedclif.shared.models import (
-    EHRModel,
     build_model,
     is_checkpoint,
     load_model,
     save_model,
     seed_everything,
 )
-from fedclif.shared.sequences import SiteData, block_batch, packed_blocks
+from fedclif.shared.sequences import SiteData
 
 STATE_FILE = "train_state.pt"
 
@@ -30,25 +29,6 @@ def unigram_entropy(ids: torch.Tensor, pad_id: int) -> float:
     p = np.bincount(ids) / ids.size
     p = p[p > 0]
     return float(-(p * np.log(p)).sum())
-
-
-def lm_loss(model: torch.nn.Module, batch: dict) -> torch.Tensor:
-    return model(batch)
-
-
-def block_collate(items: list) -> dict:
-    return block_batch([torch.stack(t) for t in zip(*items, strict=True)])
-
-
-def held_out_loss(model: EHRModel, blocks, device: torch.device, batch_size: int) -> float:
-    """Token-weighted mean next-token loss (nats) over blocks."""
-    total = count = 0.0
-    for batch in DataLoader(blocks, batch_size=batch_size, collate_fn=block_collate):
-        batch = to_device(batch, device)
-        n = float((batch["input_ids"][:, 1:] != model.lm.config.pad_token_id).sum())
-        total += float(model(batch)) * n
-        count += n
-    return total / max(count, 1.0)
 
 
 def pretrain(
@@ -70,9 +50,8 @@ def pretrain(
         seed_everything(int(cfg.seed))  # the same seed, the same initial weights
         model = build_model(model_cfg, data.tok)
     model.head.requires_grad_(False)  # unused by the LM loss; it is not trained or sent
-    c = cfg.pretrain
-    train = packed_blocks(data, "train", int(c.context))
-    val = packed_blocks(data, "val", int(c.context))
+    c, st = cfg.pretrain, STAGES["pretrain"]
+    train, val = st.examples(data, "train", cfg), st.examples(data, "val", cfg)
     pad = model.lm.config.pad_token_id
     unigram = unigram_entropy(train.tensors[0], pad)
     tokens = int((train.tensors[0] != pad).sum())
@@ -82,13 +61,13 @@ def pretrain(
 
     res = fit(
         model,
-        lm_loss,
+        st.loss,
         train,
-        block_collate,
+        st.collate(model),
         c,
         device,
         seed=int(cfg.seed),
-        evaluate=lambda: held_out_loss(model, val, device, int(c.batch_size)),
+        evaluate=lambda: st.held_out(model, val, device, int(c.batch_size)),
         on_improve=save,
         state_file=out / STATE_FILE,
         resume=resume,

@@ -47,7 +47,8 @@ def test_wheel_installs_and_runs_unactivated(tmp_path):
     work = tmp_path / "elsewhere"
     work.mkdir()
     env = {**os.environ, "PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1"}
-    env.pop("VIRTUAL_ENV", None)
+    for var in ("VIRTUAL_ENV", "PYTHONPATH"):  # a fresh user's shell has neither
+        env.pop(var, None)
     assert shutil.which("flwr-simulation", path=env["PATH"]) is None
     where = _run([py, "-c", "import fedclif; print(fedclif.__file__)"], work, env)
     assert where.startswith(str(venv)), where
