@@ -219,7 +219,7 @@ class Study:
         }
         for i, (lane, sites, _) in enumerate(jobs):
             # The lane's own run directory: evaluation writes nothing there.
-            runs[i] = run = self._run(lane.run.out.name, sites, lane.run.fed)
+            runs[i] = run = self._run(lane.run.out.name, sites, lane.run.config)
             pending = run.begin_evaluate(
                 lane.stage, lane.tok, lane.weights, None, split[i], lane.probes
             )
