@@ -12,11 +12,11 @@ from fedclif.client.loop import fit, pick_device
 from fedclif.client.stage import STAGES
 from fedclif.shared.artifact import write_json
 from fedclif.shared.models import (
-    build_model,
     is_checkpoint,
     load_model,
     save_model,
-    seed_everything,
+    setup,
+    stage_model,
 )
 from fedclif.shared.sequences import SiteData
 
@@ -46,10 +46,9 @@ def pretrain(
     if resume and is_checkpoint(out):
         model, _ = load_model(out)
         model.check_data(data.tok.hash, data.path, out)
-    else:
-        seed_everything(int(cfg.seed))  # the same seed, the same initial weights
-        model = build_model(model_cfg, data.tok)
-    model.head.requires_grad_(False)  # unused by the LM loss; it is not trained or sent
+        setup(model, cfg, "pretrain")  # the head is unused by the LM loss: not trained
+    else:  # the same seed, the same initial weights
+        model = stage_model(model_cfg, data.tok, cfg, "pretrain", seed=int(cfg.seed))
     c, st = cfg.pretrain, STAGES["pretrain"]
     train, val = st.examples(data, "train", cfg), st.examples(data, "val", cfg)
     pad = model.lm.config.pad_token_id

@@ -102,9 +102,10 @@ class Study:
                     "seed": seed,
                     "split": {"train_fraction": fraction},
                     "finetune": {"tasks": list(c.tasks)},
-                    stage: {"max_steps": steps},
                 },
             },
+            # Its own layer: `stage` may be "finetune", a key the layer above has too.
+            {"train": {stage: {"max_steps": steps}}},
         )
 
     def _run(self, name: str, sites: list[str], fed: DictConfig) -> FederatedRun:

@@ -92,6 +92,12 @@ def test_study_train_settings_override_the_federation_defaults(tmp_path):
     cfg = load_study(None, "default", [])
     fed = Study(None, cfg, tmp_path)._fed(["target"], 0, "finetune", 100, 1, 0.25)
     assert fed.federation.rounds.finetune == 1 and fed.model.arch == "llama"
+    # A finetuning job keeps the study's tasks beside its step budget (both under
+    # train.finetune: one once replaced the other).
+    quick = load_study(None, "quick", [])
+    job = Study(None, quick, tmp_path)._fed(["target"], 0, "finetune", 30, 1, 0.05)
+    assert list(job.train.finetune.tasks) == list(quick.study.tasks) == ["death", "long_los"]
+    assert job.train.finetune.max_steps == 30
     ft = fed.train.finetune
     assert ft.schedule == cfg.train.finetune.schedule == "cosine"
     assert (ft.max_steps, ft.context, fed.train.split.train_fraction) == (100, 128, 0.25)

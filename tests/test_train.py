@@ -13,7 +13,7 @@ from transformers import AutoModel
 from fedclif.cli import main
 from fedclif.client.local import evaluate_round, train_round
 from fedclif.client.pretrain import STATE_FILE
-from fedclif.shared.config import load_config
+from fedclif.shared.config import load_config, load_tree
 from fedclif.shared.errors import FedclifError
 from fedclif.shared.labels import TASKS, usable
 from fedclif.shared.models import (
@@ -57,6 +57,29 @@ def pretrained(demo_tokens, tmp_path_factory):
 def batch_of(data, n=6, context=128):
     ds = Prompted(data, "test", ["death", "long_los"], context)
     return pad_collate(data.tok.index["PAD"])([ds[i] for i in range(n)])
+
+
+def test_transformers_loads_the_whole_trained_model(pretrained, demo_tokens):
+    """`AutoModel.from_pretrained(ckpt)` is the model fedclif trained (EHR embeddings and
+    head included): the same held-out loss, well below the unigram entropy (a backbone
+    without its EHR embeddings scored worse than that)."""
+    from fedclif.client.stage import STAGES
+
+    cfg = train_cfg()
+    data = load_site_data(demo_tokens, cfg.split, full=True)
+    blocks = STAGES["pretrain"].examples(data, "test", cfg)
+    ours, _ = load_model(pretrained)
+    auto = AutoModel.from_pretrained(pretrained)
+    assert isinstance(auto, EHRModel) and auto.ehr is not None
+    losses = [
+        STAGES["pretrain"].held_out(m.eval(), blocks, torch.device("cpu"), 8) for m in (ours, auto)
+    ]
+    assert losses[0] == losses[1]
+    entropy = json.loads((pretrained / "metrics.json").read_text())["unigram_entropy"]
+    assert losses[1] < entropy - 0.5
+    # The run's resolved settings sit beside it.
+    resolved = load_tree(("train", "model"), (), pretrained / "resolved.yaml")
+    assert resolved.train.pretrain.max_steps == 80 and resolved.model.size == "tiny"
 
 
 def test_pretraining_loss_falls_well_below_unigram_entropy(pretrained):

@@ -72,6 +72,7 @@ def test_wheel_installs_and_runs_unactivated(tmp_path):
     r = json.loads((work / "fed" / "results.json").read_text())
     assert [h["round"] for h in r["rounds"]] == [1] and set(r["rounds"][0]["sites"]) == {"a", "b"}
     assert (work / "fed" / "model" / "config.json").is_file()
+    assert "pretrain: 1" in (work / "fed" / "resolved.yaml").read_text()
 
 
 def _version(dist: str) -> str:

@@ -1,0 +1,66 @@
+"""The one config grammar (shared/config.py): sections, layers in a fixed order, typos as
+errors, and a run's resolved tree that can be given back as --config."""
+
+import pytest
+from omegaconf import OmegaConf
+
+from fedclif.shared.config import load_tree, write_resolved
+from fedclif.shared.errors import FedclifError
+from fedclif.shared.federation import load_federation
+from fedclif.simulations.commands import load_study
+
+
+def test_layers_apply_in_order_and_the_command_line_wins(tmp_path):
+    # configs/train.yaml says cosine; a federated run's layer says constant (short rounds).
+    assert load_tree(("train",)).train.pretrain.schedule == "cosine"
+    assert load_federation().train.pretrain.schedule == "constant_with_warmup"
+    f = tmp_path / "mine.yaml"
+    f.write_text("train: {pretrain: {schedule: linear, lr: 0.5}}\nfederation: {min_sites: 3}\n")
+    cfg = load_federation(f, ["train.pretrain.lr=0.25"])
+    assert cfg.train.pretrain.schedule == "linear" and cfg.train.pretrain.lr == 0.25
+    assert cfg.federation.min_sites == 3
+    # The study's layer sits over the federated run's: its finetuning decays (cosine).
+    study = load_study(None, "quick", ["train.finetune.lr=0.01"])
+    assert study.train.finetune.schedule == "cosine" and study.train.finetune.lr == 0.01
+    assert study.train.pretrain.context == 128  # the quick profile's
+    assert study.model.arch == "llama" and study.model.size == "tiny"
+
+
+def test_model_size_picks_the_file_and_arch_overrides_it():
+    cfg = load_tree(("model",), (), None, ["model.size=small", "model.arch=llama"])
+    assert cfg.model.size == "small" and cfg.model.arch == "llama"
+    assert (
+        cfg.model.shapes.mamba2.hidden_size > load_tree(("model",)).model.shapes.mamba2.hidden_size
+    )
+    with pytest.raises(FedclifError, match=r"unknown model\.size 'huge'"):
+        load_tree(("model",), (), None, ["model.size=huge"])
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["pretrain.lr=1"], "unknown section"),  # no section
+        (["train.pretrain.lrr=1"], "lrr"),  # a typo
+        (["federation.rounds.pretrain=2"], r"settings must start with one of: train\."),
+        (["train.pretrain.lr"], "section.key=value"),
+    ],
+)
+def test_bad_settings_are_errors(overrides, message):
+    with pytest.raises(FedclifError, match=message):
+        load_tree(("train",), (), None, overrides)
+
+
+def test_a_typo_in_a_file_names_the_file(tmp_path):
+    f = tmp_path / "bad.yaml"
+    f.write_text("train: {finetune: {epochz: 3}}\n")
+    with pytest.raises(FedclifError, match=r"bad\.yaml.*epochz"):
+        load_tree(("train",), (), f)
+
+
+def test_the_resolved_tree_comes_back_as_a_config(tmp_path):
+    cfg = load_federation(None, ["train.finetune.peft=lora", "federation.strategy.name=fedprox",
+                                 "federation.strategy.options.proximal_mu=0.1"])  # fmt: skip
+    path = write_resolved(cfg, tmp_path)
+    assert path.name == "resolved.yaml"
+    assert load_federation(path) == cfg
+    assert OmegaConf.to_container(load_federation(path)) == OmegaConf.to_container(cfg)
