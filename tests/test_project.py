@@ -18,6 +18,7 @@ def run_module(*args: str) -> str:
 
 def test_ruff_clean():
     run_module("ruff", "check", str(ROOT))
+    run_module("ruff", "format", "--check", str(ROOT))
 
 
 def test_tokenize_bench_quick_profile():
