@@ -164,11 +164,11 @@ def _model(msg: Message, node: Node, full_data: bool):
     # head travel), full finetuning sends every weight that matters and may go without.
     if stage == "finetune" and (str(c["base_id"]) or uses_lora(cfg)):
         base_file = node.work / f"base-{c['base_id']}.safetensors"
-        if BASE in msg.content.array_records:
-            base = from_record(msg.content[BASE])
-            if weights_id(base) != str(c["base_id"]):
+        if BASE in msg.content.array_records:  # sent once per run: kept at the site
+            received = from_record(msg.content[BASE])
+            if weights_id(received) != str(c["base_id"]):
                 raise SiteRefusal("missing_base", "the base received does not match its id")
-            save_file(base, str(base_file))
+            save_file(received, str(base_file))
         if not base_file.is_file():
             raise SiteRefusal("missing_base", "the pretrained base was never received")
         base = load_file(str(base_file))

@@ -9,6 +9,7 @@ whole model, EHR embeddings and head included. A LoRA finetune saves only `adapt
 (peft), the head and `fedclif.json`, which points to its base checkpoint.
 """
 
+import json
 import math
 import random
 import warnings
@@ -268,9 +269,16 @@ def n_params(model: nn.Module, trainable: bool = False) -> int:
 
 
 def is_checkpoint(path: str | Path) -> bool:
-    """A fedclif checkpoint: a whole model (config.json) or a LoRA finetune (fedclif.json)."""
+    """A fedclif checkpoint: a whole model (a config.json of ours) or a LoRA finetune
+    (fedclif.json)."""
     path = Path(path)
-    return (path / "config.json").is_file() or (path / META).is_file()
+    if (path / META).is_file():
+        return True
+    try:
+        config = json.loads((path / "config.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(config, dict) and config.get("model_type") == EHRConfig.model_type
 
 
 def save_model(
@@ -311,7 +319,8 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[EH
     path = Path(path)
     if not is_checkpoint(path):
         raise FedclifError(
-            f"{path} is not a fedclif checkpoint (no config.json); "
+            f"{path} is not a fedclif checkpoint (no config.json of a {EHRConfig.model_type} "
+            "model); "
             "make one with `fedclif train pretrain`"
         )
     if not (path / META).is_file():

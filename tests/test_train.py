@@ -8,7 +8,7 @@ import polars as pl
 import pytest
 import torch
 from peft import PeftModel
-from transformers import AutoModel
+from transformers import AutoModel, LlamaConfig, LlamaForCausalLM
 
 from fedclif.cli import main
 from fedclif.client.local import evaluate_round, train_round
@@ -335,3 +335,12 @@ def test_bad_training_input_is_refused(demo_tokens, pretrained, tmp_path, capsys
     with pytest.raises(FedclifError, match="unknown task"):
         Prompted(load_site_data(demo_tokens, train_cfg().split), "train", ["death", "coma"], 64)
     assert pl.read_parquet(demo_tokens / "labels.parquet").height == 272
+    # A Hugging Face model that is not a fedclif one is refused by name, not a traceback.
+    plain = tmp_path / "plain-llama"
+    shape = {"hidden_size": 16, "num_hidden_layers": 1, "num_attention_heads": 2}
+    LlamaForCausalLM(LlamaConfig(vocab_size=32, intermediate_size=32, **shape)).save_pretrained(
+        plain
+    )
+    ft = ["train", "finetune", "--data", str(demo_tokens), "--from", str(plain)]
+    assert main([*ft, "--out", str(tmp_path / "ft")]) == 1
+    assert "is not a fedclif checkpoint" in capsys.readouterr().err
