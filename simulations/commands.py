@@ -37,8 +37,8 @@ def load_study(path: str | None, profile: str, overrides: Sequence[str]) -> Dict
     profiles = base.study.profiles
     if profile not in profiles:
         raise FedclifError(f"unknown profile {profile!r}; choose from {', '.join(profiles)}")
-    layers = [*profiles[profile], *overrides]
-    cfg = load_tree(STUDY_SECTIONS, STUDY_LAYERS, path, layers, OPEN_KEYS)
+    settings = [*profiles[profile], *overrides]
+    cfg = load_tree(STUDY_SECTIONS, STUDY_LAYERS, path, settings, OPEN_KEYS)
     s = cfg.study
     if not s.fractions or not all(0 < float(f) <= 1 for f in s.fractions):
         raise FedclifError(f"study.fractions must lie in (0, 1], got {list(s.fractions)}")
@@ -99,7 +99,6 @@ def cmd_simulate(args: argparse.Namespace) -> int:
 
 def cmd_synth(args: argparse.Namespace) -> int:
     """Write a synthetic site, or (`synth compare DIR`) compare one with a reference."""
-
     words = [w for w in args.words if "=" not in w]
     if words and words[0] == "compare":
         if len(words) != 2 or not args.reference:
