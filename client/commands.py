@@ -15,6 +15,7 @@ from fedclif.shared.clif.site import load_site
 from fedclif.shared.config import RESOLVED, add_arguments, load_config, load_tree, write_resolved
 from fedclif.shared.errors import FedclifError
 from fedclif.shared.flower import flower_env
+from fedclif.shared.keys import write_site_keys
 from fedclif.shared.ui import console, out, progress, step
 
 TRAIN_FILES = (RESOLVED, "fedclif.json", "train_state.pt", "metrics.json", "probe.json")
@@ -180,8 +181,18 @@ def cmd_serve(args: argparse.Namespace) -> int:
     os.execve(cmd[0], cmd, flower_env())
 
 
+def cmd_keygen(args: argparse.Namespace) -> int:
+    """The site's authentication key pair, made at the site: the private key never leaves."""
+    private, public = write_site_keys(args.out)
+    out.print(f"wrote {private} (private, mode 600: it stays here) and {public}")
+    out.print(f"next: send {public} to the coordinator (`fedclif site register`)")
+    return 0
+
+
 def register(sub, groups: dict, add: Callable) -> None:
     """Add the training commands and `site serve` to the `fedclif` parser."""
+    p = add(groups["site"], "keygen", cmd_keygen, "make this site's key pair (site.key stays)")
+    p.add_argument("--out", required=True, help="directory for site.key and site.pub")
     p = add(groups["site"], "serve", cmd_serve, "the site daemon: a SuperNode next to the data")
     p.add_argument("--data", required=True, help="the site's CLIF directory")
     p.add_argument("--superlink", required=True, help="HOST:PORT of the coordinator")

@@ -24,14 +24,15 @@ from fedclif.shared.ui import console, out
 
 
 def cmd_init(args: argparse.Namespace) -> int:
-    sites = [s.strip() for s in args.sites.split(",") if s.strip()]
-    paths = init_pki(args.out, sites, args.hosts.split(","))
+    dev = [s.strip() for s in (args.dev_site_keys or "").split(",") if s.strip()]
+    paths = init_pki(args.out, args.hosts.split(","), dev)
     out.print(f"wrote a development CA and server certificate to {args.out}")
     for s, d in paths.items():
-        out.print(f"  site {s}: give {d / 'site.key'} and {d / 'ca.crt'} to its IT team")
+        out.print(f"  test site {s}: {d / 'site.key'} (a coordinator-made key: tests only)")
     out.print(
-        "next: fedclif coordinator start --dir DIR, then "
-        "fedclif site register --key DIR/sites/<name>/site.pub --name <name> ..."
+        f"next: give {Path(args.out) / 'ca.crt'} to every site; each runs `fedclif site "
+        "keygen` and sends you its site.pub; then fedclif coordinator start --dir DIR and "
+        "fedclif site register --key site.pub --name <name> ..."
     )
     return 0
 
@@ -88,9 +89,14 @@ def register(sub, groups: dict, add: Callable) -> None:
 
     co = add(sub, "coordinator", None, "run the federation's SuperLink")
     csub = co.add_subparsers(dest="coordinator_command", required=True)
-    p = add(csub, "init", cmd_init, "development CA, server certificate, one key pair per site")
+    p = add(csub, "init", cmd_init, "development CA and server certificate")
     p.add_argument("--out", required=True)
-    p.add_argument("--sites", required=True, help="comma-separated site names")
+    p.add_argument(
+        "--dev-site-keys",
+        metavar="NAMES",
+        help="local tests only: also make these sites' key pairs here (a coordinator that "
+        "holds a site's private key can impersonate it; real sites run `site keygen`)",
+    )
     p.add_argument("--hosts", default="localhost,127.0.0.1", help="names the server cert covers")
     p = add(csub, "start", cmd_start, "flower-superlink with TLS, site authentication, a database")
     p.add_argument("--dir", required=True, help="the coordinator init directory")

@@ -37,8 +37,14 @@ class Loopback(Processes):
         return r
 
     def init(self, extra_sites: list[str] = ()) -> None:
-        sites = ",".join([*self.sites, *extra_sites])
-        self.fedclif("coordinator", "init", "--out", str(self.root / "pki"), "--sites", sites)
+        """The coordinator's PKI, and each site's key pair made at the site (`site
+        keygen` into root/keys-<site>)."""
+        self.fedclif("coordinator", "init", "--out", str(self.root / "pki"))
+        for s in [*self.sites, *extra_sites]:
+            self.fedclif("site", "keygen", "--out", str(self.keys(s)))
+
+    def keys(self, site: str) -> Path:
+        return self.root / f"keys-{site}"
 
     def start_superlink(self, name: str = "superlink") -> None:
         pki = str(self.root / "pki")
@@ -47,15 +53,14 @@ class Loopback(Processes):
         wait_for(lambda: "Uvicorn running" in self.log(name), 60, "the SuperLink")
 
     def register(self, site: str) -> None:
-        key = str(self.root / "pki" / "sites" / site / "site.pub")
+        key = str(self.keys(site) / "site.pub")
         self.fedclif("site", "register", "--key", key, "--name", site,
                      "--superlink", self.link, "--ca", self.ca)  # fmt: skip
 
     def serve(self, site: str, data: Path, wait: bool = True) -> subprocess.Popen:
-        keys = self.root / "pki" / "sites" / site
         p = self.start(f"node-{site}", [
             *FEDCLIF, "site", "serve", "--data", str(data), "--superlink", self.link,
-            "--ca", str(keys / "ca.crt"), "--key", str(keys / "site.key"),
+            "--ca", self.ca, "--key", str(self.keys(site) / "site.key"),
             "--work-dir", str(self.root / f"work-{site}"), "--port", str(free_port()),
         ])  # fmt: skip
         if wait:

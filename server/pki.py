@@ -1,7 +1,7 @@
-"""A development PKI for a federation: a CA, the SuperLink's TLS certificate, and one
-authentication key pair per site (EC P-384 in OpenSSH format, what Flower's SuperNode
-authentication reads). Hospitals with a real PKI use their own CA-signed server
-certificate and keys instead (README: "For coordinators")."""
+"""A development PKI for a federation: a CA and the SuperLink's TLS certificate. Sites
+make their own authentication keys (`fedclif site keygen`); only for local tests does
+`dev_site_keys` make them here. Hospitals with a real PKI use their own CA-signed server
+certificate instead (README: "For coordinators")."""
 
 import datetime as dt
 import ipaddress
@@ -13,6 +13,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from fedclif.shared.errors import FedclifError
+from fedclif.shared.keys import write_private, write_site_keys
 
 DAYS = 365
 
@@ -30,9 +31,10 @@ def _pem_key(key: ec.EllipticCurvePrivateKey) -> bytes:
 
 
 def _write(path: Path, data: bytes, private: bool = False) -> None:
-    path.write_bytes(data)
     if private:
-        path.chmod(0o600)
+        write_private(path, data)
+    else:
+        path.write_bytes(data)
 
 
 def _cert(subject, issuer, public_key, signer, ca: bool, sans=None) -> x509.Certificate:
@@ -52,12 +54,15 @@ def _cert(subject, issuer, public_key, signer, ca: bool, sans=None) -> x509.Cert
     return b.sign(signer, hashes.SHA256())
 
 
-def init_pki(out: str | Path, sites: list[str], hosts: list[str]) -> dict[str, Path]:
-    """Write ca.crt/ca.key, server.crt/server.key (valid for `hosts`) and
-    sites/<name>/{site.key, site.pub, ca.crt}. Refuses to overwrite an existing PKI."""
+def init_pki(out: str | Path, hosts: list[str], dev_site_keys: list[str] = ()) -> dict[str, Path]:
+    """Write ca.crt/ca.key and server.crt/server.key (valid for `hosts`); refuses to
+    overwrite an existing PKI. `dev_site_keys` (local tests only: a coordinator holding a
+    site's private key can impersonate it) also writes sites/<name>/{site.key, site.pub,
+    ca.crt}."""
     out = Path(out)
     if (out / "ca.key").exists():
         raise FedclifError(f"{out} already holds a CA: use another --out or remove it first")
+    sites = list(dev_site_keys)
     bad = [s for s in sites if not s or not s.replace("-", "").replace("_", "").isalnum()]
     if bad or len(set(sites)) != len(sites):
         raise FedclifError(f"site names must be unique letters, digits, - or _; got {sites}")
@@ -86,23 +91,7 @@ def init_pki(out: str | Path, sites: list[str], hosts: list[str]) -> dict[str, P
     paths = {}
     for s in sites:
         d = out / "sites" / s
-        d.mkdir(parents=True)
-        key = ec.generate_private_key(ec.SECP384R1())
-        _write(
-            d / "site.key",
-            key.private_bytes(
-                serialization.Encoding.PEM,
-                serialization.PrivateFormat.OpenSSH,
-                serialization.NoEncryption(),
-            ),
-            private=True,
-        )
-        _write(
-            d / "site.pub",
-            key.public_key().public_bytes(
-                serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH
-            ),
-        )
+        write_site_keys(d)
         _write(d / "ca.crt", ca_pem)
         paths[s] = d
     return paths
