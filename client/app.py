@@ -3,9 +3,10 @@ data and tokenized timelines; only arrays, aggregate metrics and mergeable stati
 leave. A failure leaves as an error category (shared/federation.py ERRORS); its details
 stay in the site's work directory (`errors.log`).
 
-Node config (deployment: `flower-supernode --node-config`): `data-path` (the CLIF
-directory), optional `site-name`, `work-dir` (default: ~/.fedclif/<site-name>) and
-`dp-budget` (the most DP epsilon this site spends in one run). In simulation, node
+Node config (deployment: `flower-supernode --node-config`, written by `fedclif site
+serve`): `data-path` (the CLIF directory), `policy-path` (the site's policy, which also
+names its work directory: client/policy.py), optional `site-name` and `dp-budget` (the
+most DP epsilon this site spends in one run). In simulation, node
 `partition-id` k takes the k-th entry of the run config's `sites` (comma-separated).
 """
 
@@ -21,8 +22,8 @@ from flwr.clientapp import ClientApp
 from omegaconf import OmegaConf
 from safetensors.numpy import load_file, save_file
 
+from fedclif.client.policy import check_model, check_stats, check_training, load_policy, work_dir
 from fedclif.shared.clif.site import load_site
-from fedclif.shared.config import load_config
 from fedclif.shared.errors import FedclifError
 from fedclif.shared.federation import (
     ARRAYS,
@@ -45,22 +46,28 @@ app = ClientApp()
 
 
 class Node:
-    """This site as the node and run configs describe it."""
+    """This site as its node config and policy describe it. A deployed site (its node
+    config names its data) takes nothing from the run config: its policy file, its data
+    and its work directory are its own. A simulation's virtual site (partition k of the
+    run config's `sites`) runs under the packaged default policy, its files under the run
+    config's `work-root` (the researcher's own machine)."""
 
     def __init__(self, context: Context):
         nc, rc = context.node_config, context.run_config
         if "data-path" in nc:
-            data = Path(str(nc["data-path"]))
+            self.data = Path(str(nc["data-path"]))
+            self.name = str(nc.get("site-name", self.data.name))
+            self.policy = load_policy(str(nc["policy-path"]) if "policy-path" in nc else None)
+            self.work = work_dir(self.policy, self.name)
         elif "partition-id" in nc and "sites" in rc:
             paths = [p for p in str(rc["sites"]).split(",") if p]
-            data = Path(paths[int(nc["partition-id"])])
+            self.data = Path(paths[int(nc["partition-id"])])
+            self.name = self.data.name
+            self.policy = load_policy()
+            self.work = Path(str(rc["work-root"])) / self.name
+            self.work.mkdir(mode=0o700, parents=True, exist_ok=True)
         else:
             raise SiteRefusal("invalid_data", "no data-path in the node config")
-        self.data = data
-        self.name = str(nc.get("site-name", data.name))
-        default_work = Path(str(rc.get("work-root", Path.home() / ".fedclif"))) / self.name
-        self.work = Path(str(nc.get("work-dir", default_work)))
-        self.work.mkdir(parents=True, exist_ok=True)
         self.dp_budget = float(nc["dp-budget"]) if "dp-budget" in nc else None
         self.run_id = context.run_id
 
@@ -74,7 +81,7 @@ class Node:
 
     def site(self):
         """The site's CLIF data, read and checked."""
-        return load_site(self.data, load_config("site"))
+        return load_site(self.data, self.policy.site)
 
 
 def _category(e: BaseException) -> str:
@@ -101,7 +108,10 @@ def guarded(fn):
                 log = Node(context).work / "errors.log"
                 with log.open("a") as f:
                     f.write(f"--- {msg.metadata.message_type} ({cat})\n{traceback.format_exc()}")
-            return Message(Error(code=ERROR_CODE[cat], reason=cat), reply_to=msg)
+            # A policy refusal names the rule and the values compared (the request's and
+            # the site's own), never data; anything else leaves as its category alone.
+            reason = str(e) if cat == "policy" else cat
+            return Message(Error(code=ERROR_CODE[cat], reason=reason), reply_to=msg)
 
     return handler
 
@@ -122,6 +132,7 @@ def info(msg: Message, context: Context) -> Message:
 def stats(msg: Message, context: Context) -> Message:
     node = Node(context)
     tok_cfg = OmegaConf.create(json.loads(str(msg.content[CONFIG]["tokenizer"])))
+    check_stats(tok_cfg.stats, node.policy)
     s = site_stats(node.site(), tok_cfg)
     return _reply(msg, **{STATS: ConfigRecord({"json": json.dumps(s), "site": node.name})})
 
@@ -148,13 +159,14 @@ def _model(msg: Message, node: Node, full_data: bool):
     """The model of this round's stage with the global weights in, and the site's data."""
     # Imported here: each message runs in a fresh process, and statistics and tokenizing
     # need none of torch, transformers or peft (seconds of imports per message).
-    from fedclif.shared.models import quiet_transformers, stage_model, uses_lora
+    from fedclif.shared.models import n_params, quiet_transformers, stage_model, uses_lora
     from fedclif.shared.sequences import load_site_data
 
     quiet_transformers()
     c = msg.content[CONFIG]
     stage = str(c["stage"])
     cfg = OmegaConf.create(str(c["train"]))
+    check_training(cfg, node.policy)
     tokens = node.tokens(str(c["tokenizer_hash"]))
     if not (tokens / MANIFEST).is_file():
         raise SiteRefusal("tokenizer_mismatch", f"no timelines for tokenizer {tokens.name}")
@@ -174,7 +186,9 @@ def _model(msg: Message, node: Node, full_data: bool):
         base = load_file(str(base_file))
     model_cfg = OmegaConf.create(json.loads(str(c["model"])))
     weights = from_record(msg.content[ARRAYS])
-    return stage_model(model_cfg, data.tok, cfg, stage, base, weights), data, cfg, stage
+    model = stage_model(model_cfg, data.tok, cfg, stage, base, weights)
+    check_model(n_params(model), len(data.tok.vocab), node.policy)
+    return model, data, cfg, stage
 
 
 def _spend(node: Node, cfg, budget: float) -> float:

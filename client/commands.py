@@ -11,8 +11,10 @@ from omegaconf import DictConfig
 from rich.table import Table
 
 from fedclif.client.daemon import supernode_command
+from fedclif.client.policy import SECTIONS as POLICY_SECTIONS
+from fedclif.client.policy import load_policy, work_dir, write_policy
 from fedclif.shared.clif.site import load_site
-from fedclif.shared.config import RESOLVED, add_arguments, load_config, load_tree, write_resolved
+from fedclif.shared.config import RESOLVED, add_arguments, load_tree, write_resolved
 from fedclif.shared.errors import FedclifError
 from fedclif.shared.flower import flower_env
 from fedclif.shared.keys import write_site_keys
@@ -168,17 +170,26 @@ def cmd_forecast(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    """Check the site's data, then become its SuperNode (the site daemon)."""
-    cmd = supernode_command(
-        Path(args.data), args.superlink, Path(args.ca), Path(args.key),
-        args.name or Path(args.data).resolve().name,
-        Path(args.work_dir) if args.work_dir else None, args.port, args.dp_budget,
-    )  # fmt: skip
+    """Check the site's policy and data, then become its SuperNode (the site daemon)."""
+    name = args.name or Path(args.data).resolve().name
+    policy = load_policy(args.policy)
+    cmd = supernode_command(Path(args.data), args.superlink, Path(args.ca), Path(args.key),
+                            name, Path(args.policy), args.port, args.dp_budget)  # fmt: skip
     with step(f"checking {args.data}"):
-        load_site(args.data, load_config("site"))  # a broken export fails here, not mid-run
-    console.print(f"serving {args.data} to {args.superlink}: only arrays and aggregates leave")
+        load_site(args.data, policy.site)  # a broken export fails here, not mid-run
+    console.print(
+        f"serving {args.data} to {args.superlink} under {args.policy} (work directory "
+        f"{work_dir(policy, name)}): only what the policy allows leaves"
+    )
     # The SuperNode replaces this process: signals reach it directly.
     os.execve(cmd[0], cmd, flower_env())
+
+
+def cmd_policy_init(args: argparse.Namespace) -> int:
+    """Write the site's policy file: the defaults, commented, for the site to review."""
+    path = write_policy(args.dir, args.overrides)
+    out.print(f"wrote {path}: review it, then `fedclif site serve --policy {path} ...`")
+    return 0
 
 
 def cmd_keygen(args: argparse.Namespace) -> int:
@@ -191,6 +202,11 @@ def cmd_keygen(args: argparse.Namespace) -> int:
 
 def register(sub, groups: dict, add: Callable) -> None:
     """Add the training commands and `site serve` to the `fedclif` parser."""
+    policy = add(groups["site"], "policy", None, "the site's policy: what may leave")
+    psub = policy.add_subparsers(dest="policy_command", required=True)
+    p = add(psub, "init", cmd_policy_init, "write DIR/policy.yaml (the defaults, commented)")
+    p.add_argument("dir")
+    add_arguments(p, POLICY_SECTIONS, "policy.stats.min_cell_count=20 site.timezone=UTC")
     p = add(groups["site"], "keygen", cmd_keygen, "make this site's key pair (site.key stays)")
     p.add_argument("--out", required=True, help="directory for site.key and site.pub")
     p = add(groups["site"], "serve", cmd_serve, "the site daemon: a SuperNode next to the data")
@@ -199,7 +215,9 @@ def register(sub, groups: dict, add: Callable) -> None:
     p.add_argument("--ca", required=True, help="CA certificate (ca.crt from the coordinator)")
     p.add_argument("--key", required=True, help="this site's private key (site.key)")
     p.add_argument("--name", help="site name (default: the data directory's name)")
-    p.add_argument("--work-dir", help="where tokens, logs live (default: ~/.fedclif/<name>)")
+    p.add_argument(
+        "--policy", required=True, help="the site's policy file (`fedclif site policy init`)"
+    )
     p.add_argument("--dp-budget", type=float, help="most DP epsilon this site spends per run")
     p.add_argument("--port", type=int, default=9094, help="local SuperNode API port")
 

@@ -13,18 +13,20 @@ def supernode_command(
     ca: Path,
     key: Path,
     name: str,
-    work_dir: Path | None,
+    policy: Path,
     port: int,
     dp_budget: float | None,
 ) -> list[str]:
     """`flower-supernode` for one site: TLS to the SuperLink, its authentication key, and
-    the site's data path in its node config."""
+    the site's data and policy paths in its node config."""
     for f, what in ((data, "CLIF directory"), (ca, "CA certificate"), (key, "site key")):
         if not f.exists():
             raise FedclifError(f"{what} {f} not found")
-    cfg = {"data-path": str(data.resolve()), "site-name": name}
-    if work_dir is not None:
-        cfg["work-dir"] = str(work_dir.resolve())
+    cfg = {
+        "data-path": str(data.resolve()),
+        "site-name": name,
+        "policy-path": str(policy.resolve()),
+    }
     if dp_budget is not None:
         cfg["dp-budget"] = dp_budget
     node_config = " ".join(

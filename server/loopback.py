@@ -37,14 +37,17 @@ class Loopback(Processes):
         return r
 
     def init(self, extra_sites: list[str] = ()) -> None:
-        """The coordinator's PKI, and each site's key pair made at the site (`site
-        keygen` into root/keys-<site>)."""
+        """The coordinator's PKI, and what each site makes for itself in root/site-<name>:
+        its key pair (`site keygen`) and its policy (`site policy init`, the defaults
+        with its work directory root/work-<name>)."""
         self.fedclif("coordinator", "init", "--out", str(self.root / "pki"))
         for s in [*self.sites, *extra_sites]:
-            self.fedclif("site", "keygen", "--out", str(self.keys(s)))
+            self.fedclif("site", "keygen", "--out", str(self.site_dir(s)))
+            self.fedclif("site", "policy", "init", str(self.site_dir(s)),
+                         f"policy.work_dir={self.root / f'work-{s}'}")  # fmt: skip
 
-    def keys(self, site: str) -> Path:
-        return self.root / f"keys-{site}"
+    def site_dir(self, site: str) -> Path:
+        return self.root / f"site-{site}"
 
     def start_superlink(self, name: str = "superlink") -> None:
         pki = str(self.root / "pki")
@@ -53,15 +56,15 @@ class Loopback(Processes):
         wait_for(lambda: "Uvicorn running" in self.log(name), 60, "the SuperLink")
 
     def register(self, site: str) -> None:
-        key = str(self.keys(site) / "site.pub")
+        key = str(self.site_dir(site) / "site.pub")
         self.fedclif("site", "register", "--key", key, "--name", site,
                      "--superlink", self.link, "--ca", self.ca)  # fmt: skip
 
     def serve(self, site: str, data: Path, wait: bool = True) -> subprocess.Popen:
         p = self.start(f"node-{site}", [
             *FEDCLIF, "site", "serve", "--data", str(data), "--superlink", self.link,
-            "--ca", self.ca, "--key", str(self.keys(site) / "site.key"),
-            "--work-dir", str(self.root / f"work-{site}"), "--port", str(free_port()),
+            "--ca", self.ca, "--key", str(self.site_dir(site) / "site.key"),
+            "--policy", str(self.site_dir(site) / "policy.yaml"), "--port", str(free_port()),
         ])  # fmt: skip
         if wait:
             wait_for(lambda: "SuperNode ID" in self.log(f"node-{site}"), 60, f"site {site}")

@@ -19,7 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 from fedclif.server.checkpoint import load_checkpoint, restore_strategy, save_checkpoint
 from fedclif.server.checks import update_problem
 from fedclif.shared.artifact import write_json
-from fedclif.shared.config import load_config, write_resolved
+from fedclif.shared.config import write_resolved
 from fedclif.shared.errors import FedclifError
 from fedclif.shared.federation import (
     ARRAYS,
@@ -95,7 +95,7 @@ def _bytes(records) -> int:
 
 class FederatedRun:
     """Drives one run of `config` (the tree of shared/federation.py `load_federation`:
-    its `federation`, `train` and `model` sections). `out` receives tokenizer.json,
+    its `federation`, `tokenizer`, `train` and `model` sections). `out` receives tokenizer.json,
     checkpoint/, results.json and, for a whole run, resolved.yaml."""
 
     def __init__(
@@ -159,7 +159,10 @@ class FederatedRun:
             if r.has_error():
                 code = r.error.code
                 name = ERRORS.get(code) or FLOWER_ERRORS.get(code, "internal")
-                failed.append({"site": self._site(node), "error": name})
+                failure = {"site": self._site(node), "error": name}
+                if name == "policy":  # the site names the rule its policy applied
+                    failure["reason"] = str(r.error.reason)
+                failed.append(failure)
             else:
                 ok.append(r)
         failed += [
@@ -168,7 +171,7 @@ class FederatedRun:
             if m.metadata.dst_node_id not in answered
         ]
         for f in failed:
-            log.warning("%s: site %s failed (%s)", what, f["site"], f["error"])
+            log.warning("%s: site %s failed (%s)", what, f["site"], f.get("reason", f["error"]))
         return ok, failed
 
     def _audit(self, reply: Message, what: str) -> None:
@@ -216,7 +219,7 @@ class FederatedRun:
 
     def collect_stats(self) -> dict[str, dict]:
         """Every site's mergeable statistics, by site name."""
-        tok_cfg = load_config("tokenizer")
+        tok_cfg = self.config.tokenizer
         content = RecordDict(
             {CONFIG: ConfigRecord({"tokenizer": json.dumps(OmegaConf.to_container(tok_cfg))})}
         )
@@ -257,7 +260,7 @@ class FederatedRun:
         """Every site's mergeable statistics -> one tokenizer -> every site tokenizes."""
         if self.fed.statistics:
             tok = fit_tokenizer(
-                merge_stats(list(self.collect_stats().values())), load_config("tokenizer")
+                merge_stats(list(self.collect_stats().values())), self.config.tokenizer
             )
         else:
             tok = Tokenizer.load(self.fed.tokenizer)

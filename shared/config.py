@@ -1,7 +1,7 @@
 """The one config grammar. Every command works on one tree of sections (`site`,
-`tokenizer`, `train`, `model`, `federation`, `study`) and takes `section.key=value`
-overrides and `--config FILE` (a YAML of the same sections) against it. The tree is built
-from packaged defaults in this order, each layer over the last:
+`tokenizer`, `train`, `model`, `federation`, `study`, and a site's `policy`) and takes
+`section.key=value` overrides and `--config FILE` (a YAML of the same sections) against
+it. The tree is built from packaged defaults in this order, each layer over the last:
 
 1. each section's defaults: `configs/<section>.yaml` (the model's: `configs/model/<size>.yaml`,
    `model.size` picks it);
@@ -31,7 +31,7 @@ from fedclif.shared.errors import FedclifError
 # checkout installed editable and in a wheel.
 CONFIG_DIR = Path(str(files("fedclif") / "configs"))
 # Sections whose defaults are one file of configs/ (the model's: one file per size).
-SECTION_FILES = ("site", "tokenizer", "train")
+SECTION_FILES = ("site", "tokenizer", "train", "policy")
 DEFAULT_MODEL = "tiny"
 RESOLVED = "resolved.yaml"
 

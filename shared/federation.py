@@ -29,6 +29,7 @@ ERRORS = {
     103: "dp_budget_exhausted",  # the round would spend more epsilon than the site allows
     104: "missing_base",  # a LoRA round arrived before the site had the pretrained base
     105: "tokenizer_mismatch",
+    106: "policy",  # the request breaks the site's policy (the reason names the rule)
     199: "internal",
 }
 # Flower's own error replies (flwr.common.constant.ErrorCode), by what they mean here.
@@ -43,16 +44,18 @@ FLOWER_ERRORS = {
 ERROR_CODE = {name: code for code, name in ERRORS.items()}
 
 
-RUN_SECTIONS = ("federation", "train", "model")
+RUN_SECTIONS = ("federation", "tokenizer", "train", "model")
 RUN_LAYERS = ("federation/default",)
 # The Flower strategy's keyword arguments, checked when it is built.
 OPEN_KEYS = ("federation.strategy.options",)
 
 
 def load_federation(path: str | Path | None = None, overrides: Sequence[str] = ()) -> DictConfig:
-    """A federated run's config tree: `federation` (rounds, strategy, checks), `train`
-    (the sites' local rounds, configs/train.yaml under configs/federation/default.yaml)
-    and `model`; then a user file and `section.key=value` overrides."""
+    """A federated run's config tree: `federation` (rounds, strategy, checks),
+    `tokenizer` (what the run asks of the sites' statistics: each site's policy may
+    refuse), `train` (the sites' local rounds, configs/train.yaml under
+    configs/federation/default.yaml) and `model`; then a user file and
+    `section.key=value` overrides."""
     return load_tree(RUN_SECTIONS, RUN_LAYERS, path, overrides, OPEN_KEYS)
 
 

@@ -3,10 +3,11 @@
 A site's statistics are code counts and, per numeric code, counts on a fixed grid (values
 rounded to `sig_figs` significant digits). The grid is the same at every site and does
 not depend on the data, so histograms merge by adding counts, and quantiles of the
-merged histogram match quantiles of the pooled values to within one grid cell. Cells
-with fewer than `min_cell_count` values are rolled up to coarser rounding and finally
-dropped, so no single value leaves the site; free-text codes rarer than
-`min_open_code_count` stay home too.
+merged histogram match quantiles of the pooled values to within one grid cell. No count
+under `min_cell_count` leaves: cells with fewer values are rolled up to coarser rounding
+and finally dropped (so no single value leaves the site), rarer codes are dropped, the
+dropped totals are sent only when they reach it, and the number of stays is rounded down
+to a multiple of it. Free-text codes rarer than `min_open_code_count` stay home too.
 """
 
 from collections.abc import Sequence
@@ -72,8 +73,10 @@ def site_stats(site: Site, cfg: DictConfig) -> dict:
     rare_open = pl.col("code").str.contains(OPEN_SEP, literal=True) & (
         pl.col("n") < int(s.min_open_code_count)
     )
-    codes = codes.filter(~rare_open)
-    cells, dropped = _roll_up(cells, sig, int(s.min_cell_count))
+    min_cell = int(s.min_cell_count)
+    codes = codes.filter(~rare_open & (pl.col("n") >= min_cell))
+    cells, dropped = _roll_up(cells, sig, min_cell)
+    dropped = dropped.filter(pl.col("n") >= min_cell)
     rng = np.random.default_rng(int(s.seed))
     scale = float(s.noise_scale)
     codes = codes.sort("code").with_columns(_noisy(pl.col("n"), rng, codes.height, scale))
@@ -94,7 +97,7 @@ def site_stats(site: Site, cfg: DictConfig) -> dict:
         "version": VERSION,
         "clif_version": str(site.cfg.clif_version),
         "config": OmegaConf.to_container(s),
-        "n_stays": site.report.usable_stays if scale <= 0 else None,
+        "n_stays": site.report.usable_stays // min_cell * min_cell if scale <= 0 else None,
         "codes": dict(zip(codes["code"].to_list(), codes["n"].to_list(), strict=True)),
         "numeric": numeric,
     }

@@ -15,7 +15,6 @@ from omegaconf import DictConfig, OmegaConf
 
 from fedclif.server.run import FederatedRun, Pending, make_strategy
 from fedclif.shared.artifact import write_json
-from fedclif.shared.config import load_config
 from fedclif.shared.errors import FedclifError
 from fedclif.shared.federation import RUN_SECTIONS
 from fedclif.shared.models import get_weights
@@ -58,7 +57,7 @@ class Lane:
 
 class Study:
     """The study of `cfg` (the tree of simulations/commands.py `load_study`: its `study`
-    section, and the `federation`, `train` and `model` every job starts from)."""
+    section, and the `federation`, `tokenizer`, `train` and `model` every job starts from)."""
 
     def __init__(self, grid: Grid, cfg: DictConfig, out: str | Path):
         self.grid, self.cfg, self.out = grid, cfg, Path(out)
@@ -172,7 +171,7 @@ class Study:
         """Each arm's tokenizer: the source's own (source-only and its transfer), the
         target's own (target from scratch), all real sites' (federated and pooled: merged
         statistics fit the pooled data's tokenizer)."""
-        tok_cfg = load_config("tokenizer")
+        tok_cfg = self.cfg.tokenizer
         real = [s for s in (SOURCE, TARGET, THIRD) if s in self.nodes]
         toks = {
             SOURCE: fit_tokenizer(merge_stats([stats[SOURCE]]), tok_cfg),

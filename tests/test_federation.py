@@ -38,7 +38,7 @@ def federation(tmp_path_factory):
         # Large enough that every histogram cell the pooled fit uses also clears the
         # per-site minimum cell count (tiny sites lose cells to privacy roll-up).
         data[name] = root / "data" / name
-        write_site(load_preset(preset), 300, i + 1, data[name])
+        write_site(load_preset(preset), 600, i + 1, data[name])
     lb = Loopback(root, ["a", "b"])
     try:
         lb.init(extra_sites=["c"])
@@ -93,7 +93,14 @@ def test_server_tokenizer_equals_the_pooled_fit(federation, finished_run, tmp_pa
         merge_stats([site_stats(load_site(pooled, load_config("site")), tok_cfg)]), tok_cfg
     )
     fed_tok = Tokenizer.load(out / "tokenizer.json")
-    assert fed_tok.vocab == pooled_tok.vocab
+    # The same vocabulary, but for what no site may release: a code seen fewer than
+    # min_cell_count times at every site (each site's raw counts, computed here).
+    raw_cfg = load_config("tokenizer", overrides=["stats.min_cell_count=1"])
+    raw = [site_stats(load_site(data / s, load_config("site")), raw_cfg)["codes"] for s in "ab"]
+    missing = [t for t in pooled_tok.vocab if t not in set(fed_tok.vocab)]
+    assert set(fed_tok.vocab) <= set(pooled_tok.vocab)
+    assert all(max(r.get(t, 0) for r in raw) < tok_cfg.stats.min_cell_count for t in missing)
+    assert len(missing) <= 2, missing
     assert fed_tok.cuts.keys() == pooled_tok.cuts.keys()
     for k in fed_tok.cuts:  # the same bins; cut points from grid cells, within a few %
         np.testing.assert_allclose(fed_tok.cuts[k], pooled_tok.cuts[k], rtol=0.05)
@@ -156,6 +163,24 @@ def test_poisoned_and_malformed_updates_are_rejected():
     bad = {**current, "b": np.zeros(4, np.float32)}
     assert "shape" in update_problem(to_record(bad), cur, 10.0)
     assert from_record(cur).keys() == current.keys()
+
+
+def test_a_run_asking_for_finer_statistics_is_refused_by_every_site(federation):
+    """A hostile coordinator asks for every distinct value (cells of one, 15 digits):
+    each site's policy refuses before reading its data, and says which rule."""
+    lb = federation
+    before = {s: sorted(p.name for p in (lb.root / f"work-{s}").iterdir()) for s in "ab"}
+    out = lb.root / "hostile"
+    r = lb.fedclif("run", "--superlink", lb.link, "--ca", lb.ca, "--out", str(out),
+                   "tokenizer.stats.min_cell_count=1", "tokenizer.stats.sig_figs=15",
+                   "federation.timeout_s=120", check=False)  # fmt: skip
+    assert r.returncode == 1
+    for s in "ab":
+        log = (lb.root / f"work-{s}" / "errors.log").read_text()
+        assert "SiteRefusal: policy: min_cell_count 1 < 10" in log
+        after = sorted(p.name for p in (lb.root / f"work-{s}").iterdir())
+        assert after == sorted({*before[s], "errors.log"})  # nothing else written
+    assert not (out / "results.json").exists() and not (out / "tokenizer.json").exists()
 
 
 def test_killed_site_does_not_stop_the_run(federation, finished_run):

@@ -10,6 +10,7 @@ from flwr.app import Context, Message, MetricRecord, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 
 from fedclif.client.app import Node, _category, _spend
+from fedclif.client.policy import write_policy
 from fedclif.server.checkpoint import restore_strategy, strategy_state
 from fedclif.server.run import STRATEGIES, FederatedRun, make_strategy
 from fedclif.shared.errors import FedclifError
@@ -71,9 +72,10 @@ def test_fedadam_moments_survive_a_checkpoint():
 
 
 def _node(tmp_path, **node_config) -> Node:
-    ctx = Context(7, 1, {"data-path": str(tmp_path / "clif"), "work-dir": str(tmp_path / "w"),
-                         **node_config}, RecordDict(), {})  # fmt: skip
-    return Node(ctx)
+    """A deployed site's node: its data, and its policy naming its work directory."""
+    policy = write_policy(tmp_path / "site", [f"policy.work_dir={tmp_path / 'w'}"])
+    config = {"data-path": str(tmp_path / "clif"), "policy-path": str(policy), **node_config}
+    return Node(Context(7, 1, config, RecordDict(), {}))
 
 
 def test_site_refuses_rounds_beyond_its_dp_budget(tmp_path):

@@ -1,0 +1,90 @@
+"""The site's policy: what may leave this hospital, whatever a run asks. The site owns the
+file (sections `policy`, configs/policy.yaml, and `site`, configs/site.yaml); the
+coordinator's run config never changes it. Every request is checked against it before
+any data is read, and a request looser than a rule is refused with the category `policy`
+and the rule's name."""
+
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+
+from fedclif.shared.config import CONFIG_DIR, load_tree
+from fedclif.shared.errors import FedclifError
+from fedclif.shared.federation import SiteRefusal
+
+POLICY_FILE = "policy.yaml"
+SECTIONS = ("policy", "site")
+
+
+def load_policy(path: str | Path | None = None) -> DictConfig:
+    """The site's policy tree (`policy` and `site`); None: the packaged defaults (a
+    simulation's virtual sites)."""
+    if path is not None and not Path(path).is_file():
+        raise FedclifError(
+            f"no site policy at {path}: write one with `fedclif site policy init DIR`, "
+            "review it, and pass it to `fedclif site serve --policy`"
+        )
+    return load_tree(SECTIONS, (), path)
+
+
+def write_policy(out: str | Path, overrides: list[str] = ()) -> Path:
+    """DIR/policy.yaml: the packaged defaults with their comments (with `overrides`: the
+    resolved values instead). Never replaces a policy that is there."""
+    path = Path(out) / POLICY_FILE
+    if path.exists():
+        raise FedclifError(f"{path} exists: a site's policy is never overwritten")
+    if overrides:
+        text = "# A site policy (defaults, commented: `fedclif site policy init` alone).\n"
+        text += OmegaConf.to_yaml(load_tree(SECTIONS, (), None, overrides))
+    else:
+        text = "\n".join(
+            f"{section}:\n" + _indent((CONFIG_DIR / f"{section}.yaml").read_text())
+            for section in SECTIONS
+        )
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    return path
+
+
+def _indent(text: str) -> str:
+    return "".join(f"  {line}" if line.strip() else line for line in text.splitlines(True))
+
+
+def work_dir(policy: DictConfig, site_name: str) -> Path:
+    """The site's work directory (the policy's, else ~/.fedclif/<site name>), created
+    with mode 0700."""
+    path = Path(policy.policy.work_dir or Path.home() / ".fedclif" / site_name).expanduser()
+    path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    return path.resolve()
+
+
+def refuse(rule: str, asked, op: str, limit) -> None:
+    raise SiteRefusal("policy", f"policy: {rule} {asked} {op} {limit}")
+
+
+def check_stats(stats: DictConfig, policy: DictConfig) -> None:
+    """The statistics a run asks for are at least as coarse as the policy allows."""
+    p = policy.policy.stats
+    if int(stats.min_cell_count) < int(p.min_cell_count):
+        refuse("min_cell_count", stats.min_cell_count, "<", p.min_cell_count)
+    if int(stats.sig_figs) > int(p.max_sig_figs):
+        refuse("max_sig_figs", stats.sig_figs, ">", p.max_sig_figs)
+    if int(stats.min_open_code_count) < int(p.min_open_code_count):
+        refuse("min_open_code_count", stats.min_open_code_count, "<", p.min_open_code_count)
+
+
+def check_training(train: DictConfig, policy: DictConfig) -> None:
+    """The split a run asks for keeps test and validation sets large enough."""
+    p = policy.policy.splits
+    if float(train.split.test) < float(p.min_test):
+        refuse("splits.min_test", train.split.test, "<", p.min_test)
+    if float(train.split.val) < float(p.min_val):
+        refuse("splits.min_val", train.split.val, "<", p.min_val)
+
+
+def check_model(parameters: int, vocab: int, policy: DictConfig) -> None:
+    p = policy.policy.model
+    if parameters > int(p.max_parameters):
+        refuse("model.max_parameters", parameters, ">", p.max_parameters)
+    if vocab > int(p.max_vocab):
+        refuse("model.max_vocab", vocab, ">", p.max_vocab)

@@ -1,0 +1,99 @@
+"""The site decides what leaves: its policy file, the checks every request passes, the
+statistics that leave under the default policy, and paths a run cannot choose."""
+
+import stat
+
+import pytest
+from flwr.app import Context, RecordDict
+from omegaconf import OmegaConf
+
+from fedclif.cli import main
+from fedclif.client.app import Node
+from fedclif.client.policy import (
+    check_model,
+    check_stats,
+    check_training,
+    load_policy,
+    write_policy,
+)
+from fedclif.shared.clif.site import load_site
+from fedclif.shared.config import load_config
+from fedclif.shared.federation import SiteRefusal, load_federation
+from fedclif.shared.stats import site_stats
+from fedclif.simulations.synth import load_preset, write_site
+
+
+def test_policy_init_writes_the_commented_defaults_once(tmp_path, capsys):
+    assert main(["site", "policy", "init", str(tmp_path)]) == 0
+    path = tmp_path / "policy.yaml"
+    text = path.read_text()
+    assert "# No count under this leaves the site" in text and "timezone: UTC" in text
+    assert load_policy(path) == load_policy()  # the packaged defaults
+    before = path.read_bytes()
+    assert main(["site", "policy", "init", str(tmp_path)]) == 1  # never overwritten
+    assert "never overwritten" in capsys.readouterr().err
+    assert path.read_bytes() == before
+    other = tmp_path / "strict"
+    assert main(["site", "policy", "init", str(other), "policy.stats.min_cell_count=20"]) == 0
+    assert load_policy(other / "policy.yaml").policy.stats.min_cell_count == 20
+    assert main(["site", "policy", "init", str(tmp_path / "x"), "policy.typo=1"]) == 1
+
+
+def _refused(fn, *args) -> str:
+    with pytest.raises(SiteRefusal) as e:
+        fn(*args)
+    assert e.value.category == "policy"
+    return str(e.value)
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("stats.min_cell_count=1", "policy: min_cell_count 1 < 10"),
+        ("stats.sig_figs=15", "policy: max_sig_figs 15 > 3"),
+        ("stats.min_open_code_count=2", "policy: min_open_code_count 2 < 10"),
+    ],
+)
+def test_statistics_finer_than_the_policy_are_refused(override, message):
+    policy = load_policy()
+    check_stats(load_config("tokenizer").stats, policy)  # the run's defaults pass
+    assert _refused(check_stats, load_config("tokenizer", overrides=[override]).stats, policy) == (
+        message
+    )
+
+
+def test_splits_and_models_beyond_the_policy_are_refused():
+    policy = load_policy()
+    check_training(load_federation().train, policy)
+    tiny_test = load_federation(overrides=["train.split.test=0.001"]).train
+    assert _refused(check_training, tiny_test, policy) == "policy: splits.min_test 0.001 < 0.1"
+    tiny_val = load_federation(overrides=["train.split.val=0.0"]).train
+    assert _refused(check_training, tiny_val, policy) == "policy: splits.min_val 0.0 < 0.05"
+    cap = int(policy.policy.model.max_parameters)
+    check_model(cap, 1000, policy)
+    assert "model.max_parameters" in _refused(check_model, 100 * cap, 1000, policy)
+    assert "model.max_vocab" in _refused(check_model, 1000, 10**6, policy)
+
+
+def test_a_deployed_site_takes_no_path_from_the_run_config(tmp_path):
+    """`work-root` in the run config is the simulation engine's; a deployed site's work
+    directory is its policy's, created private (0700)."""
+    policy = write_policy(tmp_path / "site", [f"policy.work_dir={tmp_path / 'work'}"])
+    node_config = {"data-path": str(tmp_path / "clif"), "policy-path": str(policy)}
+    run_config = {"work-root": str(tmp_path / "elsewhere"), "sites": str(tmp_path / "x")}
+    node = Node(Context(1, 1, node_config, RecordDict(), run_config))
+    assert node.work == (tmp_path / "work").resolve()
+    assert stat.S_IMODE(node.work.stat().st_mode) == 0o700
+    assert not (tmp_path / "elsewhere").exists()
+
+
+def test_default_statistics_hold_no_count_under_ten(tmp_path):
+    d = tmp_path / "site"
+    write_site(load_preset("mimic-like"), 400, 5, d)
+    stats = site_stats(load_site(d, load_config("site")), load_config("tokenizer"))
+    assert min(stats["codes"].values()) >= 10
+    for h in stats["numeric"].values():
+        assert min(h["counts"]) >= 10
+        assert h["suppressed"] == 0 or h["suppressed"] >= 10
+    assert stats["n_stays"] % 10 == 0 and stats["n_stays"] > 0
+    assert OmegaConf.create(stats["config"]).min_cell_count == 10
