@@ -43,8 +43,20 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def parse(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> argparse.Namespace:
+    """Parse, taking `section.key=value` settings wherever they stand: argparse alone
+    rejects them after an option when a positional (a directory) comes first."""
+    args, extra = parser.parse_known_args(argv)
+    settings = [e for e in extra if "=" in e and not e.startswith("-")]
+    if extra != settings or (settings and not hasattr(args, "overrides")):
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    if settings:
+        args.overrides = [*args.overrides, *settings]
+    return args
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = parse(build_parser(), argv)
     setup_logging(args.debug)
     try:
         return args.fn(args)

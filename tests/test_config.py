@@ -1,9 +1,12 @@
 """The one config grammar (shared/config.py): sections, layers in a fixed order, typos as
 errors, and a run's resolved tree that can be given back as --config."""
 
+import json
+
 import pytest
 from omegaconf import OmegaConf
 
+from fedclif.cli import main
 from fedclif.shared.config import load_tree, write_resolved
 from fedclif.shared.errors import FedclifError
 from fedclif.shared.federation import load_federation
@@ -64,3 +67,16 @@ def test_the_resolved_tree_comes_back_as_a_config(tmp_path):
     assert path.name == "resolved.yaml"
     assert load_federation(path) == cfg
     assert OmegaConf.to_container(load_federation(path)) == OmegaConf.to_container(cfg)
+
+
+def test_settings_may_follow_options_on_the_command_line(demo_dir, tmp_path):
+    """`fedclif site stats DIR --out F tokenizer.x=...`: argparse alone rejects a
+    positional after an option when another positional comes first."""
+    out = tmp_path / "s.json"
+    args = ["site", "stats", str(demo_dir), "--out", str(out), "tokenizer.stats.min_cell_count=20"]
+    assert main(args) == 0
+    assert json.loads(out.read_text())["config"]["min_cell_count"] == 20
+    with pytest.raises(SystemExit):
+        main(["site", "stats", str(demo_dir), "--out", str(out), "--bogus"])
+    with pytest.raises(SystemExit):  # a command that takes no settings
+        main(["site", "inspect", str(tmp_path), "--id", "1", "site.timezone=UTC"])
