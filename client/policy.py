@@ -71,6 +71,8 @@ def check_stats(stats: DictConfig, policy: DictConfig) -> None:
         refuse("max_sig_figs", stats.sig_figs, ">", p.max_sig_figs)
     if int(stats.min_open_code_count) < int(p.min_open_code_count):
         refuse("min_open_code_count", stats.min_open_code_count, "<", p.min_open_code_count)
+    if stats.seed is not None:  # the noise's seed is the site's secret
+        refuse("stats.seed", stats.seed, "!=", None)
 
 
 def check_training(train: DictConfig, policy: DictConfig) -> None:

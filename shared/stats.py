@@ -10,6 +10,7 @@ dropped totals are sent only when they reach it, and the number of stays is roun
 to a multiple of it. Free-text codes rarer than `min_open_code_count` stay home too.
 """
 
+import secrets
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -77,7 +78,7 @@ def site_stats(site: Site, cfg: DictConfig) -> dict:
     codes = codes.filter(~rare_open & (pl.col("n") >= min_cell))
     cells, dropped = _roll_up(cells, sig, min_cell)
     dropped = dropped.filter(pl.col("n") >= min_cell)
-    rng = np.random.default_rng(int(s.seed))
+    rng = np.random.default_rng(secrets.randbits(128) if s.seed is None else int(s.seed))
     scale = float(s.noise_scale)
     codes = codes.sort("code").with_columns(_noisy(pl.col("n"), rng, codes.height, scale))
     cells = cells.with_columns(_noisy(pl.col("n"), rng, cells.height, scale)).filter(

@@ -52,6 +52,7 @@ def _refused(fn, *args) -> str:
         ("stats.min_cell_count=1", "policy: min_cell_count 1 < 10"),
         ("stats.sig_figs=15", "policy: max_sig_figs 15 > 3"),
         ("stats.min_open_code_count=2", "policy: min_open_code_count 2 < 10"),
+        ("stats.seed=7", "policy: stats.seed 7 != None"),
     ],
 )
 def test_statistics_finer_than_the_policy_are_refused(override, message):
