@@ -22,7 +22,15 @@ from flwr.clientapp import ClientApp
 from omegaconf import OmegaConf
 from safetensors.numpy import load_file, save_file
 
-from fedclif.client.policy import check_model, check_stats, check_training, load_policy, work_dir
+from fedclif.client.policy import (
+    check_model,
+    check_probe_training,
+    check_stats,
+    check_training,
+    load_policy,
+    withhold,
+    work_dir,
+)
 from fedclif.shared.clif.site import load_site
 from fedclif.shared.errors import FedclifError
 from fedclif.shared.federation import (
@@ -33,6 +41,7 @@ from fedclif.shared.federation import (
     METRICS,
     PROBES,
     STATS,
+    WITHHELD,
     SiteRefusal,
     from_record,
     to_record,
@@ -229,12 +238,15 @@ def _eval_split(msg: Message) -> str:
     return str(msg.content[CONFIG].get("eval_split", "test"))
 
 
-def _metrics_reply(msg: Message, m: dict) -> Message:
+def _metrics_reply(msg: Message, m: dict, node: Node, tasks: list[str]) -> Message:
+    """Evaluation metrics as the policy lets them leave: a task measured on too few stays
+    or events is withheld, and the reply says which and why (WITHHELD)."""
+    m, withheld = withhold(m, tasks, node.policy)
     m = {
         "num-examples": m["num_examples"],
         **{k: v if isinstance(v, list) else float(v) for k, v in m.items()},
     }
-    return _reply(msg, **{METRICS: MetricRecord(m)})
+    return _reply(msg, **{METRICS: MetricRecord(m), WITHHELD: ConfigRecord(withheld)})
 
 
 @app.evaluate()
@@ -246,7 +258,8 @@ def evaluate(msg: Message, context: Context) -> Message:
     )
     from fedclif.client.local import evaluate_round
 
-    return _metrics_reply(msg, evaluate_round(model, data, cfg, stage, _eval_split(msg)))
+    m = evaluate_round(model, data, cfg, stage, _eval_split(msg))
+    return _metrics_reply(msg, m, node, list(cfg.finetune.tasks))
 
 
 def _representations(msg: Message, node: Node, split: str):
@@ -268,7 +281,9 @@ def fit_probe(msg: Message, context: Context) -> Message:
     standardization's means and scales) leave."""
     from fedclif.client.probe import fit_probes
 
-    rep, labels, names, cfg = _representations(msg, Node(context), "train")
+    node = Node(context)
+    rep, labels, names, cfg = _representations(msg, node, "train")
+    check_probe_training(len(rep), node.policy)
     probes = fit_probes(rep, labels, names, float(cfg.probe.C))
     return _reply(
         msg,
@@ -283,8 +298,9 @@ def evaluate_probe(msg: Message, context: Context) -> Message:
     from fedclif.client.probe import score_probes
     from fedclif.shared.metrics import flat_metrics
 
-    rep, labels, names, cfg = _representations(msg, Node(context), _eval_split(msg))
+    node = Node(context)
+    rep, labels, names, cfg = _representations(msg, node, _eval_split(msg))
     res = score_probes(
         from_record(msg.content[PROBES]), rep, labels, names, int(cfg.probe.n_boot), int(cfg.seed)
     )
-    return _metrics_reply(msg, flat_metrics(res))
+    return _metrics_reply(msg, flat_metrics(res), node, list(names))

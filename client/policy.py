@@ -84,6 +84,31 @@ def check_training(train: DictConfig, policy: DictConfig) -> None:
         refuse("splits.min_val", train.split.val, "<", p.min_val)
 
 
+def withhold(flat: dict, tasks: list[str], policy: DictConfig) -> tuple[dict, dict[str, str]]:
+    """Flat evaluation metrics (`<task>_<metric>`) without the tasks measured on too few
+    test stays or events of the rarer class, and why each was withheld. `num_examples`
+    counts only what is kept (it would otherwise give the withheld tasks' sizes away)."""
+    p = policy.policy.metrics
+    reasons = {}
+    for t in tasks:
+        if f"{t}_n" not in flat:
+            continue
+        n, prevalence = flat[f"{t}_n"], flat[f"{t}_prevalence"]
+        if n < int(p.min_test_stays):
+            reasons[t] = f"policy: metrics.min_test_stays (fewer than {p.min_test_stays})"
+        elif min(prevalence, 1 - prevalence) * n < int(p.min_events):
+            reasons[t] = f"policy: metrics.min_events (fewer than {p.min_events})"
+    kept = {k: v for k, v in flat.items() if not any(k.startswith(f"{t}_") for t in reasons)}
+    if reasons:
+        kept["num_examples"] = sum(kept.get(f"{t}_n", 0) for t in tasks)
+    return kept, reasons
+
+
+def check_probe_training(n_stays: int, policy: DictConfig) -> None:
+    if n_stays < int(policy.policy.probes.min_train_stays):
+        refuse("probes.min_train_stays", n_stays, "<", policy.policy.probes.min_train_stays)
+
+
 def check_model(parameters: int, vocab: int, policy: DictConfig) -> None:
     p = policy.policy.model
     if parameters > int(p.max_parameters):

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp import strategy as flwr_strategy
 from omegaconf import DictConfig, OmegaConf
@@ -35,6 +35,7 @@ from fedclif.shared.federation import (
     QUERY_TOKENIZE,
     STATS,
     TRAIN_PROBE,
+    WITHHELD,
     from_record,
     to_record,
     weights_id,
@@ -405,15 +406,29 @@ class FederatedRun:
         return Pending(msgs, stage, tok=tok, base=base, strategy=strategy)
 
     def end_evaluate(self, pending: Pending, replies: list[Message]) -> dict:
-        """Per-site and example-weighted metrics of an evaluation."""
+        """Per-site and example-weighted metrics of an evaluation, and what each site's
+        policy withheld (task -> reason)."""
         ok, failed = self.sort_replies(pending.msgs, replies, "evaluation")
         per_site = {self._site(r.metadata.src_node_id): dict(r.content[METRICS]) for r in ok}
+        withheld = {
+            self._site(r.metadata.src_node_id): dict(r.content[WITHHELD])
+            for r in ok
+            if WITHHELD in r.content.config_records and len(r.content[WITHHELD])
+        }
+        # The weighted mean covers the metrics every site sent (Flower's strategies refuse
+        # replies with different keys; a site may have withheld a task).
+        common = set.intersection(*(set(m) for m in per_site.values())) if ok else set()
+        for r in ok:
+            r.content[METRICS] = MetricRecord(
+                {k: v for k, v in r.content[METRICS].items() if k in common}
+            )
         agg = pending.strategy.aggregate_evaluate(0, ok) if ok else None
         return {
             "stage": pending.stage,
             "sites": per_site,
             "weighted": dict(agg) if agg else {},
             "failed": failed,
+            "withheld": withheld,
         }
 
     def evaluate(self, stage: str, tok: Tokenizer, weights: dict, base: dict | None) -> dict:

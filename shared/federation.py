@@ -16,6 +16,8 @@ from fedclif.shared.errors import FedclifError
 # Record names inside message content.
 ARRAYS, CONFIG, METRICS, BASE, STATS = "arrays", "config", "metrics", "base", "stats"
 PROBES = "probes"
+# Evaluation replies: the tasks a site's policy withheld, and why (task -> reason).
+WITHHELD = "withheld"
 # Message types the ClientApp answers (besides Flower's plain train and evaluate).
 QUERY_INFO, QUERY_STATS, QUERY_TOKENIZE = "query.info", "query.stats", "query.tokenize"
 # Linear probes on a frozen pretrained model: fitted at one site, scored at any.

@@ -124,8 +124,11 @@ def summarize(results: dict) -> dict:
         for t in tasks:
             ind = table[t]["in-distribution"]
             zs = _cell(rows, "source_only", "zero_shot", site, t, 1.0)
-            gaps[site][t] = ind["auroc"] - zs["auroc"]
-            within[site][t] = bool(ind["auroc_low"] <= zs["auroc"] <= ind["auroc_high"])
+            # A cell a site's policy withheld (too few events) is missing: NaN, not within.
+            z, lo, hi = (c.get(k, np.nan) for c, k in ((zs, "auroc"), (ind, "auroc_low"),
+                                                       (ind, "auroc_high")))  # fmt: skip
+            gaps[site][t] = ind.get("auroc", np.nan) - z
+            within[site][t] = bool(lo <= z <= hi)
 
     def mean_auroc(arm: str, f: float, ts: list[str] = tasks) -> float:
         """Mean AUROC over tasks `ts` of `arm` at the target with share `f`."""
@@ -247,7 +250,9 @@ def _plots(summary: dict, results: dict, out: Path) -> list[str]:
             ax.fill_between(fracs, lo, hi, alpha=0.15)
         zs = summary["table"][t]["zero-shot"].get("auroc", np.nan)
         ax.axhline(zs, color="k", ls=":", lw=1, label="zero-shot")
-        ax.set(xscale="log", xlabel="share of target training data", ylabel="AUROC", title=t)
+        # Limits set, not derived: a task a site's policy withheld has no points to scale by.
+        ax.set(xscale="log", xlim=(min(fracs) / 1.5, max(fracs) * 1.5), ylim=(0.3, 1.0),
+               xlabel="share of target training data", ylabel="AUROC", title=t)  # fmt: skip
     axes[0][0].legend(fontsize=7)
     files.append(_save(fig, out / "recovery.png"))
     # ROC curves, mean over seeds.

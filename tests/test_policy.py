@@ -11,9 +11,11 @@ from fedclif.cli import main
 from fedclif.client.app import Node
 from fedclif.client.policy import (
     check_model,
+    check_probe_training,
     check_stats,
     check_training,
     load_policy,
+    withhold,
     write_policy,
 )
 from fedclif.shared.clif.site import load_site
@@ -98,3 +100,25 @@ def test_default_statistics_hold_no_count_under_ten(tmp_path):
         assert h["suppressed"] == 0 or h["suppressed"] >= 10
     assert stats["n_stays"] % 10 == 0 and stats["n_stays"] > 0
     assert OmegaConf.create(stats["config"]).min_cell_count == 10
+
+
+def test_metrics_on_too_few_stays_or_events_are_withheld():
+    policy = load_policy()
+    flat = {
+        "num_examples": 215.0,
+        "death_n": 15.0, "death_prevalence": 0.4, "death_auroc": 0.7,  # 15 stays < 20
+        "imv_n": 100.0, "imv_prevalence": 0.05, "imv_auroc": 0.9,  # 5 events < 10
+        "long_los_n": 100.0, "long_los_prevalence": 0.3, "long_los_auroc": 0.8,
+        "long_los_roc": [0.0, 0.5, 1.0],
+    }  # fmt: skip
+    kept, why = withhold(flat, ["death", "imv", "long_los"], policy)
+    assert why == {
+        "death": "policy: metrics.min_test_stays (fewer than 20)",
+        "imv": "policy: metrics.min_events (fewer than 10)",
+    }
+    assert not any(k.startswith(("death_", "imv_")) for k in kept)
+    assert kept["long_los_roc"] == [0.0, 0.5, 1.0] and kept["num_examples"] == 100
+    assert withhold({"num_examples": 9.0, "loss": 2.0}, ["death"], policy)[0]["num_examples"] == 9
+    check_probe_training(50, policy)
+    with pytest.raises(SiteRefusal, match=r"probes\.min_train_stays 3 < 50"):
+        check_probe_training(3, policy)

@@ -3,11 +3,12 @@ virtual sites) whose results must show what the study exists to show."""
 
 import json
 
+import numpy as np
 import pytest
 
 from fedclif.cli import main
 from fedclif.simulations.commands import load_study
-from fedclif.simulations.report import MIN_EVENTS
+from fedclif.simulations.report import MIN_EVENTS, write_report
 from fedclif.simulations.study import Study, planned_messages
 
 
@@ -101,3 +102,17 @@ def test_study_train_settings_override_the_federation_defaults(tmp_path):
     ft = fed.train.finetune
     assert ft.schedule == cfg.train.finetune.schedule == "cosine"
     assert (ft.max_steps, ft.context, fed.train.split.train_fraction) == (100, 128, 0.25)
+
+
+def test_the_report_stands_with_cells_a_site_withheld(study, tmp_path):
+    """A site's policy withholds a task's metrics on too few events: the report marks the
+    cells missing and still judges the rest."""
+    out, _ = study
+    r = json.loads((out / "results.json").read_text())
+    r["rows"] = [
+        x for x in r["rows"] if not (x["task"] == "long_los" and x["eval_site"] != "source")
+    ]
+    summary = write_report(tmp_path, r)
+    assert np.isnan(summary["table"]["long_los"]["target only"].get("auroc", np.nan))
+    assert "| long_los | " in (tmp_path / "report.md").read_text()
+    assert (tmp_path / "recovery.png").is_file()
