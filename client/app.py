@@ -246,7 +246,10 @@ def _metrics_reply(msg: Message, m: dict, node: Node, tasks: list[str]) -> Messa
         "num-examples": m["num_examples"],
         **{k: v if isinstance(v, list) else float(v) for k, v in m.items()},
     }
-    return _reply(msg, **{METRICS: MetricRecord(m), WITHHELD: ConfigRecord(withheld)})
+    records = {METRICS: MetricRecord(m)}
+    if withheld:
+        records[WITHHELD] = ConfigRecord(withheld)
+    return _reply(msg, **records)
 
 
 @app.evaluate()

@@ -415,14 +415,16 @@ class FederatedRun:
             for r in ok
             if WITHHELD in r.content.config_records and len(r.content[WITHHELD])
         }
-        # The weighted mean covers the metrics every site sent (Flower's strategies refuse
-        # replies with different keys; a site may have withheld a task).
-        common = set.intersection(*(set(m) for m in per_site.values())) if ok else set()
-        for r in ok:
+        # The weighted mean covers the sites that sent something to weigh and the metrics
+        # each of them sent (Flower's strategies refuse replies with different keys; a
+        # site may have withheld a task, or every task).
+        weighed = [r for r in ok if float(r.content[METRICS].get(WEIGHT_KEY, 0)) > 0]
+        common = set.intersection(*(set(r.content[METRICS]) for r in weighed)) if weighed else ()
+        for r in weighed:
             r.content[METRICS] = MetricRecord(
                 {k: v for k, v in r.content[METRICS].items() if k in common}
             )
-        agg = pending.strategy.aggregate_evaluate(0, ok) if ok else None
+        agg = pending.strategy.aggregate_evaluate(0, weighed) if weighed else None
         return {
             "stage": pending.stage,
             "sites": per_site,

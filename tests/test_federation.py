@@ -14,6 +14,7 @@ from fedclif.server.processes import wait_for
 from fedclif.shared.clif.site import load_site
 from fedclif.shared.config import load_config
 from fedclif.shared.federation import from_record, to_record
+from fedclif.shared.labels import TASKS
 from fedclif.shared.models import load_model
 from fedclif.shared.stats import merge_stats, site_stats
 from fedclif.shared.tokenizer import Tokenizer, fit_tokenizer
@@ -121,20 +122,24 @@ def test_site_messages_carry_no_identifier_or_raw_value(federation, finished_run
     assert "dttm" not in blob and "T00:" not in blob  # no timestamps
     for t in texts:
         rec = json.loads(t)["records"]
-        # Only aggregate metrics, statistics and arrays leave a site.
-        assert set(rec["config"]) <= {"stats", "config"} and set(rec["metrics"]) <= {"metrics"}
+        # Only aggregate metrics, statistics, arrays and (when a site's policy withheld a
+        # task's metrics) the task and the rule leave a site.
+        assert set(rec["config"]) <= {"stats", "config", "withheld"}
+        assert set(rec["metrics"]) <= {"metrics"}
+        for task, why in rec["config"].get("withheld", {}).items():
+            assert why.startswith("policy: metrics.") and task in TASKS
     stats = [
         json.loads(json.loads(t)["records"]["config"]["stats"]["json"])
         for t in texts
         if "stats" in json.loads(t)["records"]["config"]
     ]
     assert len(stats) == 2  # the per-site statistics, every count on the shared grid
-    for st in stats:  # values only as shared-grid cells holding at least 5 values each
+    for st in stats:  # values only as shared-grid cells holding at least 10 values each
         assert st["numeric"] and all(
-            min(h["counts"]) >= 5 and all(float(f"{v:.3g}") == v for v in h["values"])
+            min(h["counts"]) >= 10 and all(float(f"{v:.3g}") == v for v in h["values"])
             for h in st["numeric"].values()
         )
-        assert min(st["codes"].values()) >= 1 and "n_stays" in st
+        assert min(st["codes"].values()) >= 10 and st["n_stays"] % 10 == 0
 
 
 def test_unregistered_site_is_refused(federation):
