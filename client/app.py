@@ -5,9 +5,8 @@ stay in the site's work directory (`errors.log`).
 
 Node config (deployment: `flower-supernode --node-config`, written by `fedclif site
 serve`): `data-path` (the CLIF directory), `policy-path` (the site's policy, which also
-names its work directory: client/policy.py), optional `site-name` and `dp-budget` (the
-most DP epsilon this site spends in one run). In simulation, node
-`partition-id` k takes the k-th entry of the run config's `sites` (comma-separated).
+names its work directory and DP limits: client/policy.py) and optional `site-name`. In
+simulation, node `partition-id` k takes the k-th entry of the run config's `sites`.
 """
 
 import contextlib
@@ -22,7 +21,9 @@ from flwr.clientapp import ClientApp
 from omegaconf import OmegaConf
 from safetensors.numpy import load_file, save_file
 
+from fedclif.client.ledger import Ledger
 from fedclif.client.policy import (
+    check_dp,
     check_model,
     check_probe_training,
     check_stats,
@@ -77,16 +78,9 @@ class Node:
             self.work.mkdir(mode=0o700, parents=True, exist_ok=True)
         else:
             raise SiteRefusal("invalid_data", "no data-path in the node config")
-        self.dp_budget = float(nc["dp-budget"]) if "dp-budget" in nc else None
-        self.run_id = context.run_id
 
     def tokens(self, tok_hash: str) -> Path:
         return self.work / f"tokens-{tok_hash[:16]}"
-
-    @property
-    def dp_ledger(self) -> Path:
-        """Epsilon this site has spent in this run."""
-        return self.work / f"dp-run-{self.run_id}.json"
 
     def site(self):
         """The site's CLIF data, read and checked."""
@@ -200,25 +194,18 @@ def _model(msg: Message, node: Node, full_data: bool):
     return model, data, cfg, stage
 
 
-def _spend(node: Node, cfg, budget: float) -> float:
-    """Epsilon this site has spent in this run, refusing a round that would pass its
-    budget (the site's own `dp-budget` first, else the run's)."""
-    ledger = node.dp_ledger
-    spent = json.loads(ledger.read_text())["epsilon"] if ledger.is_file() else 0.0
-    limit = node.dp_budget if node.dp_budget is not None else budget
-    if spent + float(cfg.dp.epsilon) > limit + 1e-9:
-        raise SiteRefusal("dp_budget_exhausted", f"spent {spent:.2f} of {limit:.2f}")
-    return spent
-
-
 @app.train()
 @guarded
 def train(msg: Message, context: Context) -> Message:
     node = Node(context)
     c = msg.content[CONFIG]
     model, data, cfg, stage = _model(msg, node, full_data=str(c["stage"]) == "pretrain")
-    dp = stage == "finetune" and float(cfg.dp.epsilon) > 0
-    spent = _spend(node, cfg, float(c["dp_budget"])) if dp else 0.0
+    ledger, entry = Ledger(node.work), None
+    if check_dp(cfg, stage, len(data.rows("train")), node.policy):
+        # Charged before training, for good: a round that dies midway spent something.
+        limit = float(node.policy.policy.dp.max_epsilon_lifetime)
+        entry = ledger.reserve(context.run_id, stage, int(c["round"]), float(cfg.dp.epsilon),
+                               float(cfg.dp.delta), limit)  # fmt: skip
     mu = float(c.get("proximal-mu", 0.0))
     from fedclif.client.local import train_round
 
@@ -229,8 +216,8 @@ def train(msg: Message, context: Context) -> Message:
         "train_seconds": time.perf_counter() - t0,  # the protocol's overhead is the rest
         **res.metrics,
     }
-    if "epsilon" in res.metrics:
-        node.dp_ledger.write_text(json.dumps({"epsilon": spent + res.metrics["epsilon"]}))
+    if entry is not None:
+        ledger.settle(entry, float(res.metrics["epsilon"]))
     return _reply(msg, **{ARRAYS: to_record(res.weights), METRICS: MetricRecord(metrics)})
 
 

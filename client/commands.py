@@ -4,6 +4,7 @@ import argparse
 import json
 import os
 import shutil
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -11,6 +12,7 @@ from omegaconf import DictConfig
 from rich.table import Table
 
 from fedclif.client.daemon import supernode_command
+from fedclif.client.ledger import Ledger
 from fedclif.client.policy import SECTIONS as POLICY_SECTIONS
 from fedclif.client.policy import load_policy, work_dir, write_policy
 from fedclif.shared.clif.site import load_site
@@ -174,7 +176,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     name = args.name or Path(args.data).resolve().name
     policy = load_policy(args.policy)
     cmd = supernode_command(Path(args.data), args.superlink, Path(args.ca), Path(args.key),
-                            name, Path(args.policy), args.port, args.dp_budget)  # fmt: skip
+                            name, Path(args.policy), args.port)  # fmt: skip
     with step(f"checking {args.data}"):
         load_site(args.data, policy.site)  # a broken export fails here, not mid-run
     console.print(
@@ -189,6 +191,26 @@ def cmd_policy_init(args: argparse.Namespace) -> int:
     """Write the site's policy file: the defaults, commented, for the site to review."""
     path = write_policy(args.dir, args.overrides)
     out.print(f"wrote {path}: review it, then `fedclif site serve --policy {path} ...`")
+    return 0
+
+
+def cmd_ledger(args: argparse.Namespace) -> int:
+    """What this site has spent of its DP budget, per run and round."""
+    policy = load_policy(args.policy)
+    ledger = Ledger(work_dir(policy, args.name))
+    t = Table(title=f"DP-SGD spent at this site ({ledger.path})", title_justify="left")
+    for c in ("run", "stage", "round", "epsilon", "delta", "status", "when"):
+        t.add_column(c, justify="right" if c in ("round", "epsilon", "delta") else "left")
+    for e in ledger.entries():
+        when = time.strftime("%Y-%m-%d %H:%M", time.localtime(e["time"]))
+        t.add_row(str(e["run"]), e["stage"], str(e["round"]), f"{e['epsilon']:.4g}",
+                  f"{e['delta']:.2g}", e["status"], when)  # fmt: skip
+    out.print(t)
+    limit = float(policy.policy.dp.max_epsilon_lifetime)
+    out.print(
+        f"total epsilon {ledger.spent():.4g} of the lifetime {limit:.4g} "
+        "(rounds summed: basic composition, an upper bound)"
+    )
     return 0
 
 
@@ -207,6 +229,9 @@ def register(sub, groups: dict, add: Callable) -> None:
     p = add(psub, "init", cmd_policy_init, "write DIR/policy.yaml (the defaults, commented)")
     p.add_argument("dir")
     add_arguments(p, POLICY_SECTIONS, "policy.stats.min_cell_count=20 site.timezone=UTC")
+    p = add(groups["site"], "ledger", cmd_ledger, "the DP budget this site has spent")
+    p.add_argument("--policy", required=True, help="the site's policy file")
+    p.add_argument("--name", default="site", help="site name (names the default work dir)")
     p = add(groups["site"], "keygen", cmd_keygen, "make this site's key pair (site.key stays)")
     p.add_argument("--out", required=True, help="directory for site.key and site.pub")
     p = add(groups["site"], "serve", cmd_serve, "the site daemon: a SuperNode next to the data")
@@ -218,7 +243,6 @@ def register(sub, groups: dict, add: Callable) -> None:
     p.add_argument(
         "--policy", required=True, help="the site's policy file (`fedclif site policy init`)"
     )
-    p.add_argument("--dp-budget", type=float, help="most DP epsilon this site spends per run")
     p.add_argument("--port", type=int, default=9094, help="local SuperNode API port")
 
     def common(p: argparse.ArgumentParser) -> None:

@@ -15,7 +15,6 @@ def supernode_command(
     name: str,
     policy: Path,
     port: int,
-    dp_budget: float | None,
 ) -> list[str]:
     """`flower-supernode` for one site: TLS to the SuperLink, its authentication key, and
     the site's data and policy paths in its node config."""
@@ -27,8 +26,6 @@ def supernode_command(
         "site-name": name,
         "policy-path": str(policy.resolve()),
     }
-    if dp_budget is not None:
-        cfg["dp-budget"] = dp_budget
     node_config = " ".join(
         f"{k}={v}" if isinstance(v, float) else f'{k}="{v}"' for k, v in cfg.items()
     )

@@ -278,7 +278,6 @@ class FederatedRun:
                 "train": OmegaConf.to_yaml(self.cfg),
                 "model": json.dumps(OmegaConf.to_container(self.model_cfg)),
                 "tokenizer_hash": tok.hash,
-                "dp_budget": float(self.fed.dp_budget),
                 "base_id": weights_id(base) if base is not None else "",
             }
         )

@@ -9,7 +9,9 @@ from omegaconf import OmegaConf
 
 from fedclif.cli import main
 from fedclif.client.app import Node
+from fedclif.client.ledger import Ledger
 from fedclif.client.policy import (
+    check_dp,
     check_model,
     check_probe_training,
     check_stats,
@@ -19,7 +21,7 @@ from fedclif.client.policy import (
     write_policy,
 )
 from fedclif.shared.clif.site import load_site
-from fedclif.shared.config import load_config
+from fedclif.shared.config import load_config, load_tree
 from fedclif.shared.federation import SiteRefusal, load_federation
 from fedclif.shared.stats import site_stats
 from fedclif.simulations.synth import load_preset, write_site
@@ -122,3 +124,40 @@ def test_metrics_on_too_few_stays_or_events_are_withheld():
     check_probe_training(50, policy)
     with pytest.raises(SiteRefusal, match=r"probes\.min_train_stays 3 < 50"):
         check_probe_training(3, policy)
+
+
+def test_the_dp_ledger_spans_runs_and_stops_at_the_lifetime_budget(tmp_path):
+    """One ledger per site across runs and resumes: a new run does not start at zero, a
+    round is charged before it trains, and the lifetime cap refuses the round past it."""
+    ledger = Ledger(tmp_path)
+    first = ledger.reserve(1, "finetune", 1, 4.0, 1e-5, limit=10.0)
+    ledger.settle(first, 3.5)
+    Ledger(tmp_path).reserve(2, "finetune", 1, 4.0, 1e-5, limit=10.0)  # died: stays charged
+    assert Ledger(tmp_path).spent() == 7.5
+    with pytest.raises(SiteRefusal) as e:
+        Ledger(tmp_path).reserve(3, "finetune", 1, 4.0, 1e-5, limit=10.0)
+    assert e.value.category == "dp_budget_exhausted"
+    assert "dp.max_epsilon_lifetime: spent 7.5 + 4 > 10" in str(e.value)
+    assert [x["status"] for x in Ledger(tmp_path).entries()] == ["spent", "reserved"]
+
+
+def test_dp_rules_of_the_policy():
+    strict = load_tree(("policy", "site"), (), None, ["policy.dp.required=true"])
+    off = load_federation().train
+    on = load_federation(overrides=["train.dp.epsilon=1", "train.dp.delta=1e-5"]).train
+    assert check_dp(on, "finetune", 1000, strict) is True
+    assert "dp.required" in _refused(check_dp, off, "finetune", 1000, strict)
+    assert "dp.required" in _refused(check_dp, on, "pretrain", 1000, strict)
+    assert check_dp(off, "finetune", 1000, load_policy()) is False
+    # delta at most 1 / the site's training stays by default
+    assert check_dp(on, "finetune", 1000, load_policy()) is True  # 1e-5 <= 1e-3
+    million = _refused(check_dp, on, "finetune", 10**6, load_policy())
+    assert million == "policy: dp.max_delta 1e-05 > 1e-06"
+
+
+def test_site_ledger_prints_what_was_spent(tmp_path, capsys):
+    policy = write_policy(tmp_path / "site", [f"policy.work_dir={tmp_path / 'work'}"])
+    Ledger(tmp_path / "work").reserve(5, "finetune", 2, 1.25, 1e-5, limit=10.0)
+    assert main(["site", "ledger", "--policy", str(policy)]) == 0
+    text = capsys.readouterr().out
+    assert "total epsilon 1.25 of the lifetime 10" in text and "reserved" in text

@@ -2,15 +2,12 @@
 strategy state a checkpoint keeps, update checks inside a round, the site's DP budget and
 error categories."""
 
-import json
-
 import numpy as np
 import pytest
-from flwr.app import Context, Message, MetricRecord, RecordDict
+from flwr.app import Message, MetricRecord, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 
-from fedclif.client.app import Node, _category, _spend
-from fedclif.client.policy import write_policy
+from fedclif.client.app import _category
 from fedclif.server.checkpoint import restore_strategy, strategy_state
 from fedclif.server.run import STRATEGIES, FederatedRun, make_strategy
 from fedclif.shared.errors import FedclifError
@@ -69,24 +66,6 @@ def test_fedadam_moments_survive_a_checkpoint():
     restore_strategy(fresh, flat)
     for attr in ("m_t", "v_t", "current_arrays"):
         np.testing.assert_array_equal(getattr(fresh, attr)["w"], getattr(s, attr)["w"])
-
-
-def _node(tmp_path, **node_config) -> Node:
-    """A deployed site's node: its data, and its policy naming its work directory."""
-    policy = write_policy(tmp_path / "site", [f"policy.work_dir={tmp_path / 'w'}"])
-    config = {"data-path": str(tmp_path / "clif"), "policy-path": str(policy), **node_config}
-    return Node(Context(7, 1, config, RecordDict(), {}))
-
-
-def test_site_refuses_rounds_beyond_its_dp_budget(tmp_path):
-    cfg = load_federation(overrides=["train.dp.epsilon=0.5"]).train
-    node = _node(tmp_path, **{"dp-budget": 1.0})
-    assert _spend(node, cfg, budget=100.0) == 0.0  # the site's own budget wins over the run's
-    (node.work / "dp-run-7.json").write_text(json.dumps({"epsilon": 0.8}))
-    with pytest.raises(SiteRefusal) as e:
-        _spend(node, cfg, budget=100.0)
-    assert e.value.category == "dp_budget_exhausted"
-    assert _spend(_node(tmp_path / "other"), cfg, budget=2.0) == 0.0
 
 
 def test_errors_leave_as_categories_only():
