@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file
 
+from fedclif.client.ledger import Ledger
 from fedclif.server.deploy import run_config
 from fedclif.server.processes import wait_for
 from fedclif.server.run import FederatedRun
@@ -97,3 +98,25 @@ def test_interrupted_and_resumed_run_ends_with_the_same_weights(sites, tmp_path)
         )
     )
     assert not all(np.allclose(init[k], a[k]) for k in a)
+
+
+def test_the_dp_ledger_outlives_a_run(sites, tmp_path):
+    """DP-SGD finetuning charges each site's lifetime ledger; a second run that would pass
+    the policy's lifetime budget (10 by default) is refused by every site, whatever the
+    coordinator asks, and its rounds leave the ledger as they found it."""
+    fed = load_federation(None, [
+        "federation.rounds.pretrain=0", "federation.rounds.finetune=1",
+        "federation.evaluate=false", "federation.timeout_s=120",
+        "train.finetune.context=64", "train.finetune.max_steps=2",
+        "train.dp.epsilon=6", "train.dp.delta=1e-5",
+    ])  # fmt: skip
+    work = tmp_path / "work"
+    with SimulationEngine(tmp_path / "engine", len(sites)) as engine:
+        assert engine.run(run_config(fed, tmp_path / "first", False), sites, work)
+        spent = {s.name: Ledger(work / s.name).entries() for s in sites}
+        assert all(len(e) == 1 and e[0]["status"] == "spent" for e in spent.values())
+        assert all(0 < e[0]["epsilon"] <= 6 for e in spent.values())
+        assert not engine.run(run_config(fed, tmp_path / "second", False), sites, work)
+    for s in sites:
+        assert Ledger(work / s.name).entries() == spent[s.name]
+        assert "dp.max_epsilon_lifetime" in (work / s.name / "errors.log").read_text()
