@@ -136,7 +136,7 @@ def stats(msg: Message, context: Context) -> Message:
     node = Node(context)
     tok_cfg = OmegaConf.create(json.loads(str(msg.content[CONFIG]["tokenizer"])))
     check_stats(tok_cfg.stats, node.policy)
-    s = site_stats(node.site(), tok_cfg)
+    s = site_stats(node.site(), tok_cfg, list(node.policy.policy.stats.allow_open))
     return _reply(msg, **{STATS: ConfigRecord({"json": json.dumps(s), "site": node.name})})
 
 

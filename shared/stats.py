@@ -10,6 +10,7 @@ dropped totals are sent only when they reach it, and the number of stays is roun
 to a multiple of it. Free-text codes rarer than `min_open_code_count` stay home too.
 """
 
+import re
 import secrets
 from collections.abc import Sequence
 from pathlib import Path
@@ -25,6 +26,28 @@ from fedclif.shared.events import OPEN_SEP, stay_chunks, stay_events
 
 FORMAT = "fedclif-site-stats"
 VERSION = 1
+# A free-text answer leaves only if it reads like a category, not like a person, a date
+# or a record (the CLIF consortium scans free text with patterns like these). A site's
+# policy may allow named answers past the screen (policy.stats.allow_open).
+MAX_OPEN_LENGTH = 60
+IDENTIFYING = {
+    "digits": r"\d{3,}",  # record, phone and account numbers, years
+    "date": r"\b\d{1,4}[/.-]\d{1,2}[/.-]\d{1,4}\b|\b(?i:jan|feb|mar|apr|may|jun|jul|aug|sep|oct|"
+    r"nov|dec)[a-z]*\.?\s+\d",
+    "e-mail": r"[\w.+-]+@[\w-]+\.\w",
+    # A title and a name. Bare names are not caught: a pattern for "two capitalised
+    # words" also takes real answers (Braden's "Very Limited"); the count threshold and
+    # the policy's allow-list are the other guards.
+    "title": r"\b(?i:mr|mrs|ms|miss|dr|prof)\.?\s+[A-Za-z]",
+    "identifier": r"\b(?i:mrn|ssn|dob|id|acct|account)\b",
+}
+_IDENTIFYING = re.compile("|".join(f"(?:{p})" for p in IDENTIFYING.values()))
+
+
+def screened_out(answer: str) -> bool:
+    """True for a free-text answer that may identify someone (too long, or matching one of
+    IDENTIFYING): it stays at the site."""
+    return len(answer) > MAX_OPEN_LENGTH or _IDENTIFYING.search(answer) is not None
 
 
 def _noisy(counts: pl.Expr, rng: np.random.Generator, n: int, scale: float) -> pl.Expr:
@@ -52,11 +75,13 @@ def _roll_up(
     return cells.sort("code", "value"), dropped
 
 
-def site_stats(site: Site, cfg: DictConfig) -> dict:
+def site_stats(site: Site, cfg: DictConfig, allow_open: Sequence[str] = ()) -> dict:
     """Statistics of one site, ready to be written as JSON and sent to the server.
 
     Counted chunk by chunk of stays (counts add up, so memory follows the chunk size);
-    suppression and noise apply to the site totals.
+    suppression and noise apply to the site totals. Free-text answers leave only when
+    common and past the identifying-text screen, or named in `allow_open` (the site's
+    policy).
     """
     s = cfg.stats
     sig = int(s.sig_figs)
@@ -76,6 +101,13 @@ def site_stats(site: Site, cfg: DictConfig) -> dict:
     )
     min_cell = int(s.min_cell_count)
     codes = codes.filter(~rare_open & (pl.col("n") >= min_cell))
+    allowed = set(allow_open)
+    answer = pl.col("code").str.splitn(OPEN_SEP, 2).struct.field("field_1")
+    codes = codes.filter(
+        answer.is_null()
+        | answer.is_in(list(allowed))
+        | ~answer.map_elements(screened_out, return_dtype=pl.Boolean)
+    )
     cells, dropped = _roll_up(cells, sig, min_cell)
     dropped = dropped.filter(pl.col("n") >= min_cell)
     rng = np.random.default_rng(secrets.randbits(128) if s.seed is None else int(s.seed))

@@ -3,6 +3,7 @@ statistics that leave under the default policy, and paths a run cannot choose.""
 
 import stat
 
+import polars as pl
 import pytest
 from flwr.app import Context, RecordDict
 from omegaconf import OmegaConf
@@ -161,3 +162,25 @@ def test_site_ledger_prints_what_was_spent(tmp_path, capsys):
     assert main(["site", "ledger", "--policy", str(policy)]) == 0
     text = capsys.readouterr().out
     assert "total epsilon 1.25 of the lifetime 10" in text and "reserved" in text
+
+
+def test_identifying_free_text_never_leaves(site_dir, site_cfg, tmp_path):
+    """Assessment answers that read like a record number, a date, a phone number, an
+    e-mail or a title and name stay home, however common; ordinary answers leave; the
+    policy's allow-list lets a reviewed answer through."""
+    assessments = pl.read_parquet(site_dir / "clif_patient_assessments.parquet")
+    answers = ["MRN 4452231", "2110-04-12", "call 555-867-5309", "jdoe@example.org",
+               "Dr. Smith", "Grade 1000", "calm"]  # fmt: skip
+    answered = pl.col("categorical_value").is_not_null() & pl.col("numerical_value").is_null()
+    row = assessments.filter(answered).head(1)
+    extra = pl.concat([row.with_columns(pl.lit(a).alias("categorical_value")) for a in answers])
+    pl.concat([assessments, pl.concat([extra] * 12)]).write_parquet(
+        site_dir / "clif_patient_assessments.parquet"
+    )
+    code = row["assessment_category"][0]
+    site = load_site(site_dir, site_cfg)
+    opened = {c.split("=", 1)[1] for c in site_stats(site, load_config("tokenizer"))["codes"]
+              if c.startswith(f"ASMT_{code}=")}  # fmt: skip
+    assert "calm" in opened and not opened & set(answers[:-1])
+    allowed = site_stats(site, load_config("tokenizer"), allow_open=["Grade 1000"])["codes"]
+    assert f"ASMT_{code}=Grade 1000" in allowed and f"ASMT_{code}=MRN 4452231" not in allowed
