@@ -55,6 +55,7 @@ def work_dir(policy: DictConfig, site_name: str) -> Path:
     with mode 0700."""
     path = Path(policy.policy.work_dir or Path.home() / ".fedclif" / site_name).expanduser()
     path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    path.chmod(0o700)  # one that was there before keeps patient-level files private too
     return path.resolve()
 
 
