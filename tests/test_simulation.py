@@ -23,8 +23,9 @@ RUN = [
     "federation.rounds.finetune=1",
     "train.pretrain.context=64",
     "train.pretrain.batch_size=8",
-    # Rounds long enough (~seconds) that the interruption lands inside the run.
-    "train.pretrain.max_steps=10",
+    # Rounds long enough (~seconds) that the interruption lands inside pretraining (at 10
+    # steps, a loaded machine saw all three rounds end before the engine stopped).
+    "train.pretrain.max_steps=20",
     "train.finetune.context=64",
     "train.finetune.max_steps=2",
     "train.finetune.peft=lora",
