@@ -162,7 +162,7 @@ def _model(msg: Message, node: Node, full_data: bool):
     """The model of this round's stage with the global weights in, and the site's data."""
     # Imported here: each message runs in a fresh process, and statistics and tokenizing
     # need none of torch, transformers or peft (seconds of imports per message).
-    from fedclif.shared.models import n_params, quiet_transformers, stage_model, uses_lora
+    from fedclif.shared.models import count_parameters, quiet_transformers, stage_model, uses_lora
     from fedclif.shared.sequences import load_site_data
 
     quiet_transformers()
@@ -174,23 +174,24 @@ def _model(msg: Message, node: Node, full_data: bool):
     if not (tokens / MANIFEST).is_file():
         raise SiteRefusal("tokenizer_mismatch", f"no timelines for tokenizer {tokens.name}")
     data = load_site_data(tokens, cfg.split, full=full_data)
+    model_cfg = OmegaConf.create(json.loads(str(c["model"])))
+    check_model(count_parameters(model_cfg, data.tok), len(data.tok.vocab), node.policy)
     base = None
     # A finetuning round names its pretrained base; LoRA rounds need it (only adapters and
     # head travel), full finetuning sends every weight that matters and may go without.
     if stage == "finetune" and (str(c["base_id"]) or uses_lora(cfg)):
         base_file = node.work / f"base-{c['base_id']}.safetensors"
         if BASE in msg.content.array_records:  # sent once per run: kept at the site
-            received = from_record(msg.content[BASE])
-            if weights_id(received) != str(c["base_id"]):
+            base = from_record(msg.content[BASE])
+            if weights_id(base) != str(c["base_id"]):
                 raise SiteRefusal("missing_base", "the base received does not match its id")
-            save_file(received, str(base_file))
-        if not base_file.is_file():
+            save_file(base, str(base_file))
+        elif base_file.is_file():
+            base = load_file(str(base_file))
+        else:
             raise SiteRefusal("missing_base", "the pretrained base was never received")
-        base = load_file(str(base_file))
-    model_cfg = OmegaConf.create(json.loads(str(c["model"])))
     weights = from_record(msg.content[ARRAYS])
     model = stage_model(model_cfg, data.tok, cfg, stage, base, weights)
-    check_model(n_params(model), len(data.tok.vocab), node.policy)
     return model, data, cfg, stage
 
 

@@ -70,7 +70,7 @@ def _load(path: str, cfg: DictConfig, full: bool = False, ids: list[str] | None 
 
 def cmd_pretrain(args: argparse.Namespace) -> int:
     from fedclif.client.pretrain import pretrain
-    from fedclif.shared.models import build_model, n_params
+    from fedclif.shared.models import count_parameters
 
     config = _configs(args, model=True)
     cfg, model_cfg = config.train, config.model
@@ -79,7 +79,7 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
     write_resolved(config, out_dir)
     data = _load(args.data, cfg, full=True)
     console.print(
-        f"{model_cfg.arch} ({model_cfg.size}): {n_params(build_model(model_cfg, data.tok)):,} "
+        f"{model_cfg.arch} ({model_cfg.size}): {count_parameters(model_cfg, data.tok):,} "
         f"parameters; vocabulary {len(data.tok.vocab):,}"
     )
     bar, update = _bar("pretraining")

@@ -268,6 +268,13 @@ def n_params(model: nn.Module, trainable: bool = False) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable)
 
 
+def count_parameters(cfg: DictConfig, tok: Tokenizer) -> int:
+    """Parameters of the model `cfg` would build, counted on the meta device: nothing is
+    allocated, so a size check can run before a model too large for the machine exists."""
+    with torch.device("meta"):
+        return n_params(build_model(cfg, tok))
+
+
 def is_checkpoint(path: str | Path) -> bool:
     """A fedclif checkpoint: a whole model (a config.json of ours) or a LoRA finetune
     (fedclif.json)."""

@@ -19,8 +19,10 @@ from fedclif.shared.labels import TASKS, usable
 from fedclif.shared.models import (
     EHRModel,
     build_model,
+    count_parameters,
     get_weights,
     load_model,
+    n_params,
     save_model,
     set_weights,
 )
@@ -344,3 +346,13 @@ def test_bad_training_input_is_refused(demo_tokens, pretrained, tmp_path, capsys
     ft = ["train", "finetune", "--data", str(demo_tokens), "--from", str(plain)]
     assert main([*ft, "--out", str(tmp_path / "ft")]) == 1
     assert "is not a fedclif checkpoint" in capsys.readouterr().err
+
+
+def test_parameters_are_counted_without_building_the_model(demo_tokens):
+    """The size a site's policy caps is counted on the meta device: the same count, and a
+    model the size of the largest config is never allocated."""
+    tok = load_site_data(demo_tokens, train_cfg().split).tok
+    for size in ("tiny", "small"):
+        cfg = load_config(f"model/{size}")
+        assert count_parameters(cfg, tok) == n_params(build_model(cfg, tok))
+    assert count_parameters(load_config("model/1b"), tok) > 10**9
