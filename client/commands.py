@@ -11,6 +11,7 @@ from pathlib import Path
 from omegaconf import DictConfig
 from rich.table import Table
 
+from fedclif.client.approval import APPROVED_FILE, approve, approved, write_clientapp_shim
 from fedclif.client.daemon import supernode_command
 from fedclif.client.ledger import Ledger
 from fedclif.client.policy import SECTIONS as POLICY_SECTIONS
@@ -179,12 +180,25 @@ def cmd_serve(args: argparse.Namespace) -> int:
                             name, Path(args.policy), args.port)  # fmt: skip
     with step(f"checking {args.data}"):
         load_site(args.data, policy.site)  # a broken export fails here, not mid-run
+    work = work_dir(policy, name)
     console.print(
         f"serving {args.data} to {args.superlink} under {args.policy} (work directory "
-        f"{work_dir(policy, name)}): only what the policy allows leaves"
+        f"{work}): only what the policy allows leaves"
     )
+    for h, why in approved(work).items():
+        console.print(f"accepting app bundle {h} ({why})")
+    env = flower_env()
+    env["PATH"] = os.pathsep.join([str(write_clientapp_shim(work)), env["PATH"]])
     # The SuperNode replaces this process: signals reach it directly.
-    os.execve(cmd[0], cmd, flower_env())
+    os.execve(cmd[0], cmd, env)
+
+
+def cmd_approve(args: argparse.Namespace) -> int:
+    """Let this site run another app bundle (after reviewing it)."""
+    work = work_dir(load_policy(args.policy), args.name)
+    h = approve(work, args.bundle, args.note)
+    out.print(f"approved app bundle {h} at this site ({work / APPROVED_FILE})")
+    return 0
 
 
 def cmd_policy_init(args: argparse.Namespace) -> int:
@@ -232,6 +246,11 @@ def register(sub, groups: dict, add: Callable) -> None:
     p = add(groups["site"], "ledger", cmd_ledger, "the DP budget this site has spent")
     p.add_argument("--policy", required=True, help="the site's policy file")
     p.add_argument("--name", default="site", help="site name (names the default work dir)")
+    p = add(groups["site"], "approve", cmd_approve, "let this site run another app bundle")
+    p.add_argument("bundle", help="the reviewed .fab file, or its SHA-256")
+    p.add_argument("--policy", required=True, help="the site's policy file")
+    p.add_argument("--name", default="site", help="site name (names the default work dir)")
+    p.add_argument("--note", default="approved by the site", help="why (kept with the hash)")
     p = add(groups["site"], "keygen", cmd_keygen, "make this site's key pair (site.key stays)")
     p.add_argument("--out", required=True, help="directory for site.key and site.pub")
     p = add(groups["site"], "serve", cmd_serve, "the site daemon: a SuperNode next to the data")

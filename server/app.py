@@ -1,5 +1,5 @@
 """The coordinator's Flower ServerApp: reads the run's config tree from the run config
-and drives it (server/run.py). Run config (server/deploy.py RUN_CONFIG): `config` (the
+and drives it (server/run.py). Run config (shared/flower.py RUN_CONFIG): `config` (the
 resolved tree, YAML, as `fedclif run` sends it), `out-dir` (where the coordinator keeps
 tokenizer, checkpoint, results), `resume`, and `audit-dir` (optional: every reply's
 records are written there for inspection)."""

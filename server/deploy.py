@@ -16,19 +16,16 @@ import tomli_w
 from omegaconf import DictConfig, OmegaConf
 
 from fedclif.shared.errors import FedclifError
-from fedclif.shared.flower import APP_NAME, executable, flower_env, write_app
+from fedclif.shared.flower import (
+    RUN_CONFIG,
+    SERVERAPP,
+    app_files,
+    executable,
+    flower_env,
+    write_app,
+)
 
 CONNECTION = "fedclif"
-# The coordinator's Flower app: its ServerApp and the run-config keys it reads.
-SERVERAPP = "fedclif.server.app:app"
-RUN_CONFIG = {
-    "config": "",
-    "out-dir": "runs/federation",
-    "resume": False,
-    "audit-dir": "",
-    "sites": "",
-    "work-root": "",
-}
 
 
 def superlink_command(pki: Path, host: str, port: int) -> list[str]:
@@ -104,7 +101,7 @@ def submit(
     """Start a run of the Flower app whose ServerApp is `serverapp` (run-config keys and
     defaults: `defaults`) with this run config; returns its run id."""
     with tempfile.TemporaryDirectory(prefix="fedclif-app-") as tmp:
-        app = write_app(Path(tmp), APP_NAME, serverapp, defaults)
+        app = write_app(Path(tmp), app_files(serverapp, defaults))
         conf = Path(tmp) / "run-config.toml"
         conf.write_text(tomli_w.dumps(config))
         text = flwr(["run", str(app), CONNECTION, "--run-config", str(conf)], env).stdout

@@ -32,6 +32,7 @@ ERRORS = {
     104: "missing_base",  # a LoRA round arrived before the site had the pretrained base
     105: "tokenizer_mismatch",
     106: "policy",  # the request breaks the site's policy (the reason names the rule)
+    107: "unapproved_app",  # the run's app bundle is not one the site approved
     199: "internal",
 }
 # Flower's own error replies (flwr.common.constant.ErrorCode), by what they mean here.

@@ -6,10 +6,10 @@ reads the k-th CLIF directory of the run config's `sites` (client/app.py)."""
 import os
 from pathlib import Path
 
-from fedclif.server.deploy import CONNECTION, RUN_CONFIG, SERVERAPP, connect, flwr, submit, wait_run
+from fedclif.server.deploy import CONNECTION, connect, flwr, submit, wait_run
 from fedclif.server.processes import Processes, free_port, wait_for
 from fedclif.shared.errors import FedclifError
-from fedclif.shared.flower import executable, flower_env
+from fedclif.shared.flower import RUN_CONFIG, SERVERAPP, executable, flower_env
 
 
 class SimulationEngine(Processes):

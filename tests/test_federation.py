@@ -3,17 +3,25 @@ two SuperNodes on loopback, each with its own small synthetic site; plus the ser
 checks. Every process started here is stopped (process groups), FLWR_HOME is temporary."""
 
 import json
+import re
+import tomllib
+from pathlib import Path
 
 import numpy as np
 import polars as pl
 import pytest
+import tomli_w
 
+import fedclif
+from fedclif.client.approval import APPROVED_FILE
 from fedclif.server.checks import update_problem
+from fedclif.server.deploy import CONNECTION, connect, flwr, run_config, wait_run
 from fedclif.server.loopback import Loopback
 from fedclif.server.processes import wait_for
 from fedclif.shared.clif.site import load_site
 from fedclif.shared.config import load_config
-from fedclif.shared.federation import from_record, to_record
+from fedclif.shared.federation import ERROR_CODE, from_record, load_federation, to_record
+from fedclif.shared.flower import app_files, fab_hash, write_app
 from fedclif.shared.labels import TASKS
 from fedclif.shared.models import load_model
 from fedclif.shared.stats import merge_stats, site_stats
@@ -186,6 +194,60 @@ def test_a_run_asking_for_finer_statistics_is_refused_by_every_site(federation):
         after = sorted(p.name for p in (lb.root / f"work-{s}").iterdir())
         assert after == sorted({*before[s], "errors.log"})  # nothing else written
     assert not (out / "results.json").exists() and not (out / "tokenizer.json").exists()
+
+
+def _hostile_app(root: Path, marker: Path) -> tuple[Path, str]:
+    """The release's bundle with a `client/app.py` of its own: fedclif's, one line changed
+    (it touches `marker` when imported), and the ClientApp pointed at it."""
+    files = app_files()
+    pyproject = tomllib.loads(files["pyproject.toml"].decode())
+    pyproject["tool"]["flwr"]["app"]["components"]["clientapp"] = "client.app:app"
+    files["pyproject.toml"] = tomli_w.dumps(pyproject).encode()
+    code = (Path(fedclif.__file__).parent / "client" / "app.py").read_text()
+    changed = code.replace("app = ClientApp()", f"app = ClientApp(); Path({str(marker)!r}).touch()")
+    assert changed.count("\n") == code.count("\n") and changed != code
+    files["client/app.py"] = changed.encode()
+    return write_app(root, files), fab_hash(files)
+
+
+def test_a_bundle_the_site_did_not_approve_never_runs(federation):
+    """A coordinator submits the release's app with one line of the site's code changed:
+    no site installs or imports it, each answers `unapproved_app` and says so in its log;
+    once site a approves that bundle, a runs it (the gate, not the code, refused it)."""
+    lb = federation
+    marker = lb.root / "hostile-code-ran"
+    app, h = _hostile_app(lb.root / "hostile-app", marker)
+    env = connect(lb.link, Path(lb.ca), lb.root / "flwr")
+    before = {s: sorted(p.name for p in (lb.root / f"work-{s}").iterdir()) for s in "ab"}
+
+    def submit(name: str) -> Path:
+        audit = lb.root / name
+        config = load_federation(overrides=[*RUN, "federation.timeout_s=60"])
+        conf = lb.root / f"{name}.toml"
+        conf.write_text(tomli_w.dumps(run_config(config, lb.root / f"{name}-out", False, audit)))
+        run = flwr(["run", str(app), CONNECTION, "--run-config", str(conf)], env).stdout
+        assert not wait_run(int(re.search(r"run (\d+)", run).group(1)), env)
+        return audit
+
+    audit = submit("unapproved")
+    assert not marker.exists()
+    errors = [json.loads(f.read_text())["error"] for f in sorted(audit.glob("*.json"))]
+    assert [e["code"] for e in errors] == [ERROR_CODE["unapproved_app"]] * 2
+    for s in "ab":
+        assert f"refused app bundle {h}" in (lb.root / f"work-{s}" / "errors.log").read_text()
+        assert f"refused app bundle {h}" in lb.log(f"node-{s}")
+        after = sorted(p.name for p in (lb.root / f"work-{s}").iterdir())
+        assert after == sorted({*before[s], "errors.log"})
+
+    policy = str(lb.site_dir("a") / "policy.yaml")
+    lb.fedclif("site", "approve", h, "--policy", policy, "--note", "reviewed for the test")
+    try:
+        audit = submit("approved-at-a")
+        assert marker.exists()
+        codes = [json.loads(f.read_text())["error"] for f in sorted(audit.glob("*.json"))]
+        assert ERROR_CODE["unapproved_app"] in [c and c["code"] for c in codes]  # site b
+    finally:
+        (lb.root / "work-a" / APPROVED_FILE).unlink()
 
 
 def test_killed_site_does_not_stop_the_run(federation, finished_run):
