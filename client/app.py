@@ -202,7 +202,8 @@ def train(msg: Message, context: Context) -> Message:
     c = msg.content[CONFIG]
     model, data, cfg, stage = _model(msg, node, full_data=str(c["stage"]) == "pretrain")
     ledger, entry = Ledger(node.work), None
-    if check_dp(cfg, stage, len(data.rows("train")), node.policy):
+    patients = data.stays[data.rows("train")].get_column("patient_id").n_unique()
+    if check_dp(cfg, stage, patients, node.policy):
         # Charged before training, for good: a round that dies midway spent something.
         limit = float(node.policy.policy.dp.max_epsilon_lifetime)
         entry = ledger.reserve(context.run_id, stage, int(c["round"]), float(cfg.dp.epsilon),

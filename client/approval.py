@@ -41,9 +41,7 @@ def approved(work: Path) -> dict[str, str]:
     """Hash -> why it is approved: this release's bundle, then those the site added."""
     path = Path(work) / APPROVED_FILE
     added = json.loads(path.read_text())["approved"] if path.is_file() else []
-    return {release_hash(): "the installed fedclif release"} | {
-        a["hash"]: a["note"] for a in added
-    }
+    return {release_hash(): "the installed fedclif release"} | {a["hash"]: a["note"] for a in added}
 
 
 def approve(work: Path, fab_or_hash: str, note: str) -> str:

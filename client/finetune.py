@@ -6,7 +6,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
-from fedclif.client.loop import fit, pick_device
+from fedclif.client.loop import dp_config, fit, pick_device
 from fedclif.client.stage import STAGES, predict
 from fedclif.shared.artifact import write_json
 from fedclif.shared.errors import FedclifError
@@ -38,11 +38,6 @@ def evaluate_tasks(
         )
         for i, t in enumerate(tasks)
     }
-
-
-def dp_config(cfg: DictConfig) -> DictConfig | None:
-    """The DP-SGD settings when DP is on (dp.epsilon > 0)."""
-    return cfg.dp if float(cfg.dp.epsilon) > 0 else None
 
 
 def finetune(

@@ -13,8 +13,8 @@ import numpy as np
 import torch
 from omegaconf import DictConfig
 
-from fedclif.client.finetune import dp_config, evaluate_tasks
-from fedclif.client.loop import fit, pick_device
+from fedclif.client.finetune import evaluate_tasks
+from fedclif.client.loop import dp_config, fit, pick_device
 from fedclif.client.stage import stage as stage_of
 from fedclif.shared.metrics import flat_metrics
 from fedclif.shared.models import EHRModel, get_weights, setup, trainable
@@ -42,7 +42,7 @@ def train_round(
     setup(model, cfg, stage)
     device = pick_device(cfg.device)
     st = stage_of(stage)
-    dp = dp_config(cfg) if stage == "finetune" else None
+    dp = dp_config(cfg)
     ds = st.examples(data, "train", cfg, dp is not None, seed)
     loss = st.loss
     if proximal_mu > 0:

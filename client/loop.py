@@ -73,6 +73,11 @@ class LoopResult:
     epsilon: float | None = None
 
 
+def dp_config(cfg: DictConfig) -> DictConfig | None:
+    """The DP-SGD settings when DP is on (dp.epsilon > 0)."""
+    return cfg.dp if float(cfg.dp.epsilon) > 0 else None
+
+
 def fit(
     model: torch.nn.Module,
     loss_fn: Callable[[torch.nn.Module, Batch], torch.Tensor],

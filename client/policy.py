@@ -110,14 +110,15 @@ def check_probe_training(n_stays: int, policy: DictConfig) -> None:
         refuse("probes.min_train_stays", n_stays, "<", policy.policy.probes.min_train_stays)
 
 
-def check_dp(train: DictConfig, stage: str, n_train: int, policy: DictConfig) -> bool:
+def check_dp(train: DictConfig, stage: str, n_patients: int, policy: DictConfig) -> bool:
     """Whether this round trains under DP-SGD, refusing what the policy's `dp` rules
-    forbid (no DP where it is required, a delta above the site's bound)."""
+    forbid (no DP where it is required, a delta above the site's bound: by default 1 /
+    the patients of its training split, the unit DP-SGD protects)."""
     p = policy.policy.dp
-    dp = stage == "finetune" and float(train.dp.epsilon) > 0
+    dp = float(train.dp.epsilon) > 0
     if p.required and not dp:
         refuse("dp.required", f"{stage} with epsilon {train.dp.epsilon}", "is", "not DP-SGD")
-    bound = float(p.max_delta) if p.max_delta is not None else 1.0 / max(n_train, 1)
+    bound = float(p.max_delta) if p.max_delta is not None else 1.0 / max(n_patients, 1)
     if dp and float(train.dp.delta) > bound:
         refuse("dp.max_delta", train.dp.delta, ">", f"{bound:.3g}")
     return dp

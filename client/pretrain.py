@@ -8,7 +8,7 @@ import numpy as np
 import torch
 from omegaconf import DictConfig
 
-from fedclif.client.loop import fit, pick_device
+from fedclif.client.loop import dp_config, fit, pick_device
 from fedclif.client.stage import STAGES
 from fedclif.shared.artifact import write_json
 from fedclif.shared.models import (
@@ -50,10 +50,12 @@ def pretrain(
     else:  # the same seed, the same initial weights
         model = stage_model(model_cfg, data.tok, cfg, "pretrain", seed=int(cfg.seed))
     c, st = cfg.pretrain, STAGES["pretrain"]
-    train, val = st.examples(data, "train", cfg), st.examples(data, "val", cfg)
+    blocks, val = st.examples(data, "train", cfg), st.examples(data, "val", cfg)
+    dp = dp_config(cfg)
+    train = st.examples(data, "train", cfg, True, int(cfg.seed)) if dp is not None else blocks
     pad = model.lm.config.pad_token_id
-    unigram = unigram_entropy(train.tensors[0], pad)
-    tokens = int((train.tensors[0] != pad).sum())
+    unigram = unigram_entropy(blocks.tensors[0], pad)
+    tokens = int((blocks.tensors[0] != pad).sum())
 
     def save(st) -> None:
         save_model(model, out, data.tok, "pretrain", {"step": st.step, "val_loss": st.best})
@@ -70,6 +72,7 @@ def pretrain(
         on_improve=save,
         state_file=out / STATE_FILE,
         resume=resume,
+        dp=dp,
         workers=int(cfg.workers),
         progress=progress,
     )
@@ -84,6 +87,7 @@ def pretrain(
         "final_train_loss": res.train_loss,
         "steps": res.state.step,
         "epochs_done": res.state.epoch,
+        "dp": None if dp is None else {"epsilon": res.epsilon, "delta": float(dp.delta)},
         "history": res.state.history,
     }
     write_json(metrics, out / "metrics.json")

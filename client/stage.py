@@ -10,17 +10,28 @@ from torch.utils.data import DataLoader, Dataset
 from fedclif.client.loop import to_device
 from fedclif.shared.errors import FedclifError
 from fedclif.shared.models import EHRModel
-from fedclif.shared.sequences import Prompted, SiteData, block_batch, packed_blocks, pad_collate
+from fedclif.shared.sequences import (
+    PatientBlocks,
+    Prompted,
+    SiteData,
+    block_batch,
+    packed_blocks,
+    pad_collate,
+)
 
 
 class Pretrain:
-    """Next-token prediction on full timelines packed into blocks of `pretrain.context`."""
+    """Next-token prediction on full timelines packed into blocks of `pretrain.context`.
+    `private`: one block per patient instead (the unit DP-SGD protects), a window of
+    their timelines drawn with `seed`."""
 
     name = "pretrain"
 
     def examples(
         self, data: SiteData, split: str, cfg: DictConfig, private: bool = False, seed: int = 0
     ) -> Dataset:
+        if private:
+            return PatientBlocks(data, split, int(cfg.pretrain.context), seed)
         return packed_blocks(data, split, int(cfg.pretrain.context))
 
     def collate(self, model: EHRModel):
@@ -43,8 +54,8 @@ class Pretrain:
 
 class Finetune:
     """Multitask prompted finetuning: the first-24 h view closed by a task token (the last
-    `finetune.context` tokens), one binary head. `private`: one example per stay (the unit
-    DP-SGD protects), its task drawn with `seed`."""
+    `finetune.context` tokens), one binary head. `private`: one example per patient (the
+    unit DP-SGD protects), its stay and task drawn with `seed`."""
 
     name = "finetune"
 

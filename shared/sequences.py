@@ -137,6 +137,51 @@ def packed_blocks(data: SiteData, split: str, context: int) -> torch.utils.data.
     return torch.utils.data.TensorDataset(*tensors)
 
 
+def _groups(keys: np.ndarray) -> list[np.ndarray]:
+    """Indices of `keys` grouped by value (one array per distinct key)."""
+    order = np.argsort(keys, kind="stable")
+    cuts = np.flatnonzero(keys[order][1:] != keys[order][:-1]) + 1
+    return np.split(order, cuts)
+
+
+class PatientBlocks(torch.utils.data.Dataset):
+    """One pretraining example per patient (the unit DP-SGD protects): their stays of a
+    split end to end, a window of `context` tokens drawn at random each time it is read
+    (right-padded when the patient has fewer). Items are tuples, as `packed_blocks`'."""
+
+    def __init__(self, data: SiteData, split: str, context: int, seed: int = 0):
+        rows = data.rows(split)
+        order = np.lexsort(
+            (data.stays.get_column("hosp_index").to_numpy()[rows],
+             data.stays.get_column("patient_id").to_numpy()[rows])
+        )  # fmt: skip
+        rows = rows[order]
+        self.seqs = Ragged.of(data, rows, window=False)
+        self.groups = _groups(data.stays.get_column("patient_id").to_numpy()[rows])
+        self.context, self.pad = context, data.tok.index[PAD]
+        self.rng = np.random.default_rng(seed)
+
+    def __len__(self) -> int:
+        return len(self.groups)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, ...]:
+        # A patient's stays are consecutive rows: their tokens one contiguous range.
+        g = self.groups[i]
+        start, end = self.seqs.offsets[g[0]], self.seqs.offsets[g[-1] + 1]
+        lo = start + int(self.rng.integers(0, max(end - start - self.context, 0) + 1))
+        hi = min(end, lo + self.context)
+        n = np.diff(self.seqs.offsets)[g]
+        cols = (
+            (self.seqs.ids[lo:hi], self.pad),
+            (self.seqs.types[lo:hi], 0),
+            (self.seqs.hours[lo:hi], 0),
+            (np.repeat(self.seqs.age[g], n)[lo - start : hi - start], 0),
+            (np.repeat(self.seqs.visit[g], n)[lo - start : hi - start], 0),
+        )
+        pad = self.context - (hi - lo)
+        return tuple(torch.from_numpy(np.r_[v, np.full(pad, f, v.dtype)]) for v, f in cols)
+
+
 def block_batch(tensors: list[torch.Tensor]) -> dict[str, torch.Tensor]:
     keys = ("input_ids", "types", "hours", "age", "visit")
     return dict(zip(keys, tensors, strict=True))
@@ -146,9 +191,9 @@ class Prompted(torch.utils.data.Dataset):
     """First-24 h views closed by a task token, with that task's 0/1 outcome.
 
     A stay is an example of a task only where `labels.usable` says its outcome can be
-    evaluated (the 24 h leakage rule for ICU and ventilation). `one_per_stay` makes each
-    stay a single example with one of its tasks drawn at random each time it is read: the
-    unit DP-SGD protects is then the stay.
+    evaluated (the 24 h leakage rule for ICU and ventilation). `one_per_patient` makes
+    each patient a single example, one of their (stay, task) pairs drawn at random each
+    time it is read: the unit DP-SGD protects is then the patient.
     """
 
     def __init__(
@@ -157,7 +202,7 @@ class Prompted(torch.utils.data.Dataset):
         split: str,
         tasks: list[str],
         context: int,
-        one_per_stay: bool = False,
+        one_per_patient: bool = False,
         seed: int = 0,
     ):
         unknown = [t for t in tasks if t not in TASKS or f"TASK_{t}" not in data.tok.index]
@@ -180,20 +225,17 @@ class Prompted(torch.utils.data.Dataset):
             pairs.append(np.c_[i, np.full(i.size, k), y])
         self.pairs = np.concatenate(pairs) if pairs else np.zeros((0, 3), np.int64)
         self.stay_ids = data.stays.get_column("hospitalization_id").to_numpy()[rows]
-        self.one_per_stay = one_per_stay
-        if one_per_stay:
-            order = np.argsort(self.pairs[:, 0], kind="stable")
-            self.pairs = self.pairs[order]
-            self.groups = np.split(
-                np.arange(len(self.pairs)), np.flatnonzero(np.diff(self.pairs[:, 0])) + 1
-            )
+        self.one_per_patient = one_per_patient
+        if one_per_patient:
+            patients = data.stays.get_column("patient_id").to_numpy()[rows][self.pairs[:, 0]]
+            self.groups = _groups(patients)
             self.rng = np.random.default_rng(seed)
 
     def __len__(self) -> int:
-        return len(self.groups) if self.one_per_stay else len(self.pairs)
+        return len(self.groups) if self.one_per_patient else len(self.pairs)
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
-        j = self.rng.choice(self.groups[i]) if self.one_per_stay else i
+        j = self.rng.choice(self.groups[i]) if self.one_per_patient else i
         row, k, y = self.pairs[j]
         x = self.seqs.item(row, self.context - 1)
         end = x["hours"][-1] if x["hours"].size else 0.0

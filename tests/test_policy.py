@@ -148,9 +148,10 @@ def test_dp_rules_of_the_policy():
     on = load_federation(overrides=["train.dp.epsilon=1", "train.dp.delta=1e-5"]).train
     assert check_dp(on, "finetune", 1000, strict) is True
     assert "dp.required" in _refused(check_dp, off, "finetune", 1000, strict)
-    assert "dp.required" in _refused(check_dp, on, "pretrain", 1000, strict)
+    assert "dp.required" in _refused(check_dp, off, "pretrain", 1000, strict)
+    assert check_dp(on, "pretrain", 1000, strict) is True  # pretraining is DP-SGD too
     assert check_dp(off, "finetune", 1000, load_policy()) is False
-    # delta at most 1 / the site's training stays by default
+    # delta at most 1 / the patients of the site's training split by default
     assert check_dp(on, "finetune", 1000, load_policy()) is True  # 1e-5 <= 1e-3
     million = _refused(check_dp, on, "finetune", 10**6, load_policy())
     assert million == "policy: dp.max_delta 1e-05 > 1e-06"

@@ -1,6 +1,7 @@
 """Models and local training on the demo with the tiny model: pretraining, checkpoints,
 resume, finetuning (full, LoRA, DP-SGD), probes, forecast, the federation's round API."""
 
+import copy
 import json
 
 import numpy as np
@@ -13,6 +14,7 @@ from transformers import AutoModel, LlamaConfig, LlamaForCausalLM
 from fedclif.cli import main
 from fedclif.client.local import evaluate_round, train_round
 from fedclif.client.pretrain import STATE_FILE
+from fedclif.client.stage import STAGES
 from fedclif.shared.config import load_config, load_tree
 from fedclif.shared.errors import FedclifError
 from fedclif.shared.labels import TASKS, usable
@@ -25,6 +27,7 @@ from fedclif.shared.models import (
     n_params,
     save_model,
     set_weights,
+    setup,
 )
 from fedclif.shared.sequences import Prompted, load_site_data, pad_collate
 
@@ -216,6 +219,47 @@ def test_dp_finetune_reports_spent_epsilon(demo_tokens, pretrained, tmp_path):
     assert 0 < dp["epsilon"] <= 4.0 + 1e-6 and dp["delta"] == 1e-5
 
 
+@pytest.mark.parametrize("arch", ["mamba2", "llama"])
+@pytest.mark.parametrize("stage,peft", [("pretrain", None), ("finetune", None),
+                                        ("finetune", "lora")])  # fmt: skip
+def test_opacus_gives_every_trainable_parameter_its_exact_per_sample_gradient(
+    demo_tokens, arch, stage, peft
+):
+    """DP-SGD clips each example's gradient: opacus must compute one for every parameter
+    that trains (the fallback for modules it has no rule for, e.g. Mamba-2's mixer and the
+    RMS norms, included), and it must equal the gradient of that example alone."""
+    from opacus import GradSampleModule
+
+    cfg = train_cfg("pretrain.context=32", f"finetune.peft={'lora' if peft else 'null'}")
+    data = load_site_data(demo_tokens, cfg.split, full=True)
+    model_cfg = load_tree(("model",), (), None, [f"model.arch={arch}"]).model
+    torch.manual_seed(0)
+    model = build_model(model_cfg, data.tok)
+    setup(model, cfg, stage)
+    st = STAGES[stage]
+    # Private examples (one per patient) must batch; the exactness check needs examples
+    # whose batch-mean loss is the mean of their own losses: full blocks, one-row tasks.
+    private = st.examples(data, "train", cfg, True, 0)
+    st.collate(model)([private[i] for i in range(4)])
+    ds = st.examples(data, "train", cfg)
+    batch = st.collate(model)([ds[i] for i in range(3)])
+    single = copy.deepcopy(model)
+    dp_model = GradSampleModule(model, batch_first=True, loss_reduction="mean")
+    st.loss(dp_model, batch).backward()
+    trained = [(n, p) for n, p in dp_model.named_parameters() if p.requires_grad]
+    assert trained and all(getattr(p, "grad_sample", None) is not None for _, p in trained)
+    for i in range(3):
+        single.zero_grad()
+        one = {k: v[i : i + 1] for k, v in batch.items()}
+        if "lengths" in one:  # unpadded, as the example is alone
+            one = {k: v[:, : int(one["lengths"][0])] if v.dim() == 2 else v for k, v in one.items()}
+        st.loss(single, one).backward()
+        grads = dict(single.named_parameters())
+        for n, p in trained:
+            ref = grads[n.removeprefix("_module.")].grad
+            assert torch.allclose(p.grad_sample[i], ref, rtol=1e-3, atol=1e-6 * ref.abs().max()), n
+
+
 def test_probe_writes_results_and_plot(demo_tokens, pretrained, tmp_path):
     out = tmp_path / "probe"
     args = ["train", "probe", "--model", str(pretrained), "--train", str(demo_tokens)]
@@ -314,6 +358,21 @@ def test_round_api_is_deterministic_and_sends_only_what_trains(demo_tokens, pret
     assert before["num_examples"] > 0 and "death_auroc" in before
     with pytest.raises(FedclifError, match="shape"):
         set_weights(fresh, {k: np.zeros(3) for k in get_weights(fresh)})
+
+
+def test_dp_rounds_protect_the_patient_in_both_stages(demo_tokens, pretrained):
+    """Under DP-SGD a round's examples are its training split's patients (one each), and
+    pretraining and finetuning both spend epsilon."""
+    dp = ("train.dp.epsilon=8", "train.dp.delta=1e-4")
+    cfg = train_cfg("pretrain.max_steps=2", "finetune.max_steps=2", *(d[6:] for d in dp))
+    data = load_site_data(demo_tokens, cfg.split, full=True)
+    patients = data.stays[data.rows("train")].get_column("patient_id").n_unique()
+    assert patients < len(data.rows("train"))  # the demo has patients with several stays
+    for stage in ("pretrain", "finetune"):
+        model, _ = load_model(pretrained)
+        r = train_round(model, data, cfg, stage, seed=3)
+        assert r.metrics["num_examples"] == patients
+        assert 0 < r.metrics["epsilon"] <= 8
 
 
 def test_bad_training_input_is_refused(demo_tokens, pretrained, tmp_path, capsys):
