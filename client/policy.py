@@ -117,7 +117,9 @@ def check_dp(train: DictConfig, stage: str, n_patients: int, policy: DictConfig)
     p = policy.policy.dp
     dp = float(train.dp.epsilon) > 0
     if p.required and not dp:
-        refuse("dp.required", f"{stage} with epsilon {train.dp.epsilon}", "is", "not DP-SGD")
+        refuse(
+            "dp.required", f"{stage} with epsilon {float(train.dp.epsilon):g}", "is", "not DP-SGD"
+        )
     bound = float(p.max_delta) if p.max_delta is not None else 1.0 / max(n_patients, 1)
     if dp and float(train.dp.delta) > bound:
         refuse("dp.max_delta", train.dp.delta, ">", f"{bound:.3g}")

@@ -11,19 +11,21 @@ import numpy as np
 import polars as pl
 import pytest
 import tomli_w
+from omegaconf import OmegaConf
 
 import fedclif
 from fedclif.client.approval import APPROVED_FILE
+from fedclif.client.ledger import Ledger
 from fedclif.server.checks import update_problem
-from fedclif.server.deploy import CONNECTION, connect, flwr, run_config, wait_run
+from fedclif.server.deploy import CONNECTION, connect, flwr, run_config, submit, wait_run
 from fedclif.server.loopback import Loopback
 from fedclif.server.processes import wait_for
 from fedclif.shared.clif.site import load_site
 from fedclif.shared.config import load_config
-from fedclif.shared.federation import ERROR_CODE, from_record, load_federation, to_record
+from fedclif.shared.federation import ERROR_CODE, ERRORS, from_record, load_federation, to_record
 from fedclif.shared.flower import app_files, fab_hash, write_app
 from fedclif.shared.labels import TASKS
-from fedclif.shared.models import load_model
+from fedclif.shared.models import count_parameters, load_model
 from fedclif.shared.stats import merge_stats, site_stats
 from fedclif.shared.tokenizer import Tokenizer, fit_tokenizer
 from fedclif.simulations.synth import load_preset, write_site
@@ -194,6 +196,73 @@ def test_a_run_asking_for_finer_statistics_is_refused_by_every_site(federation):
         after = sorted(p.name for p in (lb.root / f"work-{s}").iterdir())
         assert after == sorted({*before[s], "errors.log"})  # nothing else written
     assert not (out / "results.json").exists() and not (out / "tokenizer.json").exists()
+
+
+# What a hostile coordinator asks, what the site's policy says (its file rewritten for the
+# case), and the exact refusal in the site's log (after "SiteRefusal: ") and at the server
+# (the category; a policy refusal also names its rule there).
+HOSTILE = {
+    "noise seed": (["federation.statistics=true", "tokenizer.stats.seed=7"], {},
+                   "policy: stats.seed 7 != None", "policy"),
+    "tiny test split": (["train.split.test=0.001"], {},
+                        "policy: splits.min_test 0.001 < 0.1", "policy"),
+    "no DP where required": (["train.dp.epsilon=0"], {"policy.dp.required": True},
+                             "policy: dp.required pretrain with epsilon 0 is not DP-SGD",
+                             "policy"),
+    "past the lifetime budget": (["train.dp.epsilon=2", "train.dp.delta=1e-5"],
+                                 {"policy.dp.max_epsilon_lifetime": 1.5},
+                                 "policy: dp.max_epsilon_lifetime: spent 0 + 2 > 1.5",
+                                 "dp_budget_exhausted"),
+    "model 100x the cap": ([], {"policy.model.max_parameters": "CAP"},
+                           "policy: model.max_parameters {n} > {cap}", "policy"),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("case", HOSTILE)
+def test_a_hostile_request_is_refused_and_changes_nothing(federation, finished_run, case):
+    """Each request beyond a site's policy is refused by the real SuperNodes with the
+    rule's name, before any data is read or written: the sites' work directories and DP
+    ledgers are as they were, and the run config's `work-root` is never used."""
+    lb = federation
+    asked, policy, refusal, category = HOSTILE[case]
+    name = case.replace(" ", "-")
+    tok = finished_run[0] / "tokenizer.json"
+    config = load_federation(overrides=[
+        *RUN, "federation.statistics=false", f"federation.tokenizer={tok}", *asked,
+    ])  # fmt: skip
+    if "CAP" in policy.values():
+        n = count_parameters(config.model, Tokenizer.load(tok))
+        policy = {"policy.model.max_parameters": n // 100}
+        refusal = refusal.format(n=n, cap=n // 100)
+    elsewhere = lb.root / f"{name}-work-root"
+    rc = run_config(config, lb.root / f"{name}-out", False, lb.root / f"{name}-audit")
+    files = {s: lb.site_dir(s) / "policy.yaml" for s in "ab"}
+    texts = {s: f.read_text() for s, f in files.items()}
+    before = {s: sorted(p.name for p in (lb.root / f"work-{s}").iterdir()) for s in "ab"}
+    ledgers = {s: Ledger(lb.root / f"work-{s}").entries() for s in "ab"}
+    try:
+        for f in files.values():
+            tree = OmegaConf.load(f)
+            for k, v in policy.items():
+                OmegaConf.update(tree, k, v)
+            OmegaConf.save(tree, f)
+        env = connect(lb.link, Path(lb.ca), lb.root / "flwr")
+        assert not wait_run(submit({**rc, "work-root": str(elsewhere)}, env), env)
+    finally:
+        for s, f in files.items():
+            f.write_text(texts[s])
+    assert not elsewhere.exists()
+    audit = sorted((lb.root / f"{name}-audit").glob("*.json"))
+    errors = [e for f in audit if (e := json.loads(f.read_text())["error"])]
+    assert [ERRORS[e["code"]] for e in errors] == [category] * 2
+    if category == "policy":
+        assert {e["reason"] for e in errors} == {refusal}
+    for s in "ab":
+        work = lb.root / f"work-{s}"
+        assert f"SiteRefusal: {refusal}\n" in (work / "errors.log").read_text()
+        # The refusal's log, and the ledger's lock when the ledger was asked: nothing else.
+        assert {p.name for p in work.iterdir()} - {*before[s]} <= {"errors.log", "dp-ledger.lock"}
+        assert Ledger(work).entries() == ledgers[s]
 
 
 def _hostile_app(root: Path, marker: Path) -> tuple[Path, str]:
