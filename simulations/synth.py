@@ -97,6 +97,19 @@ def _sigmoid(x: np.ndarray) -> np.ndarray:
     return 1.0 / (1.0 + np.exp(-x))
 
 
+# Free-text SBT failure reasons and their shares: the last four identify someone.
+FREE_TEXT_ANSWERS = {
+    "tachypnea": 0.35,
+    "desaturation": 0.25,
+    "agitation": 0.2,
+    "hemodynamic instability": 0.1,
+    "per Dr. Alvarez": 0.03,
+    "see note 2184-03-17": 0.03,
+    "MRN 00482913": 0.02,
+    "call 312-555-0186": 0.02,
+}
+
+
 def _choice(rng: np.random.Generator, shares: Mapping, n: int) -> pl.Series:
     keys = list(shares.keys())
     p = np.array([float(shares[k]) for k in keys])
@@ -620,6 +633,21 @@ class _Chunk:
                 }
             ),
         ]
+        # Free text, as CLIF's categorical_value allows (no permissible list): why a
+        # spontaneous breathing trial failed, a few answers of which read like a name, a
+        # date or a record number (a site's stats must keep those home, however common).
+        sbt = np.flatnonzero(vent)[::4]
+        frames.append(
+            pl.DataFrame(
+                {
+                    "hospitalization_id": self.hosp_id(idx[sbt]),
+                    "recorded_dttm": _ts(st, idx[sbt], t[sbt]),
+                    "assessment_category": "sbt_fail_reason",
+                    "numerical_value": None,
+                    "categorical_value": _choice(rng, FREE_TEXT_ANSWERS, sbt.size),
+                }
+            )
+        )
         return pl.concat(frames, how="vertical_relaxed")
 
     def position(self) -> pl.DataFrame:

@@ -3,6 +3,7 @@ statistics that leave under the default policy, and paths a run cannot choose.""
 
 import stat
 
+import numpy as np
 import polars as pl
 import pytest
 from flwr.app import Context, RecordDict
@@ -23,9 +24,11 @@ from fedclif.client.policy import (
 )
 from fedclif.shared.clif.site import load_site
 from fedclif.shared.config import load_config, load_tree
+from fedclif.shared.events import OPEN_SEP, stay_events
 from fedclif.shared.federation import SiteRefusal, load_federation
-from fedclif.shared.stats import site_stats
-from fedclif.simulations.synth import load_preset, write_site
+from fedclif.shared.stats import merge_stats, screened_out, site_stats
+from fedclif.shared.tokenizer import fit_tokenizer
+from fedclif.simulations.synth import FREE_TEXT_ANSWERS, load_preset, write_site
 
 
 def test_policy_init_writes_the_commented_defaults_once(tmp_path, capsys):
@@ -185,3 +188,43 @@ def test_identifying_free_text_never_leaves(site_dir, site_cfg, tmp_path):
     assert "calm" in opened and not opened & set(answers[:-1])
     allowed = site_stats(site, load_config("tokenizer"), allow_open=["Grade 1000"])["codes"]
     assert f"ASMT_{code}=Grade 1000" in allowed and f"ASMT_{code}=MRN 4452231" not in allowed
+
+
+def test_default_policy_statistics_hold_no_small_count_and_no_identifying_answer(tmp_path):
+    """Two synthetic sites of 2,000 stays, whose free-text SBT answers include names, dates
+    and record numbers as common as real answers: under the default policy no count under
+    10 leaves, no answer that fails the screen leaves, and the merged tokenizer's deciles
+    stay within 1 percentile point of the pooled data's."""
+    sites = []
+    for i, preset in enumerate(("mimic-like", "ucmc-like")):
+        write_site(load_preset(preset), 2000, i + 1, tmp_path / preset)
+        sites.append(load_site(tmp_path / preset, load_config("site")))
+    cfg, policy = load_config("tokenizer"), load_policy()
+    stats = [site_stats(s, cfg, list(policy.policy.stats.allow_open)) for s in sites]
+    identifying = set(list(FREE_TEXT_ANSWERS)[4:])
+    for site, st in zip(sites, stats, strict=True):
+        cells = [c for h in st["numeric"].values() for c in h["counts"]]
+        dropped = [h["suppressed"] for h in st["numeric"].values() if h["suppressed"]]
+        assert min([*st["codes"].values(), *cells, *dropped, st["n_stays"]]) >= 10
+        answers = {c.split(OPEN_SEP, 1)[1] for c in st["codes"] if OPEN_SEP in c}
+        assert {"tachypnea", "desaturation", "agitation"} <= answers
+        assert not any(screened_out(a) for a in answers) and not answers & identifying
+        # Common enough that the count rule alone would have let them out.
+        raw = stay_events(site).filter(pl.col("code").str.starts_with("ASMT_sbt_fail_reason"))
+        counts = raw.group_by("code").len().collect()
+        assert counts.filter(pl.col("len") >= 10).height == len(FREE_TEXT_ANSWERS)
+    tok = fit_tokenizer(merge_stats(stats), cfg)
+    checked = 0
+    for code, cuts in tok.cuts.items():
+        if len(cuts) != 9:  # a discrete variable's deciles collapse
+            continue
+        pooled = np.sort(np.concatenate([
+            stay_events(s).filter(pl.col("code") == code).collect()["value"].drop_nulls().to_numpy()
+            for s in sites
+        ]))  # fmt: skip
+        for i, c in enumerate(cuts, start=1):
+            below = np.searchsorted(pooled, c, side="left") / pooled.size  # F(c-)
+            upto = np.searchsorted(pooled, c, side="right") / pooled.size  # F(c)
+            assert below <= i / 10 + 0.01 and upto >= i / 10 - 0.01, (code, i, c, below, upto)
+        checked += 1
+    assert checked >= 10
