@@ -28,6 +28,7 @@ from fedclif.client.policy import (
     check_probe_training,
     check_stats,
     check_training,
+    coarse_count,
     load_policy,
     withhold,
     work_dir,
@@ -149,10 +150,11 @@ def tokenize(msg: Message, context: Context) -> Message:
     if not (out / MANIFEST).is_file():
         tokenize_site(node.site(), tok, out)
     m = json.loads((out / MANIFEST).read_text())
+    sizes = {k: coarse_count(m[k], k, node.policy) for k in ("stays", "tokens")}
     return _reply(
         msg,
         **{
-            METRICS: MetricRecord({"stays": m["stays"], "tokens": m["tokens"]}),
+            METRICS: MetricRecord(sizes),
             CONFIG: ConfigRecord({"site": node.name}),
         },
     )
@@ -213,10 +215,12 @@ def train(msg: Message, context: Context) -> Message:
 
     t0 = time.perf_counter()
     res = train_round(model, data, cfg, stage, seed=int(c["seed"]), proximal_mu=mu)
+    n = coarse_count(res.metrics["num_examples"], "training examples", node.policy)
     metrics = {
-        "num-examples": res.metrics["num_examples"],
-        "train_seconds": time.perf_counter() - t0,  # the protocol's overhead is the rest
         **res.metrics,
+        "num-examples": n,  # FedAvg's weight
+        "num_examples": n,
+        "train_seconds": time.perf_counter() - t0,  # the protocol's overhead is the rest
     }
     if entry is not None:
         ledger.settle(entry, float(res.metrics["epsilon"]))
@@ -231,6 +235,8 @@ def _metrics_reply(msg: Message, m: dict, node: Node, tasks: list[str]) -> Messa
     """Evaluation metrics as the policy lets them leave: a task measured on too few stays
     or events is withheld, and the reply says which and why (WITHHELD)."""
     m, withheld = withhold(m, tasks, node.policy)
+    cell = int(node.policy.policy.stats.min_cell_count)
+    m["num_examples"] = m["num_examples"] // cell * cell  # a size, as coarse as every count
     m = {
         "num-examples": m["num_examples"],
         **{k: v if isinstance(v, list) else float(v) for k, v in m.items()},
@@ -277,10 +283,8 @@ def fit_probe(msg: Message, context: Context) -> Message:
     rep, labels, names, cfg = _representations(msg, node, "train")
     check_probe_training(len(rep), node.policy)
     probes = fit_probes(rep, labels, names, float(cfg.probe.C))
-    return _reply(
-        msg,
-        **{ARRAYS: to_record(probes), METRICS: MetricRecord({"num-examples": len(rep)})},
-    )
+    n = coarse_count(len(rep), "probe training stays", node.policy)
+    return _reply(msg, **{ARRAYS: to_record(probes), METRICS: MetricRecord({"num-examples": n})})
 
 
 @app.evaluate("probe")

@@ -105,6 +105,15 @@ def withhold(flat: dict, tasks: list[str], policy: DictConfig) -> tuple[dict, di
     return kept, reasons
 
 
+def coarse_count(n: int, what: str, policy: DictConfig) -> int:
+    """A count as it may leave: rounded down to a multiple of the policy's minimum cell
+    count (the statistics' rule, for the sizes replies carry); under it, refused."""
+    k = int(policy.policy.stats.min_cell_count)
+    if n < k:
+        refuse("stats.min_cell_count", f"{n} {what}", "<", k)
+    return n // k * k
+
+
 def check_probe_training(n_stays: int, policy: DictConfig) -> None:
     if n_stays < int(policy.policy.probes.min_train_stays):
         refuse("probes.min_train_stays", n_stays, "<", policy.policy.probes.min_train_stays)

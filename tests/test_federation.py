@@ -138,6 +138,10 @@ def test_site_messages_carry_no_identifier_or_raw_value(federation, finished_run
         assert set(rec["metrics"]) <= {"metrics"}
         for task, why in rec["config"].get("withheld", {}).items():
             assert why.startswith("policy: metrics.") and task in TASKS
+        # Sizes (stays, tokens, training examples) leave as multiples of the minimum cell.
+        sizes = {k: v for k, v in rec["metrics"].get("metrics", {}).items()
+                 if k in ("stays", "tokens", "num-examples", "num_examples")}  # fmt: skip
+        assert all(v % 10 == 0 for v in sizes.values()), sizes
     stats = [
         json.loads(json.loads(t)["records"]["config"]["stats"]["json"])
         for t in texts
