@@ -10,15 +10,19 @@ LoRA, and the server's aggregation memory as the number of sites grows.
    round sends and receives about that each), from the real model's ArrayRecords.
 3. Server peak RSS while Flower's FedAvg aggregation (`aggregate_arrayrecords`) holds N
    replies of the `small` model, each N in a fresh process.
+4. What the site's checks add to each message (client/policy.py, approval.py,
+   ledger.py), median ms over `--reps`, beside the message's own work on the demo site
+   (its statistics; a 5-step tiny-model training round) measured in the same run.
 
     python -m bench.federation                        # 3 sites, 3 rounds, N = 2, 8, 32
-    python -m bench.federation --sites 0 --replies 2 4      # quick: parts 2 and 3 only
+    python -m bench.federation --sites 0 --replies 2 4      # quick: parts 2, 3 and 4
 """
 
 import argparse
 import json
 import statistics
 import tempfile
+import time
 from pathlib import Path
 
 from bench.measure import measure, tokenized_demo
@@ -102,6 +106,103 @@ def protocol_overhead(root: Path, n_sites: int, rounds: int, steps: int, stays: 
     return rows
 
 
+def _median_ms(fn, reps: int) -> float:
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        times.append(1e3 * (time.perf_counter() - t0))
+    return statistics.median(times)
+
+
+def check_costs(root: Path, reps: int) -> tuple[list[tuple[str, str, float]], dict[str, float]]:
+    """(message, check, median ms) for every check a site runs, and the messages' own
+    work (ms) on the demo site."""
+    from fedclif.client.approval import approved
+    from fedclif.client.ledger import Ledger
+    from fedclif.client.local import train_round
+    from fedclif.client.policy import (
+        check_dp,
+        check_model,
+        check_stats,
+        check_training,
+        load_policy,
+        withhold,
+        write_policy,
+    )
+    from fedclif.shared.clif.site import load_site
+    from fedclif.shared.config import load_config
+    from fedclif.shared.events import OPEN_SEP
+    from fedclif.shared.federation import load_federation
+    from fedclif.shared.models import count_parameters, stage_model
+    from fedclif.shared.sequences import load_site_data
+    from fedclif.shared.stats import screened_out, site_stats
+    from fedclif.simulations.synth import FREE_TEXT_ANSWERS
+
+    tokens = tokenized_demo(root / "demo")
+    work = root / "checks-work"
+    policy_file = write_policy(root / "checks-site", [f"policy.work_dir={work}"])
+    policy = load_policy(policy_file)
+    run = load_federation(overrides=["train.dp.epsilon=1", "train.pretrain.max_steps=5"])
+    tok_cfg = load_config("tokenizer")
+    site = load_site(root / "demo" / "clif_demo", load_config("site"))
+    stats = site_stats(site, tok_cfg)
+    answers = [c.split(OPEN_SEP, 1)[1] for c in stats["codes"] if OPEN_SEP in c]
+    answers += list(FREE_TEXT_ANSWERS)
+    data = load_site_data(tokens, run.train.split, full=True)
+    ledger = Ledger(work)
+
+    def charge() -> None:
+        ledger.settle(ledger.reserve(1, "pretrain", 1, 1e-6, 1e-6, 1e9), 1e-6)
+
+    flat = {"num_examples": 500}
+    for t in TASK_NAMES:
+        flat |= {f"{t}_n": 100, f"{t}_prevalence": 0.2, f"{t}_auroc": 0.8}
+    rows = [
+        ("every message", "read the policy file", lambda: load_policy(policy_file)),
+        ("every message", "hash the approved bundle", lambda: approved(work)),
+        ("query.stats", "check_stats", lambda: check_stats(tok_cfg.stats, policy)),
+        ("query.stats", f"screen {len(answers)} free-text answers",
+         lambda: [screened_out(a) for a in answers]),
+        ("train", "check_training", lambda: check_training(run.train, policy)),
+        ("train", "count parameters, check_model",
+         lambda: check_model(count_parameters(run.model, data.tok), len(data.tok.vocab), policy)),
+        ("train", "check_dp", lambda: check_dp(run.train, "pretrain", 1000, policy)),
+        ("train", "DP ledger reserve + settle (fsync)", charge),
+        ("evaluate", "withhold (5 tasks)", lambda: withhold(flat, list(TASK_NAMES), policy)),
+    ]  # fmt: skip
+    costs = [(m, c, _median_ms(fn, reps)) for m, c, fn in rows]
+    plain = load_federation(overrides=["train.pretrain.max_steps=5"]).train
+
+    def train() -> None:
+        model = stage_model(run.model, data.tok, plain, "pretrain", seed=0)
+        train_round(model, data, plain, "pretrain")
+
+    work_ms = {
+        "query.stats": _median_ms(lambda: site_stats(site, tok_cfg), max(reps // 10, 3)),
+        "train": _median_ms(train, 3),
+    }
+    return costs, work_ms
+
+
+TASK_NAMES = ("death", "long_los", "icu", "imv", "readmission")
+
+
+def _print_checks(costs: list, work_ms: dict, reps: int) -> None:
+    print(f"\n4. the site's checks per message, median ms of {reps}")
+    total: dict[str, float] = {}
+    for message, check, ms in costs:
+        total[message] = total.get(message, 0.0) + ms
+        print(f"   {message:14} {check:40} {ms:9.3f} ms")
+    every = total.pop("every message")
+    for message, ms in total.items():
+        line = f"   {message:14} all checks {every + ms:8.2f} ms"
+        if message in work_ms:
+            w = work_ms[message]
+            line += f"  vs the message's work {w:9.1f} ms ({100 * (every + ms) / w:.2f}%)"
+        print(line)
+
+
 def _print_overhead(rows: list, args: argparse.Namespace) -> None:
     print(
         f"1. protocol overhead: {args.sites} sites on loopback (TLS, site auth), tiny "
@@ -128,6 +229,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=30, help="local optimizer steps per round")
     ap.add_argument("--stays", type=int, default=300, help="stays per synthetic site")
     ap.add_argument("--replies", type=int, nargs="+", default=[2, 8, 32])
+    ap.add_argument("--reps", type=int, default=50, help="repetitions of each site check")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
@@ -148,6 +250,7 @@ def main() -> None:
                 f"   N={n:4d}  peak {mib:8.0f} MiB  (+{per:.1f} MiB per extra reply; "
                 f"model {params * 4 / 2**20:.1f} MiB)"
             )
+        _print_checks(*check_costs(root, args.reps), args.reps)
 
 
 if __name__ == "__main__":
