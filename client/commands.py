@@ -193,9 +193,20 @@ def cmd_serve(args: argparse.Namespace) -> int:
     os.execve(cmd[0], cmd, env)
 
 
+def _site_work(policy: DictConfig, name: str | None) -> Path:
+    """The work directory `site serve` uses under this policy: its `work_dir`, else one
+    named for the site (which `--name` must then give)."""
+    if policy.policy.work_dir is None and name is None:
+        raise FedclifError(
+            "the policy sets no work_dir, so the work directory is ~/.fedclif/<site name>: "
+            "pass --name, the name `site serve` uses"
+        )
+    return work_dir(policy, str(name))
+
+
 def cmd_approve(args: argparse.Namespace) -> int:
     """Let this site run another app bundle (after reviewing it)."""
-    work = work_dir(load_policy(args.policy), args.name)
+    work = _site_work(load_policy(args.policy), args.name)
     h = approve(work, args.bundle, args.note)
     out.print(f"approved app bundle {h} at this site ({work / APPROVED_FILE})")
     return 0
@@ -211,7 +222,7 @@ def cmd_policy_init(args: argparse.Namespace) -> int:
 def cmd_ledger(args: argparse.Namespace) -> int:
     """What this site has spent of its DP budget, per run and round."""
     policy = load_policy(args.policy)
-    ledger = Ledger(work_dir(policy, args.name))
+    ledger = Ledger(_site_work(policy, args.name))
     t = Table(title=f"DP-SGD spent at this site ({ledger.path})", title_justify="left")
     for c in ("run", "stage", "round", "epsilon", "delta", "status", "when"):
         t.add_column(c, justify="right" if c in ("round", "epsilon", "delta") else "left")
@@ -245,11 +256,11 @@ def register(sub, groups: dict, add: Callable) -> None:
     add_arguments(p, POLICY_SECTIONS, "policy.stats.min_cell_count=20 site.timezone=UTC")
     p = add(groups["site"], "ledger", cmd_ledger, "the DP budget this site has spent")
     p.add_argument("--policy", required=True, help="the site's policy file")
-    p.add_argument("--name", default="site", help="site name (names the default work dir)")
+    p.add_argument("--name", help="site name (when the policy sets no work_dir)")
     p = add(groups["site"], "approve", cmd_approve, "let this site run another app bundle")
     p.add_argument("bundle", help="the reviewed .fab file, or its SHA-256")
     p.add_argument("--policy", required=True, help="the site's policy file")
-    p.add_argument("--name", default="site", help="site name (names the default work dir)")
+    p.add_argument("--name", help="site name (when the policy sets no work_dir)")
     p.add_argument("--note", default="approved by the site", help="why (kept with the hash)")
     p = add(groups["site"], "keygen", cmd_keygen, "make this site's key pair (site.key stays)")
     p.add_argument("--out", required=True, help="directory for site.key and site.pub")

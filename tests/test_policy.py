@@ -1,16 +1,19 @@
 """The site decides what leaves: its policy file, the checks every request passes, the
 statistics that leave under the default policy, and paths a run cannot choose."""
 
+import hashlib
 import stat
 
 import numpy as np
 import polars as pl
 import pytest
 from flwr.app import Context, RecordDict
+from flwr.cli.build import build_fab_from_files
 from omegaconf import OmegaConf
 
 from fedclif.cli import main
 from fedclif.client.app import Node
+from fedclif.client.approval import approved
 from fedclif.client.ledger import Ledger
 from fedclif.client.policy import (
     check_dp,
@@ -26,6 +29,7 @@ from fedclif.shared.clif.site import load_site
 from fedclif.shared.config import load_config, load_tree
 from fedclif.shared.events import OPEN_SEP, stay_events
 from fedclif.shared.federation import SiteRefusal, load_federation
+from fedclif.shared.flower import app_files, fab_hash
 from fedclif.shared.stats import merge_stats, screened_out, site_stats
 from fedclif.shared.tokenizer import fit_tokenizer
 from fedclif.simulations.synth import FREE_TEXT_ANSWERS, load_preset, write_site
@@ -166,6 +170,30 @@ def test_site_ledger_prints_what_was_spent(tmp_path, capsys):
     assert main(["site", "ledger", "--policy", str(policy)]) == 0
     text = capsys.readouterr().out
     assert "total epsilon 1.25 of the lifetime 10" in text and "reserved" in text
+
+
+def test_site_approve_adds_a_bundle_beside_the_release(tmp_path, capsys):
+    """The release's bundle is approved without a step; `site approve` adds a reviewed one
+    by its .fab file or its hash; anything else, or no way to find the work directory, is
+    an error that names what to pass."""
+    policy = write_policy(tmp_path / "site", [f"policy.work_dir={tmp_path / 'work'}"])
+    release = fab_hash(app_files())
+    assert approved(tmp_path / "work") == {release: "the installed fedclif release"}
+    fab = tmp_path / "other.fab"
+    fab.write_bytes(build_fab_from_files({**app_files(), "extra.py": b"x = 1\n"})[0])
+    other = hashlib.sha256(fab.read_bytes()).hexdigest()
+    assert main(["site", "approve", str(fab), "--policy", str(policy), "--note", "v2"]) == 0
+    assert main(["site", "approve", "ab" * 32, "--policy", str(policy)]) == 0
+    assert approved(tmp_path / "work") == {
+        release: "the installed fedclif release",
+        other: "v2",
+        "ab" * 32: "approved by the site",
+    }
+    assert main(["site", "approve", "not-a-hash", "--policy", str(policy)]) == 1
+    assert "neither a .fab file nor a SHA-256" in capsys.readouterr().err
+    bare = write_policy(tmp_path / "bare")
+    assert main(["site", "approve", "ab" * 32, "--policy", str(bare)]) == 1
+    assert "pass --name" in capsys.readouterr().err
 
 
 def test_identifying_free_text_never_leaves(site_dir, site_cfg, tmp_path):
