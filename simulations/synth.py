@@ -266,6 +266,8 @@ class _Chunk:
     def __init__(self, cfg: DictConfig, seed: int, index: int, first: int, n: int):
         self.cfg = cfg
         self.rng = np.random.default_rng([seed, index])
+        # Its own stream: free text added to the generator moves no other table's draws.
+        self.text_rng = np.random.default_rng([seed, index, 1])
         self.first = first
         self.st = _draw_stays(cfg, self.rng, n)
         st, pol = self.st, cfg.policy
@@ -644,7 +646,7 @@ class _Chunk:
                     "recorded_dttm": _ts(st, idx[sbt], t[sbt]),
                     "assessment_category": "sbt_fail_reason",
                     "numerical_value": None,
-                    "categorical_value": _choice(rng, FREE_TEXT_ANSWERS, sbt.size),
+                    "categorical_value": _choice(self.text_rng, FREE_TEXT_ANSWERS, sbt.size),
                 }
             )
         )
