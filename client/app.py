@@ -162,16 +162,16 @@ def tokenize(msg: Message, context: Context) -> Message:
 
 def _model(msg: Message, node: Node, full_data: bool):
     """The model of this round's stage with the global weights in, and the site's data."""
-    # Imported here: each message runs in a fresh process, and statistics and tokenizing
-    # need none of torch, transformers or peft (seconds of imports per message).
-    from fedclif.shared.models import count_parameters, quiet_transformers, stage_model, uses_lora
-    from fedclif.shared.sequences import load_site_data
-
-    quiet_transformers()
     c = msg.content[CONFIG]
     stage = str(c["stage"])
     cfg = OmegaConf.create(str(c["train"]))
     check_training(cfg, node.policy)
+    # Imported here: each message runs in a fresh process, and statistics, tokenizing and
+    # refusals need none of torch, transformers or peft (seconds of imports per message).
+    from fedclif.shared.models import count_parameters, quiet_transformers, stage_model, uses_lora
+    from fedclif.shared.sequences import load_site_data
+
+    quiet_transformers()
     tokens = node.tokens(str(c["tokenizer_hash"]))
     if not (tokens / MANIFEST).is_file():
         raise SiteRefusal("tokenizer_mismatch", f"no timelines for tokenizer {tokens.name}")

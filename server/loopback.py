@@ -4,6 +4,7 @@ authentication and one SuperNode per site, all real Flower processes started thr
 started in its own session and `stop_all` ends each group."""
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -78,6 +79,12 @@ class Loopback(Processes):
             self.register(s)
         for s in self.sites:
             self.serve(s, data[s])
+
+    def wait_run(self, run_id: int, timeout: float = 600) -> None:
+        """Until the SuperLink logs that the run's ServerApp finished (read from its log:
+        polling `flwr ls` costs seconds of CPU a call)."""
+        wait_for(lambda: re.search(rf"Finished task \d+ of run {run_id}\b", self.log("superlink")),
+                 timeout, f"run {run_id} to finish")  # fmt: skip
 
     def run(self, out: Path, *overrides: str, extra: tuple[str, ...] = ()) -> None:
         self.fedclif("run", "--superlink", self.link, "--ca", self.ca, "--out", str(out),

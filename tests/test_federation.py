@@ -4,6 +4,7 @@ checks. Every process started here is stopped (process groups), FLWR_HOME is tem
 
 import json
 import re
+import shutil
 import tomllib
 from pathlib import Path
 
@@ -15,9 +16,9 @@ from omegaconf import OmegaConf
 
 import fedclif
 from fedclif.client.approval import APPROVED_FILE
-from fedclif.client.ledger import Ledger
+from fedclif.client.ledger import LEDGER_FILE, Ledger
 from fedclif.server.checks import update_problem
-from fedclif.server.deploy import CONNECTION, connect, flwr, run_config, submit, wait_run
+from fedclif.server.deploy import CONNECTION, connect, flwr, run_config, submit
 from fedclif.server.loopback import Loopback
 from fedclif.server.processes import wait_for
 from fedclif.shared.clif.site import load_site
@@ -213,10 +214,12 @@ HOSTILE = {
     "no DP where required": (["train.dp.epsilon=0"], {"policy.dp.required": True},
                              "policy: dp.required pretrain with epsilon 0 is not DP-SGD",
                              "policy"),
-    "past the lifetime budget": (["train.dp.epsilon=2", "train.dp.delta=1e-5"],
-                                 {"policy.dp.max_epsilon_lifetime": 1.5},
-                                 "policy: dp.max_epsilon_lifetime: spent 0 + 2 > 1.5",
-                                 "dp_budget_exhausted"),
+    # The site spent 1 in an earlier run (its ledger says so); the coordinator resumes a
+    # finished run for a third, DP, round: a resume is one more run to the ledger.
+    "a resume past the lifetime budget": (
+        ["federation.rounds.pretrain=3", "train.dp.epsilon=1", "train.dp.delta=1e-5"],
+        {"policy.dp.max_epsilon_lifetime": 1.5},
+        "policy: dp.max_epsilon_lifetime: spent 1 + 1 > 1.5", "dp_budget_exhausted"),
     "model 100x the cap": ([], {"policy.model.max_parameters": "CAP"},
                            "policy: model.max_parameters {n} > {cap}", "policy"),
 }  # fmt: skip
@@ -239,34 +242,44 @@ def test_a_hostile_request_is_refused_and_changes_nothing(federation, finished_r
         policy = {"policy.model.max_parameters": n // 100}
         refusal = refusal.format(n=n, cap=n // 100)
     elsewhere = lb.root / f"{name}-work-root"
-    rc = run_config(config, lb.root / f"{name}-out", False, lb.root / f"{name}-audit")
+    resume = "resume" in case
+    if resume:  # the finished run, its checkpoint and tokenizer, as the coordinator kept it
+        shutil.copytree(finished_run[0], lb.root / f"{name}-out")
+    rc = run_config(config, lb.root / f"{name}-out", resume, lb.root / f"{name}-audit")
     files = {s: lb.site_dir(s) / "policy.yaml" for s in "ab"}
     texts = {s: f.read_text() for s, f in files.items()}
-    before = {s: sorted(p.name for p in (lb.root / f"work-{s}").iterdir()) for s in "ab"}
-    ledgers = {s: Ledger(lb.root / f"work-{s}").entries() for s in "ab"}
     try:
+        if resume:
+            for s in "ab":
+                ledger = Ledger(lb.root / f"work-{s}")
+                ledger.settle(ledger.reserve(0, "finetune", 1, 1.0, 1e-5, 10.0), 1.0)
+        before = {s: sorted(p.name for p in (lb.root / f"work-{s}").iterdir()) for s in "ab"}
+        ledgers = {s: Ledger(lb.root / f"work-{s}").entries() for s in "ab"}
         for f in files.values():
             tree = OmegaConf.load(f)
             for k, v in policy.items():
                 OmegaConf.update(tree, k, v)
             OmegaConf.save(tree, f)
         env = connect(lb.link, Path(lb.ca), lb.root / "flwr")
-        assert not wait_run(submit({**rc, "work-root": str(elsewhere)}, env), env)
+        lb.wait_run(submit({**rc, "work-root": str(elsewhere)}, env))
+        assert not elsewhere.exists()
+        audit = sorted((lb.root / f"{name}-audit").glob("*.json"))
+        errors = [e for f in audit if (e := json.loads(f.read_text())["error"])]
+        assert [ERRORS[e["code"]] for e in errors] == [category] * 2
+        if category == "policy":
+            assert {e["reason"] for e in errors} == {refusal}
+        for s in "ab":
+            work = lb.root / f"work-{s}"
+            assert f"SiteRefusal: {refusal}\n" in (work / "errors.log").read_text()
+            # The refusal's log, and the ledger's lock when it was asked: nothing else.
+            new = {p.name for p in work.iterdir()} - {*before[s]}
+            assert new <= {"errors.log", "dp-ledger.lock"}
+            assert Ledger(work).entries() == ledgers[s]
     finally:
         for s, f in files.items():
             f.write_text(texts[s])
-    assert not elsewhere.exists()
-    audit = sorted((lb.root / f"{name}-audit").glob("*.json"))
-    errors = [e for f in audit if (e := json.loads(f.read_text())["error"])]
-    assert [ERRORS[e["code"]] for e in errors] == [category] * 2
-    if category == "policy":
-        assert {e["reason"] for e in errors} == {refusal}
-    for s in "ab":
-        work = lb.root / f"work-{s}"
-        assert f"SiteRefusal: {refusal}\n" in (work / "errors.log").read_text()
-        # The refusal's log, and the ledger's lock when the ledger was asked: nothing else.
-        assert {p.name for p in work.iterdir()} - {*before[s]} <= {"errors.log", "dp-ledger.lock"}
-        assert Ledger(work).entries() == ledgers[s]
+            if resume:  # the seeded earlier spending
+                (lb.root / f"work-{s}" / LEDGER_FILE).unlink(missing_ok=True)
 
 
 def _hostile_app(root: Path, marker: Path) -> tuple[Path, str]:
@@ -299,7 +312,7 @@ def test_a_bundle_the_site_did_not_approve_never_runs(federation):
         conf = lb.root / f"{name}.toml"
         conf.write_text(tomli_w.dumps(run_config(config, lb.root / f"{name}-out", False, audit)))
         run = flwr(["run", str(app), CONNECTION, "--run-config", str(conf)], env).stdout
-        assert not wait_run(int(re.search(r"run (\d+)", run).group(1)), env)
+        lb.wait_run(int(re.search(r"run (\d+)", run).group(1)))
         return audit
 
     audit = submit("unapproved")
