@@ -266,7 +266,7 @@ class _Chunk:
     def __init__(self, cfg: DictConfig, seed: int, index: int, first: int, n: int):
         self.cfg = cfg
         self.rng = np.random.default_rng([seed, index])
-        # Its own stream: free text added to the generator moves no other table's draws.
+        # Its own stream: free text (documentation.free_text_share) moves no other draws.
         self.text_rng = np.random.default_rng([seed, index, 1])
         self.first = first
         self.st = _draw_stays(cfg, self.rng, n)
@@ -638,18 +638,21 @@ class _Chunk:
         # Free text, as CLIF's categorical_value allows (no permissible list): why a
         # spontaneous breathing trial failed, a few answers of which read like a name, a
         # date or a record number (a site's stats must keep those home, however common).
-        sbt = np.flatnonzero(vent)[::4]
-        frames.append(
-            pl.DataFrame(
-                {
-                    "hospitalization_id": self.hosp_id(idx[sbt]),
-                    "recorded_dttm": _ts(st, idx[sbt], t[sbt]),
-                    "assessment_category": "sbt_fail_reason",
-                    "numerical_value": None,
-                    "categorical_value": _choice(self.text_rng, FREE_TEXT_ANSWERS, sbt.size),
-                }
+        share = float(self.cfg.documentation.free_text_share)
+        if share > 0:
+            sbt = np.flatnonzero(vent & (self.text_rng.random(idx.size) < share))
+            text = _choice(self.text_rng, FREE_TEXT_ANSWERS, sbt.size)
+            frames.append(
+                pl.DataFrame(
+                    {
+                        "hospitalization_id": self.hosp_id(idx[sbt]),
+                        "recorded_dttm": _ts(st, idx[sbt], t[sbt]),
+                        "assessment_category": "sbt_fail_reason",
+                        "numerical_value": None,
+                        "categorical_value": text,
+                    }
+                )
             )
-        )
         return pl.concat(frames, how="vertical_relaxed")
 
     def position(self) -> pl.DataFrame:

@@ -225,7 +225,8 @@ def test_default_policy_statistics_hold_no_small_count_and_no_identifying_answer
     stay within 1 percentile point of the pooled data's."""
     sites = []
     for i, preset in enumerate(("mimic-like", "ucmc-like")):
-        write_site(load_preset(preset), 2000, i + 1, tmp_path / preset)
+        free_text = ["documentation.free_text_share=0.3"]
+        write_site(load_preset(preset, free_text), 2000, i + 1, tmp_path / preset)
         sites.append(load_site(tmp_path / preset, load_config("site")))
     cfg, policy = load_config("tokenizer"), load_policy()
     stats = [site_stats(s, cfg, list(policy.policy.stats.allow_open)) for s in sites]
