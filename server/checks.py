@@ -1,26 +1,67 @@
-"""Server-side checks of a site's reply before it reaches aggregation."""
+"""Every site reply is checked here before anything aggregates it. A reply that fails is
+rejected with its rule (a name and numbers, never data) and the round goes on with the
+others: no single site can end a run, or steer it past these bounds."""
+
+import math
 
 import numpy as np
-from flwr.app import ArrayRecord
+from flwr.app import ArrayRecord, RecordDict
+
+from fedclif.shared.federation import ARRAYS, METRICS, TRAIN_METRICS, WEIGHT_KEY
 
 
-def update_problem(reply: ArrayRecord, current: ArrayRecord, max_norm: float) -> str | None:
-    """Why a reply's arrays must not be aggregated, or None: other keys or shapes than the
-    global model's, non-finite values, or an update norm above `max_norm` (a poisoned or
-    diverged site). Reasons carry names and numbers only."""
+def update_problem(reply: ArrayRecord, current: ArrayRecord, max_ratio: float) -> str | None:
+    """Why a reply's arrays must not be aggregated, or None: other keys, dtypes or shapes
+    than the global model's, non-finite values, or an update (reply minus global weights)
+    longer than `max_ratio` times the global weights' L2 norm (a poisoned or diverged
+    site)."""
     if set(reply.keys()) != set(current.keys()):
         missing = sorted(set(current.keys()) - set(reply.keys()))
         extra = sorted(set(reply.keys()) - set(current.keys()))
-        return f"wrong keys (missing {missing[:2]}, unexpected {extra[:2]})"
-    sq = 0.0
+        return f"keys: missing {missing[:2]}, unexpected {extra[:2]}"
+    sq = ref_sq = 0.0
     for k, arr in current.items():
-        got, ref = reply[k].numpy(), arr.numpy()
-        if got.shape != ref.shape:
-            return f"wrong shape for {k}: {got.shape}, expected {ref.shape}"
-        if not np.isfinite(got).all():
+        got = reply[k]
+        if got.dtype != arr.dtype:
+            return f"dtype {got.dtype} != {arr.dtype} for {k}"
+        if tuple(got.shape) != tuple(arr.shape):
+            return f"shape {tuple(got.shape)} != {tuple(arr.shape)} for {k}"
+        try:
+            values = got.numpy()
+        except Exception:  # bytes that do not decode as the dtype they claim
+            return f"unreadable array {k}"
+        if not np.isfinite(values).all():
             return f"non-finite values in {k}"
-        sq += float(np.sum((got.astype(np.float64) - ref) ** 2))
-    norm = sq**0.5
-    if norm > max_norm:
-        return f"update norm {norm:.3g} above the bound {max_norm:.3g}"
+        ref = arr.numpy().astype(np.float64)
+        sq += float(np.sum((values.astype(np.float64) - ref) ** 2))
+        ref_sq += float(np.sum(ref**2))
+    ratio = math.sqrt(sq / ref_sq) if ref_sq > 0 else 0.0
+    if ratio > max_ratio:
+        return f"update norm {ratio:.3g} x the global weights' > {max_ratio:.3g}"
     return None
+
+
+def train_reply_problem(
+    content: RecordDict, current: ArrayRecord, dp: bool, max_examples: float, max_ratio: float
+) -> str | None:
+    """Why a training reply must not be aggregated, or None: its records (one ArrayRecord
+    `arrays`, one MetricRecord `metrics`, nothing else), its metrics (exactly
+    TRAIN_METRICS, plus `epsilon` under DP, numbers; `num-examples` positive and at most
+    `max_examples`, what the site announced) and its arrays (`update_problem`)."""
+    arrays, metrics = content.array_records, content.metric_records
+    if ARRAYS not in arrays:
+        return "missing_arrays"
+    if set(arrays) != {ARRAYS} or set(metrics) != {METRICS} or len(content.config_records):
+        return f"records: {sorted([*arrays, *metrics, *content.config_records])}"
+    m = metrics[METRICS]
+    expected = set(TRAIN_METRICS) | ({"epsilon"} if dp else set())
+    if set(m) != expected:
+        return (
+            f"metric keys: missing {sorted(expected - set(m))}, extra {sorted(set(m) - expected)}"
+        )
+    if not all(isinstance(v, int | float) and math.isfinite(v) for v in m.values()):
+        return "metric values: not finite numbers"
+    n = m[WEIGHT_KEY]
+    if not 0 < n <= max_examples:
+        return f"{WEIGHT_KEY} {n:.3g} outside (0, {max_examples:,.0f}] (announced)"
+    return update_problem(arrays[ARRAYS], current, max_ratio)

@@ -17,7 +17,7 @@ from flwr.serverapp import strategy as flwr_strategy
 from omegaconf import DictConfig, OmegaConf
 
 from fedclif.server.checkpoint import load_checkpoint, restore_strategy, save_checkpoint
-from fedclif.server.checks import update_problem
+from fedclif.server.checks import train_reply_problem
 from fedclif.shared.artifact import write_json
 from fedclif.shared.config import write_resolved
 from fedclif.shared.errors import FedclifError
@@ -35,6 +35,7 @@ from fedclif.shared.federation import (
     QUERY_TOKENIZE,
     STATS,
     TRAIN_PROBE,
+    WEIGHT_KEY,
     WITHHELD,
     from_record,
     to_record,
@@ -53,7 +54,6 @@ STRATEGIES = {
     "fedtrimmedavg": flwr_strategy.FedTrimmedAvg,
     "krum": flwr_strategy.Krum,
 }
-WEIGHT_KEY = "num-examples"
 log = logging.getLogger(__name__)
 
 
@@ -311,10 +311,12 @@ class FederatedRun:
         ok, failed = self.sort_replies(msgs, replies, f"{stage} round {rnd}")
         received = sum(_bytes(r.content.array_records.values()) for r in ok)
         valid, rejected = [], []
+        dp = float(self.cfg.dp.epsilon) > 0
         for r in ok:
-            why = update_problem(r.content[ARRAYS], current, float(self.fed.checks.max_update_norm))
+            site = self._site(r.metadata.src_node_id)
+            why = train_reply_problem(r.content, current, dp, self.max_examples(site, stage),
+                                      float(self.fed.checks.max_update_ratio))  # fmt: skip
             if why:
-                site = self._site(r.metadata.src_node_id)
                 rejected.append({"site": site, "reason": why})
                 log.warning("%s round %d: rejected site %s: %s", stage, rnd, site, why)
             else:
@@ -345,6 +347,17 @@ class FederatedRun:
             stage, rnd, n, len(valid), dict(metrics or {}).get("train_loss", float("nan")),
         )  # fmt: skip
         return weights
+
+    def max_examples(self, site: str, stage: str) -> float:
+        """The most training examples `site` can have in a round of `stage`, from what it
+        announced when it tokenized (stays and tokens, each rounded down by less than its
+        minimum cell, which is at most its stays): caps its weight in the aggregate."""
+        a = self.state["sites"].get(site, {})
+        stays, tokens = float(a.get("stays", 0)), float(a.get("tokens", 0))
+        if stage == "finetune":  # a (stay, task) pair each; under DP a patient each
+            return 2 * stays * len(self.cfg.finetune.tasks)
+        blocks = (tokens + stays) / int(self.cfg.pretrain.context) + 1
+        return max(blocks, 2 * stays)  # packed blocks; under DP a patient each
 
     def rounds(
         self,

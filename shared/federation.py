@@ -23,6 +23,11 @@ QUERY_INFO, QUERY_STATS, QUERY_TOKENIZE = "query.info", "query.stats", "query.to
 # Linear probes on a frozen pretrained model: fitted at one site, scored at any.
 TRAIN_PROBE, EVALUATE_PROBE = "train.probe", "evaluate.probe"
 
+# What a training reply's MetricRecord holds (plus `epsilon` under DP-SGD), nothing else;
+# WEIGHT_KEY weighs the site's update in FedAvg and its kin.
+WEIGHT_KEY = "num-examples"
+TRAIN_METRICS = (WEIGHT_KEY, "num_examples", "train_loss", "steps", "train_seconds")
+
 # Error codes a site may send (above Flower's own, 0-8). Anything unexpected is INTERNAL,
 # whatever it said.
 ERRORS = {

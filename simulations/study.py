@@ -67,6 +67,7 @@ class Study:
         self.done, self.total = 0, 0
         self.t0 = self._t = time.monotonic()
         self.phases: dict[str, float] = {}
+        self.announced: dict[str, dict] = {}
 
     # --- plumbing ----------------------------------------------------------------------
 
@@ -112,6 +113,8 @@ class Study:
             SiteGrid(self.grid, [self.nodes[s] for s in sites]), fed, self.out / "runs" / name
         )
         run.sites = {self.nodes[s]: s for s in sites}
+        # What each site announced when it tokenized: caps its examples in every job.
+        run.state["sites"] = {s: self.announced[s] for s in sites if s in self.announced}
         return run
 
     def _phase(self, name: str) -> None:
@@ -188,6 +191,9 @@ class Study:
         for key, run in runs.items():
             run.end_tokenize(pending[key], replies[key])
             self.tokenized[key] = run.state["sites"]
+            for site, sizes in run.state["sites"].items():  # the largest, of any tokenizer
+                old = self.announced.get(site, {})
+                self.announced[site] = {k: max(v, old.get(k, 0)) for k, v in sizes.items()}
         return toks
 
     def _train(self, lanes: list[Lane], what: str) -> None:

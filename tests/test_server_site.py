@@ -82,41 +82,89 @@ class _Nodes:
     and replies below are real Flower messages)."""
 
     def get_node_ids(self) -> list[int]:
-        return [11, 12, 13]
+        return [11, 12]
 
 
-def test_poisoned_replies_are_rejected_and_the_round_goes_on(tmp_path, demo_tokens, monkeypatch):
-    """A round with an honest site, one sending NaN and one sending weights scaled by 1e6:
-    both bad replies are rejected by site name, the global model is the honest update."""
+def _metrics(n=100, **extra) -> MetricRecord:
+    honest = {"num-examples": n, "num_examples": n, "train_loss": 2.0, "steps": 20,
+              "train_seconds": 1.5}  # fmt: skip
+    return MetricRecord({**honest, **extra})
+
+
+def _rogue_replies(w: np.ndarray) -> dict[str, tuple[RecordDict, str]]:
+    """Kinds of bad training reply one site may send (given the global weights `w`), and
+    the rule each must be rejected by."""
+    arrays = lambda a: to_record({"w": a})  # noqa: E731
+    unit = np.ones_like(w) / np.linalg.norm(np.ones_like(w))
+    just_above = w + 1.01 * np.linalg.norm(w) * unit  # the bound is 1 x the weights' norm
+    two = RecordDict({ARRAYS: arrays(w), "extra": arrays(w), METRICS: _metrics()})
+    listed = _metrics()
+    listed["num-examples"] = [1, 2]
+    missing = _metrics()
+    del missing["num-examples"]
+    return {
+        "no arrays": (RecordDict({METRICS: _metrics()}), "missing_arrays"),
+        "float64": (RecordDict({ARRAYS: arrays(w.astype(np.float64)), METRICS: _metrics()}),
+                    "dtype float64 != float32 for w"),
+        "complex": (RecordDict({ARRAYS: arrays(w.astype(np.complex64)), METRICS: _metrics()}),
+                    "dtype complex64 != float32 for w"),
+        "wrong shape": (RecordDict({ARRAYS: arrays(w[:2]), METRICS: _metrics()}),
+                        "shape (2, 3) != (4, 3) for w"),
+        "wrong keys": (RecordDict({ARRAYS: to_record({"v": w}), METRICS: _metrics()}),
+                       "keys: missing ['w'], unexpected ['v']"),
+        "NaN": (RecordDict({ARRAYS: arrays(np.full_like(w, np.nan)), METRICS: _metrics()}),
+                "non-finite values in w"),
+        "scaled 1e6": (RecordDict({ARRAYS: arrays(w * 1e6), METRICS: _metrics()}),
+                       "update norm 1e+06 x the global weights' > 1"),
+        "just above the bound": (RecordDict({ARRAYS: arrays(just_above), METRICS: _metrics()}),
+                                 "update norm 1.01 x the global weights' > 1"),
+        "huge num-examples": (RecordDict({ARRAYS: arrays(w), METRICS: _metrics(10**9)}),
+                              "num-examples 1e+09 outside (0, 910] (announced)"),
+        "zero num-examples": (RecordDict({ARRAYS: arrays(w), METRICS: _metrics(0)}),
+                              "num-examples 0 outside"),
+        "list num-examples": (RecordDict({ARRAYS: arrays(w), METRICS: listed}),
+                              "metric values: not finite numbers"),
+        "missing num-examples": (RecordDict({ARRAYS: arrays(w), METRICS: missing}),
+                                 "metric keys: missing ['num-examples'], extra []"),
+        "extra metric": (RecordDict({ARRAYS: arrays(w), METRICS: _metrics(x=1.0)}),
+                         "metric keys: missing [], extra ['x']"),
+        "two ArrayRecords": (two, "records: ['arrays', 'extra', 'metrics']"),
+    }  # fmt: skip
+
+
+ROGUE_KINDS = list(_rogue_replies(np.ones((4, 3), np.float32)))
+
+
+@pytest.mark.parametrize("kind", ROGUE_KINDS)
+def test_a_rogue_reply_is_rejected_by_its_rule_and_the_round_goes_on(
+    tmp_path, demo_tokens, monkeypatch, kind
+):
+    """An honest site and a rogue one: the rogue's reply is rejected, by site name and
+    rule, into the round's record; the global model is the honest site's update, exactly
+    as in a round without the rogue."""
     # Flower's ServerApp process sets its run and node; messages need them.
     for attr, v in (("_run_id", 1), ("_node_id", 0), ("_task_id", 1)):
         monkeypatch.setattr(TaskIdentity, attr, v)
-    fed = load_federation(
-        overrides=["federation.min_sites=1", "federation.checks.max_update_norm=100"]
-    )
+    fed = load_federation(overrides=["federation.min_sites=1", "train.pretrain.context=10"])
     run = FederatedRun(_Nodes(), fed, tmp_path)
-    run.sites = {11: "honest", 12: "nan", 13: "scaled"}
+    run.sites = {11: "honest", 12: "rogue"}
+    # What each announced when it tokenized: at most (tokens + stays) / context + 1 blocks.
+    run.state["sites"] = {s: {"stays": 90, "tokens": 9000} for s in ("honest", "rogue")}
     tok = Tokenizer.load(demo_tokens / "tokenizer.json")
-    rng = np.random.default_rng(0)
-    current = {"w": rng.normal(size=(4, 3)).astype(np.float32)}
+    current = {"w": np.random.default_rng(0).normal(size=(4, 3)).astype(np.float32)}
     pending = run.begin_round("pretrain", 1, tok, current, None, make_strategy(fed.federation))
-    msgs = pending.msgs
-    assert sorted(m.metadata.dst_node_id for m in msgs) == [11, 12, 13]
     honest = {"w": current["w"] + 0.01}
-    sent = {11: honest, 12: {"w": np.full((4, 3), np.nan, np.float32)},
-            13: {"w": current["w"] * 1e6}}  # fmt: skip
+    rogue, rule = _rogue_replies(current["w"])[kind]
     replies = []
-    for m in msgs:
+    for m in pending.msgs:
         m.metadata.__dict__["_message_id"] = f"m{m.metadata.dst_node_id}"  # as a Grid does
         TaskIdentity._node_id = m.metadata.dst_node_id  # the site answering
-        content = RecordDict({ARRAYS: to_record(sent[m.metadata.dst_node_id]),
-                              METRICS: MetricRecord({"num-examples": 10})})  # fmt: skip
-        replies.append(Message(content, reply_to=m))
+        content = RecordDict({ARRAYS: to_record(honest), METRICS: _metrics()})
+        replies.append(Message(content if m.metadata.dst_node_id == 11 else rogue, reply_to=m))
     weights = run.end_round(pending, replies, 1)
-    np.testing.assert_allclose(weights["w"], honest["w"])
+    np.testing.assert_array_equal(weights["w"], honest["w"])
     h = run.state["history"][-1]
-    why = {x["site"]: x["reason"] for x in h["rejected"]}
-    assert set(why) == {"nan", "scaled"}
-    assert "non-finite" in why["nan"] and "norm" in why["scaled"]
+    assert h["rejected"] == [{"site": "rogue", "reason": h["rejected"][0]["reason"]}]
+    assert h["rejected"][0]["reason"].startswith(rule), h["rejected"][0]["reason"]
     assert set(h["sites"]) == {"honest"}
     assert (tmp_path / "checkpoint" / "weights.safetensors").is_file()
