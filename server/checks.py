@@ -3,6 +3,7 @@ rejected with its rule (a name and numbers, never data) and the round goes on wi
 others: no single site can end a run, or steer it past these bounds."""
 
 import math
+from numbers import Real
 
 import numpy as np
 from flwr.app import ArrayRecord, RecordDict
@@ -65,3 +66,38 @@ def train_reply_problem(
     if not 0 < n <= max_examples:
         return f"{WEIGHT_KEY} {n:.3g} outside (0, {max_examples:,.0f}] (announced)"
     return update_problem(arrays[ARRAYS], current, max_ratio)
+
+
+def _count(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool) and x >= 0
+
+
+def stats_problem(stats, sig_figs: int, max_codes: int) -> str | None:
+    """Why a site's statistics must not enter the shared tokenizer, or None: the shape
+    shared/stats.py writes, counts that are non-negative integers, at most `max_codes`
+    codes, histogram values finite and on the `sig_figs` grid, one count per value."""
+    if not isinstance(stats, dict) or not {"codes", "numeric", "n_stays"} <= set(stats):
+        return "statistics: not a statistics record"
+    codes, numeric = stats["codes"], stats["numeric"]
+    if not isinstance(codes, dict) or not isinstance(numeric, dict):
+        return "statistics: codes and numeric must be maps"
+    if len(codes) > max_codes or len(numeric) > max_codes:
+        return f"statistics: {max(len(codes), len(numeric)):,} codes > {max_codes:,}"
+    if not all(isinstance(c, str) and _count(n) for c, n in codes.items()):
+        return "statistics: code counts must be non-negative integers"
+    if stats["n_stays"] is not None and not _count(stats["n_stays"]):
+        return "statistics: n_stays must be a non-negative integer"
+    for code, h in numeric.items():
+        if not isinstance(h, dict) or not isinstance(h.get("values"), list):
+            return f"statistics: histogram of {code} is not one"
+        values, counts = h["values"], h.get("counts")
+        if not isinstance(counts, list) or len(counts) != len(values):
+            return f"statistics: histogram of {code}: one count per value"
+        if not all(_count(n) for n in [*counts, h.get("suppressed", 0)]):
+            return f"statistics: histogram of {code}: counts must be non-negative integers"
+        if not all(
+            isinstance(v, Real) and math.isfinite(v) and float(f"{v:.{sig_figs}g}") == v
+            for v in values
+        ):
+            return f"statistics: histogram of {code}: values off the {sig_figs}-digit grid"
+    return None

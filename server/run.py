@@ -17,7 +17,7 @@ from flwr.serverapp import strategy as flwr_strategy
 from omegaconf import DictConfig, OmegaConf
 
 from fedclif.server.checkpoint import load_checkpoint, restore_strategy, save_checkpoint
-from fedclif.server.checks import train_reply_problem
+from fedclif.server.checks import stats_problem, train_reply_problem
 from fedclif.shared.artifact import write_json
 from fedclif.shared.config import write_resolved
 from fedclif.shared.errors import FedclifError
@@ -111,6 +111,8 @@ class FederatedRun:
         self.out.mkdir(parents=True, exist_ok=True)
         self.fed, self.cfg, self.model_cfg = config.federation, config.train, config.model
         self.sites: dict[int, str] = {}
+        # Nodes left out of the run (a second node under a site's name), and why.
+        self.excluded: dict[int, str] = {}
         self.state: dict = {"phase": "statistics", "round": 0, "history": [], "sites": {}}
         self.resume = resume
         self.timeout = float(self.fed.timeout_s)
@@ -124,7 +126,7 @@ class FederatedRun:
         """Connected nodes, waiting (up to the timeout) until `min_sites` are there."""
         t0 = time.monotonic()
         while True:
-            nodes = sorted(self.grid.get_node_ids())
+            nodes = sorted(n for n in self.grid.get_node_ids() if n not in self.excluded)
             if len(nodes) >= int(self.fed.min_sites):
                 return nodes
             if time.monotonic() - t0 > self.timeout:
@@ -136,6 +138,19 @@ class FederatedRun:
 
     def _site(self, node: int) -> str:
         return self.sites.get(node, f"node-{node}")
+
+    def _claim(self, node: int, name: str) -> str | None:
+        """Name `node` `name`; a name another node holds is refused (the node is left out
+        of the run: two sites under one name would overwrite each other's records)."""
+        if any(n != node and v == name for n, v in self.sites.items()):
+            self.excluded[node] = why = f"duplicate site name {name!r}"
+            log.warning("node %d left out of the run: %s", node, why)
+            return why
+        self.sites[node] = name
+        return None
+
+    def _included(self, msgs) -> list[Message]:
+        return [m for m in msgs if m.metadata.dst_node_id not in self.excluded]
 
     def _send(self, pending: Pending) -> list[Message]:
         """Send a request's messages and wait (up to the timeout) for the replies."""
@@ -224,17 +239,28 @@ class FederatedRun:
         content = RecordDict(
             {CONFIG: ConfigRecord({"tokenizer": json.dumps(OmegaConf.to_container(tok_cfg))})}
         )
-        stats = {}
+        stats, left_out = {}, []
+        sig, most = int(tok_cfg.stats.sig_figs), int(self.fed.checks.max_codes_per_site)
         for r in self._query(QUERY_STATS, content):
-            rec = r.content[STATS]
-            self.sites[r.metadata.src_node_id] = str(rec["site"])
-            stats[str(rec["site"])] = json.loads(str(rec["json"]))
+            node = r.metadata.src_node_id
+            try:
+                name, s = str(r.content[STATS]["site"]), json.loads(str(r.content[STATS]["json"]))
+            except Exception:  # a record that is not what a site sends
+                name, s = self._site(node), None
+            why = self._claim(node, name) or stats_problem(s, sig, most)
+            if why:
+                left_out.append({"site": name, "node": node, "reason": why})
+                log.warning("statistics: site %s left out of the tokenizer: %s", name, why)
+                continue
+            stats[name] = s
+        self.state["statistics"] = {"sites": sorted(stats), "left_out": left_out}
+        self._enough(list(stats), QUERY_STATS)
         return stats
 
     def name_sites(self) -> dict[int, str]:
         """Ask every site its name (no data is read); node id -> name."""
         for r in self._query(QUERY_INFO, RecordDict()):
-            self.sites[r.metadata.src_node_id] = str(r.content[CONFIG]["site"])
+            self._claim(r.metadata.src_node_id, str(r.content[CONFIG]["site"]))
         return dict(self.sites)
 
     def begin_tokenize(self, tok: Tokenizer) -> Pending:
@@ -246,11 +272,15 @@ class FederatedRun:
         ok, _ = self.sort_replies(pending.msgs, replies, QUERY_TOKENIZE)
         self._enough(ok, QUERY_TOKENIZE)
         for r in ok:
-            m = r.content[METRICS]
-            self.sites.setdefault(r.metadata.src_node_id, str(r.content[CONFIG]["site"]))
-            self.state["sites"][self._site(r.metadata.src_node_id)] = {
-                k: int(v) for k, v in m.items()
-            }
+            node = r.metadata.src_node_id
+            if node not in self.sites and self._claim(node, str(r.content[CONFIG]["site"])):
+                continue
+            m = r.content.metric_records.get(METRICS, {})
+            sizes = {k: m.get(k) for k in ("stays", "tokens")}
+            if not all(isinstance(v, int) and v >= 0 for v in sizes.values()):
+                log.warning("tokenize: node %s announced no sizes: its updates will be refused", node)
+                continue  # its training replies are then refused by their size cap
+            self.state["sites"][self._site(node)] = sizes
 
     def tokenize(self, tok: Tokenizer) -> None:
         """Every site tokenizes its data with `tok` (cached there by tokenizer hash)."""
@@ -295,7 +325,7 @@ class FederatedRun:
         """Round `rnd` (send its messages, then pass the replies to `end_round`)."""
         current = to_record(weights)
         config = self._config(stage, rnd, tok, base)
-        msgs = list(strategy.configure_train(rnd, current, config, self.grid))
+        msgs = self._included(strategy.configure_train(rnd, current, config, self.grid))
         if send_base:
             for m in msgs:
                 m.content[BASE] = to_record(base)
@@ -408,7 +438,8 @@ class FederatedRun:
         config = self._config(stage, 0, tok, base)
         config["eval_split"] = split
         if probes is None:
-            msgs = list(strategy.configure_evaluate(0, to_record(weights), config, self.grid))
+            msgs = strategy.configure_evaluate(0, to_record(weights), config, self.grid)
+            msgs = self._included(msgs)
         else:
             content = {ARRAYS: to_record(weights), CONFIG: config, PROBES: to_record(probes)}
             msgs = self._messages(EVALUATE_PROBE, RecordDict(content))
@@ -487,7 +518,8 @@ class FederatedRun:
         weights, base, start, strategy = None, None, 0, None
         if self.resume:
             saved, weights, strat_state, base = load_checkpoint(self.out)
-            self.state = {k: saved[k] for k in ("phase", "round", "history", "sites")}
+            self.state = {k: saved.get(k) for k in ("phase", "round", "history", "sites",
+                                                    "statistics")}  # fmt: skip
             self.sites = {int(k): v for k, v in saved["site_names"].items()}
             tok = Tokenizer.load(self.out / "tokenizer.json")
             start = int(saved["round"])
@@ -517,6 +549,7 @@ class FederatedRun:
         last = "finetune" if int(self.fed.rounds.finetune) else "pretrain"
         results = {
             "tokenizer_hash": tok.hash,
+            "statistics": self.state.get("statistics"),
             "sites": self.state["sites"],
             "rounds": self.state["history"],
         }

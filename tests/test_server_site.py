@@ -2,24 +2,29 @@
 strategy state a checkpoint keeps, update checks inside a round, the site's DP budget and
 error categories."""
 
+import json
+
 import numpy as np
 import pytest
-from flwr.app import Message, MetricRecord, RecordDict
+from flwr.app import ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 
 from fedclif.client.app import _category
 from fedclif.server.checkpoint import restore_strategy, strategy_state
 from fedclif.server.run import STRATEGIES, FederatedRun, make_strategy
+from fedclif.shared.clif.site import load_site
 from fedclif.shared.errors import FedclifError
 from fedclif.shared.federation import (
     ARRAYS,
     ERRORS,
     FLOWER_ERRORS,
     METRICS,
+    STATS,
     SiteRefusal,
     load_federation,
     to_record,
 )
+from fedclif.shared.stats import site_stats
 from fedclif.shared.tokenizer import Tokenizer
 
 
@@ -168,3 +173,78 @@ def test_a_rogue_reply_is_rejected_by_its_rule_and_the_round_goes_on(
     assert h["rejected"][0]["reason"].startswith(rule), h["rejected"][0]["reason"]
     assert set(h["sites"]) == {"honest"}
     assert (tmp_path / "checkpoint" / "weights.safetensors").is_file()
+
+
+class _Replying(_Nodes):
+    """The network answering each message with the content `answer(node)` gives."""
+
+    def __init__(self, answer):
+        self.answer = answer
+
+    def send_and_receive(self, msgs, timeout=None):
+        out = []
+        for m in msgs:
+            m.metadata.__dict__["_message_id"] = f"m{m.metadata.dst_node_id}"
+            TaskIdentity._node_id = m.metadata.dst_node_id
+            out.append(Message(self.answer(m.metadata.dst_node_id), reply_to=m))
+        return out
+
+
+def _stats_reply(name: str, stats) -> RecordDict:
+    text = stats if isinstance(stats, str) else json.dumps(stats)
+    return RecordDict({STATS: ConfigRecord({"site": name, "json": text})})
+
+
+@pytest.mark.parametrize("kind,poison,rule", [
+    ("negative count", lambda s: s["codes"].update(x=-5), "code counts must be non-negative"),
+    ("float count", lambda s: s["codes"].update(x=1.5), "code counts must be non-negative"),
+    ("too many codes", lambda s: s["codes"].update({f"c{i}": 10 for i in range(60_000)}),
+     "statistics: 60,"),
+    ("NaN value", lambda s: next(iter(s["numeric"].values())).update(values=[float("nan")],
+                                                                     counts=[10]),
+     "values off the 3-digit grid"),
+    ("off the grid", lambda s: next(iter(s["numeric"].values())).update(values=[1.23456],
+                                                                        counts=[10]),
+     "values off the 3-digit grid"),
+    ("counts and values differ",
+     lambda s: next(iter(s["numeric"].values()))["counts"].append(10), "one count per value"),
+    ("huge n_stays", lambda s: s.update(n_stays=-1), "n_stays must be"),
+    ("not statistics", lambda s: s.clear(), "not a statistics record"),
+])  # fmt: skip
+def test_poisoned_statistics_are_left_out_of_the_tokenizer(
+    tmp_path, site_dir, site_cfg, tok_cfg, monkeypatch, kind, poison, rule
+):
+    """A site whose statistics break a rule is left out of the shared tokenizer, by name
+    and rule; the honest site's statistics alone make it."""
+    for attr, v in (("_run_id", 1), ("_node_id", 0), ("_task_id", 1)):
+        monkeypatch.setattr(TaskIdentity, attr, v)
+    honest = site_stats(load_site(site_dir, site_cfg), tok_cfg)
+    bad = json.loads(json.dumps(honest))
+    poison(bad)
+    grid = _Replying(
+        lambda n: _stats_reply("honest", honest) if n == 11 else _stats_reply("rogue", bad)
+    )
+    run = FederatedRun(grid, load_federation(overrides=["federation.min_sites=1"]), tmp_path)
+    assert list(run.collect_stats()) == ["honest"]
+    (left,) = run.state["statistics"]["left_out"]
+    assert (
+        left["site"] == "rogue"
+        and left["reason"].startswith("statistics: ")
+        and rule in left["reason"]
+    )
+
+
+def test_a_second_site_under_a_taken_name_is_left_out_of_the_run(
+    tmp_path, site_dir, site_cfg, tok_cfg, monkeypatch
+):
+    for attr, v in (("_run_id", 1), ("_node_id", 0), ("_task_id", 1)):
+        monkeypatch.setattr(TaskIdentity, attr, v)
+    honest = site_stats(load_site(site_dir, site_cfg), tok_cfg)
+    grid = _Replying(lambda n: _stats_reply("a", honest))
+    run = FederatedRun(grid, load_federation(overrides=["federation.min_sites=1"]), tmp_path)
+    assert list(run.collect_stats()) == ["a"]
+    assert run.state["statistics"]["left_out"] == [
+        {"site": "a", "node": 12, "reason": "duplicate site name 'a'"}
+    ]
+    assert run._nodes() == [11]  # node 12 gets no further message
+    assert run.excluded == {12: "duplicate site name 'a'"}
