@@ -8,7 +8,7 @@ from numbers import Real
 import numpy as np
 from flwr.app import ArrayRecord, RecordDict
 
-from fedclif.shared.federation import ARRAYS, METRICS, TRAIN_METRICS, WEIGHT_KEY
+from fedclif.shared.federation import ARRAYS, METRICS, TRAIN_METRICS, WEIGHT_KEY, WITHHELD
 
 
 def update_problem(reply: ArrayRecord, current: ArrayRecord, max_ratio: float) -> str | None:
@@ -66,6 +66,23 @@ def train_reply_problem(
     if not 0 < n <= max_examples:
         return f"{WEIGHT_KEY} {n:.3g} outside (0, {max_examples:,.0f}] (announced)"
     return update_problem(arrays[ARRAYS], current, max_ratio)
+
+
+def evaluate_reply_problem(content: RecordDict) -> str | None:
+    """Why an evaluation reply must not be averaged, or None: one MetricRecord `metrics`
+    of numbers or lists of numbers (NaN where a metric is undefined) with a non-negative
+    `num-examples`; besides it only the WITHHELD record."""
+    if set(content.metric_records) != {METRICS} or len(content.array_records):
+        return f"records: {sorted([*content.array_records, *content.metric_records])}"
+    if set(content.config_records) - {WITHHELD}:
+        return f"records: {sorted(content.config_records)}"
+    m = content.metric_records[METRICS]
+    n = m.get(WEIGHT_KEY)
+    if not isinstance(n, int | float) or not math.isfinite(n) or n < 0:
+        return f"{WEIGHT_KEY}: not a non-negative number"
+    if not all(isinstance(v, int | float | list) for v in m.values()):
+        return "metric values: not numbers"
+    return None
 
 
 def _count(x) -> bool:

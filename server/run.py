@@ -17,7 +17,7 @@ from flwr.serverapp import strategy as flwr_strategy
 from omegaconf import DictConfig, OmegaConf
 
 from fedclif.server.checkpoint import load_checkpoint, restore_strategy, save_checkpoint
-from fedclif.server.checks import stats_problem, train_reply_problem
+from fedclif.server.checks import evaluate_reply_problem, stats_problem, train_reply_problem
 from fedclif.shared.artifact import write_json
 from fedclif.shared.config import write_resolved
 from fedclif.shared.errors import FedclifError
@@ -278,7 +278,9 @@ class FederatedRun:
             m = r.content.metric_records.get(METRICS, {})
             sizes = {k: m.get(k) for k in ("stays", "tokens")}
             if not all(isinstance(v, int) and v >= 0 for v in sizes.values()):
-                log.warning("tokenize: node %s announced no sizes: its updates will be refused", node)
+                log.warning(
+                    "tokenize: node %s announced no sizes: its updates will be refused", node
+                )
                 continue  # its training replies are then refused by their size cap
             self.state["sites"][self._site(node)] = sizes
 
@@ -452,6 +454,12 @@ class FederatedRun:
         """Per-site and example-weighted metrics of an evaluation, and what each site's
         policy withheld (task -> reason)."""
         ok, failed = self.sort_replies(pending.msgs, replies, "evaluation")
+        rejected = []
+        for r in list(ok):
+            if why := evaluate_reply_problem(r.content):
+                rejected.append({"site": self._site(r.metadata.src_node_id), "reason": why})
+                log.warning("evaluation: rejected site %s: %s", rejected[-1]["site"], why)
+                ok.remove(r)
         per_site = {self._site(r.metadata.src_node_id): dict(r.content[METRICS]) for r in ok}
         withheld = {
             self._site(r.metadata.src_node_id): dict(r.content[WITHHELD])
@@ -473,6 +481,7 @@ class FederatedRun:
             "sites": per_site,
             "weighted": dict(agg) if agg else {},
             "failed": failed,
+            "rejected": rejected,
             "withheld": withheld,
         }
 

@@ -24,6 +24,7 @@ from fedclif.shared.federation import (
     load_federation,
     to_record,
 )
+from fedclif.shared.metrics import binary_metrics, flat_metrics
 from fedclif.shared.stats import site_stats
 from fedclif.shared.tokenizer import Tokenizer
 
@@ -248,3 +249,43 @@ def test_a_second_site_under_a_taken_name_is_left_out_of_the_run(
     ]
     assert run._nodes() == [11]  # node 12 gets no further message
     assert run.excluded == {12: "duplicate site name 'a'"}
+
+
+def _evaluation(y_death, y_los, seed: int) -> RecordDict:
+    """A site's evaluation reply as its ClientApp builds it (shared/metrics.py)."""
+    rng = np.random.default_rng(seed)
+    per_task = {
+        t: binary_metrics(np.array(y), rng.random(len(y)), threshold=0.5, n_boot=20)
+        for t, y in (("death", y_death), ("long_los", y_los))
+    }
+    flat = flat_metrics(per_task)
+    return RecordDict({METRICS: MetricRecord({"num-examples": flat["num_examples"], **flat})})
+
+
+def test_a_small_site_and_a_rogue_evaluation_reply_do_not_stop_the_evaluation(
+    tmp_path, demo_tokens, monkeypatch
+):
+    """A small honest site whose test split holds one class of a task (its ROC curve is
+    undefined) is averaged over the metrics both sites have; a malformed evaluation reply
+    is rejected by name and rule. Either way the evaluation ends with its results."""
+    for attr, v in (("_run_id", 1), ("_node_id", 0), ("_task_id", 1)):
+        monkeypatch.setattr(TaskIdentity, attr, v)
+    fed = load_federation(overrides=["federation.min_sites=1"])
+    tok = Tokenizer.load(demo_tokens / "tokenizer.json")
+    weights = {"w": np.zeros((2, 2), np.float32)}
+    single = _evaluation([0, 1] * 15, [0] * 30, 1)  # no long stay at all
+    rogue = RecordDict({METRICS: MetricRecord({"num-examples": [1.0], "death_auroc": 0.9})})
+    for second, rejected in ((single, []), (rogue, ["num-examples: not a non-negative number"])):
+        run = FederatedRun(_Nodes(), fed, tmp_path)
+        run.sites = {11: "big", 12: "second"}
+        big = _evaluation([0, 1] * 30, [1, 0, 0] * 20, 0)
+        pending = run.begin_evaluate("finetune", tok, weights, None)
+        replies = []
+        for m in pending.msgs:
+            m.metadata.__dict__["_message_id"] = f"m{m.metadata.dst_node_id}"
+            TaskIdentity._node_id = m.metadata.dst_node_id
+            replies.append(Message(big if m.metadata.dst_node_id == 11 else second, reply_to=m))
+        r = run.end_evaluate(pending, replies)
+        assert [x["reason"] for x in r["rejected"]] == rejected
+        assert 0 < r["weighted"]["death_auroc"] < 1
+        assert ("long_los_tpr_at_fpr" in r["weighted"]) is bool(rejected)  # only both have it
