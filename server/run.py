@@ -16,7 +16,12 @@ from flwr.serverapp import Grid
 from flwr.serverapp import strategy as flwr_strategy
 from omegaconf import DictConfig, OmegaConf
 
-from fedclif.server.checkpoint import load_checkpoint, restore_strategy, save_checkpoint
+from fedclif.server.checkpoint import (
+    load_checkpoint,
+    restore_strategy,
+    resume_problem,
+    save_checkpoint,
+)
 from fedclif.server.checks import evaluate_reply_problem, stats_problem, train_reply_problem
 from fedclif.shared.artifact import write_json
 from fedclif.shared.config import write_resolved
@@ -531,6 +536,8 @@ class FederatedRun:
                                                     "statistics")}  # fmt: skip
             self.sites = {int(k): v for k, v in saved["site_names"].items()}
             tok = Tokenizer.load(self.out / "tokenizer.json")
+            if why := resume_problem(saved, OmegaConf.to_container(self.config), tok.hash):
+                raise FedclifError(f"cannot resume {self.out}: {why}")
             start = int(saved["round"])
             strategy = make_strategy(self.fed)
             restore_strategy(strategy, strat_state)

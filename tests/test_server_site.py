@@ -3,14 +3,22 @@ strategy state a checkpoint keeps, update checks inside a round, the site's DP b
 error categories."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
 from flwr.app import ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
+from omegaconf import OmegaConf
 
 from fedclif.client.app import _category
-from fedclif.server.checkpoint import restore_strategy, strategy_state
+from fedclif.server.checkpoint import (
+    load_checkpoint,
+    restore_strategy,
+    resume_problem,
+    save_checkpoint,
+    strategy_state,
+)
 from fedclif.server.run import STRATEGIES, FederatedRun, make_strategy
 from fedclif.shared.clif.site import load_site
 from fedclif.shared.errors import FedclifError
@@ -289,3 +297,48 @@ def test_a_small_site_and_a_rogue_evaluation_reply_do_not_stop_the_evaluation(
         assert [x["reason"] for x in r["rejected"]] == rejected
         assert 0 < r["weighted"]["death_auroc"] < 1
         assert ("long_los_tpr_at_fpr" in r["weighted"]) is bool(rejected)  # only both have it
+
+
+def _round(n: int) -> tuple[dict, dict]:
+    return {"round": n, "tokenizer_hash": "h"}, {"w": np.full((2, 2), n, np.float32)}
+
+
+def test_a_crash_at_any_point_of_a_checkpoint_leaves_one_to_resume(tmp_path, monkeypatch):
+    """Killed while writing round 2 (no state yet), between the swap's two renames, or
+    before the old one is removed: resume finds a complete round, the newest there is."""
+    strategy = make_strategy(load_federation().federation)
+    save_checkpoint(tmp_path, *_round(1), strategy)
+    real_rename = Path.rename
+
+    def crash_on_second_rename(self, target):
+        if self.name.endswith(".tmp"):  # the new checkpoint into place: "killed" before it
+            raise KeyboardInterrupt
+        return real_rename(self, target)
+
+    monkeypatch.setattr(Path, "rename", crash_on_second_rename)
+    with pytest.raises(KeyboardInterrupt):
+        save_checkpoint(tmp_path, *_round(2), strategy)
+    monkeypatch.setattr(Path, "rename", real_rename)
+    assert not (tmp_path / "checkpoint").exists()  # only .old (round 1) and .tmp (round 2)
+    state, weights, _, _ = load_checkpoint(tmp_path)
+    assert state["round"] == 2 and weights["w"][0, 0] == 2
+    save_checkpoint(tmp_path, *_round(3), strategy)  # the next round cleans up
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint"]
+    # Killed mid-write: a round-4 directory without its state is not a checkpoint.
+    (tmp_path / "checkpoint.tmp").mkdir()
+    (tmp_path / "checkpoint.tmp" / "weights.safetensors").write_bytes(b"partial")
+    assert load_checkpoint(tmp_path)[0]["round"] == 3
+
+
+def test_resume_refuses_another_tokenizer_model_or_strategy():
+    fed = load_federation()
+    saved = {"tokenizer_hash": "abc", "config": OmegaConf.to_container(fed)}
+    same = OmegaConf.to_container(fed)
+    assert resume_problem(saved, same, "abc") is None
+    assert resume_problem(saved, same, "xyz").startswith("tokenizer xyz != abc saved")
+    other = OmegaConf.to_container(
+        load_federation(overrides=["model.arch=llama", "federation.strategy.name=fedadam"])
+    )
+    why = resume_problem(saved, other, "abc")
+    assert "model.arch ('mamba2' saved, 'llama' now)" in why
+    assert "federation.strategy.name ('fedavg' saved, 'fedadam' now)" in why
