@@ -78,12 +78,12 @@ def run_sites(root: Path, n: int, rounds: int, steps: int, stays: int) -> list[d
         t = threading.Thread(target=sample, daemon=True)
         t.start()
         try:
-            ok = engine.run(run_config(fed, run_out, False), sites, root / f"work-{n}")
+            ok, why = engine.run(run_config(fed, run_out, False), sites, root / f"work-{n}")
         finally:
             stop.set()
             t.join()
     if not ok:
-        raise RuntimeError(f"the {n}-site run failed; see {root / f'engine-{n}'}")
+        raise RuntimeError(f"the {n}-site run failed: {why}")
     res = json.loads((run_out / "results.json").read_text())
     rows = []
     for x in res["rounds"]:

@@ -11,6 +11,7 @@ from fedclif.server.deploy import (
     connect,
     flwr,
     run_config,
+    save_run_log,
     submit,
     superlink_command,
     wait_run,
@@ -66,10 +67,15 @@ def cmd_run(args: argparse.Namespace) -> int:
         return 0
     with console.status(f"run {run_id}: waiting for it to finish"):
         ok = wait_run(run_id, env)
-    out.print(f"run {run_id}: {'completed' if ok else 'failed'}")
-    if ok and (out_dir / "results.json").is_file():
+    if not ok:
+        log = out_dir / f"run-{run_id}.log"
+        error = save_run_log(run_id, env, log) or "no error in the log"
+        out.print(f"run {run_id} failed: {error}\nthe ServerApp's whole log: {log}")
+        return 1
+    out.print(f"run {run_id}: completed")
+    if (out_dir / "results.json").is_file():
         out.print(f"results: {out_dir / 'results.json'}")
-    return 0 if ok else 1
+    return 0
 
 
 def cmd_status(args: argparse.Namespace) -> int:

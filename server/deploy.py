@@ -118,6 +118,17 @@ def run_status(run_id: int, env: dict[str, str]) -> str:
     return str(runs[0].get("status", "unknown")) if runs else "unknown"
 
 
+def save_run_log(run_id: int, env: dict[str, str], path: Path) -> str:
+    """The run's ServerApp log (kept by the SuperLink) into `path`; returns its last error
+    line (the exception that ended the run), or "" when it shows none."""
+    r = flwr(["log", str(run_id), CONNECTION, "--show"], env, check=False)
+    text = r.stdout + r.stderr
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    errors = re.findall(r"^\s*((?:[\w.]+\.)?\w*(?:Error|Exception)\b: .+)$", text, re.MULTILINE)
+    return errors[-1].strip() if errors else ""
+
+
 def wait_run(run_id: int, env: dict[str, str], poll_s: float = 2.0) -> bool:
     """Block until the run ends; True when it completed."""
     while run_status(run_id, env).startswith(("pending", "starting", "running")):

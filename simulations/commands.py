@@ -73,9 +73,8 @@ def run_study(cfg: DictConfig, out_dir: Path, cache: Path = CACHE) -> dict:
                            description=prog["what"])  # fmt: skip
             time.sleep(1)
         if not status.endswith("completed") or not (out_dir / "results.json").is_file():
-            log = engine.save_log(run_id)
             raise FedclifError(
-                f"the study's run ended {status}; the ServerApp's log: {log}; the sites' "
+                f"the study's run ended {status}: {engine.save_log(run_id)}; the sites' "
                 f"errors: {sites[0].parent / 'work'}/<site>/errors.log"
             )
     return json.loads((out_dir / "results.json").read_text())
@@ -147,9 +146,14 @@ def cmd_run_simulated(args: argparse.Namespace) -> int:
     config = run_config(fed, out_dir, args.resume, Path(args.audit) if args.audit else None)
     sites = [Path(s) for s in args.sites.split(",") if s]
     with SimulationEngine(out_dir / "engine", len(sites)) as engine:
-        ok = engine.run(config, sites, out_dir / "sites")
-    out.print(f"simulated run {'completed' if ok else 'failed'}; files in {out_dir}")
-    return 0 if ok else 1
+        ok, why = engine.run(config, sites, out_dir / "sites")
+    if not ok:
+        out.print(
+            f"simulated run failed: {why}\nthe sites' errors: {out_dir}/sites/<site>/errors.log"
+        )
+        return 1
+    out.print(f"simulated run completed; files in {out_dir}")
+    return 0
 
 
 def register(sub, groups: dict, add: Callable) -> None:

@@ -6,7 +6,7 @@ reads the k-th CLIF directory of the run config's `sites` (client/app.py)."""
 import os
 from pathlib import Path
 
-from fedclif.server.deploy import CONNECTION, connect, flwr, submit, wait_run
+from fedclif.server.deploy import CONNECTION, connect, flwr, save_run_log, submit, wait_run
 from fedclif.server.processes import Processes, free_port, wait_for
 from fedclif.shared.errors import FedclifError
 from fedclif.shared.flower import RUN_CONFIG, SERVERAPP, executable, flower_env
@@ -81,18 +81,16 @@ class SimulationEngine(Processes):
             defaults,
         )
 
-    def run(self, config: dict, sites: list[Path], work_root: Path) -> bool:
-        """Submit and wait; True when the run completed (else see `save_log`)."""
+    def run(self, config: dict, sites: list[Path], work_root: Path) -> tuple[bool, str]:
+        """Submit and wait: (whether the run completed, the error that ended it)."""
         run_id = self.submit(config, sites, work_root)
-        ok = wait_run(run_id, self.env)
-        if not ok:
-            self.save_log(run_id)
-        return ok
+        if wait_run(run_id, self.env):
+            return True, ""
+        return False, self.save_log(run_id)
 
-    def save_log(self, run_id: int) -> Path:
+    def save_log(self, run_id: int) -> str:
         """The run's ServerApp output (kept by the SuperLink, gone with the engine) in
-        `root/run-<id>.log`."""
+        `root/run-<id>.log`; returns the error that ended it, and where the log is."""
         path = self.root / f"run-{run_id}.log"
-        r = flwr(["log", str(run_id), CONNECTION, "--show"], self.env, check=False)
-        path.write_text(r.stdout + r.stderr)
-        return path
+        error = save_run_log(run_id, self.env, path) or "no error in the log"
+        return f"{error}; the ServerApp's whole log: {path}"

@@ -177,6 +177,11 @@ def test_a_run_asking_for_finer_statistics_is_refused_by_every_site(federation):
                    "tokenizer.stats.min_cell_count=1", "tokenizer.stats.sig_figs=15",
                    "federation.timeout_s=120", check=False)  # fmt: skip
     assert r.returncode == 1
+    # The coordinator is told why, and where the ServerApp's whole log is.
+    said = " ".join(r.stdout.split())  # as printed, unwrapped
+    assert "failed: fedclif.shared.errors.FedclifError: query.stats: 0 valid replies" in said
+    (log,) = out.glob("run-*.log")
+    assert f"the ServerApp's whole log: {log}" in said
     for s in "ab":
         log = (lb.root / f"work-{s}" / "errors.log").read_text()
         assert "SiteRefusal: policy: min_cell_count 1 < 10" in log

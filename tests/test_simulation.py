@@ -61,7 +61,8 @@ def test_interrupted_and_resumed_run_ends_with_the_same_weights(sites, tmp_path)
         return state.is_file() and json.loads(state.read_text())["round"] >= n
 
     with SimulationEngine(tmp_path / "engine-1", len(sites)) as engine:
-        assert engine.run(run_config(fed, whole, False), sites, tmp_path / "work")
+        ok, why = engine.run(run_config(fed, whole, False), sites, tmp_path / "work")
+        assert ok, why
         engine.submit(run_config(fed, cut, False), sites, tmp_path / "work")
         wait_for(lambda: checkpointed(1), 300, "round 1 of the run to interrupt")
     # The engine (SuperLink, ServerApp process, Ray) is gone mid-run.
@@ -69,7 +70,8 @@ def test_interrupted_and_resumed_run_ends_with_the_same_weights(sites, tmp_path)
     state = json.loads((cut / "checkpoint" / "state.json").read_text())
     assert state["phase"] == "pretrain" and state["round"] < 3
     with SimulationEngine(tmp_path / "engine-2", len(sites)) as engine:
-        assert engine.run(run_config(fed, cut, True), sites, tmp_path / "work")
+        ok, why = engine.run(run_config(fed, cut, True), sites, tmp_path / "work")
+        assert ok, why
 
     # Pretraining, then LoRA finetuning on its result: both phases end where the
     # uninterrupted run's did.
@@ -113,11 +115,14 @@ def test_the_dp_ledger_outlives_a_run(sites, tmp_path):
     ])  # fmt: skip
     work = tmp_path / "work"
     with SimulationEngine(tmp_path / "engine", len(sites)) as engine:
-        assert engine.run(run_config(fed, tmp_path / "first", False), sites, work)
+        ok, why = engine.run(run_config(fed, tmp_path / "first", False), sites, work)
+        assert ok, why
         spent = {s.name: Ledger(work / s.name).entries() for s in sites}
         assert all(len(e) == 1 and e[0]["status"] == "spent" for e in spent.values())
         assert all(0 < e[0]["epsilon"] <= 6 for e in spent.values())
-        assert not engine.run(run_config(fed, tmp_path / "second", False), sites, work)
+        ok, why = engine.run(run_config(fed, tmp_path / "second", False), sites, work)
+        # The ServerApp's error, read from its log: no site could train.
+        assert not ok and "FedclifError: finetune round 1: 0 valid replies" in why, why
     for s in sites:
         assert Ledger(work / s.name).entries() == spent[s.name]
         assert "dp.max_epsilon_lifetime" in (work / s.name / "errors.log").read_text()
