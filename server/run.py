@@ -7,6 +7,7 @@ Flower Grid)."""
 import json
 import logging
 import time
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -16,6 +17,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp import strategy as flwr_strategy
 from omegaconf import DictConfig, OmegaConf
 
+from fedclif.server.aggregate import STREAMING, RunningMean
 from fedclif.server.checkpoint import (
     load_checkpoint,
     restore_strategy,
@@ -161,16 +163,41 @@ class FederatedRun:
         """Send a request's messages and wait (up to the timeout) for the replies."""
         return list(self.grid.send_and_receive(pending.msgs, timeout=self.timeout))
 
+    def _stream(self, pending: Pending, poll_s: float = 2.0) -> Iterator[Message]:
+        """Send a request's messages; the replies one at a time as they arrive (up to the
+        timeout), each pulled alone so that no more than one is held here."""
+        waiting = set(self.grid.push_messages(pending.msgs))  # now, not at the first next()
+
+        def replies() -> Iterator[Message]:
+            end = time.monotonic() + self.timeout
+            while waiting and time.monotonic() < end:
+                for mid in list(waiting):
+                    for r in self.grid.pull_messages([mid]):
+                        waiting.discard(r.metadata.reply_to_message_id)
+                        yield r
+                if waiting:
+                    time.sleep(poll_s)
+
+        return replies()
+
     def _exchange(self, msgs: list[Message], what: str) -> tuple[list[Message], list[dict]]:
         return self.sort_replies(msgs, self._send(Pending(msgs)), what)
 
     def sort_replies(
-        self, msgs: list[Message], replies: list[Message], what: str
+        self, msgs: list[Message], replies: Iterable[Message], what: str
     ) -> tuple[list[Message], list[dict]]:
         """The replies with content, and failures as (site, category), silent sites
         included, each logged by name."""
+        failed: list[dict] = []
+        return list(self._replies(msgs, replies, what, failed)), failed
+
+    def _replies(
+        self, msgs: list[Message], replies: Iterable[Message], what: str, failed: list[dict]
+    ) -> Iterator[Message]:
+        """The replies with content, as they come; failures go to `failed` (the silent
+        sites' once the replies end), each logged by name."""
         dst = {m.metadata.message_id: m.metadata.dst_node_id for m in msgs}
-        ok, failed, answered = [], [], set()
+        answered, n_failed = set(), len(failed)
         for r in replies:
             self._audit(r, what)
             # Error replies the SuperLink makes for a lost site come from the SuperLink:
@@ -185,15 +212,14 @@ class FederatedRun:
                     failure["reason"] = str(r.error.reason)
                 failed.append(failure)
             else:
-                ok.append(r)
+                yield r
         failed += [
             {"site": self._site(m.metadata.dst_node_id), "error": "no_reply"}
             for m in msgs
             if m.metadata.dst_node_id not in answered
         ]
-        for f in failed:
+        for f in failed[n_failed:]:
             log.warning("%s: site %s failed (%s)", what, f["site"], f.get("reason", f["error"]))
-        return ok, failed
 
     def _audit(self, reply: Message, what: str) -> None:
         if self.audit is None:
@@ -216,10 +242,11 @@ class FederatedRun:
         )
         Path(f"{base}.json").write_text(json.dumps({"records": records, "error": error}))
 
-    def _enough(self, ok: list, what: str) -> None:
-        if len(ok) < int(self.fed.min_sites):
+    def _enough(self, ok: list | int, what: str) -> None:
+        n = ok if isinstance(ok, int) else len(ok)
+        if n < int(self.fed.min_sites):
             raise FedclifError(
-                f"{what}: {len(ok)} valid repl{'y' if len(ok) == 1 else 'ies'}, fewer than "
+                f"{what}: {n} valid repl{'y' if n == 1 else 'ies'}, fewer than "
                 f"min_sites={self.fed.min_sites}; the checkpoint of the last round is kept "
                 "(resume when the sites are back)"
             )
@@ -338,29 +365,35 @@ class FederatedRun:
                 m.content[BASE] = to_record(base)
         return Pending(msgs, stage, rnd, tok, base, strategy, current)
 
-    def end_round(self, pending: Pending, replies: list[Message], n: int) -> dict:
-        """Check, aggregate and checkpoint the replies of a round; returns the new global
+    def end_round(self, pending: Pending, replies: Iterable[Message], n: int) -> dict:
+        """Check, aggregate and checkpoint the replies of a round (any iterable: a stream
+        is folded in as it comes, see server/aggregate.py); returns the new global
         weights. Rejected and failed sites are logged; too few valid replies end the run
         (its last checkpoint stays)."""
         stage, rnd, current, msgs = pending.stage, pending.rnd, pending.current, pending.msgs
-        strategy = pending.strategy
+        strategy, what = pending.strategy, f"{stage} round {pending.rnd}"
         sent = sum(_bytes(m.content.array_records.values()) for m in msgs)
-        ok, failed = self.sort_replies(msgs, replies, f"{stage} round {rnd}")
-        received = sum(_bytes(r.content.array_records.values()) for r in ok)
-        valid, rejected = [], []
+        running = RunningMean() if self.fed.strategy.name in STREAMING else None
+        kept, rejected, failed, sites, received = [], [], [], {}, 0
         dp = float(self.cfg.dp.epsilon) > 0
-        for r in ok:
+        for r in self._replies(msgs, replies, what, failed):
             site = self._site(r.metadata.src_node_id)
+            received += _bytes(r.content.array_records.values())
             why = train_reply_problem(r.content, current, dp, self.max_examples(site, stage),
                                       float(self.fed.checks.max_update_ratio))  # fmt: skip
             if why:
                 rejected.append({"site": site, "reason": why})
-                log.warning("%s round %d: rejected site %s: %s", stage, rnd, site, why)
+                log.warning("%s: rejected site %s: %s", what, site, why)
+                continue
+            sites[site] = dict(r.content[METRICS])
+            if running is None:
+                kept.append(r)
             else:
-                valid.append(r)
-        self._enough(valid, f"{stage} round {rnd}")
-        agg, metrics = strategy.aggregate_train(rnd, valid)
-        weights = from_record(agg)
+                running.add(r.content)  # and the reply goes
+        self._enough(len(sites), what)
+        agg, metrics = strategy.aggregate_train(rnd, [running.reply()] if running else kept)
+        # The model's own dtypes (FedOpt computes in float64): sites answer in them.
+        weights = {k: v.astype(current[k].dtype, copy=False) for k, v in from_record(agg).items()}
         self.state["history"].append(
             {
                 "phase": stage,
@@ -369,9 +402,7 @@ class FederatedRun:
                 "ended": time.time(),  # wall clock, to line rounds up with other logs
                 "bytes_sent": sent,
                 "bytes_received": received,
-                "sites": {
-                    self._site(r.metadata.src_node_id): dict(r.content[METRICS]) for r in valid
-                },
+                "sites": sites,
                 "failed": failed,
                 "rejected": rejected,
                 "metrics": dict(metrics) if metrics else {},
@@ -381,7 +412,7 @@ class FederatedRun:
         save_checkpoint(self.out, self._state(pending.tok), weights, strategy, pending.base)
         log.info(
             "%s round %d/%d: %d site(s), loss %.3f",
-            stage, rnd, n, len(valid), dict(metrics or {}).get("train_loss", float("nan")),
+            stage, rnd, n, len(sites), dict(metrics or {}).get("train_loss", float("nan")),
         )  # fmt: skip
         return weights
 
@@ -412,7 +443,7 @@ class FederatedRun:
             # The LoRA base goes once per server process: sites keep it on disk.
             pending = self.begin_round(stage, rnd, tok, weights, base, strategy,
                                        send_base=base is not None and rnd == start + 1)  # fmt: skip
-            weights = self.end_round(pending, self._send(pending), n)
+            weights = self.end_round(pending, self._stream(pending), n)
         return weights
 
     def begin_probes(self, tok: Tokenizer, weights: dict) -> Pending:

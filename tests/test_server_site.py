@@ -12,6 +12,7 @@ from flwr.supercore.task_identity import TaskIdentity
 from omegaconf import OmegaConf
 
 from fedclif.client.app import _category
+from fedclif.server.aggregate import STREAMING, RunningMean
 from fedclif.server.checkpoint import (
     load_checkpoint,
     restore_strategy,
@@ -342,3 +343,37 @@ def test_resume_refuses_another_tokenizer_model_or_strategy():
     why = resume_problem(saved, other, "abc")
     assert "model.arch ('mamba2' saved, 'llama' now)" in why
     assert "federation.strategy.name ('fedavg' saved, 'fedadam' now)" in why
+
+
+@pytest.mark.parametrize("name", STREAMING)
+def test_streaming_aggregation_equals_flowers_on_the_same_replies(monkeypatch, name):
+    """Folding replies in one at a time gives the strategy's own aggregate of the whole
+    list (FedAvg's weighted mean, and FedAdam/FedYogi's step from it), to float32
+    tolerance, and the same weighted metrics."""
+    for attr, v in (("_run_id", 1), ("_node_id", 0), ("_task_id", 1)):
+        monkeypatch.setattr(TaskIdentity, attr, v)
+    rng = np.random.default_rng(3)
+    current = {"w": rng.normal(size=(30, 20)).astype(np.float32), "b": np.zeros(20, np.float32)}
+    replies = [
+        Message(RecordDict({
+            ARRAYS: to_record({k: v + rng.normal(0, 0.1, v.shape).astype(np.float32)
+                               for k, v in current.items()}),
+            METRICS: _metrics(int(rng.integers(10, 500))),
+        }), dst_node_id=i, message_type="train")
+        for i in range(7)
+    ]  # fmt: skip
+    fed = load_federation(overrides=[f"federation.strategy.name={name}"]).federation
+    whole, streamed = make_strategy(fed), make_strategy(fed)
+    for s in (whole, streamed):  # as configure_train leaves a FedOpt strategy
+        s.current_arrays = {k: v.copy() for k, v in current.items()}
+    running = RunningMean()
+    for r in replies:
+        running.add(r.content)
+    a, ma = whole.aggregate_train(1, replies)
+    b, mb = streamed.aggregate_train(1, [running.reply()])
+    for k in current:
+        np.testing.assert_allclose(b[k].numpy(), a[k].numpy(), rtol=1e-5, atol=1e-6)
+        assert b[k].numpy().dtype == a[k].numpy().dtype
+    assert dict(mb).keys() == dict(ma).keys()
+    for k in ma:
+        assert mb[k] == pytest.approx(ma[k], rel=1e-9)

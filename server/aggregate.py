@@ -1,0 +1,54 @@
+"""Streaming aggregation: the weighted mean of the sites' updates folded in one reply at a
+time, so the server holds the model a few times over however many sites reply.
+
+Flower's FedAvg (and FedProx, FedAdam, FedYogi, which start from its weighted mean) takes
+the list of every reply: server memory grows as (1 + N) x the model. Here each valid reply
+is added to running float64 sums and dropped; the strategy then aggregates one reply that
+carries the mean and the total weight, which for a weighted mean is the same thing (to
+float tolerance: Flower sums in float32). Median, trimmed mean and Krum need every reply
+at once and keep Flower's path."""
+
+import numpy as np
+from flwr.app import Array, ArrayRecord, Message, MetricRecord, RecordDict
+from flwr.serverapp.strategy.strategy_utils import aggregate_metricrecords
+
+from fedclif.shared.federation import ARRAYS, METRICS, WEIGHT_KEY
+
+# The strategies (configs/federation/default.yaml names) whose aggregate is, or starts
+# from, the example-weighted mean of the replies.
+STREAMING = ("fedavg", "fedprox", "fedadam", "fedyogi")
+
+
+class RunningMean:
+    """The example-weighted mean of training replies' arrays, one reply at a time."""
+
+    def __init__(self) -> None:
+        self.sums: dict[str, np.ndarray] = {}
+        self.dtypes: dict[str, np.dtype] = {}
+        self.total = 0.0
+        self.count = 0
+        self.metrics: list[RecordDict] = []  # each reply's MetricRecord alone (small)
+
+    def add(self, content: RecordDict) -> None:
+        """Fold in one reply (already checked: server/checks.py)."""
+        w = float(content[METRICS][WEIGHT_KEY])
+        for k, arr in content[ARRAYS].items():
+            x = arr.numpy()
+            if k not in self.sums:
+                self.sums[k] = np.zeros(x.shape, np.float64)
+                self.dtypes[k] = x.dtype
+            self.sums[k] += w * x.astype(np.float64)  # in float64: w * x would round to x's dtype
+        self.total += w
+        self.count += 1
+        self.metrics.append(RecordDict({METRICS: content[METRICS]}))
+
+    def reply(self) -> Message:
+        """One reply holding the mean and the total weight, for the strategy's
+        `aggregate_train` (the weighted mean of a single reply is that reply)."""
+        arrays = ArrayRecord(
+            {k: Array((s / self.total).astype(self.dtypes[k])) for k, s in self.sums.items()}
+        )
+        metrics = aggregate_metricrecords(self.metrics, WEIGHT_KEY)
+        metrics[WEIGHT_KEY] = self.total
+        content = RecordDict({ARRAYS: arrays, METRICS: MetricRecord(dict(metrics))})
+        return Message(content, dst_node_id=0, message_type="train")
