@@ -147,12 +147,17 @@ class FederatedRun:
         return self.sites.get(node, f"node-{node}")
 
     def _claim(self, node: int, name: str) -> str | None:
-        """Name `node` `name`; a name another node holds is refused (the node is left out
-        of the run: two sites under one name would overwrite each other's records)."""
-        if any(n != node and v == name for n, v in self.sites.items()):
+        """Name `node` `name`; a name another connected node holds is refused (the node
+        is left out of the run: two sites under one name would overwrite each other's
+        records). A site back under a new node id (a resumed run) takes its name back."""
+        holders = [n for n, v in self.sites.items() if n != node and v == name]
+        live = set(self.grid.get_node_ids()) if holders else set()
+        if any(n in live for n in holders):
             self.excluded[node] = why = f"duplicate site name {name!r}"
             log.warning("node %d left out of the run: %s", node, why)
             return why
+        for n in holders:
+            del self.sites[n]
         self.sites[node] = name
         return None
 
