@@ -8,8 +8,9 @@ LoRA, and the server's aggregation memory as the number of sites grows.
    per-message ClientApp process start, imports, data loading, model building.
 2. Bytes per round per site for full weights and for LoRA adapters + head (one way; a
    round sends and receives about that each), from the real model's ArrayRecords.
-3. Server peak RSS while Flower's FedAvg aggregation (`aggregate_arrayrecords`) holds N
-   replies of the `small` model, each N in a fresh process.
+3. Server peak RSS aggregating N replies of an ~80 MB model, each N in a fresh process:
+   Flower's FedAvg (`aggregate_arrayrecords`, every reply held) against fedclif's
+   streaming running mean (server/aggregate.py), and the reply checks' cost per reply.
 4. What the site's checks add to each message (client/policy.py, approval.py,
    ledger.py), median ms over `--reps`, beside the message's own work on the demo site
    (its statistics; a 5-step tiny-model training round) measured in the same run.
@@ -53,30 +54,77 @@ def payload_bytes(root: Path) -> dict[str, int]:
     return out
 
 
-def _hold_and_aggregate(root: Path, n: int) -> int:
-    """Aggregate n replies of the small model as FedAvg does; returns parameters."""
-    import numpy as np
-    from flwr.app import MetricRecord, RecordDict
-    from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
+# A model of ~80 MB (float32): the `small` Mamba-2 widened and deepened.
+BIG_MODEL = [
+    "model.size=small",
+    "model.shapes.mamba2.hidden_size=512",
+    "model.shapes.mamba2.num_heads=16",
+    "model.shapes.mamba2.num_hidden_layers=12",
+]
 
-    from fedclif.shared.config import load_config
-    from fedclif.shared.federation import to_record
+
+def _big_weights(root: Path) -> dict:
+    from fedclif.shared.config import load_tree
     from fedclif.shared.models import build_model, get_weights, setup
 
-    model = build_model(load_config("model/small"), _tok(root))
-    setup(model, load_config("train"), "pretrain")
-    w = get_weights(model)
-    rng = np.random.default_rng(0)
-    replies = [
-        RecordDict({
-            "arrays": to_record({k: v + rng.normal(0, 1e-3, v.shape).astype(v.dtype)
-                                 for k, v in w.items()}),
-            "metrics": MetricRecord({"num-examples": 100 + i}),
-        })
-        for i in range(n)
-    ]  # fmt: skip
-    aggregate_arrayrecords(replies, "num-examples")
+    cfg = load_tree(("model", "train"), (), None, BIG_MODEL)
+    model = build_model(cfg.model, _tok(root))
+    setup(model, cfg.train, "pretrain")
+    return get_weights(model)
+
+
+def _reply(w: dict, i: int):
+    import numpy as np
+    from flwr.app import MetricRecord, RecordDict
+
+    from fedclif.shared.federation import to_record
+
+    rng = np.random.default_rng(i)
+    arrays = {k: v + rng.normal(0, 1e-3, v.shape).astype(v.dtype) for k, v in w.items()}
+    return RecordDict({"arrays": to_record(arrays),
+                       "metrics": MetricRecord({"num-examples": 100 + i})})  # fmt: skip
+
+
+def _hold_and_aggregate(root: Path, n: int, streaming: bool) -> int:
+    """Aggregate n replies of BIG_MODEL: Flower's FedAvg holding them all, or fedclif's
+    running mean taking them one at a time (server/aggregate.py); returns parameters."""
+    from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
+
+    from fedclif.server.aggregate import RunningMean
+
+    w = _big_weights(root)
+    if streaming:
+        running = RunningMean()
+        for i in range(n):
+            running.add(_reply(w, i))  # the reply is dropped once folded in
+        running.result()
+    else:
+        aggregate_arrayrecords([_reply(w, i) for i in range(n)], "num-examples")
     return sum(v.size for v in w.values())
+
+
+def check_cost(root: Path, reps: int = 5) -> tuple[float, float]:
+    """Median seconds of the reply checks (server/checks.py) and of folding one reply
+    in, for one BIG_MODEL reply."""
+    import time
+
+    from fedclif.server.aggregate import RunningMean
+    from fedclif.server.checks import train_reply_problem
+    from fedclif.shared.federation import TRAIN_METRICS, to_record
+
+    w = _big_weights(root)
+    current, reply = to_record(w), _reply(w, 0)
+    for k in TRAIN_METRICS:
+        reply["metrics"][k] = 100
+    checks, fold = [], []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        assert train_reply_problem(reply, current, False, 1e9, 1.0) is None
+        t1 = time.perf_counter()
+        RunningMean().add(reply)
+        fold.append(time.perf_counter() - t1)
+        checks.append(t1 - t0)
+    return statistics.median(checks), statistics.median(fold)
 
 
 def protocol_overhead(root: Path, n_sites: int, rounds: int, steps: int, stays: int) -> list:
@@ -188,6 +236,27 @@ def check_costs(root: Path, reps: int) -> tuple[list[tuple[str, str, float]], di
 TASK_NAMES = ("death", "long_los", "icu", "imv", "readmission")
 
 
+def _print_aggregation(root: Path, replies: list[int]) -> None:
+    print("\n3. server peak RSS aggregating N replies (each N in a fresh process)")
+    first = {}
+    for n in replies:
+        row = {}
+        for streaming in (False, True):
+            _, mib, params = measure(_hold_and_aggregate, root, n, streaming)
+            row[streaming] = mib
+            first.setdefault(streaming, mib)
+        print(
+            f"   N={n:4d}  Flower FedAvg {row[False]:7.0f} MiB ({row[False] / first[False]:.2f}x)"
+            f"   streaming {row[True]:7.0f} MiB ({row[True] / first[True]:.2f}x the N={replies[0]}"
+            f" figure); model {params * 4 / 2**20:.0f} MiB"
+        )
+    checks, fold = check_cost(root)
+    print(
+        f"   per reply of that model: checks {1e3 * checks:.0f} ms, folding in "
+        f"{1e3 * fold:.0f} ms (median of 5)"
+    )
+
+
 def _print_checks(costs: list, work_ms: dict, reps: int) -> None:
     print(f"\n4. the site's checks per message, median ms of {reps}")
     total: dict[str, float] = {}
@@ -240,16 +309,7 @@ def main() -> None:
         print("\n2. bytes per site per round, one way")
         for k, v in payload_bytes(root).items():
             print(f"   {k:18} {v / 1e6:9.3f} MB")
-        print("\n3. server peak RSS holding N replies of the small model (FedAvg)")
-        base = None
-        for n in args.replies:
-            _, mib, params = measure(_hold_and_aggregate, root, n)
-            base = base or (n, mib)
-            per = (mib - base[1]) / (n - base[0]) if n != base[0] else float("nan")
-            print(
-                f"   N={n:4d}  peak {mib:8.0f} MiB  (+{per:.1f} MiB per extra reply; "
-                f"model {params * 4 / 2**20:.1f} MiB)"
-            )
+        _print_aggregation(root, args.replies)
         _print_checks(*check_costs(root, args.reps), args.reps)
 
 

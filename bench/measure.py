@@ -4,6 +4,7 @@ its own), and the tokenized demo site benches train on."""
 import contextlib
 import multiprocessing as mp
 import os
+import queue
 import resource
 import time
 from collections.abc import Callable
@@ -40,7 +41,13 @@ def measure(fn: Callable, *args) -> tuple[float, float, int]:
     q = ctx.Queue()
     p = ctx.Process(target=_child, args=(fn, args, q))
     p.start()
-    out = q.get()
+    while True:  # a child that dies without an answer must not hang the benchmark
+        try:
+            out = q.get(timeout=1.0)
+            break
+        except queue.Empty:
+            if not p.is_alive():
+                raise RuntimeError(f"{fn.__name__} died (exit code {p.exitcode})") from None
     p.join()
     return out
 

@@ -9,7 +9,7 @@ float tolerance: Flower sums in float32). Median, trimmed mean and Krum need eve
 at once and keep Flower's path."""
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, Message, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, MetricRecord, RecordDict
 from flwr.serverapp.strategy.strategy_utils import aggregate_metricrecords
 
 from fedclif.shared.federation import ARRAYS, METRICS, WEIGHT_KEY
@@ -42,13 +42,12 @@ class RunningMean:
         self.count += 1
         self.metrics.append(RecordDict({METRICS: content[METRICS]}))
 
-    def reply(self) -> Message:
-        """One reply holding the mean and the total weight, for the strategy's
+    def result(self) -> RecordDict:
+        """A reply's content holding the mean and the total weight, for the strategy's
         `aggregate_train` (the weighted mean of a single reply is that reply)."""
         arrays = ArrayRecord(
             {k: Array((s / self.total).astype(self.dtypes[k])) for k, s in self.sums.items()}
         )
         metrics = aggregate_metricrecords(self.metrics, WEIGHT_KEY)
         metrics[WEIGHT_KEY] = self.total
-        content = RecordDict({ARRAYS: arrays, METRICS: MetricRecord(dict(metrics))})
-        return Message(content, dst_node_id=0, message_type="train")
+        return RecordDict({ARRAYS: arrays, METRICS: MetricRecord(dict(metrics))})

@@ -396,7 +396,9 @@ class FederatedRun:
             else:
                 running.add(r.content)  # and the reply goes
         self._enough(len(sites), what)
-        agg, metrics = strategy.aggregate_train(rnd, [running.reply()] if running else kept)
+        if running is not None:  # the strategy aggregates the one reply of the mean
+            kept = [Message(running.result(), dst_node_id=0, message_type="train")]
+        agg, metrics = strategy.aggregate_train(rnd, kept)
         # The model's own dtypes (FedOpt computes in float64): sites answer in them.
         weights = {k: v.astype(current[k].dtype, copy=False) for k, v in from_record(agg).items()}
         self.state["history"].append(

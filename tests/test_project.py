@@ -55,4 +55,7 @@ def test_train_bench_quick_profile():
 def test_federation_bench_quick_profile():
     out = run_module("bench.federation", "--sites", "0", "--replies", "2")
     assert "tiny lora+head" in out and "small full" in out
-    assert sum(line.strip().startswith("N=") for line in out.splitlines()) == 1
+    rows = [line for line in out.splitlines() if line.strip().startswith("N=")]
+    assert len(rows) == 1 and "Flower FedAvg" in rows[0] and "streaming" in rows[0]
+    assert "per reply of that model: checks" in out
+    assert "train          all checks" in out  # the site's checks per message

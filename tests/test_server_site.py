@@ -370,7 +370,8 @@ def test_streaming_aggregation_equals_flowers_on_the_same_replies(monkeypatch, n
     for r in replies:
         running.add(r.content)
     a, ma = whole.aggregate_train(1, replies)
-    b, mb = streamed.aggregate_train(1, [running.reply()])
+    mean = Message(running.result(), dst_node_id=0, message_type="train")
+    b, mb = streamed.aggregate_train(1, [mean])
     for k in current:
         np.testing.assert_allclose(b[k].numpy(), a[k].numpy(), rtol=1e-5, atol=1e-6)
         assert b[k].numpy().dtype == a[k].numpy().dtype
