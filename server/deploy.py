@@ -3,6 +3,7 @@
 through a connection named `fedclif` in $FLWR_HOME/config.toml (default
 ~/.fedclif/flwr)."""
 
+import hashlib
 import json
 import os
 import re
@@ -75,10 +76,29 @@ def flwr(args: list[str], env: dict[str, str], check: bool = True) -> subprocess
     return r
 
 
+SITES_FILE = "sites.json"
+
+
 def register(public_key: Path, name: str, env: dict[str, str]) -> str:
+    """Let a site's key join under `name`. Names are unique per SuperLink (the run's
+    records are kept by site name): kept, with each key's fingerprint, in
+    $FLWR_HOME/sites.json, since Flower does not list the names it was given."""
     if not public_key.is_file():
         raise FedclifError(f"public key {public_key} not found")
+    registry = Path(env["FLWR_HOME"]) / SITES_FILE
+    link = tomllib.loads((Path(env["FLWR_HOME"]) / "config.toml").read_text())
+    address = link["superlink"][CONNECTION]["address"]
+    known = json.loads(registry.read_text()) if registry.is_file() else {}
+    names = known.setdefault(address, {})
+    key = hashlib.sha256(public_key.read_bytes()).hexdigest()[:16]
+    if name in names and names[name] != key:
+        raise FedclifError(
+            f"site name {name!r} is already registered at {address} with another key "
+            f"({names[name]}): choose another --name"
+        )
     r = flwr(["supernode", "register", str(public_key), CONNECTION, "--name", name], env)
+    names[name] = key
+    registry.write_text(json.dumps(known, indent=1))
     return r.stdout.strip()
 
 

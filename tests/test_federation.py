@@ -156,6 +156,14 @@ def test_site_messages_carry_no_identifier_or_raw_value(federation, finished_run
         assert min(st["codes"].values()) >= 10 and st["n_stays"] % 10 == 0
 
 
+def test_a_taken_site_name_is_refused_at_registration(federation):
+    r = federation.fedclif("site", "register", "--key", str(federation.site_dir("c") / "site.pub"),
+                           "--name", "a", "--superlink", federation.link, "--ca", federation.ca,
+                           check=False)  # fmt: skip
+    assert r.returncode == 1
+    assert "site name 'a' is already registered" in " ".join(r.stderr.split())
+
+
 def test_unregistered_site_is_refused(federation):
     p = federation.serve("c", federation.root / "data" / "a", wait=False)
     try:
