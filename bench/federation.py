@@ -16,7 +16,8 @@ LoRA, and the server's aggregation memory as the number of sites grows.
    (its statistics; a 5-step tiny-model training round) measured in the same run.
 
     python -m bench.federation                        # 3 sites, 3 rounds, N = 2, 8, 32
-    python -m bench.federation --sites 0 --replies 2 4      # quick: parts 2, 3 and 4
+    python -m bench.federation --sites 0 --replies 2 4      # parts 2, 3 and 4
+    python -m bench.federation --sites 0 --replies 2 --reps 3 --quick   # what tests run
 """
 
 import argparse
@@ -54,20 +55,22 @@ def payload_bytes(root: Path) -> dict[str, int]:
     return out
 
 
-# A model of ~80 MB (float32): the `small` Mamba-2 widened and deepened.
+# Part 3's model: ~80 MB (float32), the `small` Mamba-2 widened and deepened; `--quick`:
+# the `small` model itself (~8 MB).
 BIG_MODEL = [
     "model.size=small",
     "model.shapes.mamba2.hidden_size=512",
     "model.shapes.mamba2.num_heads=16",
     "model.shapes.mamba2.num_hidden_layers=12",
 ]
+QUICK_MODEL = ["model.size=small"]
 
 
-def _big_weights(root: Path) -> dict:
+def _big_weights(root: Path, model: list[str]) -> dict:
     from fedclif.shared.config import load_tree
     from fedclif.shared.models import build_model, get_weights, setup
 
-    cfg = load_tree(("model", "train"), (), None, BIG_MODEL)
+    cfg = load_tree(("model", "train"), (), None, model)
     model = build_model(cfg.model, _tok(root))
     setup(model, cfg.train, "pretrain")
     return get_weights(model)
@@ -85,14 +88,14 @@ def _reply(w: dict, i: int):
                        "metrics": MetricRecord({"num-examples": 100 + i})})  # fmt: skip
 
 
-def _hold_and_aggregate(root: Path, n: int, streaming: bool) -> int:
-    """Aggregate n replies of BIG_MODEL: Flower's FedAvg holding them all, or fedclif's
+def _hold_and_aggregate(root: Path, n: int, streaming: bool, model: list[str]) -> int:
+    """Aggregate n replies of `model`: Flower's FedAvg holding them all, or fedclif's
     running mean taking them one at a time (server/aggregate.py); returns parameters."""
     from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
 
     from fedclif.server.aggregate import RunningMean
 
-    w = _big_weights(root)
+    w = _big_weights(root, model)
     if streaming:
         running = RunningMean()
         for i in range(n):
@@ -103,16 +106,16 @@ def _hold_and_aggregate(root: Path, n: int, streaming: bool) -> int:
     return sum(v.size for v in w.values())
 
 
-def check_cost(root: Path, reps: int = 5) -> tuple[float, float]:
+def check_cost(root: Path, model: list[str], reps: int = 5) -> tuple[float, float]:
     """Median seconds of the reply checks (server/checks.py) and of folding one reply
-    in, for one BIG_MODEL reply."""
+    in, for one reply of `model`."""
     import time
 
     from fedclif.server.aggregate import RunningMean
     from fedclif.server.checks import train_reply_problem
     from fedclif.shared.federation import TRAIN_METRICS, to_record
 
-    w = _big_weights(root)
+    w = _big_weights(root, model)
     current, reply = to_record(w), _reply(w, 0)
     for k in TRAIN_METRICS:
         reply["metrics"][k] = 100
@@ -236,13 +239,13 @@ def check_costs(root: Path, reps: int) -> tuple[list[tuple[str, str, float]], di
 TASK_NAMES = ("death", "long_los", "icu", "imv", "readmission")
 
 
-def _print_aggregation(root: Path, replies: list[int]) -> None:
+def _print_aggregation(root: Path, replies: list[int], model: list[str]) -> None:
     print("\n3. server peak RSS aggregating N replies (each N in a fresh process)")
     first = {}
     for n in replies:
         row = {}
         for streaming in (False, True):
-            _, mib, params = measure(_hold_and_aggregate, root, n, streaming)
+            _, mib, params = measure(_hold_and_aggregate, root, n, streaming, model)
             row[streaming] = mib
             first.setdefault(streaming, mib)
         print(
@@ -250,7 +253,7 @@ def _print_aggregation(root: Path, replies: list[int]) -> None:
             f"   streaming {row[True]:7.0f} MiB ({row[True] / first[True]:.2f}x the N={replies[0]}"
             f" figure); model {params * 4 / 2**20:.0f} MiB"
         )
-    checks, fold = check_cost(root)
+    checks, fold = check_cost(root, model)
     print(
         f"   per reply of that model: checks {1e3 * checks:.0f} ms, folding in "
         f"{1e3 * fold:.0f} ms (median of 5)"
@@ -299,6 +302,7 @@ def main() -> None:
     ap.add_argument("--stays", type=int, default=300, help="stays per synthetic site")
     ap.add_argument("--replies", type=int, nargs="+", default=[2, 8, 32])
     ap.add_argument("--reps", type=int, default=50, help="repetitions of each site check")
+    ap.add_argument("--quick", action="store_true", help="part 3 on the small model (tests)")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
@@ -309,7 +313,7 @@ def main() -> None:
         print("\n2. bytes per site per round, one way")
         for k, v in payload_bytes(root).items():
             print(f"   {k:18} {v / 1e6:9.3f} MB")
-        _print_aggregation(root, args.replies)
+        _print_aggregation(root, args.replies, QUICK_MODEL if args.quick else BIG_MODEL)
         _print_checks(*check_costs(root, args.reps), args.reps)
 
 

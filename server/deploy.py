@@ -18,8 +18,6 @@ from omegaconf import DictConfig, OmegaConf
 
 from fedclif.shared.errors import FedclifError
 from fedclif.shared.flower import (
-    RUN_CONFIG,
-    SERVERAPP,
     app_files,
     executable,
     flower_env,
@@ -112,16 +110,11 @@ def run_config(config: DictConfig, out: Path, resume: bool, audit: Path | None =
     }
 
 
-def submit(
-    config: dict,
-    env: dict[str, str],
-    serverapp: str = SERVERAPP,
-    defaults: dict = RUN_CONFIG,
-) -> int:
-    """Start a run of the Flower app whose ServerApp is `serverapp` (run-config keys and
-    defaults: `defaults`) with this run config; returns its run id."""
+def submit(config: dict, env: dict[str, str], files: dict[str, bytes] | None = None) -> int:
+    """Start a run of the Flower app made of `files` (default: the coordinator's app of
+    this release, shared/flower.py `app_files`) with this run config; its run id."""
     with tempfile.TemporaryDirectory(prefix="fedclif-app-") as tmp:
-        app = write_app(Path(tmp), app_files(serverapp, defaults))
+        app = write_app(Path(tmp), files or app_files())
         conf = Path(tmp) / "run-config.toml"
         conf.write_text(tomli_w.dumps(config))
         text = flwr(["run", str(app), CONNECTION, "--run-config", str(conf)], env).stdout

@@ -14,6 +14,7 @@ from fedclif.server.deploy import run_config, run_status
 from fedclif.shared.config import add_arguments, load_tree, write_resolved
 from fedclif.shared.errors import FedclifError
 from fedclif.shared.federation import OPEN_KEYS, RUN_LAYERS, RUN_SECTIONS, load_federation
+from fedclif.shared.flower import app_files
 from fedclif.shared.ui import console, out, progress
 from fedclif.simulations import synth
 from fedclif.simulations.engine import SimulationEngine
@@ -60,8 +61,8 @@ def run_study(cfg: DictConfig, out_dir: Path, cache: Path = CACHE) -> dict:
                               float(e.gpus_per_site), e.ray_address)  # fmt: skip
     config = {"study": OmegaConf.to_yaml(cfg), "out-dir": str(out_dir.resolve())}
     with engine, progress() as bar:
-        run_id = engine.submit(config, sites, sites[0].parent / "work", STUDY_SERVERAPP,
-                               STUDY_RUN_CONFIG)  # fmt: skip
+        run_id = engine.submit(config, sites, sites[0].parent / "work",
+                               app_files(STUDY_SERVERAPP, STUDY_RUN_CONFIG))  # fmt: skip
         task = bar.add_task("starting the simulation engine", total=None)
         while (status := run_status(run_id, engine.env)).startswith(
             ("pending", "starting", "running")

@@ -9,7 +9,7 @@ from pathlib import Path
 from fedclif.server.deploy import CONNECTION, connect, flwr, save_run_log, submit, wait_run
 from fedclif.server.processes import Processes, free_port, wait_for
 from fedclif.shared.errors import FedclifError
-from fedclif.shared.flower import RUN_CONFIG, SERVERAPP, executable, flower_env
+from fedclif.shared.flower import executable, flower_env
 
 
 class SimulationEngine(Processes):
@@ -57,11 +57,10 @@ class SimulationEngine(Processes):
         config: dict,
         sites: list[Path],
         work_root: Path,
-        serverapp: str = SERVERAPP,
-        defaults: dict = RUN_CONFIG,
+        files: dict[str, bytes] | None = None,
     ) -> int:
-        """Start a run of the app whose ServerApp is `serverapp` (the coordinator's by
-        default); virtual site k keeps its derived files in work_root/<its dir name>."""
+        """Start a run of the app made of `files` (the coordinator's by default); virtual
+        site k keeps its derived files in work_root/<its dir name>."""
         if len(sites) != self.n_sites:
             raise FedclifError(f"{len(sites)} sites given to an engine of {self.n_sites}")
         for s in sites:
@@ -77,8 +76,7 @@ class SimulationEngine(Processes):
                 "work-root": str(Path(work_root).resolve()),
             },
             self.env,
-            serverapp,
-            defaults,
+            files,
         )
 
     def run(self, config: dict, sites: list[Path], work_root: Path) -> tuple[bool, str]:

@@ -53,7 +53,7 @@ def test_train_bench_quick_profile():
 
 
 def test_federation_bench_quick_profile():
-    out = run_module("bench.federation", "--sites", "0", "--replies", "2")
+    out = run_module("bench.federation", "--sites", "0", "--replies", "2", "--reps", "3", "--quick")
     assert "tiny lora+head" in out and "small full" in out
     rows = [line for line in out.splitlines() if line.strip().startswith("N=")]
     assert len(rows) == 1 and "Flower FedAvg" in rows[0] and "streaming" in rows[0]

@@ -3,16 +3,20 @@ virtual SuperNodes, the same ServerApp/ClientApp as deployment)."""
 
 import json
 import subprocess
+import tomllib
+from pathlib import Path
 
 import numpy as np
 import pytest
+import tomli_w
 from safetensors.numpy import load_file
 
 from fedclif.client.ledger import Ledger
-from fedclif.server.deploy import run_config
+from fedclif.server.deploy import run_config, wait_run
 from fedclif.server.processes import wait_for
 from fedclif.server.run import FederatedRun
 from fedclif.shared.federation import load_federation
+from fedclif.shared.flower import RUN_CONFIG, SERVERAPP, app_files
 from fedclif.shared.models import get_weights, load_model
 from fedclif.shared.tokenizer import Tokenizer
 from fedclif.simulations.engine import SimulationEngine
@@ -126,3 +130,52 @@ def test_the_dp_ledger_outlives_a_run(sites, tmp_path):
     for s in sites:
         assert Ledger(work / s.name).entries() == spent[s.name]
         assert "dp.max_epsilon_lifetime" in (work / s.name / "errors.log").read_text()
+
+
+ROGUE_KINDS = {  # what the rogue sends in training round r, and the rule that rejects it
+    "no-arrays": "missing_arrays",
+    "float64": "dtype float64 != float32",
+    "nan": "non-finite values",
+    "huge-examples": "num-examples 1e+09 outside",
+}
+
+
+def test_a_rogue_site_neither_stops_nor_steers_the_run(sites, tmp_path):
+    """One site runs a ClientApp that poisons its statistics and sends a different bad
+    reply each round (tests/rogue_app.py, in the run's app bundle): its statistics are
+    left out of the tokenizer, each reply is rejected by its rule, the run completes, and
+    the global model is the honest site's update, as in a run without the rogue."""
+    fed = load_federation(None, [
+        "federation.rounds.pretrain=4", "federation.evaluate=false", "federation.min_sites=1",
+        "train.pretrain.context=64", "train.pretrain.batch_size=8", "train.pretrain.max_steps=2",
+        "federation.timeout_s=120",
+    ])  # fmt: skip
+    files = app_files(SERVERAPP, {**RUN_CONFIG, "rogue-node": -1, "rogue-kinds": ""})
+    pyproject = tomllib.loads(files["pyproject.toml"].decode())
+    pyproject["tool"]["flwr"]["app"]["components"]["clientapp"] = "rogue_app:app"
+    files["pyproject.toml"] = tomli_w.dumps(pyproject).encode()
+    files["rogue_app.py"] = (Path(__file__).parent / "rogue_app.py").read_bytes()
+    out, audit = tmp_path / "run", tmp_path / "audit"
+    config = {**run_config(fed, out, False, audit), "rogue-node": 1,
+              "rogue-kinds": ",".join(ROGUE_KINDS)}  # fmt: skip
+    with SimulationEngine(tmp_path / "engine", len(sites)) as engine:
+        run_id = engine.submit(config, sites, tmp_path / "work", files)
+        assert wait_run(run_id, engine.env), engine.save_log(run_id)
+    honest, rogue = (s.name for s in sites)
+    r = json.loads((out / "results.json").read_text())
+    (left,) = r["statistics"]["left_out"]
+    assert left["site"] == rogue and "code counts must be non-negative" in left["reason"]
+    assert r["statistics"]["sites"] == [honest]
+    for x, rule in zip(r["rounds"], ROGUE_KINDS.values(), strict=True):
+        assert list(x["sites"]) == [honest]
+        (rejected,) = x["rejected"]
+        assert rejected["site"] == rogue and rejected["reason"].startswith(rule), rejected
+    # The last round's honest update (read from the audit) is the global model.
+    last = sorted(audit.glob("*-pretrain_round_4.json"))
+    (mine,) = [f for f in last if json.loads(f.read_text())["records"]["metrics"]["metrics"]
+               ["num-examples"] < 10**9]  # fmt: skip
+    sent = np.load(str(mine).replace(".json", "-arrays.npz"))
+    final = load_file(str(out / "checkpoint" / "weights.safetensors"))
+    assert final.keys() == set(sent.files)
+    for k in final:
+        np.testing.assert_array_equal(final[k], sent[k], err_msg=k)
