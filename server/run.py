@@ -601,8 +601,11 @@ class FederatedRun:
             weights = self.rounds(stage, n, tok, weights, base, start, strategy)
             done_phase = None
         last = "finetune" if int(self.fed.rounds.finetune) else "pretrain"
+        name = str(self.fed.strategy.name)
         results = {
             "tokenizer_hash": tok.hash,
+            # Which aggregate made the model, and whether it streamed (server/aggregate.py).
+            "strategy": {"name": name, "streaming": name in STREAMING},
             "statistics": self.state.get("statistics"),
             "sites": self.state["sites"],
             "rounds": self.state["history"],

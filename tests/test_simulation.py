@@ -163,6 +163,7 @@ def test_a_rogue_site_neither_stops_nor_steers_the_run(sites, tmp_path):
         assert wait_run(run_id, engine.env), engine.save_log(run_id)
     honest, rogue = (s.name for s in sites)
     r = json.loads((out / "results.json").read_text())
+    assert r["strategy"] == {"name": "fedavg", "streaming": True}
     (left,) = r["statistics"]["left_out"]
     assert left["site"] == rogue and "code counts must be non-negative" in left["reason"]
     assert r["statistics"]["sites"] == [honest]
