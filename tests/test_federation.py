@@ -198,56 +198,55 @@ def test_a_run_asking_for_finer_statistics_is_refused_by_every_site(federation):
     assert not (out / "results.json").exists() and not (out / "tokenizer.json").exists()
 
 
-# What a hostile coordinator asks, what the site's policy says (its file rewritten for the
-# case), and the exact refusal in the site's log (after "SiteRefusal: ") and at the server
-# (the category; a policy refusal also names its rule there). The statistics' refusals
-# (finer cells, a noise seed) share one path, shown on these processes by the test above;
-# each rule's exact refusal is tests/test_policy.py's.
+# What a hostile coordinator asks and the exact refusal in the site's log (after
+# "SiteRefusal: ") and at the server (the category; a policy refusal also names its rule
+# there), under one site policy (HOSTILE_POLICY). The statistics' refusals (finer cells,
+# a noise seed) share one path, shown on these processes by the test above; each rule's
+# exact refusal is tests/test_policy.py's.
 HOSTILE = {
-    "tiny test split": (["train.split.test=0.001"], {},
+    "tiny test split": (["train.split.test=0.001"],
                         "policy: splits.min_test 0.001 < 0.1", "policy"),
-    "no DP where required": (["train.dp.epsilon=0"], {"policy.dp.required": True},
+    "no DP where required": (["train.dp.epsilon=0"],
                              "policy: dp.required pretrain with epsilon 0 is not DP-SGD",
                              "policy"),
     # The site spent 1 in an earlier run (its ledger says so); the coordinator resumes a
     # finished run for a third, DP, round: a resume is one more run to the ledger.
     "a resume past the lifetime budget": (
         ["federation.rounds.pretrain=3", "train.dp.epsilon=1", "train.dp.delta=1e-5"],
-        {"policy.dp.max_epsilon_lifetime": 1.5},
         "policy: dp.max_epsilon_lifetime: spent 1 + 1 > 1.5", "dp_budget_exhausted"),
-    "model 100x the cap": ([], {"policy.model.max_parameters": "CAP"},
+    # The site's cap is the run's tiny model; this one is over 100 times its size.
+    "model 100x the cap": (["model.shapes.mamba2.hidden_size=1024",
+                            "model.shapes.mamba2.num_heads=64",
+                            "model.shapes.mamba2.num_hidden_layers=8"],
                            "policy: model.max_parameters {n} > {cap}", "policy"),
 }  # fmt: skip
+HOSTILE_POLICY = {"policy.dp.required": True, "policy.dp.max_epsilon_lifetime": 1.5}
 
 
-@pytest.mark.parametrize("case", HOSTILE)
-def test_a_hostile_request_is_refused_and_changes_nothing(federation, finished_run, case):
-    """Each request beyond a site's policy is refused by the real SuperNodes with the
-    rule's name, before any data is read or written: the sites' work directories and DP
-    ledgers are as they were, and the run config's `work-root` is never used."""
+def test_hostile_requests_are_refused_and_change_nothing(federation, finished_run):
+    """Each request beyond the sites' policy (HOSTILE, submitted together) is refused by
+    the real SuperNodes with the rule's name, before any data is read or written: the
+    sites' work directories and DP ledgers are as they were, and the run config's
+    `work-root` is never used."""
     lb = federation
-    asked, policy, refusal, category = HOSTILE[case]
-    name = case.replace(" ", "-")
     tok = finished_run[0] / "tokenizer.json"
-    config = load_federation(overrides=[
-        *RUN, "federation.statistics=false", f"federation.tokenizer={tok}", *asked,
-    ])  # fmt: skip
-    if "CAP" in policy.values():
-        n = count_parameters(config.model, Tokenizer.load(tok))
-        policy = {"policy.model.max_parameters": n // 100}
-        refusal = refusal.format(n=n, cap=n // 100)
-    elsewhere = lb.root / f"{name}-work-root"
-    resume = "resume" in case
-    if resume:  # the finished run, its checkpoint and tokenizer, as the coordinator kept it
-        shutil.copytree(finished_run[0], lb.root / f"{name}-out")
-    rc = run_config(config, lb.root / f"{name}-out", resume, lb.root / f"{name}-audit")
+    base = [*RUN, "federation.statistics=false", f"federation.tokenizer={tok}"]
+    configs = {
+        case: load_federation(overrides=[*base, *asked]) for case, (asked, _, _) in HOSTILE.items()
+    }
+    cap = count_parameters(load_federation().model, Tokenizer.load(tok))
+    n = count_parameters(configs["model 100x the cap"].model, Tokenizer.load(tok))
+    assert n > 100 * cap
+    refusals = {case: r.format(n=n, cap=cap) for case, (_, r, _) in HOSTILE.items()}
+    policy = {**HOSTILE_POLICY, "policy.model.max_parameters": cap}
+    name = {case: case.replace(" ", "-") for case in HOSTILE}
+    shutil.copytree(finished_run[0], lb.root / f"{name['a resume past the lifetime budget']}-out")
     files = {s: lb.site_dir(s) / "policy.yaml" for s in "ab"}
     texts = {s: f.read_text() for s, f in files.items()}
     try:
-        if resume:
-            for s in "ab":
-                ledger = Ledger(lb.root / f"work-{s}")
-                ledger.settle(ledger.reserve(0, "finetune", 1, 1.0, 1e-5, 10.0), 1.0)
+        for s in "ab":
+            ledger = Ledger(lb.root / f"work-{s}")
+            ledger.settle(ledger.reserve(0, "finetune", 1, 1.0, 1e-5, 10.0), 1.0)
         before = {s: sorted(p.name for p in (lb.root / f"work-{s}").iterdir()) for s in "ab"}
         ledgers = {s: Ledger(lb.root / f"work-{s}").entries() for s in "ab"}
         for f in files.values():
@@ -256,25 +255,34 @@ def test_a_hostile_request_is_refused_and_changes_nothing(federation, finished_r
                 OmegaConf.update(tree, k, v)
             OmegaConf.save(tree, f)
         env = connect(lb.link, Path(lb.ca), lb.root / "flwr")
-        lb.wait_run(submit({**rc, "work-root": str(elsewhere)}, env))
-        assert not elsewhere.exists()
-        audit = sorted((lb.root / f"{name}-audit").glob("*.json"))
-        errors = [e for f in audit if (e := json.loads(f.read_text())["error"])]
-        assert [ERRORS[e["code"]] for e in errors] == [category] * 2
-        if category == "policy":
-            assert {e["reason"] for e in errors} == {refusal}
+        runs = []
+        for case, config in configs.items():
+            out, audit = (lb.root / f"{name[case]}-{x}" for x in ("out", "audit"))
+            rc = run_config(config, out, "resume" in case, audit)
+            runs.append(submit({**rc, "work-root": str(lb.root / f"{name[case]}-work-root")}, env))
+        for run_id in runs:
+            lb.wait_run(run_id)
+        for case, (_, _, category) in HOSTILE.items():
+            assert not (lb.root / f"{name[case]}-work-root").exists()
+            audit = sorted((lb.root / f"{name[case]}-audit").glob("*.json"))
+            errors = [e for f in audit if (e := json.loads(f.read_text())["error"])]
+            assert [ERRORS[e["code"]] for e in errors] == [category] * 2, case
+            if category == "policy":
+                assert {e["reason"] for e in errors} == {refusals[case]}
         for s in "ab":
             work = lb.root / f"work-{s}"
-            assert f"SiteRefusal: {refusal}\n" in (work / "errors.log").read_text()
-            # The refusal's log, and the ledger's lock when it was asked: nothing else.
-            new = {p.name for p in work.iterdir()} - {*before[s]}
-            assert new <= {"errors.log", "dp-ledger.lock"}
+            log = (work / "errors.log").read_text()
+            assert all(f"SiteRefusal: {r}\n" in log for r in refusals.values()), log
+            # The refusals' log, and the ledger's lock: nothing else.
+            assert {p.name for p in work.iterdir()} - {*before[s]} <= {
+                "errors.log",
+                "dp-ledger.lock",
+            }
             assert Ledger(work).entries() == ledgers[s]
     finally:
         for s, f in files.items():
             f.write_text(texts[s])
-            if resume:  # the seeded earlier spending
-                (lb.root / f"work-{s}" / LEDGER_FILE).unlink(missing_ok=True)
+            (lb.root / f"work-{s}" / LEDGER_FILE).unlink(missing_ok=True)  # the seeded one
 
 
 def _hostile_app(root: Path, marker: Path) -> tuple[Path, str]:
