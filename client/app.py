@@ -30,6 +30,7 @@ from fedclif.client.policy import (
     check_training,
     coarse_count,
     load_policy,
+    rounded,
     withhold,
     work_dir,
 )
@@ -235,8 +236,7 @@ def _metrics_reply(msg: Message, m: dict, node: Node, tasks: list[str]) -> Messa
     """Evaluation metrics as the policy lets them leave: a task measured on too few stays
     or events is withheld, and the reply says which and why (WITHHELD)."""
     m, withheld = withhold(m, tasks, node.policy)
-    cell = int(node.policy.policy.stats.min_cell_count)
-    m["num_examples"] = m["num_examples"] // cell * cell  # a size, as coarse as every count
+    m["num_examples"] = rounded(m["num_examples"], node.policy)  # as coarse as every count
     m = {
         "num-examples": m["num_examples"],
         **{k: v if isinstance(v, list) else float(v) for k, v in m.items()},

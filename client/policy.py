@@ -105,13 +105,18 @@ def withhold(flat: dict, tasks: list[str], policy: DictConfig) -> tuple[dict, di
     return kept, reasons
 
 
-def coarse_count(n: int, what: str, policy: DictConfig) -> int:
-    """A count as it may leave: rounded down to a multiple of the policy's minimum cell
-    count (the statistics' rule, for the sizes replies carry); under it, refused."""
+def rounded(n: int, policy: DictConfig) -> int:
+    """A size as it may leave: rounded down to a multiple of the policy's minimum cell
+    count (the statistics' rule, for the sizes replies carry)."""
     k = int(policy.policy.stats.min_cell_count)
-    if n < k:
-        refuse("stats.min_cell_count", f"{n} {what}", "<", k)
     return n // k * k
+
+
+def coarse_count(n: int, what: str, policy: DictConfig) -> int:
+    """`rounded(n)`, refused when `n` is under the minimum cell (nothing to round to)."""
+    if n < int(policy.policy.stats.min_cell_count):
+        refuse("stats.min_cell_count", f"{n} {what}", "<", policy.policy.stats.min_cell_count)
+    return rounded(n, policy)
 
 
 def check_probe_training(n_stays: int, policy: DictConfig) -> None:

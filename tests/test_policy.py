@@ -21,7 +21,9 @@ from fedclif.client.policy import (
     check_probe_training,
     check_stats,
     check_training,
+    coarse_count,
     load_policy,
+    rounded,
     withhold,
     write_policy,
 )
@@ -257,3 +259,13 @@ def test_default_policy_statistics_hold_no_small_count_and_no_identifying_answer
             assert below <= i / 10 + 0.01 and upto >= i / 10 - 0.01, (code, i, c, below, upto)
         checked += 1
     assert checked >= 10
+
+
+def test_sizes_leave_rounded_down_to_the_minimum_cell():
+    policy = load_policy()  # min_cell_count 10
+    assert rounded(57, policy) == 50 and rounded(9, policy) == 0
+    assert coarse_count(57, "training examples", policy) == 50
+    with pytest.raises(SiteRefusal) as e:
+        coarse_count(7, "training examples", policy)
+    assert e.value.category == "policy"
+    assert str(e.value) == "policy: stats.min_cell_count 7 training examples < 10"
