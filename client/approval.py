@@ -39,9 +39,15 @@ def release_hash() -> str:
 
 def approved(work: Path) -> dict[str, str]:
     """Hash -> why it is approved: this release's bundle, then those the site added."""
+    return {release_hash(): "the installed fedclif release"} | {
+        a["hash"]: a["note"] for a in _added(work)
+    }
+
+
+def _added(work: Path) -> list[dict]:
+    """The bundles the site approved itself (APPROVED_FILE)."""
     path = Path(work) / APPROVED_FILE
-    added = json.loads(path.read_text())["approved"] if path.is_file() else []
-    return {release_hash(): "the installed fedclif release"} | {a["hash"]: a["note"] for a in added}
+    return json.loads(path.read_text())["approved"] if path.is_file() else []
 
 
 def approve(work: Path, fab_or_hash: str, note: str) -> str:
@@ -53,13 +59,12 @@ def approve(work: Path, fab_or_hash: str, note: str) -> str:
         h = fab_or_hash.lower()
     else:
         raise FedclifError(f"{fab_or_hash} is neither a .fab file nor a SHA-256 hash (64 hex)")
-    file = Path(work) / APPROVED_FILE
-    added = json.loads(file.read_text())["approved"] if file.is_file() else []
+    added = _added(work)
     if h not in {a["hash"] for a in added}:
         added.append({"hash": h, "note": note, "time": time.time()})
-        tmp = file.with_suffix(".tmp")
+        tmp = Path(work) / f"{APPROVED_FILE}.tmp"
         tmp.write_text(json.dumps({"approved": added}, indent=1))
-        tmp.replace(file)
+        tmp.replace(Path(work) / APPROVED_FILE)
     return h
 
 

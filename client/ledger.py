@@ -39,7 +39,7 @@ class Ledger:
 
     def spent(self) -> float:
         """Epsilon spent (or reserved) over the site's lifetime, summed."""
-        return sum(float(e["epsilon"]) for e in self.entries())
+        return _total(self.entries())
 
     def _write(self, entries: list[dict]) -> None:
         tmp = self.path.with_suffix(".tmp")
@@ -55,7 +55,7 @@ class Ledger:
         the entry's index (for `settle`)."""
         with self._locked():
             entries = self.entries()
-            spent = sum(float(e["epsilon"]) for e in entries)
+            spent = _total(entries)
             if spent + epsilon > limit + 1e-9:
                 raise SiteRefusal(
                     "dp_budget_exhausted",
@@ -73,3 +73,7 @@ class Ledger:
             entries = self.entries()
             entries[index].update(epsilon=min(epsilon, entries[index]["epsilon"]), status="spent")
             self._write(entries)
+
+
+def _total(entries: list[dict]) -> float:
+    return sum(float(e["epsilon"]) for e in entries)

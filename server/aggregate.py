@@ -26,7 +26,6 @@ class RunningMean:
         self.sums: dict[str, np.ndarray] = {}
         self.dtypes: dict[str, np.dtype] = {}
         self.total = 0.0
-        self.count = 0
         self.metrics: list[RecordDict] = []  # each reply's MetricRecord alone (small)
 
     def add(self, content: RecordDict) -> None:
@@ -39,7 +38,6 @@ class RunningMean:
                 self.dtypes[k] = x.dtype
             self.sums[k] += w * x.astype(np.float64)  # in float64: w * x would round to x's dtype
         self.total += w
-        self.count += 1
         self.metrics.append(RecordDict({METRICS: content[METRICS]}))
 
     def result(self) -> RecordDict:
