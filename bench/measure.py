@@ -5,21 +5,11 @@ import contextlib
 import multiprocessing as mp
 import os
 import queue
-import resource
 import time
 from collections.abc import Callable
 from pathlib import Path
 
-
-def _peak_mib() -> float:
-    """Peak RSS of this process since `_reset_peak` (Linux VmHWM), else since start."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+from fedclif.shared.memory import peak_rss_mib
 
 
 def _reset_peak() -> None:
@@ -32,7 +22,7 @@ def _child(fn: Callable, args: tuple, q) -> None:
     _reset_peak()
     t0 = time.perf_counter()
     n = fn(*args)
-    q.put((time.perf_counter() - t0, _peak_mib(), n))
+    q.put((time.perf_counter() - t0, peak_rss_mib(), n))
 
 
 def measure(fn: Callable, *args) -> tuple[float, float, int]:

@@ -1,11 +1,21 @@
-"""Scale of the simulation engine: a federated pretraining run of the tiny model with 2, 8
-and 32 virtual sites (Flower's simulation engine, Ray, one ClientApp per site), printing
-per round the wall time and the peak memory of everything the engine runs (SuperLink,
-ServerApp process, Ray and its ClientApp actors: the RSS of the whole process tree,
-sampled every 0.2 s), beside the 2-site run as the baseline.
+"""Scale of the simulation engine: a federated pretraining run with 2, 8 and 32 virtual
+sites (Flower's simulation engine, Ray, one ClientApp per site), for each aggregation:
+fedclif's streaming weighted mean and Flower's FedAvg holding every reply
+(`federation.strategy.streaming=false`), measured in the same run. Per run: the median
+round's wall time, the reply checks' share of it (server/checks.py), the ServerApp
+process's peak memory (its own VmHWM, in results.json) and that of everything the engine
+runs (SuperLink, ServerApp, Ray and its actors: the RSS of the process tree sampled every
+0.2 s), each beside the first site count's as the baseline.
 
-    python -m bench.simulate                       # 2, 8, 32 sites, 3 rounds
-    python -m bench.simulate --sites 2 --rounds 1  # quick
+The default model is bench/federation.py's ~80 MB Mamba-2 (`--model tiny`: ~1 MB), so
+that N replies held at once show against the ServerApp's ~0.5 GB of imports. In
+simulation the ServerApp runs in the process of Flower's simulation engine, which queues
+every virtual site's instruction, each with its copy of the weights, at once
+(flwr/server/superlink/fleet/vce/vce_api.py): that part grows with the sites in both
+arms; the difference between the arms is the replies Flower's FedAvg holds.
+
+    python -m bench.simulate                                   # 2, 8, 32 sites, 2 rounds
+    python -m bench.simulate --sites 2 --rounds 1 --model tiny  # quick
 """
 
 import argparse
@@ -37,8 +47,10 @@ def _tree_rss(pid: int) -> int:
     return total
 
 
-def run_sites(root: Path, n: int, rounds: int, steps: int, stays: int) -> list[dict]:
-    """One federated run over n synthetic sites; per round: seconds and peak MiB."""
+def run_sites(root: Path, n: int, streaming: bool, args) -> dict:
+    """One federated run over n synthetic sites: median round seconds, checks' seconds
+    per round, ServerApp peak MiB, engine process-tree peak MiB."""
+    from bench.federation import BIG_MODEL
     from fedclif.server.deploy import run_config
     from fedclif.shared.federation import load_federation
     from fedclif.simulations.engine import SimulationEngine
@@ -49,95 +61,91 @@ def run_sites(root: Path, n: int, rounds: int, steps: int, stays: int) -> list[d
     for i in range(n):
         d = root / "sites" / f"site{i:02d}"
         if not d.is_dir():
-            write_site(load_preset(presets[i % len(presets)]), stays, i, d)
+            write_site(load_preset(presets[i % len(presets)]), args.stays, i, d)
         sites.append(d)
     fed = load_federation(
         None,
         [
-            f"federation.rounds.pretrain={rounds}",
+            *(BIG_MODEL if args.model == "big" else []),
+            f"federation.rounds.pretrain={args.rounds}",
             f"federation.min_sites={n}",
-            "federation.statistics=true",
+            f"federation.strategy.streaming={str(streaming).lower()}",
             "federation.evaluate=false",
-            "train.pretrain.context=128",
-            "train.pretrain.batch_size=8",
-            f"train.pretrain.max_steps={steps}",
-            "federation.timeout_s=1800",
+            "train.pretrain.context=64",
+            "train.pretrain.batch_size=4",
+            f"train.pretrain.max_steps={args.steps}",
+            "federation.timeout_s=3600",
         ],
     )
-    run_out = root / f"run-{n}"
-    samples: list[tuple[float, int]] = []
-    with SimulationEngine(root / f"engine-{n}", n) as engine:
+    name = f"{n}-{'streaming' if streaming else 'flower'}"
+    run_out = root / f"run-{name}"
+    samples: list[int] = []
+    with SimulationEngine(root / f"engine-{name}", n) as engine:
         pid = engine.procs["superlink"][0].pid
         stop = threading.Event()
 
         def sample() -> None:
             while not stop.is_set():
-                samples.append((time.time(), _tree_rss(pid)))
+                samples.append(_tree_rss(pid))
                 time.sleep(0.2)
 
         t = threading.Thread(target=sample, daemon=True)
         t.start()
         try:
-            ok, why = engine.run(run_config(fed, run_out, False), sites, root / f"work-{n}")
+            ok, why = engine.run(run_config(fed, run_out, False), sites, root / "work")
         finally:
             stop.set()
             t.join()
     if not ok:
-        raise RuntimeError(f"the {n}-site run failed: {why}")
+        raise RuntimeError(f"the {name} run failed: {why}")
     res = json.loads((run_out / "results.json").read_text())
-    rows = []
-    for x in res["rounds"]:
-        a, b = x["ended"] - x["seconds"], x["ended"]
-        peak = max((m for ts, m in samples if a <= ts <= b), default=0)
-        rows.append(
-            {"sites": n, "round": x["round"], "seconds": x["seconds"], "peak_mib": peak / 2**20}
-        )
-    return rows
+    assert res["strategy"]["streaming"] is streaming, res["strategy"]
+    rounds = res["rounds"]
+    return {
+        "sites": n,
+        "streaming": streaming,
+        "seconds": statistics.median(x["seconds"] for x in rounds),
+        "checks": statistics.median(x["checks_seconds"] for x in rounds),
+        "server_mib": max(x["server_peak_mib"] for x in rounds),
+        "tree_mib": max(samples, default=0) / 2**20,
+    }
 
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--sites", type=int, nargs="+", default=[2, 8, 32])
-    ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--steps", type=int, default=5, help="local steps per round")
+    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--steps", type=int, default=1, help="local steps per round")
     ap.add_argument("--stays", type=int, default=40, help="stays per synthetic site")
+    ap.add_argument("--model", choices=("big", "tiny"), default="big")
     args = ap.parse_args(argv)
+    rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        rows = []
         for n in args.sites:
-            console.print(f"{n} virtual sites…")
-            rows += run_sites(Path(tmp), n, args.rounds, args.steps, args.stays)
-    base = {r["round"]: r for r in rows if r["sites"] == args.sites[0]}
+            for streaming in (False, True):
+                console.print(f"{n} virtual sites, {'streaming' if streaming else 'Flower'}…")
+                rows.append(run_sites(Path(tmp), n, streaming, args))
+    first = {r["streaming"]: r for r in rows if r["sites"] == args.sites[0]}
     t = Table(
-        title=f"simulation engine, tiny model, {args.steps} local steps per round",
+        title=f"simulation engine, {args.model} model, {args.steps} local step(s) per round",
         title_justify="left",
     )
-    for c in (
-        "sites",
-        "round",
-        "wall s",
-        f"x {args.sites[0]} sites",
-        "peak MiB",
-        f"x {args.sites[0]} sites",
-    ):
+    for c in ("sites", "aggregation", "round s", "checks", "ServerApp MiB",
+              f"x {args.sites[0]} sites", "engine MiB", f"x {args.sites[0]} sites"):  # fmt: skip
         t.add_column(c, justify="right")
     for r in rows:
-        b = base[r["round"]]
+        b = first[r["streaming"]]
         t.add_row(
             str(r["sites"]),
-            str(r["round"]),
+            "streaming" if r["streaming"] else "Flower FedAvg",
             f"{r['seconds']:.1f}",
-            f"{r['seconds'] / b['seconds']:.2f}",
-            f"{r['peak_mib']:.0f}",
-            f"{r['peak_mib'] / max(b['peak_mib'], 1):.2f}",
+            f"{100 * r['checks'] / r['seconds']:.1f}%",
+            f"{r['server_mib']:.0f}",
+            f"{r['server_mib'] / b['server_mib']:.2f}",
+            f"{r['tree_mib']:.0f}",
+            f"{r['tree_mib'] / max(b['tree_mib'], 1):.2f}",
         )
     out.print(t)
-    for n in args.sites:
-        sel = [r for r in rows if r["sites"] == n]
-        out.print(
-            f"{n} sites: median round {statistics.median(r['seconds'] for r in sel):.1f} s, "
-            f"peak {max(r['peak_mib'] for r in sel):.0f} MiB"
-        )
 
 
 if __name__ == "__main__":

@@ -48,6 +48,7 @@ from fedclif.shared.federation import (
     to_record,
     weights_id,
 )
+from fedclif.shared.memory import peak_rss_mib
 from fedclif.shared.models import get_weights, save_model, stage_model
 from fedclif.shared.stats import merge_stats
 from fedclif.shared.tokenizer import Tokenizer, fit_tokenizer
@@ -123,6 +124,7 @@ class FederatedRun:
         self.state: dict = {"phase": "statistics", "round": 0, "history": [], "sites": {}}
         self.resume = resume
         self.timeout = float(self.fed.timeout_s)
+        self.streaming = bool(self.fed.strategy.streaming) and self.fed.strategy.name in STREAMING
         # Every reply's records are written here when set: what left the sites, to inspect.
         self.audit = Path(audit) if audit else None
         self._n_audit = 0
@@ -378,14 +380,16 @@ class FederatedRun:
         stage, rnd, current, msgs = pending.stage, pending.rnd, pending.current, pending.msgs
         strategy, what = pending.strategy, f"{stage} round {pending.rnd}"
         sent = sum(_bytes(m.content.array_records.values()) for m in msgs)
-        running = RunningMean() if self.fed.strategy.name in STREAMING else None
-        kept, rejected, failed, sites, received = [], [], [], {}, 0
+        running = RunningMean() if self.streaming else None
+        kept, rejected, failed, sites, received, checking = [], [], [], {}, 0, 0.0
         dp = float(self.cfg.dp.epsilon) > 0
         for r in self._replies(msgs, replies, what, failed):
             site = self._site(r.metadata.src_node_id)
             received += _bytes(r.content.array_records.values())
+            t0 = time.perf_counter()
             why = train_reply_problem(r.content, current, dp, self.max_examples(site, stage),
                                       float(self.fed.checks.max_update_ratio))  # fmt: skip
+            checking += time.perf_counter() - t0
             if why:
                 rejected.append({"site": site, "reason": why})
                 log.warning("%s: rejected site %s: %s", what, site, why)
@@ -409,6 +413,10 @@ class FederatedRun:
                 "ended": time.time(),  # wall clock, to line rounds up with other logs
                 "bytes_sent": sent,
                 "bytes_received": received,
+                "checks_seconds": checking,
+                # This process's peak memory so far: flat in the number of sites when
+                # streaming (bench/simulate.py).
+                "server_peak_mib": peak_rss_mib(),
                 "sites": sites,
                 "failed": failed,
                 "rejected": rejected,
@@ -601,11 +609,10 @@ class FederatedRun:
             weights = self.rounds(stage, n, tok, weights, base, start, strategy)
             done_phase = None
         last = "finetune" if int(self.fed.rounds.finetune) else "pretrain"
-        name = str(self.fed.strategy.name)
         results = {
             "tokenizer_hash": tok.hash,
             # Which aggregate made the model, and whether it streamed (server/aggregate.py).
-            "strategy": {"name": name, "streaming": name in STREAMING},
+            "strategy": {"name": str(self.fed.strategy.name), "streaming": self.streaming},
             "statistics": self.state.get("statistics"),
             "sites": self.state["sites"],
             "rounds": self.state["history"],

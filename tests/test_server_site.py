@@ -185,6 +185,53 @@ def test_a_rogue_reply_is_rejected_by_its_rule_and_the_round_goes_on(
     assert (tmp_path / "checkpoint" / "weights.safetensors").is_file()
 
 
+class _Pushing(_Nodes):
+    """The network as a streaming round sees it: messages pushed, replies pulled by id;
+    node 11 answers with `honest` weights, node 12 stays silent."""
+
+    def __init__(self, honest: dict):
+        self.honest, self.sent = honest, {}
+
+    def push_messages(self, msgs):
+        for m in msgs:
+            m.metadata.__dict__["_message_id"] = f"m{m.metadata.dst_node_id}"
+            self.sent[m.metadata.message_id] = m
+        return list(self.sent)
+
+    def pull_messages(self, ids):
+        out = []
+        for mid in ids:
+            m = self.sent[mid]
+            if m.metadata.dst_node_id == 11:
+                TaskIdentity._node_id = 11
+                content = RecordDict({ARRAYS: to_record(self.honest), METRICS: _metrics()})
+                out.append(Message(content, reply_to=m))
+        return out
+
+
+def test_a_silent_site_is_waited_for_until_the_timeout_then_left_out(
+    tmp_path, demo_tokens, monkeypatch
+):
+    """A site that never answers holds its round up to `timeout_s`, no longer: the round
+    ends with the site that answered and names the silent one."""
+    for attr, v in (("_run_id", 1), ("_node_id", 0), ("_task_id", 1)):
+        monkeypatch.setattr(TaskIdentity, attr, v)
+    fed = load_federation(overrides=["federation.min_sites=1", "federation.timeout_s=1",
+                                     "train.pretrain.context=10"])  # fmt: skip
+    current = {"w": np.ones((4, 3), np.float32)}
+    honest = {"w": current["w"] + 0.01}
+    run = FederatedRun(_Pushing(honest), fed, tmp_path)
+    run.sites = {11: "honest", 12: "silent"}
+    run.state["sites"] = {s: {"stays": 90, "tokens": 9000} for s in run.sites.values()}
+    tok = Tokenizer.load(demo_tokens / "tokenizer.json")
+    weights = run.rounds("pretrain", 1, tok, current, None)
+    np.testing.assert_array_equal(weights["w"], honest["w"])
+    (h,) = run.state["history"]
+    assert list(h["sites"]) == ["honest"] and h["rejected"] == []
+    assert h["failed"] == [{"site": "silent", "error": "no_reply"}]
+    assert h["seconds"] >= 1  # it waited out the timeout for the silent site
+
+
 class _Replying(_Nodes):
     """The network answering each message with the content `answer(node)` gives."""
 

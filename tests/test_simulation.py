@@ -73,6 +73,10 @@ def test_interrupted_and_resumed_run_ends_with_the_same_weights(sites, tmp_path)
     assert not _leftovers(tmp_path / "engine-1")
     state = json.loads((cut / "checkpoint" / "state.json").read_text())
     assert state["phase"] == "pretrain" and state["round"] < 3
+    # What a kill between a checkpoint's two renames leaves: the newest round complete
+    # under its temporary name, no `checkpoint` (server/checkpoint.py; every crash point
+    # is in test_server_site.py). The resumed run starts from there.
+    (cut / "checkpoint").rename(cut / "checkpoint.tmp")
     with SimulationEngine(tmp_path / "engine-2", len(sites)) as engine:
         ok, why = engine.run(run_config(fed, cut, True), sites, tmp_path / "work")
         assert ok, why
