@@ -24,7 +24,9 @@ def evaluate_tasks(
     thresholds: dict[str, float] | None = None,
 ) -> dict[str, dict]:
     """Per task: AUROC, AUPRC and F1 (at `thresholds`, default: F1-best on `val`) with
-    bootstrap 95% intervals, on `split` of `data`."""
+    bootstrap 95% intervals, on `split` of `data`. The resamples use seed 0 whatever the
+    run's seed: every model scored on these stays gets the same ones, so its intervals and
+    replicates (`finetune.boot_replicates`) pair with any other's."""
     device = next(model.parameters()).device
     c = cfg.finetune
     bs = int(c.batch_size)
@@ -34,7 +36,11 @@ def evaluate_tasks(
     p, y, k = predict(model, Prompted(data, split, tasks, int(c.context)), device, bs)
     return {
         t: binary_metrics(
-            y[k == i], p[k == i], thresholds[t], n_boot=int(c.n_boot), seed=int(cfg.seed)
+            y[k == i],
+            p[k == i],
+            thresholds[t],
+            n_boot=int(c.n_boot),
+            replicates=bool(c.boot_replicates),
         )
         for i, t in enumerate(tasks)
     }

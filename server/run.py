@@ -520,8 +520,10 @@ class FederatedRun:
         # The weighted mean covers the sites that sent something to weigh and the metrics
         # each of them sent (Flower's strategies refuse replies with different keys; a
         # site may have withheld a task, or every task).
+        # Bootstrap replicates (`*_boot`) resample each site's own stays: nothing to average.
         weighed = [r for r in ok if float(r.content[METRICS].get(WEIGHT_KEY, 0)) > 0]
         common = set.intersection(*(set(r.content[METRICS]) for r in weighed)) if weighed else ()
+        common = {k for k in common if not k.endswith("_boot")}
         for r in weighed:
             r.content[METRICS] = MetricRecord(
                 {k: v for k, v in r.content[METRICS].items() if k in common}

@@ -54,6 +54,19 @@ def f1_rows(threshold: float) -> Callable[[np.ndarray, np.ndarray], np.ndarray]:
     return f1
 
 
+def resamples(
+    y: np.ndarray, p: np.ndarray, rows: Callable = auroc_rows, n_boot: int = 1000, seed: int = 0
+) -> np.ndarray:
+    """`rows` over `n_boot` resamples of the stays (those with both classes). The resamples
+    depend only on the number of stays, the labels and `seed`: two models scored on the
+    same stays in the same order with one seed get paired replicates."""
+    y, p = np.asarray(y).astype(int), np.asarray(p, dtype=float)
+    idx = np.random.default_rng(seed).integers(0, y.size, (n_boot, y.size))
+    yb, pb = y[idx], p[idx]
+    both = yb.min(1) != yb.max(1)
+    return rows(yb[both], pb[both])
+
+
 def bootstrap(
     y: np.ndarray,
     p: np.ndarray,
@@ -68,13 +81,23 @@ def bootstrap(
     y, p = np.asarray(y).astype(int), np.asarray(p, dtype=float)
     if len(np.unique(y)) < 2:
         return float("nan"), float("nan"), float("nan")
-    idx = np.random.default_rng(seed).integers(0, y.size, (n_boot, y.size))
-    yb, pb = y[idx], p[idx]
-    both = yb.min(1) != yb.max(1)
-    stats = rows(yb[both], pb[both])
     tail = (1 - level) / 2 * 100
-    lo, hi = np.percentile(stats, [tail, 100 - tail])
+    lo, hi = np.percentile(resamples(y, p, rows, n_boot, seed), [tail, 100 - tail])
     return float(metric(y, p)), float(lo), float(hi)
+
+
+def paired_difference(
+    a: np.ndarray, b: np.ndarray, a_reps: np.ndarray, b_reps: np.ndarray, level: float = 0.95
+) -> dict:
+    """Metric `a` minus `b` (two models on the same stays) with the percentile interval of
+    the differences of their paired bootstrap replicates (`resamples` with one seed; each
+    argument may average several tasks or seeds, replicate by replicate), and the verdict
+    it allows: "beats" or "worse" only when the interval excludes 0."""
+    d = np.asarray(a_reps, float) - np.asarray(b_reps, float)
+    tail = (1 - level) / 2 * 100
+    lo, hi = (float(x) for x in np.percentile(d, [tail, 100 - tail]))
+    verdict = "beats" if lo > 0 else "worse" if hi < 0 else "no clear difference"
+    return {"difference": float(a - b), "low": lo, "high": hi, "verdict": verdict}
 
 
 def f1_threshold(y: np.ndarray, p: np.ndarray) -> float:
@@ -88,10 +111,16 @@ def f1_threshold(y: np.ndarray, p: np.ndarray) -> float:
 
 
 def binary_metrics(
-    y: np.ndarray, p: np.ndarray, threshold: float | None = None, n_boot: int = 500, seed: int = 0
+    y: np.ndarray,
+    p: np.ndarray,
+    threshold: float | None = None,
+    n_boot: int = 500,
+    seed: int = 0,
+    replicates: bool = False,
 ) -> dict:
     """AUROC and AUPRC (and F1 at `threshold`) with bootstrap 95% intervals, and the ROC
-    curve as TPR at FPR_GRID (when both classes are present), flat for JSON."""
+    curve as TPR at FPR_GRID (when both classes are present), flat for JSON; with
+    `replicates`, the AUROC of every resample too (`auroc_boot`, for `paired_difference`)."""
     y, p = np.asarray(y).astype(int), np.asarray(p)
     row = {"n": int(y.size), "prevalence": float(y.mean()) if y.size else float("nan")}
     metrics = {
@@ -110,6 +139,9 @@ def binary_metrics(
     if len(np.unique(y)) == 2:
         fpr, tpr, _ = roc_curve(y, p)
         row["tpr_at_fpr"] = [float(t) for t in np.interp(FPR_GRID, fpr, tpr)]
+        if replicates:
+            reps = resamples(y, p, n_boot=n_boot, seed=seed)
+            row["auroc_boot"] = [round(float(x), 5) for x in reps]
     return row
 
 

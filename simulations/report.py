@@ -14,7 +14,7 @@ from rich.table import Table
 
 from fedclif.shared.artifact import write_json
 from fedclif.shared.config import RESOLVED
-from fedclif.shared.metrics import FPR_GRID
+from fedclif.shared.metrics import FPR_GRID, paired_difference
 from fedclif.simulations.sites import SOURCE, TARGET
 
 # Columns of the paper-style table: (label, arm, setting, evaluated at).
@@ -77,6 +77,33 @@ def _events(rows: list[dict], site: str, task: str) -> int:
         return 0
     n, prev = sel[0]["n"], sel[0]["prevalence"]
     return round(min(n * prev, n * (1 - prev)))
+
+
+def _paired(rows: list[dict], a: str, b: str, frac: float, tasks: list[str]) -> dict:
+    """Arm `a` against arm `b` at the target (share `frac`): mean AUROC over seeds and
+    `tasks`, a minus b, with the paired bootstrap interval of that difference (both scored
+    on the same test stays with the same resamples, shared/metrics.py)."""
+
+    def cells(arm: str) -> dict:
+        return {
+            (r["seed"], r["task"]): r
+            for r in rows
+            if r["arm"] == arm and r["setting"] == "local_finetune" and r["eval_site"] == TARGET
+            and r["task"] in tasks and abs(r["fraction"] - frac) < 1e-9
+        }  # fmt: skip
+
+    ca, cb = cells(a), cells(b)
+    keys = sorted(ca.keys() & cb.keys())
+    reps = [(ca[k].get("auroc_boot"), cb[k].get("auroc_boot")) for k in keys]
+    if not keys or not all(x and y and len(x) == len(y) for x, y in reps):
+        return {"verdict": "not measured"}  # no paired replicates (or no measurable task)
+    mean = lambda xs: np.mean(np.asarray(xs, float), axis=0)  # noqa: E731
+    return paired_difference(
+        mean([ca[k]["auroc"] for k in keys]),
+        mean([cb[k]["auroc"] for k in keys]),
+        mean([x for x, _ in reps]),
+        mean([y for _, y in reps]),
+    )
 
 
 def summarize(results: dict) -> dict:
@@ -153,12 +180,16 @@ def summarize(results: dict) -> dict:
             mean_auroc(a, f, measurable)
             for a in ("federated_finetuned", "source_finetuned", "target_only")
         )
+        vs = {
+            other: _paired(rows, "federated_finetuned", arm, f, measurable)
+            for other, arm in (("source_only", "source_finetuned"), ("target_only", "target_only"))
+        }
         federated[f"{f:g}"] = {
             "federated": fed,
             "source_only": src,
             "target_only": tgt,
-            "beats_source_only": fed > src,
-            "beats_target_only": fed > tgt,
+            **{f"vs_{k}": v for k, v in vs.items()},
+            **{f"beats_{k}": v["verdict"] == "beats" for k, v in vs.items()},
         }
     checks = {
         "zero_shot_gap": gaps,
@@ -184,6 +215,12 @@ def _fmt(c: dict) -> str:
     if not c or np.isnan(c.get("auroc", np.nan)):
         return "-"
     return f"{c['auroc']:.3f} [{c['auroc_low']:.2f}, {c['auroc_high']:.2f}]"
+
+
+def _verdict(d: dict) -> str:
+    if "difference" not in d:
+        return d["verdict"]
+    return f"{d['difference']:+.3f} [{d['low']:+.3f}, {d['high']:+.3f}] {d['verdict']}"
 
 
 def console_table(summary: dict, paper: dict) -> Table:
@@ -368,17 +405,17 @@ def _markdown(summary: dict, results: dict, files: list[str]) -> str:
         + ".",
         "- Federated pretraining then local finetuning, against the source-only model "
         "finetuned at the target and the target trained alone (mean AUROC over the tasks "
-        "above):",
+        "above; each difference with the 95% interval of a paired bootstrap on the same "
+        'test stays: "beats" only when the interval excludes 0):',
         "",
-        "| target share | federated | source only | target only | beats source only | "
-        "beats target only |",
+        "| target share | federated | source only | target only | federated - source only "
+        "| federated - target only |",
         "|---|---|---|---|---|---|",
     ]
     for f, v in ch["federated_vs_single_site"].items():
         lines.append(
             f"| {f} | {v['federated']:.3f} | {v['source_only']:.3f} | {v['target_only']:.3f} "
-            f"| {'yes' if v['beats_source_only'] else 'no'} "
-            f"| {'yes' if v['beats_target_only'] else 'no'} |"
+            f"| {_verdict(v['vs_source_only'])} | {_verdict(v['vs_target_only'])} |"
         )
     lines += ["", "## Figures", ""] + [f"![{f}]({f})" for f in files]
     return "\n".join(lines) + "\n"
