@@ -79,31 +79,48 @@ def _events(rows: list[dict], site: str, task: str) -> int:
     return round(min(n * prev, n * (1 - prev)))
 
 
-def _paired(rows: list[dict], a: str, b: str, frac: float, tasks: list[str]) -> dict:
-    """Arm `a` against arm `b` at the target (share `frac`): mean AUROC over seeds and
-    `tasks`, a minus b, with the paired bootstrap interval of that difference (both scored
-    on the same test stays with the same resamples, shared/metrics.py)."""
+def _compare(rows: list[dict], a: dict, b: dict, tasks: list[str], paired: bool = True) -> dict:
+    """Rows matching `a` against rows matching `b` (each a dict of row fields): mean
+    AUROC over seeds and `tasks`, a minus b, with the 95% interval of the bootstrap
+    replicates' differences, replicate by replicate. On the same test stays (`paired`) the
+    replicates share their resamples (a paired bootstrap, shared/metrics.py). On two
+    sites' stays they must be independent: resample k draws the same relative positions
+    at both sites (one seed), so b's replicates are shuffled first."""
 
-    def cells(arm: str) -> dict:
+    def cells(sel: dict) -> dict:
         return {
             (r["seed"], r["task"]): r
             for r in rows
-            if r["arm"] == arm and r["setting"] == "local_finetune" and r["eval_site"] == TARGET
-            and r["task"] in tasks and abs(r["fraction"] - frac) < 1e-9
+            if r["task"] in tasks and all(
+                abs(r[k] - v) < 1e-9 if k == "fraction" else r[k] == v for k, v in sel.items()
+            )
         }  # fmt: skip
 
     ca, cb = cells(a), cells(b)
     keys = sorted(ca.keys() & cb.keys())
     reps = [(ca[k].get("auroc_boot"), cb[k].get("auroc_boot")) for k in keys]
-    if not keys or not all(x and y and len(x) == len(y) for x, y in reps):
-        return {"verdict": "not measured"}  # no paired replicates (or no measurable task)
-    mean = lambda xs: np.mean(np.asarray(xs, float), axis=0)  # noqa: E731
+    if not keys or not all(x and y for x, y in reps):
+        return {"verdict": "not measured"}  # no replicates (or no measurable task)
+    m = min(min(len(x), len(y)) for x, y in reps)
+
+    def mean(xs):
+        return np.mean(np.asarray([x[:m] if isinstance(x, list) else x for x in xs], float), 0)
+
+    b_reps = mean([y for _, y in reps])
+    if not paired:
+        b_reps = np.random.default_rng(0).permutation(b_reps)
     return paired_difference(
         mean([ca[k]["auroc"] for k in keys]),
         mean([cb[k]["auroc"] for k in keys]),
         mean([x for x, _ in reps]),
-        mean([y for _, y in reps]),
+        b_reps,
     )
+
+
+def _paired(rows: list[dict], a: str, b: str, frac: float, tasks: list[str]) -> dict:
+    """Arm `a` against arm `b` finetuned at the target with share `frac`, on its test split."""
+    at = {"setting": "local_finetune", "eval_site": TARGET, "fraction": frac}
+    return _compare(rows, {"arm": a, **at}, {"arm": b, **at}, tasks)
 
 
 def summarize(results: dict) -> dict:
@@ -145,17 +162,20 @@ def summarize(results: dict) -> dict:
     key_tasks = [t for t in ("death", "long_los") if t in tasks]
     # Zero-shot at every site the source model was taken to (the target, and the third).
     zero_sites = sorted({r["eval_site"] for r in rows if r["setting"] == "zero_shot"})
-    gaps, within = {}, {}
+    gaps, drops, no_drop = {}, {}, {}
+    ind_rows = {"arm": "source_only", "setting": "in_distribution", "eval_site": SOURCE}
     for site in zero_sites:
-        gaps[site], within[site] = {}, {}
+        gaps[site], drops[site], no_drop[site] = {}, {}, {}
+        zs_rows = {"arm": "source_only", "setting": "zero_shot", "eval_site": site}
         for t in tasks:
             ind = table[t]["in-distribution"]
             zs = _cell(rows, "source_only", "zero_shot", site, t, 1.0)
-            # A cell a site's policy withheld (too few events) is missing: NaN, not within.
-            z, lo, hi = (c.get(k, np.nan) for c, k in ((zs, "auroc"), (ind, "auroc_low"),
-                                                       (ind, "auroc_high")))  # fmt: skip
-            gaps[site][t] = ind.get("auroc", np.nan) - z
-            within[site][t] = bool(lo <= z <= hi)
+            gaps[site][t] = ind.get("auroc", np.nan) - zs.get("auroc", np.nan)
+            # In-distribution minus zero-shot, with the interval of the difference of the
+            # two sites' bootstraps: a drop when it lies above 0. A cell a site's policy
+            # withheld (too few events) is not measured, and counts as no clear drop.
+            drops[site][t] = d = _compare(rows, ind_rows, zs_rows, [t], paired=False)
+            no_drop[site][t] = d["verdict"] != "beats"
 
     def mean_auroc(arm: str, f: float, ts: list[str] = tasks) -> float:
         """Mean AUROC over tasks `ts` of `arm` at the target with share `f`."""
@@ -196,7 +216,8 @@ def summarize(results: dict) -> dict:
         "zero_shot_drop_at_least_0.1": {
             site: any(g[t] >= 0.1 for t in key_tasks) for site, g in gaps.items()
         },
-        "zero_shot_within_in_distribution_interval": within,
+        "zero_shot_drop": drops,
+        "zero_shot_no_clear_drop": no_drop,
         "rises_with_target_fraction": rises,
         "test_events": events,
         "tasks_with_enough_target_events": measurable,
@@ -217,10 +238,15 @@ def _fmt(c: dict) -> str:
     return f"{c['auroc']:.3f} [{c['auroc_low']:.2f}, {c['auroc_high']:.2f}]"
 
 
-def _verdict(d: dict) -> str:
+DROP_WORDS = {"beats": "drop", "worse": "rise", "no clear difference": "level"}
+
+
+def _verdict(d: dict, words: dict | None = None) -> str:
+    """A difference with its interval and verdict (`words` renames the verdicts)."""
     if "difference" not in d:
         return d["verdict"]
-    return f"{d['difference']:+.3f} [{d['low']:+.3f}, {d['high']:+.3f}] {d['verdict']}"
+    v = (words or {}).get(d["verdict"], d["verdict"])
+    return f"{d['difference']:+.3f} [{d['low']:+.3f}, {d['high']:+.3f}] {v}"
 
 
 def console_table(summary: dict, paper: dict) -> Table:
@@ -385,14 +411,15 @@ def _markdown(summary: dict, results: dict, files: list[str]) -> str:
         "## What the simulation shows",
         "",
     ]
-    for site, g in ch["zero_shot_gap"].items():
-        ok = [t for t, v in ch["zero_shot_within_in_distribution_interval"][site].items() if v]
+    for site, d in ch["zero_shot_drop"].items():
+        ok = [t for t, v in ch["zero_shot_no_clear_drop"][site].items() if v]
         drop = "yes" if ch["zero_shot_drop_at_least_0.1"][site] else "no"
         lines.append(
             f"- Zero-shot at {site} (`{presets[site]}`), in-distribution minus zero-shot "
-            f"AUROC: {', '.join(f'{t} {v:+.3f}' for t, v in g.items())}. A drop of at least "
-            f"0.1 on death or long stay: **{drop}**; "
-            f"zero-shot within the in-distribution interval for: {', '.join(ok) or 'none'}."
+            f"AUROC [95% interval of the difference]: "
+            f"{', '.join(f'{t} {_verdict(v, DROP_WORDS)}' for t, v in d.items())}. A drop "
+            f"of at least 0.1 on death or long stay: **{drop}**; no clear drop for: "
+            f"{', '.join(ok) or 'none'}."
         )
     lines += [
         "- AUROC at the target rises from the smallest to the largest training share (tasks "

@@ -61,6 +61,11 @@ _VITAL_LIMITS = {
     "spo2": (60, 100),
     "temp_c": (33.5, 42),
 }
+_FACILITIES = (
+    "Skilled Nursing Facility (SNF)",
+    "Acute Inpatient Rehab Facility",
+    "Long Term Care Hospital (LTACH)",
+)
 _SURVIVOR_DISCHARGE = {
     "Home": 0.66,
     "Skilled Nursing Facility (SNF)": 0.17,
@@ -142,15 +147,34 @@ class _Stays:
     los: np.ndarray  # days
     admit_us: np.ndarray  # admission time, microseconds since epoch
     died: np.ndarray
+    # Late deterioration: severity + `jump` over [det_start, det_end] days (0: none).
+    jump: np.ndarray
+    det_start: np.ndarray
+    det_end: np.ndarray
+    # Survivors bound for a facility (SNF, rehab, LTACH): where they are discharged to.
+    facility: np.ndarray
+    # Days until medically ready for discharge (los less any wait for a facility bed).
+    ready: np.ndarray
 
     def organ(self, name: str, idx: np.ndarray, t: np.ndarray) -> np.ndarray:
         """Severity of an organ system for events of stays `idx` at times `t` (days).
 
-        Bounded below: a recovered patient is healthy, not ever healthier."""
-        return np.maximum(self.s0[idx] + self.slope[idx] * t + self.off[name][idx], -2.0)
+        Bounded below: a recovered patient is healthy, not ever healthier; held where it
+        was once medically ready (waiting for a bed)."""
+        t = np.minimum(t, self.ready[idx])
+        bump = np.where((t >= self.det_start[idx]) & (t < self.det_end[idx]), self.jump[idx], 0.0)
+        return np.maximum(self.s0[idx] + self.slope[idx] * t + self.off[name][idx] + bump, -2.0)
 
 
-def _draw_stays(cfg: DictConfig, rng: np.random.Generator, n: int) -> _Stays:
+def _logit(share: float) -> float:
+    return float(np.log(share / (1 - share))) if 0 < share < 1 else np.inf * (share - 0.5)
+
+
+def _draw_stays(
+    cfg: DictConfig, rng: np.random.Generator, n: int, late: np.random.Generator
+) -> _Stays:
+    """The latent draws of n stays; `late` (its own stream) draws the late deterioration
+    and the discharge destination, so those knobs move no other draw."""
     cm, out = cfg.case_mix, cfg.outcomes
     per_patient = 1 + rng.poisson(float(cm.readmissions_per_patient), n)
     patient = np.repeat(np.arange(n), per_patient)[:n]
@@ -177,6 +201,19 @@ def _draw_stays(cfg: DictConfig, rng: np.random.Generator, n: int) -> _Stays:
         + rng.normal(0, 0.45, n)
     )
     los = np.clip(np.exp(log_los) + resp * float(out.respiratory_extra_days), 0.25, 60.0)
+    # Late deterioration (hospital-acquired infection, a failing lung): likelier with
+    # infection, respiratory and admission severity, all visible in the first 24 h; from
+    # `onset` (after the first day) for `days`, every organ's severity is `jump` higher,
+    # and the stay lasts until some days after it.
+    d = cm.deterioration
+    u_det, u_gap, u_len, u_rec, u_fac = (late.random(n) for _ in range(5))
+    risk = _logit(float(d.share)) + 0.8 * off["infect"] + 0.6 * off["resp"] + 0.4 * s0
+    det = u_det < _sigmoid(risk)
+    det_start = np.where(det, 1.0 + float(d.onset_days) * -np.log1p(-u_gap), np.inf)
+    lo, hi = (float(x) for x in d.episode_days)
+    det_end = det_start + lo + (hi - lo) * u_len
+    jump = np.where(det, float(d.jump), 0.0)
+    los = np.where(det, np.maximum(los, np.minimum(det_end + 1 + 3 * u_rec, 60.0)), los)
     # Death follows the worst point of the course through the failing organ system: the
     # lungs in the respiratory phenotype, the circulation otherwise.
     peak = np.maximum(s0, s0 + slope * los)
@@ -184,8 +221,18 @@ def _draw_stays(cfg: DictConfig, rng: np.random.Generator, n: int) -> _Stays:
     organ_peak = peak + w_resp * off["resp"] + (1 - w_resp) * off["cardio"]
     p_death = _sigmoid(
         out.death_intercept + out.death_severity * organ_peak + 0.03 * (age - 63) + 0.2 * comorb
-    )
+        + float(d.death_logit) * det
+    )  # fmt: skip
     died = rng.random(n) < p_death
+    # Only a patient's last stay can end in death.
+    last = np.r_[patient[1:] != patient[:-1], True]
+    # Survivors go to a facility (SNF, rehab, LTACH) more often when old; where beds are
+    # scarce they wait `placement_delay_days` for one, medically ready, on the ward.
+    facility_share = sum(float(_SURVIVOR_DISCHARGE[k]) for k in _FACILITIES)
+    p_fac = _sigmoid(_logit(facility_share) + float(out.facility_age_slope) * (age - 65))
+    facility = (u_fac < p_fac) & ~(died & last)
+    ready = los
+    los = los + float(out.placement_delay_days) * facility
     start = datetime(int(cfg.era.start_year), 1, 1, tzinfo=UTC).timestamp()
     end = datetime(int(cfg.era.end_year), 12, 1, tzinfo=UTC).timestamp()
     u = rng.uniform(0, 1, n)
@@ -199,12 +246,12 @@ def _draw_stays(cfg: DictConfig, rng: np.random.Generator, n: int) -> _Stays:
     span = np.repeat(np.maximum.reduceat(offset, starts), np.diff(np.r_[starts, n]))
     room = np.maximum((end - start) * 1e6 - span, 0)
     admit_us = start * 1e6 + u[base] * room[base] + offset
-    # Only a patient's last stay can end in death.
-    last = np.r_[patient[1:] != patient[:-1], True]
     died &= last
     return _Stays(
-        n, patient, age, comorb, resp, s0, slope, off, los, admit_us.astype(np.int64), died
-    )
+        n, patient, age, comorb, resp, s0, slope, off, los, admit_us.astype(np.int64), died,
+        jump, np.where(det, det_start, np.inf), np.where(det, det_end, np.inf), facility,
+        ready,
+    )  # fmt: skip
 
 
 def _grid(
@@ -269,14 +316,12 @@ class _Chunk:
         # Its own stream: free text (documentation.free_text_share) moves no other draws.
         self.text_rng = np.random.default_rng([seed, index, 1])
         self.first = first
-        self.st = _draw_stays(cfg, self.rng, n)
+        self.st = _draw_stays(cfg, self.rng, n, np.random.default_rng([seed, index, 2]))
         st, pol = self.st, cfg.policy
         acuity = st.s0 + 0.5 * np.maximum(st.off["cardio"], st.off["resp"])
-        self.icu = _interval(acuity, st.slope, float(pol.icu_threshold), st.los)
-        self.imv = _interval(st.s0 + st.off["resp"], st.slope, float(pol.imv_threshold), st.los)
-        self.vaso = _interval(
-            st.s0 + st.off["cardio"], st.slope, float(pol.vasopressor_threshold), st.los
-        )
+        self.icu = self._course(acuity, float(pol.icu_threshold))
+        self.imv = self._course(st.s0 + st.off["resp"], float(pol.imv_threshold))
+        self.vaso = self._course(st.s0 + st.off["cardio"], float(pol.vasopressor_threshold))
         # Ventilation and pressors happen in the ICU: the ICU stay covers them.
         for other in (self.imv, self.vaso):
             s, e, on = other
@@ -289,6 +334,22 @@ class _Chunk:
         self._hosp_ids, self._patient_ids = self._ids("H"), self._ids("P")
         # Intubated stays last longer (the intervals above end where they did).
         self.st.los = st.los + np.where(self.imv[2], 1.5, 0.0)
+        self.st.ready = st.ready + np.where(self.imv[2], 1.5, 0.0)
+
+    def _course(self, a0: np.ndarray, thr: float):
+        """Where severity path `a0 + slope * t` (plus a late deterioration's jump during
+        its episode) exceeds `thr`: one interval, the span of both when there are two
+        (a patient who deteriorates again stays where they were)."""
+        st = self.st
+        s, e, on = _interval(a0, st.slope, thr, st.ready)
+        s2, e2, _ = _interval(a0 + st.jump, st.slope, thr, st.ready)
+        s2, e2 = np.maximum(s2, st.det_start), np.minimum(e2, np.minimum(st.det_end, st.ready))
+        on2 = e2 > s2
+        return (
+            np.where(on2, np.where(on, np.minimum(s, s2), s2), s),
+            np.where(on2, np.where(on, np.maximum(e, e2), e2), e),
+            on | on2,
+        )
 
     def _ids(self, kind: str) -> pl.Series:
         n = self.st.n
@@ -342,18 +403,24 @@ class _Chunk:
                 "language_category": np.full(m, "English"),
             }
         ).with_columns(pl.when(pl.Series(died_pat)).then(pl.col("death_dttm")).alias("death_dttm"))
-        discharge = _choice(rng, _SURVIVOR_DISCHARGE, n).to_numpy().astype(object)
+        # Destinations by their shares, within the facilities for those bound there and
+        # within the rest for the others (one uniform per stay, as before either way).
+        keys = np.array(list(_SURVIVOR_DISCHARGE), dtype=object)
+        shares = np.array(list(_SURVIVOR_DISCHARGE.values()))
+        is_fac = np.isin(keys, _FACILITIES)
+        u = rng.random(n)
+        discharge = np.empty(n, dtype=object)
+        for group, rows in ((is_fac, st.facility), (~is_fac, ~st.facility)):
+            cdf = np.cumsum(np.where(group, shares, 0.0))
+            discharge[rows] = keys[np.minimum(cdf.searchsorted(u[rows] * cdf[-1], "right"),
+                                              len(keys) - 1)]  # fmt: skip
         # Dying patients discharged to hospice are mostly the old (comfort care); a site
         # that does this records their deaths as "Hospice", not "Expired".
-        share = float(cfg.outcomes.hospice_share)
-        logit = (
-            np.log(share / (1 - share)) if 0 < share < 1 else (-np.inf if share <= 0 else np.inf)
-        )
+        logit = _logit(float(cfg.outcomes.hospice_share))
         slope = float(cfg.outcomes.hospice_age_slope)
         p_hospice = _sigmoid(logit + slope * (st.age[st.died] - 70))
-        discharge[st.died] = np.where(
-            rng.random(int(st.died.sum())) < p_hospice, "Hospice", "Expired"
-        )
+        u = rng.random(n)  # one per stay: how many die moves no later draw
+        discharge[st.died] = np.where(u[st.died] < p_hospice, "Hospice", "Expired")
         missing = (rng.random(n) < cfg.documentation.missing_discharge) & ~st.died
         discharge[missing] = "Missing"
         hosp = pl.DataFrame(

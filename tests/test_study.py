@@ -77,8 +77,11 @@ def test_the_study_shows_the_transfer_gap_and_its_recovery(study):
     checks = json.loads((out / "summary.json").read_text())["checks"]
     # ucmc-like target: zero-shot falls by at least 0.1 AUROC on death or long stay.
     assert checks["zero_shot_drop_at_least_0.1"]["target"], checks["zero_shot_gap"]
-    # shift-none third site (the control): zero-shot within the in-distribution interval.
-    assert all(checks["zero_shot_within_in_distribution_interval"]["third"].values()), checks
+    # shift-none third site (the control): no clear drop from in-distribution on any task
+    # (the interval of in-distribution minus zero-shot does not lie above 0).
+    assert all(checks["zero_shot_no_clear_drop"]["third"].values()), checks["zero_shot_drop"]
+    # ...while at the ucmc-like target death falls clearly: the whole interval above 0.
+    assert checks["zero_shot_drop"]["target"]["death"]["low"] > 0, checks["zero_shot_drop"]
     # AUROC at the target rises with its share of training data, from every starting point.
     assert all(checks["rises_with_target_fraction"].values()), checks
     # The report says whether federated pretraining beat each single-site arm, per share,

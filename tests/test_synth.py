@@ -208,13 +208,17 @@ def test_compare_prints_marginals_and_saves_png(tmp_path, demo_dir, capsys):
 
 
 def test_generated_values_track_latent_severity(tmp_path):
-    """Deaths look sicker in the first 24 h than survivors (the signal baselines learn)."""
+    """Deaths look sicker in the first 24 h than survivors (the signal baselines learn).
+    Creatinine, which every stay has (lactate comes with ICU blood gases only, so it is
+    drawn mostly from the sick)."""
     d = gen(tmp_path, n=1500)
     h = read(d, "hospitalization").select(
         "hospitalization_id", "admission_dttm", "discharge_category"
     )
     lac = (
-        read(d, "labs").filter(pl.col("lab_category") == "lactate").join(h, on="hospitalization_id")
+        read(d, "labs")
+        .filter(pl.col("lab_category") == "creatinine")
+        .join(h, on="hospitalization_id")
     )
     first = lac.filter(pl.col("lab_result_dttm") < pl.col("admission_dttm") + pl.duration(hours=24))
     med = first.group_by(pl.col("discharge_category") == "Expired").agg(
@@ -223,3 +227,68 @@ def test_generated_values_track_latent_severity(tmp_path):
     m = dict(med.iter_rows())
     assert m[True] > m[False] * 1.3
     assert np.isfinite(list(m.values())).all()
+
+
+def late(d, location: str) -> int:
+    """Stays whose first ICU transfer (or intubation) comes after their first 24 h."""
+    site = load_site(d, load_config("site"))
+    lab = outcome_labels(site, stays(site))
+    col = {"icu": "icu_admission", "imv": "imv_event"}[location]
+    return lab.filter(pl.col(col) & ~pl.col(f"{col}_24h")).height
+
+
+def test_late_deterioration_makes_the_late_icu_and_imv_events(tmp_path):
+    none = gen(tmp_path, n=1000, overrides=["case_mix.deterioration.share=0"])
+    base = gen(tmp_path, n=1000)
+    assert late(base, "icu") > 3 * max(late(none, "icu"), 10)
+    assert late(base, "imv") > 3 * max(late(none, "imv"), 10)
+    # Its own random stream: who the patients are and how they arrive do not move.
+    for table, cols in (
+        ("patient", ["sex_category", "race_category"]),
+        ("hospitalization", ["admission_type_category", "age_at_admission"]),
+    ):
+        assert read(base, table).select(cols).equals(read(none, table).select(cols))
+    deaths = [(read(d, "hospitalization")["discharge_category"] == "Expired").sum()
+              for d in (none, base)]  # fmt: skip
+    assert deaths[1] > deaths[0]
+
+
+def los_days(d) -> pl.DataFrame:
+    h = read(d, "hospitalization")
+    return h.select(
+        "discharge_category",
+        ((pl.col("discharge_dttm") - pl.col("admission_dttm")).dt.total_minutes() / 1440).alias(
+            "los"
+        ),
+    )
+
+
+def test_placement_delay_lengthens_facility_stays_only(tmp_path):
+    base = gen(tmp_path, n=1000)
+    delayed = gen(tmp_path, n=1000, overrides=["outcomes.placement_delay_days=7"])
+    a, b = los_days(base), los_days(delayed)
+    assert a["discharge_category"].equals(b["discharge_category"])
+    facility = a["discharge_category"].is_in(
+        ["Skilled Nursing Facility (SNF)", "Acute Inpatient Rehab Facility",
+         "Long Term Care Hospital (LTACH)"]
+    )  # fmt: skip
+    diff = (b["los"] - a["los"]).to_numpy()
+    assert facility.sum() > 100
+    np.testing.assert_allclose(diff[facility.to_numpy()], 7.0, atol=1 / 1440)
+    # The rest stay as long (a facility stay may be recorded as "Missing").
+    rest = ~facility & (a["discharge_category"] != "Missing")
+    np.testing.assert_allclose(diff[rest.to_numpy()], 0.0, atol=1 / 1440)
+
+
+def test_older_survivors_go_to_facilities_more_often(tmp_path):
+    flat = gen(tmp_path, n=1500, overrides=["outcomes.facility_age_slope=0"])
+    steep = gen(tmp_path, n=1500, overrides=["outcomes.facility_age_slope=0.1"])
+
+    def old_vs_young(d) -> float:
+        h = read(d, "hospitalization").filter(pl.col("discharge_category") != "Expired")
+        fac = h["discharge_category"].str.contains("Facility|LTACH")
+        old = h["age_at_admission"] >= 75
+        return fac.filter(old).mean() - fac.filter(h["age_at_admission"] < 55).mean()
+
+    assert abs(old_vs_young(flat)) < 0.08
+    assert old_vs_young(steep) > 0.3
