@@ -106,7 +106,8 @@ def transfer(tmp_path_factory):
 
 def test_transfer_ordering(transfer):
     """In-site death and long-stay AUROC are realistic (not trivially perfect); a site from
-    the same distribution scores within the in-site interval; ucmc-like scores lower."""
+    the same distribution shows no clear difference (its interval overlaps the in-site
+    one: each site's AUROC has its own sampling noise); ucmc-like scores lower."""
     from fedclif.shared.baseline import run_baseline
 
     res = run_baseline(
@@ -121,7 +122,8 @@ def test_transfer_ordering(transfer):
         home = by[(label, "mimic-like-tok (in-site, 5-fold)")]
         same = by[(label, "shift-none-tok")]
         assert 0.72 <= home["auroc"] <= 0.93, home
-        assert home["auroc_low"] <= same["auroc"] <= home["auroc_high"] + 0.03, (home, same)
+        assert same["auroc_high"] >= home["auroc_low"], (home, same)
+        assert same["auroc_low"] <= home["auroc_high"], (home, same)
     drop = (
         by[("same_admission_death", "shift-none-tok")]["auroc"]
         - by[("same_admission_death", "ucmc-like-tok")]["auroc"]
