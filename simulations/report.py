@@ -59,7 +59,7 @@ def _cell(rows: list[dict], arm: str, setting: str, site: str, task: str, frac: 
         return {}
     mean = {
         k: float(np.nanmean([r[k] for r in sel]))
-        for k in ("auroc", "auroc_low", "auroc_high", "auprc")
+        for k in ("auroc", "auroc_low", "auroc_high", "auprc", "auprc_low", "auprc_high")
     }
     mean["seeds"] = len(sel)
     mean["auroc_sd"] = float(np.nanstd([r["auroc"] for r in sel]))
@@ -232,10 +232,10 @@ def summarize(results: dict) -> dict:
     }
 
 
-def _fmt(c: dict) -> str:
-    if not c or np.isnan(c.get("auroc", np.nan)):
+def _fmt(c: dict, metric: str = "auroc") -> str:
+    if not c or np.isnan(c.get(metric, np.nan)):
         return "-"
-    return f"{c['auroc']:.3f} [{c['auroc_low']:.2f}, {c['auroc_high']:.2f}]"
+    return f"{c[metric]:.3f} [{c[f'{metric}_low']:.2f}, {c[f'{metric}_high']:.2f}]"
 
 
 DROP_WORDS = {"beats": "drop", "worse": "rise", "no clear difference": "level"}
@@ -396,6 +396,17 @@ def _markdown(summary: dict, results: dict, files: list[str]) -> str:
         ]
         if any(ref):
             lines.append("| paper | " + " | ".join(ref) + " |")
+    lines += [
+        "",
+        "AUPRC, the same cells (a model without skill scores the task's prevalence):",
+        "",
+        "| task | " + " | ".join(label for label, *_ in COLUMNS) + " |",
+        "|---" * (len(COLUMNS) + 1) + "|",
+    ]
+    for task, cells in summary["table"].items():
+        lines.append(
+            f"| {task} | " + " | ".join(_fmt(cells[c], "auprc") for c, *_ in COLUMNS) + " |"
+        )
     ch = summary["checks"]
     presets = {k: v["preset"] for k, v in s.items() if v}
     lines += [

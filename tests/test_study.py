@@ -99,6 +99,12 @@ def test_the_study_shows_the_transfer_gap_and_its_recovery(study):
             assert v[f"beats_{other}"] is (d["low"] > 0)
     report = (out / "report.md").read_text()
     assert "paired bootstrap" in report and "federated - source only" in report
+    # AUPRC beside AUROC: a second table of the same cells, each with its interval.
+    table = json.loads((out / "summary.json").read_text())["table"]
+    death = table["death"]["in-distribution"]
+    assert death["auprc_low"] <= death["auprc"] <= death["auprc_high"]
+    assert "AUPRC, the same cells" in report
+    assert f"| death | {death['auprc']:.3f} [{death['auprc_low']:.2f}" in report
 
 
 def test_study_train_settings_override_the_federation_defaults(tmp_path):
