@@ -132,6 +132,16 @@ def _interval(a0: np.ndarray, slope: np.ndarray, thr: float, los: np.ndarray):
     return start, end, end > start
 
 
+def _span(a: tuple, b: tuple) -> tuple:
+    """The smallest (start, end, any) interval per stay covering intervals a and b."""
+    (s, e, on), (s2, e2, on2) = a, b
+    return (
+        np.where(on2, np.where(on, np.minimum(s, s2), s2), s),
+        np.where(on2, np.where(on, np.maximum(e, e2), e2), e),
+        on | on2,
+    )
+
+
 @dataclass
 class _Stays:
     """Per-stay draws of one chunk (arrays of length n)."""
@@ -249,8 +259,7 @@ def _draw_stays(
     died &= last
     return _Stays(
         n, patient, age, comorb, resp, s0, slope, off, los, admit_us.astype(np.int64), died,
-        jump, np.where(det, det_start, np.inf), np.where(det, det_end, np.inf), facility,
-        ready,
+        jump, det_start, det_end, facility, ready,
     )  # fmt: skip
 
 
@@ -324,13 +333,7 @@ class _Chunk:
         self.vaso = self._course(st.s0 + st.off["cardio"], float(pol.vasopressor_threshold))
         # Ventilation and pressors happen in the ICU: the ICU stay covers them.
         for other in (self.imv, self.vaso):
-            s, e, on = other
-            s0, e0, on0 = self.icu
-            self.icu = (
-                np.where(on, np.where(on0, np.minimum(s0, s), s), s0),
-                np.where(on, np.where(on0, np.maximum(e0, e), e), e0),
-                on0 | on,
-            )
+            self.icu = _span(self.icu, other)
         self._hosp_ids, self._patient_ids = self._ids("H"), self._ids("P")
         # Intubated stays last longer (the intervals above end where they did).
         self.st.los = st.los + np.where(self.imv[2], 1.5, 0.0)
@@ -341,15 +344,9 @@ class _Chunk:
         its episode) exceeds `thr`: one interval, the span of both when there are two
         (a patient who deteriorates again stays where they were)."""
         st = self.st
-        s, e, on = _interval(a0, st.slope, thr, st.ready)
         s2, e2, _ = _interval(a0 + st.jump, st.slope, thr, st.ready)
-        s2, e2 = np.maximum(s2, st.det_start), np.minimum(e2, np.minimum(st.det_end, st.ready))
-        on2 = e2 > s2
-        return (
-            np.where(on2, np.where(on, np.minimum(s, s2), s2), s),
-            np.where(on2, np.where(on, np.maximum(e, e2), e2), e),
-            on | on2,
-        )
+        s2, e2 = np.maximum(s2, st.det_start), np.minimum(e2, st.det_end)
+        return _span(_interval(a0, st.slope, thr, st.ready), (s2, e2, e2 > s2))
 
     def _ids(self, kind: str) -> pl.Series:
         n = self.st.n
@@ -419,8 +416,8 @@ class _Chunk:
         logit = _logit(float(cfg.outcomes.hospice_share))
         slope = float(cfg.outcomes.hospice_age_slope)
         p_hospice = _sigmoid(logit + slope * (st.age[st.died] - 70))
-        u = rng.random(n)  # one per stay: how many die moves no later draw
-        discharge[st.died] = np.where(u[st.died] < p_hospice, "Hospice", "Expired")
+        u_hospice = rng.random(n)  # one per stay: how many die moves no later draw
+        discharge[st.died] = np.where(u_hospice[st.died] < p_hospice, "Hospice", "Expired")
         missing = (rng.random(n) < cfg.documentation.missing_discharge) & ~st.died
         discharge[missing] = "Missing"
         hosp = pl.DataFrame(
