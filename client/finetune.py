@@ -9,6 +9,7 @@ from omegaconf import DictConfig
 from fedclif.client.loop import dp_config, fit, pick_device
 from fedclif.client.stage import STAGES, predict
 from fedclif.shared.artifact import write_json
+from fedclif.shared.calibration import calibration, platt
 from fedclif.shared.errors import FedclifError
 from fedclif.shared.metrics import binary_metrics, f1_threshold
 from fedclif.shared.models import EHRModel, load_model, save_model, setup, uses_lora
@@ -24,26 +25,32 @@ def evaluate_tasks(
     thresholds: dict[str, float] | None = None,
 ) -> dict[str, dict]:
     """Per task: AUROC, AUPRC and F1 (at `thresholds`, default: F1-best on `val`) with
-    bootstrap 95% intervals, on `split` of `data`. The resamples use seed 0 whatever the
-    run's seed: every model scored on these stays gets the same ones, so its intervals and
+    bootstrap 95% intervals, on `split` of `data`; and calibration (Brier, ECE, the
+    reliability curve) on its test stays, as predicted and after Platt recalibration on
+    the site's val split (`_recal`). The resamples use seed 0 whatever the run's seed:
+    every model scored on these stays gets the same ones, so its intervals and
     replicates (`finetune.boot_replicates`) pair with any other's."""
     device = next(model.parameters()).device
     c = cfg.finetune
-    bs = int(c.batch_size)
+    bs, n_boot = int(c.batch_size), int(c.n_boot)
+    vp, vy, vk = predict(model, Prompted(data, "val", tasks, int(c.context)), device, bs)
     if thresholds is None:
-        vp, vy, vk = predict(model, Prompted(data, "val", tasks, int(c.context)), device, bs)
         thresholds = {t: f1_threshold(vy[vk == k], vp[vk == k]) for k, t in enumerate(tasks)}
-    p, y, k = predict(model, Prompted(data, split, tasks, int(c.context)), device, bs)
-    return {
-        t: binary_metrics(
-            y[k == i],
-            p[k == i],
-            thresholds[t],
-            n_boot=int(c.n_boot),
-            replicates=bool(c.boot_replicates),
-        )
-        for i, t in enumerate(tasks)
-    }
+    ds = Prompted(data, split, tasks, int(c.context))
+    p, y, k = predict(model, ds, device, bs)
+    # Calibration on test stays only: with split "all" the val stays fit the recalibration.
+    test = data.stays.get_column("split").to_numpy()[data.rows(split)][ds.pairs[:, 0]] == "test"
+    out = {}
+    for i, t in enumerate(tasks):
+        m = k == i
+        reps = bool(c.boot_replicates)
+        out[t] = binary_metrics(y[m], p[m], thresholds[t], n_boot, replicates=reps)
+        yt, pt = y[m & test], p[m & test]
+        out[t] |= calibration(yt, pt, n_boot)
+        recal = platt(vy[vk == i], vp[vk == i])
+        if recal is not None:
+            out[t] |= calibration(yt, recal(pt), n_boot, suffix="_recal")
+    return out
 
 
 def finetune(

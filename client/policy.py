@@ -8,6 +8,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
+from fedclif.shared.calibration import BINS
 from fedclif.shared.config import CONFIG_DIR, load_tree
 from fedclif.shared.errors import FedclifError
 from fedclif.shared.federation import SiteRefusal
@@ -100,6 +101,14 @@ def withhold(flat: dict, tasks: list[str], policy: DictConfig) -> tuple[dict, di
         elif min(prevalence, 1 - prevalence) * n < int(p.min_events):
             reasons[t] = f"policy: metrics.min_events (fewer than {p.min_events})"
     kept = {k: v for k, v in flat.items() if not any(k.startswith(f"{t}_") for t in reasons)}
+    # A reliability curve's bins hold calibration_n // BINS stays each: under the minimum
+    # cell, a bin's observed rate comes close to a few patients' outcomes.
+    cell = int(policy.policy.stats.min_cell_count)
+    for t in tasks:
+        for sfx in ("", "_recal"):
+            if kept.get(f"{t}_calibration_n{sfx}", 0) // BINS < cell:
+                for k in (f"{t}_reliability_predicted{sfx}", f"{t}_reliability_observed{sfx}"):
+                    kept.pop(k, None)
     if reasons:
         kept["num_examples"] = sum(kept.get(f"{t}_n", 0) for t in tasks)
     return kept, reasons

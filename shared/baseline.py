@@ -116,7 +116,7 @@ def run_baseline(
         if np.bincount(y, minlength=2).min() < folds:
             continue
         for kind in models:
-            X = _features(train.X[idx], kind)
+            X = features(train.X[idx], kind)
             oof = cross_val_predict(
                 make_model(kind, seed),
                 X,
@@ -131,11 +131,11 @@ def run_baseline(
             model = make_model(kind, seed).fit(X, y)
             for t in tests:
                 ti, ty = target(t, label)
-                p = model.predict_proba(_features(t.X[ti], kind))[:, 1]
+                p = model.predict_proba(features(t.X[ti], kind))[:, 1]
                 results.append(_row(kind, label, t.name, ty, p, n_boot, seed))
     return results
 
 
-def _features(X: sparse.csr_matrix, kind: str):
+def features(X: sparse.csr_matrix, kind: str):
     # Gradient boosting in scikit-learn takes dense input only.
     return X.toarray() if kind == "gbm" else X

@@ -120,7 +120,8 @@ def binary_metrics(
 ) -> dict:
     """AUROC and AUPRC (and F1 at `threshold`) with bootstrap 95% intervals, and the ROC
     curve as TPR at FPR_GRID (when both classes are present), flat for JSON; with
-    `replicates`, the AUROC of every resample too (`auroc_boot`, for `paired_difference`)."""
+    `replicates`, the AUROC and AUPRC of every resample too (`auroc_boot`, `auprc_boot`, for
+    `paired_difference`)."""
     y, p = np.asarray(y).astype(int), np.asarray(p)
     row = {"n": int(y.size), "prevalence": float(y.mean()) if y.size else float("nan")}
     metrics = {
@@ -140,8 +141,9 @@ def binary_metrics(
         fpr, tpr, _ = roc_curve(y, p)
         row["tpr_at_fpr"] = [float(t) for t in np.interp(FPR_GRID, fpr, tpr)]
         if replicates:
-            reps = resamples(y, p, n_boot=n_boot, seed=seed)
-            row["auroc_boot"] = [round(float(x), 5) for x in reps]
+            for name, rows in (("auroc", auroc_rows), ("auprc", auprc_rows)):
+                reps = resamples(y, p, rows, n_boot, seed)
+                row[f"{name}_boot"] = [round(float(x), 5) for x in reps]
     return row
 
 

@@ -11,6 +11,7 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 from fedclif.server.deploy import run_config, run_status
+from fedclif.shared.artifact import write_json
 from fedclif.shared.config import add_arguments, load_tree, write_resolved
 from fedclif.shared.errors import FedclifError
 from fedclif.shared.federation import OPEN_KEYS, RUN_LAYERS, RUN_SECTIONS, load_federation
@@ -78,7 +79,15 @@ def run_study(cfg: DictConfig, out_dir: Path, cache: Path = CACHE) -> dict:
                 f"the study's run ended {status}: {engine.save_log(run_id)}; the sites' "
                 f"errors: {sites[0].parent / 'work'}/<site>/errors.log"
             )
-    return json.loads((out_dir / "results.json").read_text())
+    results = json.loads((out_dir / "results.json").read_text())
+    from fedclif.simulations.gbm_arm import gbm_rows  # scikit-learn: only here
+
+    t0 = time.monotonic()
+    with console.status("fitting the gradient-boosting baseline at the source"):
+        results["rows"] += gbm_rows(cfg, sites[0].parent / "work", results["tokenizers"]["source"])
+    results["phase_seconds"]["gradient-boosting baseline"] = time.monotonic() - t0
+    write_json(results, out_dir / "results.json")
+    return results
 
 
 def cmd_simulate(args: argparse.Namespace) -> int:
@@ -87,14 +96,37 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     cfg = load_study(args.config, args.profile, args.overrides)
     out_dir = Path(args.out or f"runs/{cfg.study.name}-{args.profile}")
     t0 = time.perf_counter()
-    results = run_study(cfg, out_dir, Path(args.cache))
-    summary = write_report(out_dir, results)
-    out.print(console_table(summary, OmegaConf.to_container(cfg.study.paper)))
-    console.print(
-        f"{len(results['rows'])} results in {(time.perf_counter() - t0) / 60:.1f} min; "
-        f"report: {out_dir / 'report.md'}"
-    )
+    targets = list(cfg.study.targets or [])
+    studies = {p: _with_target(cfg, p) for p in targets} or {None: cfg}
+    summaries = {}
+    for preset, c in studies.items():
+        where = out_dir / preset if preset else out_dir
+        if preset:
+            console.print(f"target {preset} ({len(summaries) + 1} of {len(studies)})")
+        results = run_study(c, where, Path(args.cache))
+        summaries[preset] = write_report(where, results)
+        out.print(console_table(summaries[preset], OmegaConf.to_container(cfg.study.paper)))
+    report = out_dir / "report.md"
+    if targets:
+        from fedclif.simulations.shifts import write_shifts
+
+        out.print(write_shifts(out_dir, summaries, cfg))
+        report = out_dir / "shifts.md"
+    console.print(f"done in {(time.perf_counter() - t0) / 60:.1f} min; report: {report}")
     return 0
+
+
+def _with_target(cfg: DictConfig, preset: str) -> DictConfig:
+    """The study `cfg` with `preset` as its target (one study of `study.targets`)."""
+    if preset not in synth.preset_names():
+        raise FedclifError(
+            f"study.targets: unknown preset {preset!r}; choose from "
+            f"{', '.join(synth.preset_names())}"
+        )
+    c = cfg.copy()
+    c.study.sites.target.preset = preset
+    c.study.targets = None
+    return c
 
 
 def cmd_synth(args: argparse.Namespace) -> int:

@@ -15,6 +15,13 @@ from rich.table import Table
 from fedclif.shared.artifact import write_json
 from fedclif.shared.config import RESOLVED
 from fedclif.shared.metrics import FPR_GRID, paired_difference
+from fedclif.simulations.calibration_report import (
+    calibration_cells,
+    calibration_markdown,
+    reliability_png,
+    select,
+)
+from fedclif.simulations.published import federated_share, penalty, published_markdown
 from fedclif.simulations.sites import SOURCE, TARGET
 
 # Columns of the paper-style table: (label, arm, setting, evaluated at).
@@ -34,6 +41,8 @@ PAPER = {
     "zero-shot": "zero_shot",
     "local finetune": "local_finetune",
 }
+# Calibration: the arms that are the model itself (a probe is a logistic regression).
+CALIBRATION_COLUMNS = [c for c in COLUMNS if "probe" not in c[0]]
 # Fewest positives (and negatives) in the target's test split for a task to count in the
 # recovery check.
 MIN_EVENTS = 10
@@ -46,15 +55,7 @@ RECOVERY_ARMS = {
 
 def _cell(rows: list[dict], arm: str, setting: str, site: str, task: str, frac: float) -> dict:
     """Mean over seeds of AUROC, its bootstrap interval and AUPRC."""
-    sel = [
-        r
-        for r in rows
-        if r["arm"] == arm
-        and r["setting"] == setting
-        and r["eval_site"] == site
-        and r["task"] == task
-        and abs(r["fraction"] - frac) < 1e-9
-    ]
+    sel = select(rows, arm, setting, site, task, frac)
     if not sel:
         return {}
     mean = {
@@ -79,13 +80,33 @@ def _events(rows: list[dict], site: str, task: str) -> int:
     return round(min(n * prev, n * (1 - prev)))
 
 
-def _compare(rows: list[dict], a: dict, b: dict, tasks: list[str], paired: bool = True) -> dict:
+def _compare(
+    rows: list[dict],
+    a: dict,
+    b: dict,
+    tasks: list[str],
+    paired: bool = True,
+    metric: str = "auroc",
+) -> dict:
     """Rows matching `a` against rows matching `b` (each a dict of row fields): mean
-    AUROC over seeds and `tasks`, a minus b, with the 95% interval of the bootstrap
-    replicates' differences, replicate by replicate. On the same test stays (`paired`) the
-    replicates share their resamples (a paired bootstrap, shared/metrics.py). On two
-    sites' stays they must be independent: resample k draws the same relative positions
-    at both sites (one seed), so b's replicates are shuffled first."""
+    `metric` (auroc or auprc) over seeds and `tasks`, a minus b, with the 95% interval of
+    the bootstrap replicates' differences, replicate by replicate. On the same test stays
+    (`paired`) the replicates share their resamples (a paired bootstrap,
+    shared/metrics.py). On two sites' stays they must be independent: resample k draws
+    the same relative positions at both sites (one seed), so b's replicates are shuffled
+    first. Rows of seeds only one side has (a single-seed arm) are averaged as they are."""
+    ma, mb, b_reps, a_reps = _means(rows, a, b, tasks, metric)
+    if ma is None:
+        return {"verdict": "not measured"}  # no replicates (or no measurable task)
+    if not paired:
+        b_reps = np.random.default_rng(0).permutation(b_reps)
+    return paired_difference(ma, mb, a_reps, b_reps)
+
+
+def _means(rows: list[dict], a: dict, b: dict, tasks: list[str], metric: str) -> tuple:
+    """(mean metric of a, of b, b's mean replicates, a's): over the (seed, task) cells
+    both have, or, when one side has a single seed, over each side's own cells of the
+    tasks both have. Nones when a cell lacks replicates."""
 
     def cells(sel: dict) -> dict:
         return {
@@ -98,22 +119,33 @@ def _compare(rows: list[dict], a: dict, b: dict, tasks: list[str], paired: bool 
 
     ca, cb = cells(a), cells(b)
     keys = sorted(ca.keys() & cb.keys())
-    reps = [(ca[k].get("auroc_boot"), cb[k].get("auroc_boot")) for k in keys]
-    if not keys or not all(x and y for x, y in reps):
-        return {"verdict": "not measured"}  # no replicates (or no measurable task)
-    m = min(min(len(x), len(y)) for x, y in reps)
+    if keys:
+        ka = kb = keys
+    else:  # a single-seed arm (the gradient-boosting baseline) against a multi-seed one
+        common = {t for _, t in ca} & {t for _, t in cb}
+        ka = sorted(k for k in ca if k[1] in common)
+        kb = sorted(k for k in cb if k[1] in common)
+    boot = f"{metric}_boot"
+    reps = [ca[k].get(boot) for k in ka] + [cb[k].get(boot) for k in kb]
+    if not ka or not kb or not all(reps):
+        return None, None, None, None
+    m = min(len(x) for x in reps)
 
     def mean(xs):
         return np.mean(np.asarray([x[:m] if isinstance(x, list) else x for x in xs], float), 0)
 
-    b_reps = mean([y for _, y in reps])
-    if not paired:
-        b_reps = np.random.default_rng(0).permutation(b_reps)
-    return paired_difference(
-        mean([ca[k]["auroc"] for k in keys]),
-        mean([cb[k]["auroc"] for k in keys]),
-        mean([x for x, _ in reps]),
-        b_reps,
+    # Per task first, then over tasks: seeds count once per task on each side.
+    def side(c: dict, ks: list, key: str):
+        by_task = {}
+        for k in ks:
+            by_task.setdefault(k[1], []).append(c[k][key])
+        return mean([mean(v) for v in by_task.values()])
+
+    return (
+        side(ca, ka, metric),
+        side(cb, kb, metric),
+        side(cb, kb, boot),
+        side(ca, ka, boot),
     )
 
 
@@ -190,6 +222,8 @@ def summarize(results: dict) -> dict:
         for site in sorted({r["eval_site"] for r in rows})
     }
     measurable = [t for t in tasks if events[TARGET][t] >= MIN_EVENTS]
+    # The penalty is measured at every site the source's model was taken to.
+    measurable_all = [t for t in measurable if all(events[s][t] >= MIN_EVENTS for s in events)]
     rises = {
         arm: mean_auroc(arm, max(fracs), measurable) > mean_auroc(arm, min(fracs), measurable)
         for arm in RECOVERY_ARMS
@@ -229,7 +263,30 @@ def summarize(results: dict) -> dict:
         "sites": sites,
         "matrix": matrix,
         "checks": checks,
+        "pretraining": pretraining_curve(results.get("pretraining_curves", {})),
+        "calibration": calibration_cells(rows, CALIBRATION_COLUMNS, tasks, top),
+        "penalty": penalty(
+            lambda a, b, ts, paired, metric: _compare(rows, a, b, ts, paired, metric),
+            measurable_all,
+            zero_sites,
+        ),
+        "federated_share": federated_share(
+            lambda a, b, ts, metric: _means(rows, a, b, ts, metric), measurable, top
+        ),
     }
+
+
+def pretraining_curve(curves: dict[str, list[dict]]) -> dict:
+    """The federated pretraining's validation loss by round (mean over seeds, and each
+    seed's) and the first round whose mean came within 1% of the last round's."""
+    by_seed = {s: [p["val_loss"] for p in c] for s, c in curves.items() if c}
+    if not by_seed:
+        return {}
+    n = min(len(v) for v in by_seed.values())
+    mean = np.nanmean([v[:n] for v in by_seed.values()], 0)
+    within = int(np.flatnonzero(mean <= mean[-1] * 1.01)[0]) + 1
+    return {"rounds": list(range(1, n + 1)), "mean": [float(x) for x in mean],
+            "seeds": by_seed, "within_1pct_of_last": within}  # fmt: skip
 
 
 def _fmt(c: dict, metric: str = "auroc") -> str:
@@ -357,6 +414,23 @@ def _plots(summary: dict, results: dict, out: Path) -> list[str]:
         )
         fig.colorbar(im, ax=ax)
         files.append(_save(fig, out / "cross_site.png"))
+    if curve := summary["pretraining"]:
+        fig, ax = plt.subplots(figsize=(4.5, 3.5))
+        for seed, v in curve["seeds"].items():
+            ax.plot(range(1, len(v) + 1), v, color="grey", lw=0.8, alpha=0.6,
+                    label="one seed" if seed == next(iter(curve["seeds"])) else None)  # fmt: skip
+        ax.plot(curve["rounds"], curve["mean"], marker="o", color="C0", label="mean")
+        ax.axvline(curve["within_1pct_of_last"], color="C1", ls="--", lw=1,
+                   label="within 1% of the last round")  # fmt: skip
+        ax.set(xlabel="round", ylabel="validation loss (nats/token)",
+               title="federated pretraining:\nthe global model on validation splits")  # fmt: skip
+        ax.legend(fontsize=7)
+        files.append(_save(fig, out / "pretraining_loss.png"))
+    top = max(fracs)
+    # Four arms: six curves twice over make a panel nobody can read.
+    shown = [c for c in CALIBRATION_COLUMNS if c[0] not in ("target only", "pooled")]
+    if name := reliability_png(rows, shown, tasks, top, out / "reliability.png"):
+        files.append(name)
     return files
 
 
@@ -455,7 +529,18 @@ def _markdown(summary: dict, results: dict, files: list[str]) -> str:
             f"| {f} | {v['federated']:.3f} | {v['source_only']:.3f} | {v['target_only']:.3f} "
             f"| {_verdict(v['vs_source_only'])} | {_verdict(v['vs_target_only'])} |"
         )
-    lines += ["", "## Figures", ""] + [f"![{f}]({f})" for f in files]
+    if curve := summary["pretraining"]:
+        lines += [
+            "- Federated pretraining, validation loss of the global model after each round "
+            "(example-weighted over the sites' validation splits, mean over seeds): "
+            + ", ".join(f"{x:.3f}" for x in curve["mean"])
+            + f"; within 1% of its last round from round **{curve['within_1pct_of_last']}** "
+            f"of {len(curve['rounds'])} (`pretraining_loss.png`).",
+        ]
+    lines += ["", *calibration_markdown(summary["calibration"])]
+    lines += published_markdown(summary["penalty"], summary["federated_share"],
+                                ch["tasks_with_enough_target_events"])  # fmt: skip
+    lines += ["## Figures", ""] + [f"![{f}]({f})" for f in files]
     return "\n".join(lines) + "\n"
 
 

@@ -53,6 +53,9 @@ class Lane:
     fraction: float = 1.0
     strategy: object = None
     probes: dict | None = None
+    # Validation loss of the global model after each round, at the lane's sites (the
+    # federated pretraining's curve): one {round, val_loss, sites} per round.
+    curve: list | None = None
 
 
 class Study:
@@ -197,12 +200,13 @@ class Study:
         return toks
 
     def _train(self, lanes: list[Lane], what: str) -> None:
-        """Every lane's rounds, lanes side by side: round r of all lanes in one send."""
+        """Every lane's rounds, lanes side by side: round r of all lanes in one send, with
+        the validation loss of round r - 1's global model of the lanes that keep a curve."""
         for lane in lanes:
             lane.strategy = make_strategy(lane.run.fed)
-        for r in range(1, max(lane.rounds for lane in lanes) + 1):
+        for r in range(1, max(lane.rounds for lane in lanes) + 2):
             live = [lane for lane in lanes if r <= lane.rounds]
-            batches: list[tuple[int, Pending]] = [
+            batches: list[tuple[object, Pending]] = [
                 (
                     id(lane),
                     lane.run.begin_round(
@@ -211,10 +215,23 @@ class Study:
                 )
                 for lane in live
             ]
-            replies = self._send(batches, f"{what}, round {r}")
+            curves = [ln for ln in lanes if ln.curve is not None and 1 <= r - 1 <= ln.rounds]
+            batches += [
+                (("val", id(ln)), ln.run.begin_evaluate(ln.stage, ln.tok, ln.weights, None, "val"))
+                for ln in curves
+            ]
+            if not batches:
+                break
+            replies = self._send(batches, f"{what}, round {r}" if live else what)
             for lane in live:
                 lane.weights = lane.run.end_round(dict(batches)[id(lane)], replies[id(lane)],
                                                   lane.rounds)  # fmt: skip
+            for ln in curves:
+                key = ("val", id(ln))
+                res = ln.run.end_evaluate(dict(batches)[key], replies[key])
+                sites = {s: float(m["loss"]) for s, m in res["sites"].items()}
+                loss = float(res["weighted"].get("loss", float("nan")))
+                ln.curve.append({"round": r - 1, "val_loss": loss, "sites": sites})
 
     def _evaluate(self, jobs: list[tuple[Lane, list[str], str]], what: str) -> None:
         """Each (lane, sites, setting): the lane's model evaluated at those sites, on their
@@ -294,8 +311,11 @@ class Study:
                 "source": self._lane(
                     "source_only", [SOURCE], s, toks[SOURCE], "pretrain", None, steps=n_rounds * spr
                 ),
-                "federated": self._lane(
-                    "federated", real, s, fed_tok, "pretrain", None, rounds=n_rounds, steps=spr
+                "federated": replace(
+                    self._lane(
+                        "federated", real, s, fed_tok, "pretrain", None, rounds=n_rounds, steps=spr
+                    ),
+                    curve=[],
                 ),
                 "pooled": self._lane(
                     "pooled", [POOLED], s, fed_tok, "pretrain", None, steps=n_rounds * spr
@@ -359,6 +379,7 @@ class Study:
             "sites": {k: {**v} for k, v in self.tokenized["federated"].items()},
             "tokenizers": {k: t.hash for k, t in toks.items()},
             "rows": self.rows,
+            "pretraining_curves": {str(s): pre[s]["federated"].curve for s in seeds},
             "seconds": time.monotonic() - self.t0,
             "phase_seconds": self.phases,
         }
@@ -375,7 +396,7 @@ def planned_messages(cfg: DictConfig) -> int:
     setup = (real + 1) + real + (real + 1 + real + 1)
     # source, federated and pooled pretraining; probes fitted at the source, evaluated
     # at every real site
-    pretrain = 1 + rounds * real + 1 + 1 + real
+    pretrain = 1 + 2 * rounds * real + 1 + 1 + real  # federated rounds: train, then val loss
     # source and pooled; three arms per fraction; the federated model at the other sites
     finetune = 2 + 3 * n_frac + real - (1 if 1.0 in [float(f) for f in cfg.fractions] else 0)
     evaluate = real + real + 3 * n_frac  # source everywhere, pooled, the target's arms

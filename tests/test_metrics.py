@@ -2,8 +2,10 @@
 
 import numpy as np
 import pytest
-from sklearn.metrics import average_precision_score, f1_score, roc_auc_score
+from scipy.special import expit
+from sklearn.metrics import average_precision_score, brier_score_loss, f1_score, roc_auc_score
 
+from fedclif.shared.calibration import calibration, ece, platt
 from fedclif.shared.metrics import (
     auprc_rows,
     auroc_rows,
@@ -12,6 +14,33 @@ from fedclif.shared.metrics import (
     f1_threshold,
     paired_difference,
 )
+
+
+def test_calibration_measures_and_platt_repairs_a_shifted_base_rate():
+    """A model right about the ranking but trained where the outcome was three times as
+    common: Brier (equal to scikit-learn's) and ECE see it, the curve's equal-mass bins lie
+    under the diagonal, and Platt scaling on held-out stays of the new site repairs it."""
+    rng = np.random.default_rng(3)
+    z = rng.normal(size=6000)
+    y = (rng.random(6000) < expit(z - 2.0)).astype(int)  # the new site's truth
+    p = expit(z - 0.8)  # the model's: the old site's base rate
+    fit, test = slice(0, 3000), slice(3000, None)
+    raw = calibration(y[test], p[test], n_boot=100)
+    assert raw["brier"] == pytest.approx(brier_score_loss(y[test], p[test]))
+    assert raw["brier_low"] < raw["brier"] < raw["brier_high"] and raw["calibration_n"] == 3000
+    pred, obs = raw["reliability_predicted"], raw["reliability_observed"]
+    assert len(pred) == len(obs) == 10 and np.all(np.diff(pred) > 0)
+    assert np.all(np.array(obs) < np.array(pred)) and raw["ece"] > 0.1
+    recal = calibration(y[test], platt(y[fit], p[fit])(p[test]), n_boot=100, suffix="_recal")
+    assert recal["ece_recal"] < 0.03 and recal["brier_recal"] < raw["brier"]
+    assert platt(np.zeros(5), np.linspace(0.1, 0.5, 5)) is None  # one class: nothing to fit
+    # ECE is the bins' size-weighted gap: 0 when every bin's rate equals its mean prediction.
+    q = np.repeat(np.linspace(0.05, 0.95, 10), 10)
+    yy = np.concatenate([np.r_[np.ones(k), np.zeros(10 - k)] for k in range(1, 11)])
+    assert ece(yy, np.repeat((np.arange(1, 11)) / 10, 10)) == pytest.approx(0.0)
+    assert ece(yy, q) == pytest.approx(
+        np.mean(np.abs(np.linspace(0.05, 0.95, 10) - np.arange(1, 11) / 10))
+    )
 
 
 def test_interval_brackets_the_estimate():

@@ -131,6 +131,25 @@ def test_metrics_on_too_few_stays_or_events_are_withheld():
     assert not any(k.startswith(("death_", "imv_")) for k in kept)
     assert kept["long_los_roc"] == [0.0, 0.5, 1.0] and kept["num_examples"] == 100
     assert withhold({"num_examples": 9.0, "loss": 2.0}, ["death"], policy)[0]["num_examples"] == 9
+
+
+def test_a_reliability_curve_leaves_only_with_bins_of_at_least_the_minimum_cell():
+    """Each of the curve's 10 equal-mass bins holds calibration_n // 10 stays: under the
+    policy's minimum cell (10) the curve stays home, its Brier score and ECE leave."""
+    policy = load_policy()
+    curve = {"reliability_predicted": [0.1] * 10, "reliability_observed": [0.1] * 10}
+    flat = {
+        "num_examples": 300.0,
+        "death_n": 200.0, "death_prevalence": 0.2, "death_calibration_n": 99, "death_brier": 0.1,
+        **{f"death_{k}": v for k, v in curve.items()},
+        "imv_n": 100.0, "imv_prevalence": 0.2, "imv_calibration_n": 100,
+        "imv_calibration_n_recal": 100,
+        **{f"imv_{k}{s}": v for k, v in curve.items() for s in ("", "_recal")},
+    }  # fmt: skip
+    kept, why = withhold(flat, ["death", "imv"], policy)
+    assert why == {}
+    assert kept["death_brier"] == 0.1 and not any("death_reliability" in k for k in kept)
+    assert all(f"imv_{k}{s}" in kept for k in curve for s in ("", "_recal"))
     check_probe_training(50, policy)
     with pytest.raises(SiteRefusal, match=r"probes\.min_train_stays 3 < 50"):
         check_probe_training(3, policy)
