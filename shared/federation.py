@@ -26,7 +26,9 @@ TRAIN_PROBE, EVALUATE_PROBE = "train.probe", "evaluate.probe"
 # What a training reply's MetricRecord holds (plus `epsilon` under DP-SGD), nothing else;
 # WEIGHT_KEY weighs the site's update in FedAvg and its kin.
 WEIGHT_KEY = "num-examples"
-TRAIN_METRICS = (WEIGHT_KEY, "num_examples", "train_loss", "steps", "train_seconds")
+TRAIN_METRICS = (
+    WEIGHT_KEY, "num_examples", "train_loss", "steps", "load_seconds", "train_seconds",
+)  # fmt: skip
 
 # Error codes a site may send (above Flower's own, 0-8). Anything unexpected is INTERNAL,
 # whatever it said.

@@ -289,6 +289,35 @@ def pretraining_curve(curves: dict[str, list[dict]]) -> dict:
             "seeds": by_seed, "within_1pct_of_last": within}  # fmt: skip
 
 
+def profile(results: dict) -> list[str]:
+    """Where the study's time went, per phase: its wall time, the seconds its site jobs
+    spent loading data and building the model, training and evaluating (each job timed
+    where it ran), and how busy that kept the machine's slots for site jobs (CPUs /
+    `engine.cpus_per_site`); the rest is process start-up, imports, Ray scheduling and
+    messages."""
+    work, wall = results.get("site_seconds", {}), results.get("phase_seconds", {})
+    if not work:
+        return []
+    cpus = int(results["config"]["study"]["engine"]["cpus_per_site"])
+    slots = max(1, int(results.get("cpus") or 1) // max(cpus, 1))
+    lines = [
+        "## Where the time goes",
+        "",
+        f"Seconds per phase: wall clock, then the sum over its site jobs of their own "
+        f"timings; busy: that sum over wall x {slots} slot(s) for site jobs.",
+        "",
+        "| phase | wall | site jobs | load (data, model) | train | evaluate | busy |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for phase, seconds in wall.items():
+        w = work.get(phase, {})
+        parts = [w.get(k, 0.0) for k in ("load_seconds", "train_seconds", "evaluate_seconds")]
+        busy = f"{sum(parts) / (seconds * slots):.0%}" if w else "-"
+        cells = " | ".join(f"{x:.0f}" if w else "-" for x in parts)
+        lines.append(f"| {phase} | {seconds:.0f} | {w.get('jobs', '-')} | {cells} | {busy} |")
+    return [*lines, ""]
+
+
 def _fmt(c: dict, metric: str = "auroc") -> str:
     if not c or np.isnan(c.get(metric, np.nan)):
         return "-"
@@ -540,6 +569,7 @@ def _markdown(summary: dict, results: dict, files: list[str]) -> str:
     lines += ["", *calibration_markdown(summary["calibration"])]
     lines += published_markdown(summary["penalty"], summary["federated_share"],
                                 ch["tasks_with_enough_target_events"])  # fmt: skip
+    lines += profile(results)
     lines += ["## Figures", ""] + [f"![{f}]({f})" for f in files]
     return "\n".join(lines) + "\n"
 

@@ -6,6 +6,7 @@ every seed and arm that can go together are sent together, so Ray keeps every co
 Writes `results.json` (one row per arm, seed, task, training and evaluation site) and
 `progress.json` (what is done) in the run's out-dir."""
 
+import os
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -70,6 +71,8 @@ class Study:
         self.done, self.total = 0, 0
         self.t0 = self._t = time.monotonic()
         self.phases: dict[str, float] = {}
+        # Seconds the sites spent per phase, by kind (simulations/report.py `profile`).
+        self.work: dict[str, dict[str, float]] = {}
         self.announced: dict[str, dict] = {}
 
     # --- plumbing ----------------------------------------------------------------------
@@ -123,6 +126,15 @@ class Study:
     def _phase(self, name: str) -> None:
         now = time.monotonic()
         self.phases[name], self._t = now - self._t, now
+
+    def _account(self, phase: str, per_site: dict[str, dict]) -> None:
+        """Add the site jobs' own timings (`*_seconds` of their replies) to `phase`."""
+        w = self.work.setdefault(phase, {"jobs": 0})
+        for m in per_site.values():
+            w["jobs"] += 1
+            for k, v in m.items():
+                if k.endswith("_seconds"):
+                    w[k] = w.get(k, 0.0) + float(v)
 
     def _progress(self, what: str) -> None:
         write_json(
@@ -226,9 +238,11 @@ class Study:
             for lane in live:
                 lane.weights = lane.run.end_round(dict(batches)[id(lane)], replies[id(lane)],
                                                   lane.rounds)  # fmt: skip
+                self._account(what, lane.run.state["history"][-1]["sites"])
             for ln in curves:
                 key = ("val", id(ln))
                 res = ln.run.end_evaluate(dict(batches)[key], replies[key])
+                self._account(what, res["sites"])
                 sites = {s: float(m["loss"]) for s, m in res["sites"].items()}
                 loss = float(res["weighted"].get("loss", float("nan")))
                 ln.curve.append({"round": r - 1, "val_loss": loss, "sites": sites})
@@ -250,6 +264,7 @@ class Study:
         replies = self._send(batches, what)
         for i, (lane, _, setting) in enumerate(jobs):
             res = runs[i].end_evaluate(dict(batches)[i], replies[i])
+            self._account(what, res["sites"])
             for f in res["failed"]:
                 raise FedclifError(f"evaluation of {lane.arm} at {f['site']} failed: {f['error']}")
             for site, metrics in res["sites"].items():
@@ -382,6 +397,8 @@ class Study:
             "pretraining_curves": {str(s): pre[s]["federated"].curve for s in seeds},
             "seconds": time.monotonic() - self.t0,
             "phase_seconds": self.phases,
+            "site_seconds": self.work,
+            "cpus": os.cpu_count(),
         }
         write_json(results, self.out / "results.json")
         self._progress("done")

@@ -102,7 +102,7 @@ class _Nodes:
 
 def _metrics(n=100, **extra) -> MetricRecord:
     honest = {"num-examples": n, "num_examples": n, "train_loss": 2.0, "steps": 20,
-              "train_seconds": 1.5}  # fmt: skip
+              "load_seconds": 0.5, "train_seconds": 1.5}  # fmt: skip
     return MetricRecord({**honest, **extra})
 
 

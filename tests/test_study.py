@@ -1,14 +1,22 @@
 """The transfer study at its quick profile: a real simulation (Flower's engine, Ray
 virtual sites) whose results must show what the study exists to show."""
 
+import contextlib
 import json
+import os
+import shutil
+import signal
+import tempfile
+from pathlib import Path
 
 import numpy as np
 import pytest
 
 from fedclif.cli import main
+from fedclif.server.processes import Processes, free_port, wait_for
 from fedclif.simulations.commands import load_study
 from fedclif.simulations.report import MIN_EVENTS, write_report
+from fedclif.simulations.shifts import shifts_table, write_shifts
 from fedclif.simulations.study import Study, planned_messages
 
 
@@ -107,6 +115,108 @@ def test_the_study_shows_the_transfer_gap_and_its_recovery(study):
     assert f"| death | {death['auprc']:.3f} [{death['auprc_low']:.2f}" in report
 
 
+def test_the_report_holds_calibration_the_published_comparisons_and_the_pretraining_curve(
+    study,
+):
+    """Calibration per arm (raw and recalibrated), the gradient-boosting arm, the
+    cross-site penalty and the federated share of pooled (each recomputed here from the
+    rows), and the federated pretraining's per-round validation loss."""
+    out, cfg = study
+    r = json.loads((out / "results.json").read_text())
+    rows, summary = r["rows"], json.loads((out / "summary.json").read_text())
+    model_rows = [x for x in rows if not x["arm"].endswith("_probe") and x["arm"] != "gbm"]
+    for x in model_rows:
+        assert x["brier_low"] <= x["brier"] <= x["brier_high"] and 0 <= x["ece"] <= 1, x
+        assert "brier_recal" in x and len(x["reliability_observed"]) == 10, x
+    # Zero-shot at the ucmc-like target: the base rate moved, so recalibrating on the
+    # target's validation stays lowers the calibration error (mean over seeds and tasks).
+    zs = [x for x in rows if x["arm"] == "source_only" and x["setting"] == "zero_shot"
+          and x["eval_site"] == "target"]  # fmt: skip
+    assert np.mean([x["ece_recal"] for x in zs]) < np.mean([x["ece"] for x in zs])
+    cal = summary["calibration"]["death"]["zero-shot"]
+    assert cal["brier"] == pytest.approx(np.mean([x["brier"] for x in zs if x["task"] == "death"]))
+    # The baseline, fitted once at the source, scored where the foundation model is.
+    gbm = {(x["setting"], x["eval_site"], x["task"]) for x in rows if x["arm"] == "gbm"}
+    assert gbm == {(s, site, t) for t in cfg.tasks for s, site in
+                   [("in_distribution", "source"), ("zero_shot", "target"),
+                    ("zero_shot", "third")]}  # fmt: skip
+    tasks = summary["checks"]["tasks_with_enough_target_events"]
+
+    def mean(arm, setting, site, metric="auroc", frac=1.0):
+        return np.mean([
+            np.mean([x[metric] for x in rows if x["arm"] == arm and x["setting"] == setting
+                     and x["eval_site"] == site and x["task"] == t and x["fraction"] == frac])
+            for t in tasks
+        ])  # fmt: skip
+
+    for label, arm in (("foundation model", "source_only"), ("gradient boosting", "gbm")):
+        for site in ("target", "third"):
+            for metric in ("auroc", "auprc"):
+                d = summary["penalty"][label][site][metric]
+                want = mean(arm, "in_distribution", "source", metric) - mean(
+                    arm, "zero_shot", site, metric
+                )
+                assert d["difference"] == pytest.approx(want), (label, site, metric)
+                assert d["low"] <= d["difference"] <= d["high"]
+    top = max(cfg.fractions)
+    for metric in ("auroc", "auprc"):
+        share = summary["federated_share"][metric]
+        fed = mean("federated_finetuned", "local_finetune", "target", metric, top)
+        pooled = mean("pooled", "pooled", "target", metric)
+        assert share["percent"] == pytest.approx(100 * fed / pooled)
+        assert share["low"] <= share["percent"] <= share["high"]
+    report = (out / "report.md").read_text()
+    for published in ("0.025", "0.079", "0.027", "0.089", "98-100%", "85%"):
+        assert published in report
+    assert "## Calibration" in report and "## Where the time goes" in report
+    # Federated pretraining: the global model's validation loss after every round, at
+    # every real site, falling; the report names the round within 1% of the last.
+    curves = r["pretraining_curves"]
+    assert set(curves) == {str(s) for s in cfg.seeds}
+    for c in curves.values():
+        assert [p["round"] for p in c] == list(range(1, cfg.pretrain.rounds + 1))
+        assert set(c[0]["sites"]) == {"source", "target", "third"}
+        assert c[-1]["val_loss"] < c[0]["val_loss"]
+    last = np.mean([c[-1]["val_loss"] for c in curves.values()])
+    first_within = min(
+        k + 1 for k in range(cfg.pretrain.rounds)
+        if np.mean([c[k]["val_loss"] for c in curves.values()]) <= 1.01 * last
+    )  # fmt: skip
+    assert summary["pretraining"]["within_1pct_of_last"] == first_within
+    for png in ("reliability", "pretraining_loss"):
+        assert (out / f"{png}.png").stat().st_size > 5000
+    # Every phase's site jobs timed themselves.
+    assert r["site_seconds"]["pretraining"]["train_seconds"] > 0
+    assert r["site_seconds"]["evaluation"]["evaluate_seconds"] > 0
+
+
+def test_the_shifts_profile_runs_every_single_shift_target_and_ucmc(tmp_path, study, capsys):
+    """`--profile shifts` names each single-shift preset and ucmc-like as a target; an
+    unknown target is refused before anything runs; the table takes each target's summary:
+    the gap with its interval and the smallest share reaching the source's in-distribution
+    interval (recomputed here)."""
+    cfg = load_study(None, "shifts", [])
+    assert list(cfg.study.targets) == [
+        "shift-case-mix", "shift-policy", "shift-measurement", "shift-documentation", "ucmc-like",
+    ]  # fmt: skip
+    assert main(["simulate", "--out", str(tmp_path / "x"), "study.targets=[nowhere]"]) == 1
+    assert "study.targets: unknown preset 'nowhere'" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
+    out, quick = study
+    summary = json.loads((out / "summary.json").read_text())
+    fracs = [float(f) for f in quick.fractions]
+    table = shifts_table({"ucmc-like": summary}, fracs)
+    for task, v in table["ucmc-like"].items():
+        assert v["gap"] == summary["checks"]["zero_shot_drop"]["target"][task]
+        low = summary["table"][task]["in-distribution"]["auroc_low"]
+        for arm in ("source_finetuned", "federated_finetuned"):
+            reached = [f for f, c in zip(fracs, summary["recovery"][arm][task], strict=True)
+                       if c.get("auroc", 0) >= low]  # fmt: skip
+            assert v[arm] == (reached[0] if reached else None)
+    text = write_shifts(tmp_path, {"ucmc-like": summary}, load_study(None, "quick", []))
+    assert "| ucmc-like | death |" in text and (tmp_path / "shifts.png").stat().st_size > 5000
+
+
 def test_study_train_settings_override_the_federation_defaults(tmp_path):
     """Local finetuning is one whole run: the study's cosine decay, not the federation's
     constant rate for short rounds, is what the site is sent."""
@@ -136,3 +246,54 @@ def test_the_report_stands_with_cells_a_site_withheld(study, tmp_path):
     assert np.isnan(summary["table"]["long_los"]["target only"].get("auroc", np.nan))
     assert "| long_los | " in (tmp_path / "report.md").read_text()
     assert (tmp_path / "recovery.png").is_file()
+
+
+# The smallest study with every arm: one seed, one task, one share, a handful of steps.
+TINY = [
+    "study.sites.source.stays=400", "study.sites.target.stays=400", "study.sites.third=null",
+    "study.seeds=[0]", "study.tasks=[long_los]", "study.fractions=[1.0]",
+    "study.pretrain.rounds=1", "study.pretrain.steps_per_round=4", "study.finetune_steps=4",
+    "train.finetune.n_boot=20", "train.probe.n_boot=20",
+]  # fmt: skip
+
+
+def test_a_study_on_a_ray_cluster_equals_the_embedded_engine(tmp_path):
+    """`study.engine.ray_address` on a real Ray head (`ray start --head` on loopback, its
+    own ports and temp dir, stopped afterwards): the same rows as Flower's embedded Ray."""
+    ports = {k: free_port() for k in ("gcs", "client", "dashboard", "agent")}
+    # Ray's sockets live under its temp dir, and a socket path has at most 107 bytes.
+    ray_tmp = Path(tempfile.mkdtemp(prefix="ray-", dir="/tmp"))
+    ray = Processes(tmp_path / "ray", dict(os.environ))
+    head = ray.start("head", [
+        shutil.which("ray"), "start", "--head", "--block", "--node-ip-address", "127.0.0.1",
+        "--port", str(ports["gcs"]), "--ray-client-server-port", str(ports["client"]),
+        "--dashboard-port", str(ports["dashboard"]),
+        "--dashboard-agent-listen-port", str(ports["agent"]), "--include-dashboard", "false",
+        "--num-cpus", "2", "--temp-dir", str(ray_tmp), "--disable-usage-stats",
+    ])  # fmt: skip
+    try:
+        wait_for(lambda: "block forever" in ray.log("head") or head.poll() is not None, 120,
+                 "the Ray head")  # fmt: skip
+        assert head.poll() is None, ray.log("head")
+        rows = {}
+        for engine, extra in (
+            ("embedded", []),
+            ("cluster", [f"study.engine.ray_address=127.0.0.1:{ports['gcs']}"]),
+        ):
+            out = tmp_path / engine
+            args = ["simulate", "--profile", "quick", "--out", str(out),
+                    "--cache", str(tmp_path / "cache"), *TINY, *extra]  # fmt: skip
+            assert main(args) == 0
+            rows[engine] = json.loads((out / "results.json").read_text())["rows"]
+        # The run really went to the cluster: its driver's job shows in the head's logs.
+        assert list(ray_tmp.glob("session_*/logs/worker-*")), "no Ray worker ran at the head"
+    finally:
+        ray.stop_all()
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(head.pid, signal.SIGKILL)  # anything the head left in its group
+        shutil.rmtree(ray_tmp, ignore_errors=True)
+    assert rows["cluster"] == rows["embedded"]
+    assert {(r["arm"], r["setting"]) for r in rows["cluster"]} >= {
+        ("source_only", "in_distribution"), ("federated_finetuned", "local_finetune"),
+        ("pooled", "pooled"), ("gbm", "zero_shot"),
+    }  # fmt: skip
