@@ -11,7 +11,9 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import numpy as np
 
-KEYS = ("brier", "brier_low", "brier_high", "ece")
+# As predicted and after recalibration (shared/calibration.py `calibration` keys).
+KEYS = [f"{m}{s}" for s in ("", "_recal") for m in ("brier", "ece")]
+KEYS += [f"brier{s}_{end}" for s in ("", "_recal") for end in ("low", "high")]
 
 
 def select(rows: list[dict], arm: str, setting: str, site: str, task: str, frac: float):
@@ -38,9 +40,7 @@ def calibration_cells(rows: list[dict], columns: list[tuple], tasks: list[str], 
             sel = [r for r in sel if "brier" in r]
             if sel:
                 out[t][label] = {
-                    k + s: float(np.nanmean([r.get(k + s, np.nan) for r in sel]))
-                    for k in KEYS
-                    for s in ("", "_recal")
+                    k: float(np.nanmean([r.get(k, np.nan) for r in sel])) for k in KEYS
                 }
     return out
 

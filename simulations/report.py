@@ -309,7 +309,9 @@ def profile(results: dict) -> list[str]:
         "| phase | wall | site jobs | load (data, model) | train | evaluate | busy |",
         "|---|---|---|---|---|---|---|",
     ]
-    for phase, seconds in wall.items():
+    # In the order they ran (results.json keeps keys sorted).
+    order = ["statistics and tokenizers", "pretraining", "probes", "finetuning", "evaluation"]
+    for phase, seconds in sorted(wall.items(), key=lambda kv: [*order, kv[0]].index(kv[0])):
         w = work.get(phase, {})
         parts = [w.get(k, 0.0) for k in ("load_seconds", "train_seconds", "evaluate_seconds")]
         busy = f"{sum(parts) / (seconds * slots):.0%}" if w else "-"
@@ -451,7 +453,7 @@ def _plots(summary: dict, results: dict, out: Path) -> list[str]:
         ax.plot(curve["rounds"], curve["mean"], marker="o", color="C0", label="mean")
         ax.axvline(curve["within_1pct_of_last"], color="C1", ls="--", lw=1,
                    label="within 1% of the last round")  # fmt: skip
-        ax.set(xlabel="round", ylabel="validation loss (nats/token)",
+        ax.set(xlabel="round", ylabel="validation loss (nats/token)", xticks=curve["rounds"],
                title="federated pretraining:\nthe global model on validation splits")  # fmt: skip
         ax.legend(fontsize=7)
         files.append(_save(fig, out / "pretraining_loss.png"))
