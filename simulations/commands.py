@@ -52,7 +52,7 @@ def load_study(path: str | None, profile: str, overrides: Sequence[str]) -> Dict
 def run_study(cfg: DictConfig, out_dir: Path, cache: Path = CACHE) -> dict:
     """Generate (or reuse) the sites, run the study on the simulation engine with one
     virtual site each, and return its results (also in out_dir/results.json)."""
-    sites = study_sites(cfg.study, cache)
+    sites, work = study_sites(cfg.study, cache)
     out_dir.mkdir(parents=True, exist_ok=True)
     for f in ("results.json", "progress.json"):
         (out_dir / f).unlink(missing_ok=True)
@@ -62,7 +62,7 @@ def run_study(cfg: DictConfig, out_dir: Path, cache: Path = CACHE) -> dict:
                               float(e.gpus_per_site), e.ray_address)  # fmt: skip
     config = {"study": OmegaConf.to_yaml(cfg), "out-dir": str(out_dir.resolve())}
     with engine, progress() as bar:
-        run_id = engine.submit(config, sites, sites[0].parent / "work",
+        run_id = engine.submit(config, sites, work,
                                app_files(STUDY_SERVERAPP, STUDY_RUN_CONFIG))  # fmt: skip
         task = bar.add_task("starting the simulation engine", total=None)
         while (status := run_status(run_id, engine.env)).startswith(
@@ -77,14 +77,14 @@ def run_study(cfg: DictConfig, out_dir: Path, cache: Path = CACHE) -> dict:
         if not status.endswith("completed") or not (out_dir / "results.json").is_file():
             raise FedclifError(
                 f"the study's run ended {status}: {engine.save_log(run_id)}; the sites' "
-                f"errors: {sites[0].parent / 'work'}/<site>/errors.log"
+                f"errors: {work}/<site>/errors.log"
             )
     results = json.loads((out_dir / "results.json").read_text())
     from fedclif.simulations.gbm_arm import gbm_rows  # scikit-learn: only here
 
     t0 = time.monotonic()
     with console.status("fitting the gradient-boosting baseline at the source"):
-        results["rows"] += gbm_rows(cfg, sites[0].parent / "work", results["tokenizers"]["source"])
+        results["rows"] += gbm_rows(cfg, work, results["tokenizers"]["source"])
     results["phase_seconds"]["gradient-boosting baseline"] = time.monotonic() - t0
     write_json(results, out_dir / "results.json")
     return results

@@ -1,6 +1,7 @@
-"""The study's hospitals on disk: each synthetic site generated once and reused (the
-directory is named by a hash of the generator config, stays and seed), plus the pooled
-site, every table of the real sites concatenated (ids carry each hospital's prefix)."""
+"""The study's hospitals on disk: each synthetic site generated once and reused by every
+study that names it (under a hash of its role, generator config, stays and seed), plus
+the pooled site, every table of the real sites concatenated (ids carry each hospital's
+prefix), and the virtual sites' work directories, both under a hash of all the sites."""
 
 import hashlib
 from pathlib import Path
@@ -20,24 +21,32 @@ def site_roles(cfg: DictConfig) -> list[str]:
     return [SOURCE, TARGET] + ([THIRD] if cfg.sites.third else []) + [POOLED]
 
 
-def study_sites(cfg: DictConfig, cache: Path) -> list[Path]:
+def study_sites(cfg: DictConfig, cache: Path) -> tuple[list[Path], Path]:
     """One CLIF directory per role (named by the role: sites know themselves by their
-    directory's name), under `cache/<hash of the sites' configs>/`."""
+    directory's name), each under `cache/<hash of its own config>/`, so the source of a
+    study of every target is generated once; and the work root of the virtual sites,
+    `cache/<hash of all the sites>/work` (a site's cached timelines are its data's)."""
     specs = {r: cfg.sites[r] for r in site_roles(cfg) if r != POOLED}
-    gen = {r: load_preset(str(s.preset)) for r, s in specs.items()}
-    key = "\n".join(f"{r}:{s.stays}:{s.seed}:{OmegaConf.to_yaml(gen[r])}" for r, s in specs.items())
-    root = Path(cache) / hashlib.sha256(key.encode()).hexdigest()[:12]
+    keys = {
+        r: f"{r}:{s.stays}:{s.seed}:{OmegaConf.to_yaml(load_preset(str(s.preset)))}"
+        for r, s in specs.items()
+    }
+    dirs = {r: Path(cache) / _digest(k) / r for r, k in keys.items()}
     for role, spec in specs.items():
-        d = root / role
-        if not (d / ".complete").is_file():
+        if not (dirs[role] / ".complete").is_file():
             console.print(f"generating {role}: {spec.stays} stays of {spec.preset}")
-            write_site(gen[role], int(spec.stays), int(spec.seed), d)
-            (d / ".complete").touch()
-    pooled = root / POOLED
+            write_site(load_preset(str(spec.preset)), int(spec.stays), int(spec.seed), dirs[role])
+            (dirs[role] / ".complete").touch()
+    root = Path(cache) / _digest("\n".join(keys.values()))
+    pooled = dirs[POOLED] = root / POOLED
     if not (pooled / ".complete").is_file():
         pooled.mkdir(parents=True, exist_ok=True)
-        for f in sorted((root / SOURCE).glob("clif_*.parquet")):
-            parts = [pl.read_parquet(root / r / f.name) for r in specs]
+        for f in sorted(dirs[SOURCE].glob("clif_*.parquet")):
+            parts = [pl.read_parquet(dirs[r] / f.name) for r in specs]
             pl.concat(parts, how="diagonal_relaxed").write_parquet(pooled / f.name)
         (pooled / ".complete").touch()
-    return [root / r for r in site_roles(cfg)]
+    return [dirs[r] for r in site_roles(cfg)], root / "work"
+
+
+def _digest(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()[:12]

@@ -10,6 +10,7 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
+import polars as pl
 import pytest
 
 from fedclif.cli import main
@@ -17,6 +18,7 @@ from fedclif.server.processes import Processes, free_port, wait_for
 from fedclif.simulations.commands import load_study
 from fedclif.simulations.report import MIN_EVENTS, write_report
 from fedclif.simulations.shifts import shifts_table, write_shifts
+from fedclif.simulations.sites import study_sites
 from fedclif.simulations.study import Study, planned_messages
 
 
@@ -297,3 +299,22 @@ def test_a_study_on_a_ray_cluster_equals_the_embedded_engine(tmp_path):
         ("source_only", "in_distribution"), ("federated_finetuned", "local_finetune"),
         ("pooled", "pooled"), ("gbm", "zero_shot"),
     }  # fmt: skip
+
+
+def test_each_site_is_generated_once_for_every_study_that_names_it(tmp_path):
+    """Studies of two targets share the source's generated directory (the `shifts`
+    profile generates it once) but not their pooled site or the virtual sites' work
+    directories, where each site caches the timelines of its own data."""
+    small = ["study.sites.source.stays=60", "study.sites.target.stays=60", "study.sites.third=null"]
+    a = load_study(None, "default", small).study
+    b = load_study(None, "default", [*small, "study.sites.target.preset=shift-policy"]).study
+    sites_a, work_a = study_sites(a, tmp_path)
+    sites_b, work_b = study_sites(b, tmp_path)
+    assert [p.name for p in sites_a] == ["source", "target", "pooled"]
+    assert sites_a[0] == sites_b[0] and sites_a[1] != sites_b[1]
+    assert sites_a[2] != sites_b[2] and work_a != work_b
+    src = pl.read_parquet(sites_a[0] / "clif_hospitalization.parquet")
+    for pooled, target in ((sites_a[2], sites_a[1]), (sites_b[2], sites_b[1])):
+        hosp = pl.read_parquet(pooled / "clif_hospitalization.parquet")
+        want = src.height + pl.read_parquet(target / "clif_hospitalization.parquet").height
+        assert hosp.height == want
