@@ -3,14 +3,17 @@
 import json
 from datetime import timedelta
 
+import numpy as np
 import pandas as pd
 import polars as pl
 import pytest
 from conftest import read, write
+from omegaconf import OmegaConf
 
 from fedclif.cli import main
 from fedclif.shared.clif.site import load_site
 from fedclif.shared.errors import FedclifError
+from fedclif.shared.splits import SPLITS, assign_splits
 from fedclif.shared.stats import merge_stats, site_stats
 from fedclif.shared.timelines import read_timelines, tokenize_site
 from fedclif.shared.tokenizer import fit_tokenizer
@@ -208,3 +211,33 @@ def test_chunked_tokenization_matches_one_pass(demo_dir, demo_tokens, site_cfg, 
     b, _ = read_timelines(tmp_path / "c")
     assert a.equals(b)
     assert manifest == json.loads((demo_tokens / "manifest.json").read_text())
+
+
+def test_splits_are_by_patient_stable_and_nested_by_train_fraction():
+    """Every stay of a patient lands in one split, whatever the order or the other
+    patients; the shares follow the config; `train_fraction` keeps a subset of the train
+    patients (nested: 5% holds 1%) and never touches val or test."""
+    rng = np.random.default_rng(0)
+    patients = rng.integers(0, 3000, 12000).astype(str)  # ~4 stays per patient
+    cfg = OmegaConf.create({"val": 0.1, "test": 0.2, "salt": "fedclif"})
+    split = assign_splits(patients, cfg)
+    per_patient = (
+        pl.DataFrame({"p": patients, "s": split}).group_by("p").agg(pl.col("s").n_unique())
+    )
+    assert per_patient.get_column("s").max() == 1
+    order = rng.permutation(patients.size)
+    assert np.array_equal(assign_splits(patients[order], cfg), split[order])
+    assert np.array_equal(assign_splits(patients[:100], cfg), split[:100])
+    shares = {s: np.unique(patients[split == s]).size / np.unique(patients).size for s in SPLITS}
+    assert shares == pytest.approx({"train": 0.7, "val": 0.1, "test": 0.2}, abs=0.03)
+    kept = {}
+    for f in (0.01, 0.05, 0.25, 1.0):
+        s = assign_splits(patients, OmegaConf.merge(cfg, {"train_fraction": f}))
+        assert np.array_equal(s == "test", split == "test")
+        assert np.array_equal(s == "val", split == "val")
+        assert set(s[split == "train"]) <= {"train", "unused"}
+        kept[f] = set(patients[s == "train"])
+        assert len(kept[f]) / len(set(patients[split == "train"])) == pytest.approx(f, abs=0.03)
+    assert kept[0.01] <= kept[0.05] <= kept[0.25] <= kept[1.0]
+    with pytest.raises(FedclifError, match="train_fraction"):
+        assign_splits(patients, OmegaConf.merge(cfg, {"train_fraction": 0.0}))

@@ -17,7 +17,6 @@ from fedclif.client.pretrain import STATE_FILE
 from fedclif.client.stage import STAGES
 from fedclif.shared.config import load_config, load_tree
 from fedclif.shared.errors import FedclifError
-from fedclif.shared.labels import TASKS, usable
 from fedclif.shared.models import (
     EHRModel,
     build_model,
@@ -152,23 +151,44 @@ def test_early_stopping_stops_when_val_loss_stalls(demo_tokens, tmp_path):
 
 
 def test_prompted_examples_follow_the_24h_leakage_rule(demo_tokens):
-    data = load_site_data(demo_tokens, train_cfg().split)
+    """Read off the timelines, not the labels code: a stay whose first 24 h hold an ICU
+    transfer (an IMV device) is never an ICU (IMV) example; a positive example's event
+    comes after 24 h, a negative example's never; a death example's outcome is its
+    discharge token."""
+    data = load_site_data(demo_tokens, train_cfg().split, full=True)
     tasks = ["death", "icu", "imv"]
     ds = Prompted(data, "all", tasks, 64)
-    labels = data.labels
-    for k, t in enumerate(tasks):
-        rows = ds.pairs[ds.pairs[:, 1] == k, 0]
-        expect = np.flatnonzero(usable(labels, TASKS[t]))
-        assert np.array_equal(np.sort(rows), expect)
-        if t in ("icu", "imv"):
-            # Stays whose event is already in the first 24 h are not examples at all.
-            flagged = labels.get_column(f"{TASKS[t]}_24h").to_numpy()
-            assert flagged.any() and not flagged[rows].any()
+    ids, tl = data.tok.index, data.stays
+    marks = {"icu": ids["XFR-IN_icu"], "imv": ids["RESP_device_IMV"]}
+    # Death: every stay whose discharge is known, positive when it reads Expired.
+    death = dict(zip(*ds.pairs[ds.pairs[:, 1] == 0][:, [0, 2]].T, strict=True))
+    for row, tokens in enumerate(tl["tokens"]):
+        last = data.tok.vocab[tokens[-2]]  # DSCG_<category>, TL_END
+        assert last.startswith("DSCG_")
+        if last == "DSCG_Missing":  # (a rare known category is DSCG_UNK: not Expired)
+            assert row not in death
+        else:
+            assert death[row] == (last == "DSCG_Expired")
+    for k, t in enumerate(tasks[1:], 1):
+        examples = dict(zip(*ds.pairs[ds.pairs[:, 1] == k][:, [0, 2]].T, strict=True))
+        seen = {"window": 0, "positive": 0, "negative": 0}
+        for row, (window, tokens, hours) in enumerate(
+            zip(tl["tokens_24h"], tl["tokens"], tl["hours"], strict=True)
+        ):
+            at = np.asarray(hours)[np.asarray(tokens) == marks[t]]
+            if marks[t] in window.to_list():
+                assert row not in examples, (t, row)
+                seen["window"] += 1
+            elif row in examples:
+                if examples[row]:
+                    assert at.size and at.min() >= 24, (t, row)
+                else:
+                    assert at.size == 0, (t, row)
+                seen["positive" if examples[row] else "negative"] += 1
+        assert min(seen.values()) > 0, (t, seen)  # the demo has all three kinds
     item = ds[0]
-    assert item["input_ids"][-1] == data.tok.index[f"TASK_{tasks[item['task']]}"]
+    assert item["input_ids"][-1] == ids[f"TASK_{tasks[item['task']]}"]
     assert len(item["input_ids"]) <= 64
-    row, _, y = ds.pairs[0]
-    assert y == int(labels.get_column(TASKS[tasks[int(item["task"])]])[int(row)])
 
 
 def test_finetune_writes_per_task_metrics(demo_tokens, pretrained, tmp_path, capsys):
