@@ -109,6 +109,8 @@ def finetune(
         if dp is None
         else {
             "epsilon": res.epsilon,
+            "noise_multiplier": res.noise_multiplier,
+            "max_grad_norm": float(dp.max_grad_norm),
             "delta": float(dp.delta),
             "target_epsilon": float(dp.epsilon),
         },

@@ -71,6 +71,8 @@ class LoopResult:
     train_loss: float
     examples: int
     epsilon: float | None = None
+    # DP-SGD's Gaussian noise, as a multiple of the clipping norm (what reached epsilon).
+    noise_multiplier: float | None = None
 
 
 def dp_config(cfg: DictConfig) -> DictConfig | None:
@@ -210,7 +212,8 @@ def fit(
         checkpoint()
     eps = engine.get_epsilon(float(dp.delta)) if engine is not None else None
     recent = losses[-max(len(losses) // 10, 1) :] if losses else [float("nan")]
-    return LoopResult(st, float(np.mean(recent)), seen, eps)
+    noise = float(opt.noise_multiplier) if engine is not None else None
+    return LoopResult(st, float(np.mean(recent)), seen, eps, noise)
 
 
 def _save_state(path: Path, st: LoopState, model, opt, sched) -> None:

@@ -87,7 +87,13 @@ def pretrain(
         "final_train_loss": res.train_loss,
         "steps": res.state.step,
         "epochs_done": res.state.epoch,
-        "dp": None if dp is None else {"epsilon": res.epsilon, "delta": float(dp.delta)},
+        "dp": None
+        if dp is None
+        else {
+            "epsilon": res.epsilon,
+            "delta": float(dp.delta),
+            "noise_multiplier": res.noise_multiplier,
+        },
         "history": res.state.history,
     }
     write_json(metrics, out / "metrics.json")

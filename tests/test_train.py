@@ -231,12 +231,24 @@ def test_lora_saves_only_adapters_that_reload_with_peft(demo_tokens, pretrained,
 
 
 def test_dp_finetune_reports_spent_epsilon(demo_tokens, pretrained, tmp_path):
-    out = tmp_path / "dp"
+    """DP-SGD really ran: Gaussian noise (multiplier > 0) at the clipping norm, one example
+    per patient (the unit it protects), epsilon within the target, and a model other than
+    the same run without DP."""
     args = ["train", "finetune", "--data", str(demo_tokens), "--from", str(pretrained)]
     dp = ["train.dp.epsilon=4", "train.dp.delta=1e-5"]
-    assert main([*args, "--out", str(out), *dp, *cli(FINETUNE)]) == 0
-    dp = json.loads((out / "metrics.json").read_text())["dp"]
-    assert 0 < dp["epsilon"] <= 4.0 + 1e-6 and dp["delta"] == 1e-5
+    assert main([*args, "--out", str(tmp_path / "dp"), *dp, *cli(FINETUNE)]) == 0
+    assert main([*args, "--out", str(tmp_path / "plain"), *cli(FINETUNE)]) == 0
+    m = json.loads((tmp_path / "dp" / "metrics.json").read_text())
+    d = m["dp"]
+    assert 0 < d["epsilon"] <= 4.0 + 1e-6 and d["delta"] == 1e-5
+    assert d["noise_multiplier"] > 0.3 and d["max_grad_norm"] > 0
+    data = load_site_data(demo_tokens, train_cfg().split)
+    train = data.stays[data.rows("train")]
+    assert m["train_examples"] == train.get_column("patient_id").n_unique() < train.height
+    plain = json.loads((tmp_path / "plain" / "metrics.json").read_text())
+    assert plain["train_examples"] > m["train_examples"]
+    dp_model, plain_model = load_model(tmp_path / "dp")[0], load_model(tmp_path / "plain")[0]
+    assert not torch.allclose(dp_model.head.weight, plain_model.head.weight)
 
 
 @pytest.mark.parametrize("arch", ["mamba2", "llama"])
