@@ -307,15 +307,28 @@ def test_probe_writes_results_and_plot(demo_tokens, pretrained, tmp_path):
     assert ok and all(0 <= a["anomaly"]["p_value"] <= 1 for a in ok)
 
 
-def test_forecast_prints_generated_and_actual_events(demo_tokens, pretrained, capsys):
+def test_forecast_prints_generated_and_actual_events(demo_tokens, pretrained, tmp_path, capsys):
+    """`--json`: n generated tokens of the vocabulary (never padding, a start or a task
+    token), the same under one seed, hours that never go back; the actual continuation is
+    the stay's own tokens after 24 h."""
     data = load_site_data(demo_tokens, train_cfg().split, full=True, ids=["25563031"])
     tl = data.stays.row(0, named=True)
     after = [data.tok.vocab[t] for t, h in zip(tl["tokens"], tl["hours"], strict=True) if h >= 24]
-    args = ["forecast", "--model", str(pretrained), "--data", str(demo_tokens)]
-    assert main([*args, "--id", "25563031", "-n", "6"]) == 0
+    args = ["forecast", "--model", str(pretrained), "--data", str(demo_tokens), "--id", "25563031"]
+    runs = {}
+    for name, seed in (("a", 1), ("b", 1), ("c", 2)):
+        assert main([*args, "-n", "12", "--seed", str(seed), "--json", str(tmp_path / name)]) == 0
+        runs[name] = json.loads((tmp_path / name).read_text())
     text = capsys.readouterr().out
     assert after[0] in text and "forecast" in text
-    assert main([*args, "--id", "no-such-stay"]) == 1
+    gen = runs["a"]["forecast"]
+    assert len(gen) == 12 and runs["b"]["forecast"] == gen and runs["c"]["forecast"] != gen
+    assert all(t in data.tok.index and t not in ("PAD", "TL_START") and not t.startswith("TASK_")
+               for t, _ in gen)  # fmt: skip
+    hours = [h for _, h in gen]
+    assert hours[0] >= 24 - 1e-6 and np.all(np.diff(hours) >= 0)
+    assert [t for t, _ in runs["a"]["actual"]] == after[: len(runs["a"]["actual"])]
+    assert main([*args[:-1], "no-such-stay"]) == 1
 
 
 def test_data_from_another_tokenizer_is_refused(demo_dir, demo_tokens, pretrained, tmp_path):
