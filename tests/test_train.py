@@ -29,6 +29,7 @@ from fedclif.shared.models import (
     setup,
 )
 from fedclif.shared.sequences import Prompted, load_site_data, pad_collate
+from fedclif.simulations.synth import load_preset, write_site
 
 # Small and short enough for CPU tests; the defaults in configs/train.yaml are for real runs.
 PRETRAIN = ["pretrain.context=256", "pretrain.max_steps=80", "pretrain.eval_every=20"]
@@ -293,18 +294,43 @@ def test_opacus_gives_every_trainable_parameter_its_exact_per_sample_gradient(
 
 
 def test_probe_writes_results_and_plot(demo_tokens, pretrained, tmp_path):
+    """Probes fitted at the demo, scored there (its test split) and at another hospital
+    tokenized with the same tokenizer (every stay of it): a row per label and site, each
+    over that site's own stays."""
+    other = tmp_path / "other"
+    write_site(load_preset("mimic-like"), 300, 4, other / "clif")
+    tok = demo_tokens / "tokenizer.json"
+    assert main(["site", "tokenize", str(other / "clif"), "--tokenizer", str(tok),
+                 "--out", str(other / "tokens")]) == 0  # fmt: skip
     out = tmp_path / "probe"
     args = ["train", "probe", "--model", str(pretrained), "--train", str(demo_tokens)]
-    assert main([*args, "--test", str(demo_tokens), "--test-split", "all", "--out", str(out)]) == 0
+    assert main([*args, "--test", str(other / "tokens"), "--test-split", "all",
+                 "--out", str(out)]) == 0  # fmt: skip
     r = json.loads((out / "probe.json").read_text())
     assert (out / "probe.png").stat().st_size > 10_000
-    sites = {p["test"] for p in r["probes"]}
-    assert len(sites) == 2
-    assert {p["label"] for p in r["probes"]} >= {"same_admission_death", "long_length_of_stay"}
+    by_site = {}
+    for p in r["probes"]:
+        by_site.setdefault(p["test"], {})[p["label"]] = p
+    assert set(by_site) == {f"{demo_tokens} (in-site)", str(other / "tokens")}
+    demo = load_site_data(demo_tokens, train_cfg().split)
+    there = load_site_data(other / "tokens", train_cfg().split)
+    for label in ("same_admission_death", "long_length_of_stay"):
+        home, away = (
+            by_site[f"{demo_tokens} (in-site)"][label],
+            by_site[str(other / "tokens")][label],
+        )
+        assert home["n"] == usable_count(demo.labels[demo.rows("test")], label)
+        assert away["n"] == usable_count(there.labels, label)
+        assert 0 <= away["auroc"] <= 1 and away["auroc_low"] <= away["auroc_high"]
     for s in r["trajectory"]["summary"]:
         assert s["path_length"] > 0 and s["max_jump"] > 0 and np.isfinite(s["anomaly"])
     ok = [a for a in r["trajectory"]["association"] if "error" not in a]
     assert ok and all(0 <= a["anomaly"]["p_value"] <= 1 for a in ok)
+
+
+def usable_count(labels: pl.DataFrame, label: str) -> int:
+    """Stays whose outcome is known (death and long stay have no 24 h exclusion)."""
+    return labels.get_column(label).is_not_null().sum()
 
 
 def test_forecast_prints_generated_and_actual_events(demo_tokens, pretrained, tmp_path, capsys):
