@@ -41,9 +41,11 @@ def study_sites(cfg: DictConfig, cache: Path) -> tuple[list[Path], Path]:
     pooled = dirs[POOLED] = root / POOLED
     if not (pooled / ".complete").is_file():
         pooled.mkdir(parents=True, exist_ok=True)
-        for f in sorted(dirs[SOURCE].glob("clif_*.parquet")):
-            parts = [pl.read_parquet(dirs[r] / f.name) for r in specs]
-            pl.concat(parts, how="diagonal_relaxed").write_parquet(pooled / f.name)
+        # Every table any site has (a site may lack an optional one: shift-documentation).
+        names = sorted({f.name for r in specs for f in dirs[r].glob("clif_*.parquet")})
+        for name in names:
+            parts = [pl.read_parquet(dirs[r] / name) for r in specs if (dirs[r] / name).is_file()]
+            pl.concat(parts, how="diagonal_relaxed").write_parquet(pooled / name)
         (pooled / ".complete").touch()
     return [dirs[r] for r in site_roles(cfg)], root / "work"
 

@@ -307,7 +307,8 @@ def test_each_site_is_generated_once_for_every_study_that_names_it(tmp_path):
     directories, where each site caches the timelines of its own data."""
     small = ["study.sites.source.stays=60", "study.sites.target.stays=60", "study.sites.third=null"]
     a = load_study(None, "default", small).study
-    b = load_study(None, "default", [*small, "study.sites.target.preset=shift-policy"]).study
+    # shift-documentation lacks two optional tables: the pooled site holds the others'.
+    b = load_study(None, "default", [*small, "study.sites.target.preset=shift-documentation"]).study
     sites_a, work_a = study_sites(a, tmp_path)
     sites_b, work_b = study_sites(b, tmp_path)
     assert [p.name for p in sites_a] == ["source", "target", "pooled"]
@@ -318,3 +319,5 @@ def test_each_site_is_generated_once_for_every_study_that_names_it(tmp_path):
         hosp = pl.read_parquet(pooled / "clif_hospitalization.parquet")
         want = src.height + pl.read_parquet(target / "clif_hospitalization.parquet").height
         assert hosp.height == want
+    assert not (sites_b[1] / "clif_position.parquet").exists()
+    assert (sites_b[2] / "clif_position.parquet").is_file()
