@@ -4,6 +4,7 @@ error categories."""
 
 import json
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -25,6 +26,7 @@ from fedclif.shared.clif.site import load_site
 from fedclif.shared.errors import FedclifError
 from fedclif.shared.federation import (
     ARRAYS,
+    CONFIG,
     ERRORS,
     FLOWER_ERRORS,
     METRICS,
@@ -183,6 +185,70 @@ def test_a_rogue_reply_is_rejected_by_its_rule_and_the_round_goes_on(
     assert h["rejected"][0]["reason"].startswith(rule), h["rejected"][0]["reason"]
     assert set(h["sites"]) == {"honest"}
     assert (tmp_path / "checkpoint" / "weights.safetensors").is_file()
+
+
+class _Five(_Nodes):
+    def get_node_ids(self) -> list[int]:
+        return [11, 12, 13, 14, 15]
+
+
+def _round_of(tmp_path, name: str, options: list[str], replies: dict[int, dict]) -> dict:
+    """One pretraining round of strategy `name` over sites 11-15 answering `replies`."""
+    settings = ["federation.min_sites=5", "train.pretrain.context=10"]
+    fed = load_federation(overrides=[f"federation.strategy.name={name}", *options, *settings])
+    run = FederatedRun(_Five(), fed, tmp_path / name)
+    run.sites = {n: f"site{n}" for n in replies}
+    run.state["sites"] = {f"site{n}": {"stays": 90, "tokens": 9000} for n in replies}
+    current = replies.pop("current")
+    tok = SimpleNamespace(hash="abc")
+    pending = run.begin_round("pretrain", 1, tok, current, None, make_strategy(fed.federation))
+    answers = []
+    for m in pending.msgs:
+        n = m.metadata.dst_node_id
+        m.metadata.__dict__["_message_id"] = f"m{n}"
+        TaskIdentity._node_id = n
+        content = RecordDict({ARRAYS: to_record(replies[n]), METRICS: _metrics()})
+        answers.append(Message(content, reply_to=m))
+    return run.end_round(pending, answers, 1), pending
+
+
+@pytest.mark.parametrize(
+    "name,options",
+    [("fedmedian", []), ("fedtrimmedavg", ["federation.strategy.options.beta=0.2"]),
+     ("krum", ["federation.strategy.options.num_malicious_nodes=1"])],
+)  # fmt: skip
+def test_robust_aggregation_shrugs_off_one_outlier(tmp_path, monkeypatch, name, options):
+    """Four honest sites near the global model and one pulling it 40% away (inside the
+    update-norm check): FedAvg moves a fifth of the way; median, trimmed mean and Krum
+    stay with the honest sites (Krum returns one of them)."""
+    for attr, v in (("_run_id", 1), ("_node_id", 0), ("_task_id", 1)):
+        monkeypatch.setattr(TaskIdentity, attr, v)
+    rng = np.random.default_rng(5)
+    w = rng.normal(size=(10, 4)).astype(np.float32)
+    replies = {
+        n: {"w": w + rng.normal(0, 0.01, w.shape).astype(np.float32)} for n in (11, 12, 13, 14)
+    }
+    replies[15] = {"w": w * 1.4}
+    avg, _ = _round_of(tmp_path, "fedavg", [], {**replies, "current": {"w": w}})
+    robust, _ = _round_of(tmp_path, name, options, {**replies, "current": {"w": w}})
+    assert np.abs(avg["w"] - w).max() > 0.1
+    assert np.abs(robust["w"] - w).max() < 0.03
+    if name == "krum":
+        assert any(np.array_equal(robust["w"], replies[n]["w"]) for n in (11, 12, 13, 14))
+
+
+def test_fedprox_sends_its_mu_to_every_site(tmp_path, monkeypatch):
+    """The site reads `proximal-mu` from the round's config (client/app.py): FedProx's
+    option is what every message carries; FedAvg's carry none (mu 0 at the site)."""
+    for attr, v in (("_run_id", 1), ("_node_id", 0), ("_task_id", 1)):
+        monkeypatch.setattr(TaskIdentity, attr, v)
+    w = {"w": np.ones((2, 2), np.float32)}
+    replies = {n: w for n in (11, 12, 13, 14, 15)}
+    mu = ["federation.strategy.options.proximal_mu=0.7"]
+    _, prox = _round_of(tmp_path, "fedprox", mu, {**replies, "current": w})
+    _, plain = _round_of(tmp_path, "fedavg", [], {**replies, "current": w})
+    assert [m.content[CONFIG]["proximal-mu"] for m in prox.msgs] == [0.7] * 5
+    assert all("proximal-mu" not in m.content[CONFIG] for m in plain.msgs)
 
 
 class _Pushing(_Nodes):

@@ -431,6 +431,23 @@ def test_round_api_is_deterministic_and_sends_only_what_trains(demo_tokens, pret
         set_weights(fresh, {k: np.zeros(3) for k in get_weights(fresh)})
 
 
+def test_fedprox_mu_anchors_the_site_to_the_weights_it_was_sent(demo_tokens, pretrained):
+    """The proximal term is in the site's loss: the same round with a large mu moves the
+    weights less than without it, and mu = 0 is plain FedAvg's local step, bit for bit."""
+    cfg = train_cfg("pretrain.max_steps=6", "pretrain.context=64", "pretrain.lr=0.01")
+    data = load_site_data(demo_tokens, cfg.split, full=True)
+    start = get_weights(load_model(pretrained)[0])
+
+    def moved(mu: float) -> tuple[float, dict]:
+        r = train_round(load_model(pretrained)[0], data, cfg, "pretrain", seed=3, proximal_mu=mu)
+        return sum(float(np.sum((r.weights[k] - start[k]) ** 2)) for k in r.weights), r.weights
+
+    plain, w0 = moved(0.0)
+    assert moved(0.0)[1].keys() == w0.keys()
+    prox, _ = moved(50.0)
+    assert 0 < prox < 0.5 * plain
+
+
 def test_dp_rounds_protect_the_patient_in_both_stages(demo_tokens, pretrained):
     """Under DP-SGD a round's examples are its training split's patients (one each), and
     pretraining and finetuning both spend epsilon."""
