@@ -19,7 +19,6 @@ from fedclif.server.checkpoint import (
     restore_strategy,
     resume_problem,
     save_checkpoint,
-    strategy_state,
 )
 from fedclif.server.run import STRATEGIES, FederatedRun, make_strategy
 from fedclif.shared.clif.site import load_site
@@ -32,6 +31,7 @@ from fedclif.shared.federation import (
     METRICS,
     STATS,
     SiteRefusal,
+    from_record,
     load_federation,
     to_record,
 )
@@ -69,20 +69,63 @@ def test_strategy_options_and_unknown_names_are_checked():
     assert load_federation(overrides=["train.pretrain.lr=0.5"]).train.pretrain.lr == 0.5
 
 
-def test_fedadam_moments_survive_a_checkpoint():
-    s = make_strategy(load_federation(overrides=["federation.strategy.name=fedadam"]).federation)
-    rng = np.random.default_rng(0)
-    s.m_t = {"w": rng.normal(size=(3, 2))}
-    s.v_t = {"w": rng.random((3, 2))}
-    s.current_arrays = {"w": rng.normal(size=(3, 2))}
-    flat = strategy_state(s)
-    assert set(flat) == {"m_t/w", "v_t/w", "current_arrays/w"}
-    fresh = make_strategy(
-        load_federation(overrides=["federation.strategy.name=fedadam"]).federation
-    )
-    restore_strategy(fresh, flat)
-    for attr in ("m_t", "v_t", "current_arrays"):
-        np.testing.assert_array_equal(getattr(fresh, attr)["w"], getattr(s, attr)["w"])
+class _Learning:
+    """Two sites whose update pulls the weights they are sent toward their own optimum
+    (deterministic), answered through push and pull as a streaming round asks."""
+
+    def __init__(self):
+        self.sent, self.targets = {}, {11: 0.4, 12: 0.1}  # updates well inside the norm check
+
+    def get_node_ids(self) -> list[int]:
+        return list(self.targets)
+
+    def push_messages(self, msgs):
+        for m in msgs:
+            m.metadata.__dict__["_message_id"] = f"m{len(self.sent)}"
+            self.sent[m.metadata.message_id] = m
+        return [m.metadata.message_id for m in msgs]
+
+    def pull_messages(self, ids):
+        out = []
+        for mid in ids:
+            m = self.sent.pop(mid)
+            n = m.metadata.dst_node_id
+            TaskIdentity._node_id = n
+            w = from_record(m.content[ARRAYS])["w"]
+            update = {"w": (w - 0.3 * (w - self.targets[n])).astype(np.float32)}
+            out.append(Message(RecordDict({ARRAYS: to_record(update), METRICS: _metrics()}),
+                               reply_to=m))  # fmt: skip
+        return out
+
+
+def test_a_fedadam_run_resumed_after_round_two_ends_where_an_uninterrupted_one_does(
+    tmp_path, monkeypatch
+):
+    """Three real FedAdam rounds against a run stopped after two and resumed from its
+    checkpoint (weights and the optimizer's moments): the same weights, bit for bit; a
+    resume that lost the moments does not get there."""
+    for attr, v in (("_run_id", 1), ("_node_id", 0), ("_task_id", 1)):
+        monkeypatch.setattr(TaskIdentity, attr, v)
+    fed = load_federation(overrides=["federation.strategy.name=fedadam", "federation.min_sites=2",
+                                     "train.pretrain.context=10"])  # fmt: skip
+    tok, w0 = SimpleNamespace(hash="abc"), {"w": np.full((3, 2), 0.2, np.float32)}
+
+    def run(out: Path) -> FederatedRun:
+        r = FederatedRun(_Learning(), fed, out)
+        r.sites = {11: "a", 12: "b"}
+        r.state["sites"] = {s: {"stays": 90, "tokens": 9000} for s in ("a", "b")}
+        return r
+
+    whole = run(tmp_path / "whole").rounds("pretrain", 3, tok, w0, None)
+    run(tmp_path / "cut").rounds("pretrain", 2, tok, w0, None)
+    state, weights, moments, _ = load_checkpoint(tmp_path / "cut")
+    assert state["round"] == 2 and {k.split("/")[0] for k in moments} >= {"m_t", "v_t"}
+    strategy = make_strategy(fed.federation)
+    restore_strategy(strategy, moments)
+    resumed = run(tmp_path / "cut").rounds("pretrain", 3, tok, weights, None, 2, strategy)
+    np.testing.assert_array_equal(resumed["w"], whole["w"])
+    forgot = run(tmp_path / "forgot").rounds("pretrain", 3, tok, weights, None, 2)
+    assert not np.allclose(forgot["w"], whole["w"])
 
 
 def test_errors_leave_as_categories_only():
