@@ -241,3 +241,47 @@ def test_splits_are_by_patient_stable_and_nested_by_train_fraction():
     assert kept[0.01] <= kept[0.05] <= kept[0.25] <= kept[1.0]
     with pytest.raises(FedclifError, match="train_fraction"):
         assign_splits(patients, OmegaConf.merge(cfg, {"train_fraction": 0.0}))
+
+
+def test_state_changes_are_tokenized_once_and_pre_admission_events_sit_at_admission(
+    site_dir, demo_dir, site_cfg, tok_cfg, tmp_path
+):
+    """A device charted four times is one token (the demo's stay 25563031 on nasal
+    cannula); a change in between adds one token per change, read off the rows' run
+    lengths. A vital 3 h before admission (the ED) sits at hour 0; one 30 h before is
+    not part of the stay."""
+    sid = "25563031"
+    base, tok = _tokenize(demo_dir, site_cfg, tok_cfg, tmp_path / "base")
+
+    def decoded(tl) -> list[tuple[str, float]]:
+        r = tl.filter(pl.col("hospitalization_id") == sid).row(0, named=True)
+        return list(zip(tok.decode(r["tokens"]), r["hours"], strict=True))
+
+    rs = read(site_dir, "respiratory_support")
+    mine = rs.filter(pl.col("hospitalization_id") == sid).sort("recorded_dttm")
+    assert mine["device_category"].to_list() == ["Nasal Cannula"] * 4
+    assert [t for t, _ in decoded(base)].count("RESP_device_Nasal Cannula") == 1
+    devices = ["Nasal Cannula", "Nasal Cannula", "IMV", "Nasal Cannula"]
+    changed = mine.with_columns(pl.Series("device_category", devices))
+    write(site_dir, "respiratory_support",
+          pl.concat([rs.filter(pl.col("hospitalization_id") != sid), changed]))  # fmt: skip
+    adm = read(demo_dir, "hospitalization").filter(pl.col("hospitalization_id") == sid)
+    adm = adm["admission_dttm"][0]
+    v = read(site_dir, "vitals")
+    hr = v.filter(
+        (pl.col("hospitalization_id") == sid) & (pl.col("vital_category") == "heart_rate")
+    )
+    early = hr.head(2).with_columns(
+        pl.Series("recorded_dttm", [adm - timedelta(hours=3), adm - timedelta(hours=30)]),
+        pl.Series("vital_value", [80.0, 81.0]),
+    )
+    write(site_dir, "vitals", pl.concat([v, early]))
+    after = decoded(_tokenize(site_dir, site_cfg, tok_cfg, tmp_path / "after", tok)[0])
+    runs = [d for i, d in enumerate(devices) if i == 0 or d != devices[i - 1]]
+    got = [t.removeprefix("RESP_device_") for t, _ in after if t.startswith("RESP_device_")]
+    assert got == runs == ["Nasal Cannula", "IMV", "Nasal Cannula"]
+    hr_tokens = [(t, h) for t, h in after if t.startswith("VTL_heart_rate")]
+    before = [(t, h) for t, h in decoded(base) if t.startswith("VTL_heart_rate")]
+    assert len(hr_tokens) == len(before) + 1  # the ED reading; the one 30 h out is not
+    assert min(h for _, h in before) > 0 and min(h for _, h in hr_tokens) == 0.0
+    assert all(h >= 0 for _, h in after)
