@@ -80,3 +80,18 @@ def test_settings_may_follow_options_on_the_command_line(demo_dir, tmp_path):
         main(["site", "stats", str(demo_dir), "--out", str(out), "--bogus"])
     with pytest.raises(SystemExit):  # a command that takes no settings
         main(["site", "inspect", str(tmp_path), "--id", "1", "site.timezone=UTC"])
+
+
+def test_a_command_reads_its_config_file_under_the_command_line(demo_dir, tmp_path, capsys):
+    """`--config FILE` on a command: the file's settings apply, the command line's win
+    over them, and a typo in the file is an error naming the file and exiting 1."""
+    f = tmp_path / "site.yaml"
+    f.write_text("tokenizer: {stats: {min_cell_count: 20, sig_figs: 2}}\n")
+    out = tmp_path / "s.json"
+    args = ["site", "stats", str(demo_dir), "--out", str(out), "--config", str(f)]
+    assert main([*args, "tokenizer.stats.min_cell_count=30"]) == 0
+    c = json.loads(out.read_text())["config"]
+    assert (c["min_cell_count"], c["sig_figs"]) == (30, 2)
+    f.write_text("tokenizer: {stats: {min_cell_cont: 20}}\n")
+    assert main(args) == 1
+    assert "site.yaml" in capsys.readouterr().err

@@ -174,6 +174,19 @@ def test_split_mode_timelines(demo_dir, site_cfg, tok_cfg, tmp_path):
     assert toks[i + 1] == "Q2"
 
 
+def test_inspect_shows_the_input_window_or_with_full_the_whole_stay(demo_tokens, capsys):
+    tl, _ = read_timelines(demo_tokens)
+    r = tl.filter(pl.col("hospitalization_id") == "25563031").row(0, named=True)
+    shown = {}
+    for flag in ([], ["--full"]):
+        assert main(["site", "inspect", str(demo_tokens), "--id", "25563031", *flag]) == 0
+        text = capsys.readouterr().out
+        rows = [line.split("│") for line in text.splitlines() if line.count("│") >= 4]
+        shown[bool(flag)] = [float(x[2]) for x in rows if x[1].strip().isdigit()]
+    assert len(shown[False]) == r["n_tokens_24h"] and max(shown[False]) < 24
+    assert len(shown[True]) == r["n_tokens"] and max(shown[True]) > 24
+
+
 def test_inspect_unknown_stay(demo_tokens, capsys):
     assert main(["site", "inspect", str(demo_tokens), "--id", "nope"]) == 1
     assert "no stay 'nope'" in capsys.readouterr().err
