@@ -9,7 +9,6 @@ from pathlib import Path
 from fedclif.server import deploy
 from fedclif.server.deploy import (
     connect,
-    flwr,
     run_config,
     save_run_log,
     submit,
@@ -80,7 +79,16 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    out.print(flwr(["ls", "fedclif"], _connect(args)).stdout)
+    """The SuperLink's runs, one line each (plain lines: a table would truncate run ids
+    in a narrow terminal): id, status, app bundle, when it started and finished."""
+    runs = deploy.list_runs(_connect(args))
+    out.print(f"{len(runs)} run(s) at {args.superlink}")
+    for run_id, r in sorted(runs.items()):
+        out.print(
+            f"{run_id}  {deploy.status_text(r)}  app {r.fab_hash[:12]}  "
+            f"started {(r.running_at or r.pending_at)[:19]}  finished {r.finished_at[:19] or '-'}",
+            soft_wrap=True,
+        )
     return 0
 
 

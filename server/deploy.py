@@ -124,10 +124,10 @@ def submit(config: dict, env: dict[str, str], files: dict[str, bytes] | None = N
     return int(m.group(1))
 
 
-def run_status(run_id: int, env: dict[str, str]) -> str:
-    """flwr's status of a run: pending | starting | running | finished:<result>. Asked in
-    this process over the SuperLink's Control API, as `flwr ls` asks it: a `flwr`
-    subprocess costs ~1.7 s of CPU a call, too much to poll with."""
+def list_runs(env: dict[str, str], run_id: int | None = None) -> dict:
+    """The SuperLink's runs (or only `run_id`), by id: Flower's Run records. Asked in this
+    process over the Control API, as `flwr ls` asks it: a `flwr` subprocess costs ~1.7 s
+    of CPU a call, too much to poll with."""
     from flwr.cli.cli_client_interceptor import CliClientHttpInterceptor
     from flwr.proto.control_pb2 import ListRunsRequest
     from flwr.supercore.control import ControlHttpClient
@@ -145,13 +145,22 @@ def run_status(run_id: int, env: dict[str, str]) -> str:
         ],
     )
     try:
-        runs = client.ListRuns(ListRunsRequest(run_id=run_id)).run_dict
+        request = ListRunsRequest() if run_id is None else ListRunsRequest(run_id=run_id)
+        return dict(client.ListRuns(request).run_dict)
     finally:
         client.close()
-    if run_id not in runs:
-        return "unknown"
-    status = runs[run_id].status
-    return f"{status.status}:{status.sub_status}" if status.sub_status else status.status
+
+
+def status_text(run) -> str:
+    """A run's status as `flwr ls` words it: pending | starting | running | finished:<result>."""
+    s = run.status
+    return f"{s.status}:{s.sub_status}" if s.sub_status else s.status
+
+
+def run_status(run_id: int, env: dict[str, str]) -> str:
+    """The status of one run (`status_text`), or "unknown"."""
+    runs = list_runs(env, run_id)
+    return status_text(runs[run_id]) if run_id in runs else "unknown"
 
 
 def save_run_log(run_id: int, env: dict[str, str], path: Path) -> str:

@@ -13,6 +13,7 @@ import polars as pl
 import pytest
 import tomli_w
 from omegaconf import OmegaConf
+from safetensors.numpy import load_file
 
 import fedclif
 from fedclif.client.approval import APPROVED_FILE
@@ -337,6 +338,30 @@ def test_a_bundle_the_site_did_not_approve_never_runs(federation):
         assert ERROR_CODE["unapproved_app"] in [c and c["code"] for c in codes]  # site b
     finally:
         (lb.root / "work-a" / APPROVED_FILE).unlink()
+
+
+def test_a_finished_run_resumed_with_more_rounds_continues_from_its_checkpoint(
+    federation, finished_run
+):
+    """`fedclif run --resume` at the coordinator: a copy of the two-round run asked for a
+    third continues from round 2's checkpoint (its global weights, no statistics or
+    tokenizing again) with both sites; `fedclif status` lists the runs. (That a resumed
+    run ends where an uninterrupted one does: tests/test_simulation.py.)"""
+    lb, (done, _) = federation, finished_run
+    out = lb.root / "resumed"
+    shutil.copytree(done, out, ignore=shutil.ignore_patterns("model", "results.json"))
+    lb.run(out, "federation.rounds.pretrain=3", *RUN, extra=("--resume",))
+    r = json.loads((out / "results.json").read_text())
+    assert [x["round"] for x in r["rounds"]] == [1, 2, 3]
+    assert r["rounds"][:2] == json.loads((done / "results.json").read_text())["rounds"]
+    assert (
+        set(r["rounds"][2]["sites"]) == {"a", "b"}
+        and r["tokenizer_hash"] == Tokenizer.load(done / "tokenizer.json").hash
+    )
+    two, three = (load_file(str(d / "model" / "model.safetensors")) for d in (done, out))
+    assert two.keys() == three.keys() and any(not np.array_equal(two[k], three[k]) for k in two)
+    status = lb.fedclif("status", "--superlink", lb.link, "--ca", lb.ca).stdout
+    assert status.count("finished:completed") >= 2, status
 
 
 def test_killed_site_does_not_stop_the_run(federation, finished_run):
