@@ -64,15 +64,21 @@ def test_interrupted_and_resumed_run_ends_with_the_same_weights(sites, tmp_path)
         state = cut / "checkpoint" / "state.json"
         return state.is_file() and json.loads(state.read_text())["round"] >= n
 
+    # The interrupted run's coordinator dies right after round 1's checkpoint
+    # (tests/interrupt_app.py): the same point on a fast machine as on a slow one.
+    files = app_files("interrupt_app:app", {**RUN_CONFIG, "die-after-round": 0})
+    files["interrupt_app.py"] = (Path(__file__).parent / "interrupt_app.py").read_bytes()
     with SimulationEngine(tmp_path / "engine-1", len(sites)) as engine:
         ok, why = engine.run(run_config(fed, whole, False), sites, tmp_path / "work")
         assert ok, why
-        engine.submit(run_config(fed, cut, False), sites, tmp_path / "work")
+        dying = {**run_config(fed, cut, False), "die-after-round": 1}
+        engine.submit(dying, sites, tmp_path / "work", files)
         wait_for(lambda: checkpointed(1), 300, "round 1 of the run to interrupt")
     # The engine (SuperLink, ServerApp process, Ray) is gone mid-run.
     assert not _leftovers(tmp_path / "engine-1")
     state = json.loads((cut / "checkpoint" / "state.json").read_text())
-    assert state["phase"] == "pretrain" and state["round"] < 3
+    assert (state["phase"], state["round"]) == ("pretrain", 1)
+    round_one = state["history"][0]["ended"]
     # What a kill between a checkpoint's two renames leaves: the newest round complete
     # under its temporary name, no `checkpoint` (server/checkpoint.py; every crash point
     # is in test_server_site.py). The resumed run starts from there.
@@ -93,6 +99,7 @@ def test_interrupted_and_resumed_run_ends_with_the_same_weights(sites, tmp_path)
     assert [(x["phase"], x["round"]) for x in r["rounds"]] == [
         ("pretrain", 1), ("pretrain", 2), ("pretrain", 3), ("finetune", 1)
     ]  # fmt: skip
+    assert r["rounds"][0]["ended"] == round_one  # resumed, not run again from the start
     # LoRA rounds move adapters and the head only: a small fraction of the full weights.
     assert r["rounds"][3]["bytes_received"] < r["rounds"][0]["bytes_received"] / 5
     assert set(r["evaluation"]["sites"]) == {s.name for s in sites}
