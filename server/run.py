@@ -420,6 +420,11 @@ class FederatedRun:
                 "sites": sites,
                 "failed": failed,
                 "rejected": rejected,
+                # Sites of this run the round could not ask: gone from the SuperLink's
+                # nodes (a stopped daemon) before it started.
+                "absent": sorted(
+                    set(self.sites.values()) - {self._site(m.metadata.dst_node_id) for m in msgs}
+                ),
                 "metrics": dict(metrics) if metrics else {},
             }
         )
