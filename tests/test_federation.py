@@ -340,67 +340,49 @@ def test_a_bundle_the_site_did_not_approve_never_runs(federation):
         (lb.root / "work-a" / APPROVED_FILE).unlink()
 
 
-def test_a_finished_run_resumed_with_more_rounds_continues_from_its_checkpoint(
-    federation, finished_run
-):
-    """`fedclif run --resume` at the coordinator: a copy of the two-round run asked for a
-    third continues from round 2's checkpoint (its global weights, no statistics or
-    tokenizing again) with both sites; `fedclif status` lists the runs. (That a resumed
-    run ends where an uninterrupted one does: tests/test_simulation.py.)"""
+def test_a_resumed_run_goes_on_without_a_site_killed_between_rounds(federation, finished_run):
+    """`fedclif run --resume` at the coordinator, and a site lost mid-run: a copy of the
+    two-round run asked for four continues from round 2's checkpoint (no statistics or
+    tokenizing again); site b's daemon is killed between rounds 3 and 4, and round 4 goes
+    on with a and names b. The coordinator waits after round 3 until b is down
+    (tests/gated_app.py, a bundle both sites approve), so round 4 cannot finish first on
+    a fast machine. `fedclif status` lists the runs. (Runs last: it leaves site b
+    stopped. That a resumed run ends where an uninterrupted one does, and a coordinator
+    killed mid-run: tests/test_simulation.py.)"""
     lb, (done, _) = federation, finished_run
-    out = lb.root / "resumed"
-    shutil.copytree(done, out, ignore=shutil.ignore_patterns("model", "results.json"))
-    lb.run(out, "federation.rounds.pretrain=3", *RUN, extra=("--resume",))
-    r = json.loads((out / "results.json").read_text())
-    assert [x["round"] for x in r["rounds"]] == [1, 2, 3]
-    assert r["rounds"][:2] == json.loads((done / "results.json").read_text())["rounds"]
-    assert (
-        set(r["rounds"][2]["sites"]) == {"a", "b"}
-        and r["tokenizer_hash"] == Tokenizer.load(done / "tokenizer.json").hash
-    )
-    two, three = (load_file(str(d / "model" / "model.safetensors")) for d in (done, out))
-    assert two.keys() == three.keys() and any(not np.array_equal(two[k], three[k]) for k in two)
-    status = lb.fedclif("status", "--superlink", lb.link, "--ca", lb.ca).stdout
-    assert status.count("finished:completed") >= 2, status
-
-
-def test_killed_site_does_not_stop_the_run(federation, finished_run):
-    """Site b's daemon is killed between rounds 1 and 2: round 2 goes on with a, and
-    names b. The coordinator waits after round 1 until b is down
-    (tests/gated_app.py, a bundle both sites approve), so round 2 cannot finish first on
-    a fast machine. (Runs last: it leaves site b stopped. The coordinator killed mid-run
-    and resumed is tests/test_simulation.py.)"""
-    lb = federation
     out = lb.root / "resilient"
+    shutil.copytree(done, out, ignore=shutil.ignore_patterns("model", "results.json"))
     files = app_files("gated_app:app", {**RUN_CONFIG, "pause-after-round": 0})
     files["gated_app.py"] = (Path(__file__).parent / "gated_app.py").read_bytes()
     app = write_app(lb.root / "gated-app", files)
     for s in "ab":
         policy = str(lb.site_dir(s) / "policy.yaml")
-        lb.fedclif("site", "approve", fab_hash(files), "--policy", policy, "--name", s,
+        lb.fedclif("site", "approve", fab_hash(files), "--policy", policy,
                    "--note", "the test's gated coordinator")  # fmt: skip
-    # The first run's tokenizer: no statistics round, and the sites' timelines are cached.
     # The round timeout stays long (a loaded machine starts a ClientApp slowly): the
     # SuperLink answers for a lost site well before it.
-    config = load_federation(overrides=[
-        "federation.rounds.pretrain=2", "federation.min_sites=1", "federation.statistics=false",
-        f"federation.tokenizer={finished_run[0] / 'tokenizer.json'}", "federation.evaluate=false",
-        *RUN,
-    ])  # fmt: skip
+    config = load_federation(overrides=["federation.rounds.pretrain=4", "federation.min_sites=1",
+                                        "federation.evaluate=false", *RUN])  # fmt: skip
     conf = lb.root / "resilient.toml"
-    conf.write_text(tomli_w.dumps({**run_config(config, out, False), "pause-after-round": 1}))
+    conf.write_text(tomli_w.dumps({**run_config(config, out, True), "pause-after-round": 3}))
     env = connect(lb.link, Path(lb.ca), lb.root / "flwr")
     run = flwr(["run", str(app), CONNECTION, "--run-config", str(conf)], env).stdout
-    wait_for(lambda: (out / "paused").exists(), 240, "round 1")
+    wait_for(lambda: (out / "paused").exists(), 240, "round 3")
     lb.stop("node-b")
     (out / "go").touch()
     lb.wait_run(int(re.search(r"run (\d+)", run).group(1)))
     r = json.loads((out / "results.json").read_text())
+    assert [x["round"] for x in r["rounds"]] == [1, 2, 3, 4]
+    assert r["rounds"][:2] == json.loads((done / "results.json").read_text())["rounds"]
+    assert r["tokenizer_hash"] == Tokenizer.load(done / "tokenizer.json").hash
     rounds = {x["round"]: x for x in r["rounds"]}
-    assert sorted(rounds) == [1, 2]
-    assert set(rounds[1]["sites"]) == {"a", "b"}
-    assert set(rounds[2]["sites"]) == {"a"}
-    # b is gone before round 2: either the SuperLink still listed it (its message fails)
+    assert set(rounds[3]["sites"]) == {"a", "b"}
+    assert rounds[3]["absent"] == [] and not rounds[3]["failed"]
+    assert set(rounds[4]["sites"]) == {"a"}
+    # b is gone before round 4: either the SuperLink still listed it (its message fails)
     # or no longer did (the round could not ask it); either way the round names it.
-    assert {x["site"] for x in rounds[2]["failed"]} | set(rounds[2]["absent"]) == {"b"}
-    assert rounds[1]["absent"] == [] and not rounds[1]["failed"]
+    assert {x["site"] for x in rounds[4]["failed"]} | set(rounds[4]["absent"]) == {"b"}
+    two, four = (load_file(str(d / "model" / "model.safetensors")) for d in (done, out))
+    assert two.keys() == four.keys() and any(not np.array_equal(two[k], four[k]) for k in two)
+    status = lb.fedclif("status", "--superlink", lb.link, "--ca", lb.ca).stdout
+    assert status.count("finished:completed") >= 2, status
