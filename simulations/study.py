@@ -267,7 +267,7 @@ class Study:
             self._account(what, res["sites"])
             for f in res["failed"]:
                 raise FedclifError(f"evaluation of {lane.arm} at {f['site']} failed: {f['error']}")
-            for site, metrics in res["sites"].items():
+            for site, metrics in sorted(res["sites"].items()):  # not in the replies' order
                 self.rows += _rows(
                     lane, site, setting, metrics, list(self.cfg.study.tasks), split[i]
                 )

@@ -280,9 +280,9 @@ def test_the_report_stands_with_cells_a_site_withheld(study, tmp_path):
 
 # The smallest study with every arm: one seed, one task, one share, a handful of steps.
 TINY = [
-    "study.sites.source.stays=400", "study.sites.target.stays=400", "study.sites.third=null",
+    "study.sites.source.stays=300", "study.sites.target.stays=300", "study.sites.third=null",
     "study.seeds=[0]", "study.tasks=[long_los]", "study.fractions=[1.0]",
-    "study.pretrain.rounds=1", "study.pretrain.steps_per_round=4", "study.finetune_steps=4",
+    "study.pretrain.rounds=1", "study.pretrain.steps_per_round=2", "study.finetune_steps=2",
     "train.finetune.n_boot=20", "train.probe.n_boot=20",
 ]  # fmt: skip
 
