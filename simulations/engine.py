@@ -27,8 +27,9 @@ class SimulationEngine(Processes):
         ray_address: str | None = None,
     ):
         env = flower_env({**os.environ, "FLWR_DISABLE_UPDATE_CHECK": "1"})
-        if ray_address:
-            env["RAY_ADDRESS"] = ray_address  # ray.init() joins the cluster it names
+        # ray.init() joins the cluster RAY_ADDRESS names; without it, it would join any Ray
+        # cluster running on this machine (it looks for one): "local" starts our own.
+        env["RAY_ADDRESS"] = ray_address or "local"
         super().__init__(root, env)
         self.n_sites, self.cpus, self.gpus = n_sites, cpus, gpus
         self.link = f"127.0.0.1:{free_port()}"

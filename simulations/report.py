@@ -563,7 +563,7 @@ def _markdown(summary: dict, results: dict, files: list[str]) -> str:
     if curve := summary["pretraining"]:
         lines += [
             "- Federated pretraining, validation loss of the global model after each round "
-            "(example-weighted over the sites' validation splits, mean over seeds): "
+            "(example-weighted over the sites' validation splits, first seed): "
             + ", ".join(f"{x:.3f}" for x in curve["mean"])
             + f"; within 1% of its last round from round **{curve['within_1pct_of_last']}** "
             f"of {len(curve['rounds'])} (`pretraining_loss.png`).",

@@ -1,20 +1,13 @@
 """The transfer study at its quick profile: a real simulation (Flower's engine, Ray
 virtual sites) whose results must show what the study exists to show."""
 
-import contextlib
 import json
-import os
-import shutil
-import signal
-import tempfile
-from pathlib import Path
 
 import numpy as np
 import polars as pl
 import pytest
 
 from fedclif.cli import main
-from fedclif.server.processes import Processes, free_port, wait_for
 from fedclif.simulations.commands import load_study
 from fedclif.simulations.report import MIN_EVENTS, write_report
 from fedclif.simulations.shifts import shifts_table, write_shifts
@@ -202,7 +195,7 @@ def test_the_report_holds_calibration_the_published_comparisons_and_the_pretrain
     # Federated pretraining: the global model's validation loss after every round, at
     # every real site, falling; the report names the round within 1% of the last.
     curves = r["pretraining_curves"]
-    assert set(curves) == {str(s) for s in cfg.seeds}
+    assert set(curves) == {str(cfg.seeds[0])}
     for c in curves.values():
         assert [p["round"] for p in c] == list(range(1, cfg.pretrain.rounds + 1))
         assert set(c[0]["sites"]) == {"source", "target", "third"}
@@ -276,57 +269,6 @@ def test_the_report_stands_with_cells_a_site_withheld(study, tmp_path):
     assert np.isnan(summary["table"]["long_los"]["target only"].get("auroc", np.nan))
     assert "| long_los | " in (tmp_path / "report.md").read_text()
     assert (tmp_path / "recovery.png").is_file()
-
-
-# The smallest study with every arm: one seed, one task, one share, a handful of steps.
-TINY = [
-    "study.sites.source.stays=300", "study.sites.target.stays=300", "study.sites.third=null",
-    "study.seeds=[0]", "study.tasks=[long_los]", "study.fractions=[1.0]",
-    "study.pretrain.rounds=1", "study.pretrain.steps_per_round=2", "study.finetune_steps=2",
-    "train.finetune.n_boot=20", "train.probe.n_boot=20",
-]  # fmt: skip
-
-
-def test_a_study_on_a_ray_cluster_equals_the_embedded_engine(tmp_path):
-    """`study.engine.ray_address` on a real Ray head (`ray start --head` on loopback, its
-    own ports and temp dir, stopped afterwards): the same rows as Flower's embedded Ray."""
-    ports = {k: free_port() for k in ("gcs", "client", "dashboard", "agent")}
-    # Ray's sockets live under its temp dir, and a socket path has at most 107 bytes.
-    ray_tmp = Path(tempfile.mkdtemp(prefix="ray-", dir="/tmp"))
-    ray = Processes(tmp_path / "ray", dict(os.environ))
-    head = ray.start("head", [
-        shutil.which("ray"), "start", "--head", "--block", "--node-ip-address", "127.0.0.1",
-        "--port", str(ports["gcs"]), "--ray-client-server-port", str(ports["client"]),
-        "--dashboard-port", str(ports["dashboard"]),
-        "--dashboard-agent-listen-port", str(ports["agent"]), "--include-dashboard", "false",
-        "--num-cpus", "2", "--temp-dir", str(ray_tmp), "--disable-usage-stats",
-    ])  # fmt: skip
-    try:
-        wait_for(lambda: "block forever" in ray.log("head") or head.poll() is not None, 120,
-                 "the Ray head")  # fmt: skip
-        assert head.poll() is None, ray.log("head")
-        rows = {}
-        for engine, extra in (
-            ("embedded", []),
-            ("cluster", [f"study.engine.ray_address=127.0.0.1:{ports['gcs']}"]),
-        ):
-            out = tmp_path / engine
-            args = ["simulate", "--profile", "quick", "--out", str(out),
-                    "--cache", str(tmp_path / "cache"), *TINY, *extra]  # fmt: skip
-            assert main(args) == 0
-            rows[engine] = json.loads((out / "results.json").read_text())["rows"]
-        # The run really went to the cluster: its driver's job shows in the head's logs.
-        assert list(ray_tmp.glob("session_*/logs/worker-*")), "no Ray worker ran at the head"
-    finally:
-        ray.stop_all()
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(head.pid, signal.SIGKILL)  # anything the head left in its group
-        shutil.rmtree(ray_tmp, ignore_errors=True)
-    assert rows["cluster"] == rows["embedded"]
-    assert {(r["arm"], r["setting"]) for r in rows["cluster"]} >= {
-        ("source_only", "in_distribution"), ("federated_finetuned", "local_finetune"),
-        ("pooled", "pooled"), ("gbm", "zero_shot"),
-    }  # fmt: skip
 
 
 def test_each_site_is_generated_once_for_every_study_that_names_it(tmp_path):
