@@ -23,7 +23,8 @@ TINY = [
 
 def test_a_study_on_a_ray_cluster_equals_the_embedded_engine(tmp_path):
     """`study.engine.ray_address` on a real Ray head (`ray start --head` on loopback, its
-    own ports and temp dir, stopped afterwards): the same rows as Flower's embedded Ray."""
+    own ports and temp dir, stopped afterwards): the same rows as Flower's embedded Ray,
+    which does not join the head although it runs on this machine."""
     ports = {k: free_port() for k in ("gcs", "client", "dashboard", "agent")}
     # Ray's sockets live under its temp dir, and a socket path has at most 107 bytes.
     ray_tmp = Path(tempfile.mkdtemp(prefix="ray-", dir="/tmp"))
@@ -49,8 +50,11 @@ def test_a_study_on_a_ray_cluster_equals_the_embedded_engine(tmp_path):
                     "--cache", str(tmp_path / "cache"), *TINY, *extra]  # fmt: skip
             assert main(args) == 0
             rows[engine] = json.loads((out / "results.json").read_text())["rows"]
-        # The run really went to the cluster: its driver's job shows in the head's logs.
-        assert list(ray_tmp.glob("session_*/logs/worker-*")), "no Ray worker ran at the head"
+            # Which Ray the run used: a driver that joins the head leaves its log there. (The
+            # embedded engine sets RAY_ADDRESS=local: a head started with Ray's default temp
+            # dir would otherwise be found and joined; this one has its own temp dir.)
+            drivers = list(ray_tmp.glob("session_*/logs/python-core-driver-*"))
+            assert bool(drivers) is (engine == "cluster"), (engine, drivers)
     finally:
         ray.stop_all()
         with contextlib.suppress(ProcessLookupError):
