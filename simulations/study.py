@@ -327,7 +327,7 @@ class Study:
                     "source_only", [SOURCE], s, toks[SOURCE], "pretrain", None, steps=n_rounds * spr
                 ),
                 # The validation curve of the first seed's: the seeds' curves lie within
-                # 0.03 of each other (default study), and each point costs an evaluation.
+                # 0.05 of each other (default study), and each point costs an evaluation.
                 "federated": replace(
                     self._lane(
                         "federated", real, s, fed_tok, "pretrain", None, rounds=n_rounds, steps=spr

@@ -61,6 +61,8 @@ def test_results_hold_every_arm_task_seed_and_interval(study):
         if x["eval_split"] == "test":
             small = min(x["prevalence"], 1 - x["prevalence"])
             assert checks["test_events"][x["eval_site"]][x["task"]] == round(x["n"] * small)
+    # Every task measurable at every site: at least 30 events of the rarer class.
+    assert min(n for ev in checks["test_events"].values() for n in ev.values()) >= 30, checks
     assert checks["tasks_with_enough_target_events"] == [
         t for t in cfg.tasks if checks["test_events"]["target"][t] >= MIN_EVENTS
     ]
