@@ -100,6 +100,19 @@ def paired_difference(
     return {"difference": float(a - b), "low": lo, "high": hi, "verdict": verdict}
 
 
+# A difference of two metrics read as a drop from the first to the second.
+DROP_WORDS = {"beats": "drop", "worse": "rise", "no clear difference": "level"}
+
+
+def difference_text(d: dict, words: dict | None = None, verdict: bool = True) -> str:
+    """A `paired_difference` as text: `+0.071 [+0.034, +0.102] beats` (`words` renames
+    the verdict; without `verdict`, none); a comparison that was not measured says so."""
+    if "difference" not in d:
+        return d["verdict"]
+    text = f"{d['difference']:+.3f} [{d['low']:+.3f}, {d['high']:+.3f}]"
+    return f"{text} {(words or {}).get(d['verdict'], d['verdict'])}" if verdict else text
+
+
 def f1_threshold(y: np.ndarray, p: np.ndarray) -> float:
     """The probability cut that maximises F1 (chosen on validation data, applied to test);
     0.5 when `y` has a single class."""

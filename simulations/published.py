@@ -12,7 +12,7 @@ from collections.abc import Callable
 
 import numpy as np
 
-from fedclif.shared.metrics import paired_difference
+from fedclif.shared.metrics import difference_text, paired_difference
 from fedclif.simulations.sites import SOURCE, TARGET
 
 # Published figures the report prints beside ours.
@@ -85,11 +85,6 @@ def published_markdown(pen: dict, share: dict, tasks: list[str]) -> list[str]:
     """The two comparisons as report.md lines."""
     p, s = PUBLISHED["penalty"], PUBLISHED["federated_share"]
 
-    def fmt(d: dict) -> str:
-        if "difference" not in d:
-            return d["verdict"]
-        return f"{d['difference']:+.3f} [{d['low']:+.3f}, {d['high']:+.3f}]"
-
     lines = [
         "## Against the published numbers",
         "",
@@ -103,9 +98,10 @@ def published_markdown(pen: dict, share: dict, tasks: list[str]) -> list[str]:
     ]
     for label, by_site in pen.items():
         for site, d in by_site.items():
+            ours = {m: difference_text(d[m], verdict=False) for m in ("auroc", "auprc")}
             lines.append(
-                f"| {label} | {site} | {fmt(d['auroc'])} | {p[label]['auroc']:.3f} "
-                f"| {fmt(d['auprc'])} | {p[label]['auprc']:.3f} |"
+                f"| {label} | {site} | {ours['auroc']} | {p[label]['auroc']:.3f} "
+                f"| {ours['auprc']} | {p[label]['auprc']:.3f} |"
             )
     lines += [
         "",

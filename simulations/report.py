@@ -14,7 +14,7 @@ from rich.table import Table
 
 from fedclif.shared.artifact import write_json
 from fedclif.shared.config import RESOLVED
-from fedclif.shared.metrics import FPR_GRID, paired_difference
+from fedclif.shared.metrics import DROP_WORDS, FPR_GRID, difference_text, paired_difference
 from fedclif.simulations.calibration_report import (
     calibration_cells,
     calibration_markdown,
@@ -326,17 +326,6 @@ def _fmt(c: dict, metric: str = "auroc") -> str:
     return f"{c[metric]:.3f} [{c[f'{metric}_low']:.2f}, {c[f'{metric}_high']:.2f}]"
 
 
-DROP_WORDS = {"beats": "drop", "worse": "rise", "no clear difference": "level"}
-
-
-def _verdict(d: dict, words: dict | None = None) -> str:
-    """A difference with its interval and verdict (`words` renames the verdicts)."""
-    if "difference" not in d:
-        return d["verdict"]
-    v = (words or {}).get(d["verdict"], d["verdict"])
-    return f"{d['difference']:+.3f} [{d['low']:+.3f}, {d['high']:+.3f}] {v}"
-
-
 def console_table(summary: dict, paper: dict) -> Table:
     """The table of report.md turned a quarter (arms down, tasks across: it fits a
     terminal), the paper's numbers under ours."""
@@ -533,7 +522,7 @@ def _markdown(summary: dict, results: dict, files: list[str]) -> str:
         lines.append(
             f"- Zero-shot at {site} (`{presets[site]}`), in-distribution minus zero-shot "
             f"AUROC [95% interval of the difference]: "
-            f"{', '.join(f'{t} {_verdict(v, DROP_WORDS)}' for t, v in d.items())}. A drop "
+            f"{', '.join(f'{t} {difference_text(v, DROP_WORDS)}' for t, v in d.items())}. A drop "
             f"of at least 0.1 on death or long stay: **{drop}**; no clear drop for: "
             f"{', '.join(ok) or 'none'}."
         )
@@ -558,7 +547,7 @@ def _markdown(summary: dict, results: dict, files: list[str]) -> str:
     for f, v in ch["federated_vs_single_site"].items():
         lines.append(
             f"| {f} | {v['federated']:.3f} | {v['source_only']:.3f} | {v['target_only']:.3f} "
-            f"| {_verdict(v['vs_source_only'])} | {_verdict(v['vs_target_only'])} |"
+            f"| {difference_text(v['vs_source_only'])} | {difference_text(v['vs_target_only'])} |"
         )
     if curve := summary["pretraining"]:
         lines += [

@@ -14,6 +14,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 
 from fedclif.shared.artifact import write_json
+from fedclif.shared.metrics import DROP_WORDS, difference_text
 from fedclif.simulations.sites import SOURCE, TARGET
 
 ARMS = {"source_finetuned": "local finetune", "federated_finetuned": "federated + finetune"}
@@ -48,13 +49,6 @@ def shifts_table(summaries: dict[str, dict], fractions: list[float]) -> dict:
     return out
 
 
-def _gap(d: dict) -> str:
-    if "difference" not in d:
-        return d["verdict"]
-    words = {"beats": "drop", "worse": "rise", "no clear difference": "level"}
-    return f"{d['difference']:+.3f} [{d['low']:+.3f}, {d['high']:+.3f}] {words[d['verdict']]}"
-
-
 def _share(f: float | None) -> str:
     return "not within the shares" if f is None else f"{f:g}"
 
@@ -78,7 +72,7 @@ def shifts_markdown(table: dict, source: str, fractions: list[float]) -> str:
     for preset, tasks in table.items():
         for task, v in tasks.items():
             lines.append(
-                f"| {preset} | {task} | {_gap(v['gap'])} | "
+                f"| {preset} | {task} | {difference_text(v['gap'], DROP_WORDS)} | "
                 + " | ".join(_share(v[arm]) for arm in ARMS)
                 + " |"
             )
