@@ -28,6 +28,7 @@ from fedclif.shared.events import (
     type_id,
 )
 from fedclif.shared.labels import outcome_labels
+from fedclif.shared.timeseries import TIMESERIES, hourly_grid, variables
 from fedclif.shared.tokenizer import END, START, TIME_BUCKETS, Tokenizer, bin_token
 
 TIMELINES, LABELS, MANIFEST, TOKENIZER = (
@@ -79,9 +80,12 @@ def _lists(values: np.ndarray, offsets: np.ndarray) -> pl.Series:
     return pl.Series(arr)
 
 
-def _ordered_events(site: Site, tok: Tokenizer, st: pl.DataFrame) -> dict[str, np.ndarray]:
-    """The stays' events, bracketed by TL_START/TL_END, in timeline order, as arrays:
-    stay (0-based within `st`), hours, code_id, type, value (NaN when none)."""
+def _ordered_events(
+    site: Site, tok: Tokenizer, st: pl.DataFrame, events: pl.DataFrame | None = None
+) -> dict[str, np.ndarray]:
+    """The stays' events (`stay_events`, unless already collected), bracketed by
+    TL_START/TL_END, in timeline order, as arrays: stay (0-based within `st`), hours,
+    code_id, type, value (NaN when none)."""
     lf = st.lazy()
     none = pl.lit(None, pl.Float64).alias("value")
     end_hours = (pl.col("discharge_dttm") - pl.col("admission_dttm")).dt.total_microseconds()
@@ -103,7 +107,8 @@ def _ordered_events(site: Site, tok: Tokenizer, st: pl.DataFrame) -> dict[str, n
             ),
         ]
     )
-    events = pl.concat([stay_events(site, st), brackets]).collect()
+    found = stay_events(site, st) if events is None else events.lazy()
+    events = pl.concat([found, brackets]).collect()
     codes = events.get_column("code").unique().sort().to_list()
     # Few distinct codes per site: resolve them once in Python; an Enum cast then gives
     # each event its code's position, which indexes the id and type tables.
@@ -135,14 +140,16 @@ def _ordered_events(site: Site, tok: Tokenizer, st: pl.DataFrame) -> dict[str, n
     }
 
 
-def encode(site: Site, tok: Tokenizer, st: pl.DataFrame) -> pl.DataFrame:
+def encode(
+    site: Site, tok: Tokenizer, st: pl.DataFrame, events: pl.DataFrame | None = None
+) -> pl.DataFrame:
     """Timelines of the stays in `st`, one row per stay, in `st` order.
 
     One sort orders the events; the token arrays are then laid out with numpy (each event
     writes its optional time token, its token, and in split mode its bin token at offsets
     from a cumulative sum), which avoids sorting the larger token stream again.
     """
-    ev = _ordered_events(site, tok, st)
+    ev = _ordered_events(site, tok, st, events)
     stay, hours, code_id, etype = ev["stay"], ev["hours"], ev["code_id"], ev["type"]
     cuts, lut = _lookups(tok)
     b = _bins(code_id, ev["value"], cuts)
@@ -203,7 +210,8 @@ def encode(site: Site, tok: Tokenizer, st: pl.DataFrame) -> pl.DataFrame:
 def tokenize_site(
     site: Site, tok: Tokenizer, out: str | Path, on_chunk: Callable[[int, int], None] | None = None
 ) -> dict:
-    """Write timelines, labels, the tokenizer and a manifest to `out`; return the manifest.
+    """Write timelines, their hourly time-series view (shared/timeseries.py), labels, the
+    tokenizer and a manifest to `out`; return the manifest.
 
     Stays are encoded `site.cfg.chunk_stays` at a time and written as one parquet row
     group each, so memory grows with the chunk, not the site. `on_chunk(done, total)`
@@ -214,10 +222,15 @@ def tokenize_site(
     unk_ids = [i for t, i in tok.index.items() if t.endswith("_UNK")]
     tokens = tokens_24h = unknown = done = 0
     st = stays(site)
-    writer = None
+    writer = grid_writer = None
     try:
         for sub, part in stay_chunks(site, st):
-            timelines = encode(sub, tok, part)
+            events = stay_events(sub, part).collect()  # once, for both views
+            timelines = encode(sub, tok, part, events)
+            grid = hourly_grid(events, part, tok).to_arrow()
+            if grid_writer is None:
+                grid_writer = pq.ParquetWriter(out / TIMESERIES, grid.schema)
+            grid_writer.write_table(grid.cast(grid_writer.schema))
             flat = timelines.get_column("tokens").explode()
             tokens += flat.len()
             unknown += int(flat.is_in(unk_ids).sum())
@@ -234,8 +247,9 @@ def tokenize_site(
             if on_chunk:
                 on_chunk(done, st.height)
     finally:
-        if writer is not None:
-            writer.close()
+        for w in (writer, grid_writer):
+            if w is not None:
+                w.close()
     labels = outcome_labels(site, st)
     labels.write_parquet(out / LABELS)
     tok.save(out / TOKENIZER)
@@ -245,6 +259,7 @@ def tokenize_site(
         "tokens": tokens,
         "tokens_24h": tokens_24h,
         "unknown_token_share": unknown / max(tokens, 1),
+        "timeseries_variables": variables(tok),
         "labels": {
             c: int(labels.get_column(c).sum()) for c in labels.columns if c != "hospitalization_id"
         },

@@ -16,7 +16,8 @@ from fedclif.shared.errors import FedclifError
 from fedclif.shared.splits import SPLITS, assign_splits
 from fedclif.shared.stats import merge_stats, site_stats
 from fedclif.shared.timelines import read_timelines, tokenize_site
-from fedclif.shared.tokenizer import fit_tokenizer
+from fedclif.shared.timeseries import read_grid, variables
+from fedclif.shared.tokenizer import Tokenizer, fit_tokenizer
 
 
 def test_labels_match_an_independent_implementation(demo_dir, demo_tokens):
@@ -298,3 +299,45 @@ def test_state_changes_are_tokenized_once_and_pre_admission_events_sit_at_admiss
     assert len(hr_tokens) == len(before) + 1  # the ED reading; the one 30 h out is not
     assert min(h for _, h in before) > 0 and min(h for _, h in hr_tokens) == 0.0
     assert all(h >= 0 for _, h in after)
+
+
+def test_the_time_series_view_is_hourly_means_normalised_by_the_federated_cuts(
+    demo_dir, demo_tokens, site_cfg
+):
+    """`site tokenize` writes the hourly grid beside the timelines: a stay's heart rate in
+    hour h is the mean of its readings in [h, h + 1) since admission (computed here from
+    the site's vitals table), centred on the federated median cut and scaled by the outer
+    cuts' spread; an hour without a reading is missing (mask False, value 0), not imputed."""
+    sid = "25563031"
+    tok = Tokenizer.load(demo_tokens / "tokenizer.json")
+    site = load_site(demo_dir, site_cfg)
+    adm = site.tables["hospitalization"].filter(pl.col("hospitalization_id") == sid)
+    hr = (
+        site.tables["vitals"]
+        .filter((pl.col("hospitalization_id") == sid) & (pl.col("vital_category") == "heart_rate"))
+        .drop_nulls("vital_value")
+        .with_columns(
+            ((pl.col("recorded_dttm") - adm["admission_dttm"][0]).dt.total_seconds() // 3600)
+            .clip(lower_bound=0)
+            .cast(pl.Int64)
+            .alias("hour")
+        )
+        .group_by("hour")
+        .agg(pl.col("vital_value").mean())
+        .sort("hour")
+    )
+    cuts = tok.cuts["VTL_heart_rate"]  # deciles: 10% ... 90%
+    loc, scale = cuts[4], (cuts[8] - cuts[0]) / (2 * 1.2815516)
+    names = variables(tok)
+    assert {"LAB_creatinine", "LAB_lactate"} <= set(names)
+    hours = int(hr["hour"].max()) + 1
+    values, mask = read_grid(demo_tokens, [sid], hours, tok)
+    col = names.index("VTL_heart_rate")
+    want = dict(zip(hr["hour"].to_list(), hr["vital_value"].to_list(), strict=True))
+    assert set(np.flatnonzero(mask[0, :, col])) == set(want)
+    for h, v in want.items():
+        assert values[0, h, col] == pytest.approx((v - loc) / scale, abs=1e-4)
+    empty = [h for h in range(hours) if h not in want]
+    assert empty and not mask[0, empty, col].any() and not values[0, empty, col].any()
+    manifest = json.loads((demo_tokens / "manifest.json").read_text())
+    assert manifest["timeseries_variables"] == names
