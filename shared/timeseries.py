@@ -40,29 +40,36 @@ def location_scale(cuts: tuple[float, ...]) -> tuple[float, float]:
 
 def hourly_grid(events: pl.DataFrame, st: pl.DataFrame, tok: Tokenizer) -> pl.DataFrame:
     """Long grid of the stays in `st` from their events (shared/events.py `stay_events`,
-    collected): hospitalization_id, hour (since admission), variable, value (normalised)."""
+    collected): hospitalization_id, hour (since admission), variable, value (normalised).
+    Stays of a chunk are a contiguous run of `stay` ids in `st` order (as `encode` reads
+    them), so a stay's id is a gather, and sorting stays on integers."""
     names = variables(tok)
-    norm_ = pl.DataFrame(
-        [(v, *location_scale(tok.cuts[v])) for v in names],
-        schema={"code": pl.String, "loc": pl.Float64, "scale": pl.Float64},
-        orient="row",
+    loc, scale = (
+        zip(*(location_scale(tok.cuts[v]) for v in names), strict=True) if names else ((), ())
     )
-    return (
+    code = pl.col("code").cast(pl.Enum(names))
+    g = (
         events.lazy()
         .filter(pl.col("code").is_in(names) & pl.col("value").is_not_null())
-        .join(norm_.lazy(), on="code")
-        .group_by("stay", pl.col("hours").floor().cast(pl.Int32).alias("hour"), "code")
-        .agg(((pl.col("value") - pl.col("loc")) / pl.col("scale")).mean().alias("value"))
-        .join(st.lazy().select("stay", "hospitalization_id"), on="stay")
-        .select(
-            "hospitalization_id",
-            "hour",
-            pl.col("code").cast(pl.Enum(names)).alias("variable"),
-            pl.col("value").cast(pl.Float32),
+        .with_columns(
+            code.alias("variable"),
+            pl.col("hours").floor().cast(pl.Int32).alias("hour"),
         )
-        .sort("hospitalization_id", "hour", "variable")
+        .with_columns(
+            (
+                pl.col("value")
+                - pl.col("variable").replace_strict(names, loc, return_dtype=pl.Float64)
+            )
+            / pl.col("variable").replace_strict(names, scale, return_dtype=pl.Float64)
+        )
+        .group_by("stay", "hour", "variable")
+        .agg(pl.col("value").mean().cast(pl.Float32))
+        .sort("stay", "hour", "variable")
         .collect()
     )
+    first = int(st.get_column("stay").min() or 0)
+    ids = st.get_column("hospitalization_id").gather(g.get_column("stay") - first)
+    return g.select(ids.alias("hospitalization_id"), "hour", "variable", "value")
 
 
 def read_grid(
