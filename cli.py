@@ -3,7 +3,9 @@ each floor's own commands (shared, client, server, simulations), sets up logging
 turns a user's mistake into a message and a non-zero exit instead of a traceback."""
 
 import argparse
+import signal
 import sys
+import threading
 from collections.abc import Callable, Sequence
 
 from fedclif.client import commands as client_commands
@@ -55,9 +57,18 @@ def parse(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> argpar
     return args
 
 
+def _terminate(signum, frame) -> None:
+    # SIGTERM (a scheduler, `kill`) unwinds like Ctrl-C, so what the command started (a
+    # simulation engine's SuperLink, ServerApp and Ray) is stopped on the way out rather
+    # than left running.
+    raise KeyboardInterrupt
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse(build_parser(), argv)
     setup_logging(args.debug)
+    main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _terminate) if main_thread else None
     try:
         return args.fn(args)
     except SiteInvalid as e:
@@ -81,6 +92,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             "This is a fedclif bug; rerun with --debug for the traceback."
         )
         return 3
+    finally:
+        if previous is not None:  # main() also runs inside other programs (tests)
+            signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":

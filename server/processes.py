@@ -2,6 +2,7 @@
 simulation engine): each in its own session with its log in a file, so that stopping it
 ends everything it started."""
 
+import contextlib
 import os
 import signal
 import socket
@@ -9,6 +10,8 @@ import subprocess
 import time
 from collections.abc import Callable
 from pathlib import Path
+
+import psutil
 
 
 def free_port() -> int:
@@ -45,8 +48,14 @@ class Processes:
         return (self.root / f"{name}.log").read_text()
 
     def stop(self, name: str) -> None:
-        """SIGTERM the process's group, SIGKILL what is left after 10 s."""
+        """SIGTERM the process's group, SIGKILL what is left after 10 s; then SIGKILL every
+        process it had started that is still alive, in its group or not (Ray puts its
+        agents in a session of their own, and they outlive a driver killed mid-run)."""
         p, log = self.procs.pop(name)
+        try:
+            tree = psutil.Process(p.pid).children(recursive=True)
+        except psutil.Error:
+            tree = []
         for sig in (signal.SIGTERM, signal.SIGKILL):
             try:
                 os.killpg(p.pid, sig)
@@ -57,6 +66,11 @@ class Processes:
                 break
             except subprocess.TimeoutExpired:
                 continue
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(p.pid, signal.SIGKILL)
+        for child in tree:
+            with contextlib.suppress(psutil.Error):
+                child.kill()
         log.close()
 
     def stop_all(self) -> None:

@@ -1,18 +1,23 @@
 """Federated runs on Flower's simulation engine (real SuperLink in simulation mode, Ray
 virtual SuperNodes, the same ServerApp/ClientApp as deployment)."""
 
+import contextlib
 import json
+import os
+import signal
 import subprocess
 import tomllib
 from pathlib import Path
 
 import numpy as np
+import psutil
 import pytest
 import tomli_w
 from safetensors.numpy import load_file
 
 from fedclif.client.ledger import Ledger
 from fedclif.server.deploy import run_config, wait_run
+from fedclif.server.loopback import FEDCLIF
 from fedclif.server.processes import wait_for
 from fedclif.server.run import FederatedRun
 from fedclif.shared.federation import load_federation
@@ -191,3 +196,28 @@ def test_a_rogue_site_neither_stops_nor_steers_the_run(sites, tmp_path):
     assert final.keys() == set(sent.files)
     for k in final:
         np.testing.assert_array_equal(final[k], sent[k], err_msg=k)
+
+
+def test_sigterm_stops_what_a_simulation_started(tmp_path):
+    """`kill` (SIGTERM) on `fedclif simulate` unwinds like Ctrl-C: the command exits 130 and
+    the SuperLink, ServerApp process and Ray it started are gone, not orphaned."""
+    out = tmp_path / "out"
+    small = ["study.sites.source.stays=100", "study.sites.target.stays=100",
+             "study.sites.third=null", "study.seeds=[0]"]  # fmt: skip
+    p = subprocess.Popen(
+        [*FEDCLIF, "simulate", "--profile", "quick", "--out", str(out),
+         "--cache", str(tmp_path / "cache"), *small],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+    )  # fmt: skip
+    try:
+        wait_for(lambda: (out / "progress.json").is_file(), 180, "the study to start")
+        started = psutil.Process(p.pid).children(recursive=True)
+        assert any("superlink" in " ".join(c.cmdline()) for c in started)
+        p.send_signal(signal.SIGTERM)
+        assert p.wait(timeout=120) == 130
+        psutil.wait_procs(started, timeout=30)
+        alive = [c for c in started if c.is_running() and c.status() != psutil.STATUS_ZOMBIE]
+        assert not alive, [c.cmdline()[:2] for c in alive]
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(p.pid, signal.SIGKILL)
