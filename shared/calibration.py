@@ -18,22 +18,25 @@ from fedclif.shared.metrics import resamples
 BINS = 10
 
 
-def reliability(y: np.ndarray, p: np.ndarray, bins: int = BINS) -> tuple[np.ndarray, np.ndarray]:
-    """(mean predicted, observed rate) in each of `bins` equal-mass bins of `p`."""
-    order = np.argsort(p, kind="stable")
-    parts = np.array_split(order, bins)
+def reliability(
+    y: np.ndarray, p: np.ndarray, bins: int = BINS
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(mean predicted, observed rate, size) of each of `bins` equal-mass bins of `p`."""
+    parts = np.array_split(np.argsort(p, kind="stable"), bins)
     return (
         np.array([p[i].mean() for i in parts]),
         np.array([y[i].mean() for i in parts]),
+        np.array([i.size for i in parts]),
     )
+
+
+def _ece(predicted: np.ndarray, observed: np.ndarray, sizes: np.ndarray) -> float:
+    return float(np.sum(np.abs(predicted - observed) * sizes) / sizes.sum())
 
 
 def ece(y: np.ndarray, p: np.ndarray, bins: int = BINS) -> float:
     """Expected calibration error: the bins' |predicted - observed|, weighted by size."""
-    order = np.argsort(p, kind="stable")
-    return float(
-        sum(abs(p[i].mean() - y[i].mean()) * i.size for i in np.array_split(order, bins)) / p.size
-    )
+    return _ece(*reliability(y, p, bins))
 
 
 def brier_rows(y: np.ndarray, p: np.ndarray) -> np.ndarray:
@@ -62,13 +65,13 @@ def calibration(
     if y.size < BINS:
         return {}
     reps = resamples(y, p, brier_rows, n_boot, seed)
-    pred, obs = reliability(y, p)
+    pred, obs, sizes = reliability(y, p)  # binned once, for the curve and the ECE
     return {
         f"calibration_n{suffix}": int(y.size),
         f"brier{suffix}": float(np.mean((p - y) ** 2)),
         f"brier{suffix}_low": float(np.percentile(reps, 2.5)),
         f"brier{suffix}_high": float(np.percentile(reps, 97.5)),
-        f"ece{suffix}": ece(y, p),
+        f"ece{suffix}": _ece(pred, obs, sizes),
         f"reliability_predicted{suffix}": [float(x) for x in pred],
         f"reliability_observed{suffix}": [float(x) for x in obs],
     }
