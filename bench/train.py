@@ -95,7 +95,7 @@ def _bare_and_e2e(
             opt.zero_grad(set_to_none=True)
 
     def end_to_end(_: int) -> None:
-        fit(model, st.loss, blocks, st.collate(model), cfg.pretrain, device)
+        fit(model, st.loss_for(blocks), blocks, st.collate(model), cfg.pretrain, device)
 
     bare_loop(1)  # warm-up: first-call allocations land in neither timing
     order = [("bare", bare_loop), ("e2e", end_to_end)]

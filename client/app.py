@@ -178,7 +178,8 @@ def _model(msg: Message, node: Node, full_data: bool):
         raise SiteRefusal("tokenizer_mismatch", f"no timelines for tokenizer {tokens.name}")
     data = load_site_data(tokens, cfg.split, full=full_data)
     model_cfg = OmegaConf.create(json.loads(str(c["model"])))
-    check_model(count_parameters(model_cfg, data.tok), len(data.tok.vocab), node.policy)
+    n_params = count_parameters(model_cfg, data.tok, cfg.pretrain)
+    check_model(n_params, len(data.tok.vocab), node.policy)
     base = None
     # A finetuning round names its pretrained base; LoRA rounds need it (only adapters and
     # head travel), full finetuning sends every weight that matters and may go without.
@@ -217,7 +218,8 @@ def train(msg: Message, context: Context) -> Message:
     from fedclif.client.local import train_round
 
     t0 = time.perf_counter()
-    res = train_round(model, data, cfg, stage, seed=int(c["seed"]), proximal_mu=mu)
+    res = train_round(model, data, cfg, stage, seed=int(c["seed"]), proximal_mu=mu,
+                      progress=float(c.get("progress", 0.0)))  # fmt: skip
     n = coarse_count(res.metrics["num_examples"], "training examples", node.policy)
     metrics = {
         **res.metrics,

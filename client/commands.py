@@ -79,9 +79,9 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
     out_dir = Path(args.out) if args.resume else _fresh_out(args.out, args.overwrite)
     write_resolved(config, out_dir)
     data = _load(args.data, cfg, full=True)
+    n = count_parameters(model_cfg, data.tok, cfg.pretrain)
     console.print(
-        f"{model_cfg.arch} ({model_cfg.size}): {count_parameters(model_cfg, data.tok):,} "
-        f"parameters; vocabulary {len(data.tok.vocab):,}"
+        f"{model_cfg.arch} ({model_cfg.size}): {n:,} parameters; vocabulary {len(data.tok.vocab):,}"
     )
     bar, update = _bar("pretraining")
     with bar:
@@ -90,9 +90,12 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
     t = Table()
     t.add_column("")
     t.add_column("value", justify="right")
-    for k in ("train_tokens", "steps", "unigram_entropy", "best_val_loss", "best_val_perplexity"):
-        v = m[k]
-        t.add_row(k, f"{v:,}" if isinstance(v, int) else f"{v:.3f}")
+    rows = {k: m[k] for k in ("train_tokens", "steps", "unigram_entropy", "best_val_loss",
+                              "best_val_perplexity")}  # fmt: skip
+    rows |= {f"val {k} loss": v for k, v in m["val_losses"].items()}
+    for k, v in rows.items():
+        if v is not None:
+            t.add_row(k, f"{v:,}" if isinstance(v, int) else f"{v:.3f}")
     out.print(t)
     return 0
 
@@ -281,7 +284,12 @@ def register(sub, groups: dict, add: Callable) -> None:
 
     tr = add(sub, "train", None, "train at one site: pretrain, finetune, probe")
     tsub = tr.add_subparsers(dest="train_command", required=True)
-    p = add(tsub, "pretrain", cmd_pretrain, "next-token pretraining on full timelines")
+    p = add(
+        tsub,
+        "pretrain",
+        cmd_pretrain,
+        "pretraining on full timelines: next-token (and train.pretrain.objectives)",
+    )
     p.add_argument("--data", required=True, help="tokenized site (fedclif site tokenize --out)")
     p.add_argument("--out", required=True, help="checkpoint directory")
     p.add_argument("--resume", action="store_true", help="continue the run saved in --out")

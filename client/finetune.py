@@ -85,7 +85,7 @@ def finetune(
 
     res = fit(
         model,
-        st.loss,
+        st.loss_for(train),
         train,
         st.collate(model),
         c,

@@ -34,17 +34,19 @@ def train_round(
     stage: str,
     seed: int = 0,
     proximal_mu: float = 0.0,
+    progress: float = 0.0,
 ) -> RoundResult:
     """Train `model` in place on `data`'s train split; return its trained weights.
     Pretraining needs `data` loaded with `full=True`. `proximal_mu` > 0 adds FedProx's
-    mu/2 * ||w - w_global||^2, anchoring the site to the weights it was sent."""
+    mu/2 * ||w - w_global||^2, anchoring the site to the weights it was sent. `progress`
+    (0 to 1, the round's place in the run) picks the pretraining stage's objectives."""
     model.check_data(data.tok.hash, data.path)
     setup(model, cfg, stage)
     device = pick_device(cfg.device)
     st = stage_of(stage)
     dp = dp_config(cfg)
-    ds = st.examples(data, "train", cfg, dp is not None, seed)
-    loss = st.loss
+    ds = st.examples(data, "train", cfg, dp is not None, seed, progress)
+    loss = st.loss_for(ds)
     if proximal_mu > 0:
         loss = _proximal(loss, model, proximal_mu)
     res = fit(model, loss, ds, st.collate(model), cfg[stage], device, seed=seed, dp=dp,
@@ -74,7 +76,8 @@ def _proximal(loss_fn, model: EHRModel, mu: float):
 def evaluate_round(
     model: EHRModel, data: SiteData, cfg: DictConfig, stage: str, split: str = "test"
 ) -> dict[str, float]:
-    """Held-out metrics of the model as it is: next-token loss for pretraining, per-task
+    """Held-out metrics of the model as it is: the pretraining loss (next-token, or the
+    objectives' weighted sum at the start of the run), per-task
     AUROC/AUPRC/F1 (and the ROC curve, a list) for finetuning; flat, with `num_examples`."""
     model.check_data(data.tok.hash, data.path)
     device = pick_device(cfg.device)

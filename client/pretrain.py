@@ -1,4 +1,5 @@
-"""Next-token pretraining on a site's full timelines."""
+"""Pretraining on a site's full timelines: next-token prediction, and the objectives of
+shared/objectives.py when configured."""
 
 import math
 from collections.abc import Callable
@@ -6,11 +7,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from fedclif.client.loop import dp_config, fit, pick_device
 from fedclif.client.stage import STAGES
 from fedclif.shared.artifact import write_json
+from fedclif.shared.errors import FedclifError
 from fedclif.shared.models import (
     is_checkpoint,
     load_model,
@@ -18,7 +20,8 @@ from fedclif.shared.models import (
     setup,
     stage_model,
 )
-from fedclif.shared.sequences import SiteData
+from fedclif.shared.objectives import stages
+from fedclif.shared.sequences import SiteData, packed_blocks
 
 STATE_FILE = "train_state.pt"
 
@@ -40,52 +43,77 @@ def pretrain(
     progress: Callable[[int, int, float], None] | None = None,
 ) -> dict:
     """Pretrain a new model (or resume one) on `data`; the best held-out checkpoint is
-    written to `out`. Returns the run's metrics (also in `out/metrics.json`)."""
+    written to `out`. Stages (`pretrain.stages`) run one after the other, each with its
+    objectives and share of the steps; the last stage's best is kept. Returns the run's
+    metrics (also in `out/metrics.json`)."""
     out = Path(out)
     device = pick_device(cfg.device)
+    c, st = cfg.pretrain, STAGES["pretrain"]
+    plan = stages(c)
+    dp = dp_config(cfg)
+    if len(plan) > 1 and (resume or dp is not None):
+        raise FedclifError(
+            "pretrain.stages: a staged run can neither resume nor run under DP-SGD (each "
+            "stage would spend the whole epsilon); run the stages as separate commands"
+        )
     if resume and is_checkpoint(out):
         model, _ = load_model(out)
         model.check_data(data.tok.hash, data.path, out)
-        setup(model, cfg, "pretrain")  # the head is unused by the LM loss: not trained
+        setup(model, cfg, "pretrain")  # the task head is unused here: not trained
     else:  # the same seed, the same initial weights
         model = stage_model(model_cfg, data.tok, cfg, "pretrain", seed=int(cfg.seed))
-    c, st = cfg.pretrain, STAGES["pretrain"]
-    blocks, val = st.examples(data, "train", cfg), st.examples(data, "val", cfg)
-    dp = dp_config(cfg)
-    train = st.examples(data, "train", cfg, True, int(cfg.seed)) if dp is not None else blocks
+    blocks = packed_blocks(data, "train", int(c.context))
     pad = model.lm.config.pad_token_id
     unigram = unigram_entropy(blocks.tensors[0], pad)
     tokens = int((blocks.tensors[0] != pad).sum())
+    done, history, runs = 0.0, [], []
+    for weights, share in plan:
+        train = st.examples(data, "train", cfg, dp is not None, int(cfg.seed), done)
+        val = st.examples(data, "val", cfg, progress=done)
+        sc = c
+        if len(plan) > 1:
+            steps = max(1, round(share * _total_steps(len(train), c)))
+            sc = OmegaConf.merge(c, {"max_steps": steps})
+        done += share
 
-    def save(st) -> None:
-        save_model(model, out, data.tok, "pretrain", {"step": st.step, "val_loss": st.best})
+        def save(state, weights=weights) -> None:
+            extra = {"step": state.step, "val_loss": state.best, "objectives": weights}
+            save_model(model, out, data.tok, "pretrain", extra)
 
-    res = fit(
-        model,
-        st.loss,
-        train,
-        st.collate(model),
-        c,
-        device,
-        seed=int(cfg.seed),
-        evaluate=lambda: st.held_out(model, val, device, int(c.batch_size)),
-        on_improve=save,
-        state_file=out / STATE_FILE,
-        resume=resume,
-        dp=dp,
-        workers=int(cfg.workers),
-        progress=progress,
-    )
+        res = fit(
+            model,
+            st.loss_for(train),
+            train,
+            st.collate(model),
+            sc,
+            device,
+            seed=int(cfg.seed),
+            evaluate=lambda val=val: st.held_out(model, val, device, int(c.batch_size)),
+            on_improve=save,
+            state_file=out / STATE_FILE,
+            resume=resume,
+            dp=dp,
+            workers=int(cfg.workers),
+            progress=progress,
+        )
+        runs.append((res, train, val, weights))
+        history += [{**h, "objectives": weights} for h in res.state.history]
+    res, train, val, weights = runs[-1]
+    final, _ = load_model(out)
+    parts = st.held_out_parts(final.to(device), val, device, int(c.batch_size))
     metrics = {
         "site": data.name,
+        "objectives": [w for w, _ in plan] if len(plan) > 1 else weights,
         "train_tokens": tokens,
-        "train_blocks": len(train),
-        "val_blocks": len(val),
+        "train_examples": len(train),
+        "val_examples": len(val),
         "unigram_entropy": unigram,
         "best_val_loss": res.state.best,
-        "best_val_perplexity": math.exp(res.state.best),
+        # The kept checkpoint's held-out loss per objective (next-token in nats).
+        "val_losses": parts,
+        "best_val_perplexity": math.exp(parts["next_token"]) if "next_token" in parts else None,
         "final_train_loss": res.train_loss,
-        "steps": res.state.step,
+        "steps": sum(r.state.step for r, *_ in runs),
         "epochs_done": res.state.epoch,
         "dp": None
         if dp is None
@@ -94,7 +122,14 @@ def pretrain(
             "delta": float(dp.delta),
             "noise_multiplier": res.noise_multiplier,
         },
-        "history": res.state.history,
+        "history": history,
     }
     write_json(metrics, out / "metrics.json")
     return metrics
+
+
+def _total_steps(n_examples: int, c: DictConfig) -> int:
+    """Optimizer steps of a run over `n_examples` (as `fit` counts them)."""
+    per_epoch = max(math.ceil(n_examples / int(c.batch_size)) // int(c.grad_accum), 1)
+    total = per_epoch * int(c.epochs)
+    return min(total, int(c.max_steps)) if int(c.max_steps) > 0 else total

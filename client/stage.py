@@ -10,10 +10,12 @@ from torch.utils.data import DataLoader, Dataset
 from fedclif.client.loop import to_device
 from fedclif.shared.errors import FedclifError
 from fedclif.shared.models import EHRModel
+from fedclif.shared.objectives import Spec, check_private, heads_needed, total, weights_at
 from fedclif.shared.sequences import (
     PatientBlocks,
     Prompted,
     SiteData,
+    StayViews,
     block_batch,
     packed_blocks,
     pad_collate,
@@ -21,35 +23,60 @@ from fedclif.shared.sequences import (
 
 
 class Pretrain:
-    """Next-token prediction on full timelines packed into blocks of `pretrain.context`.
-    `private`: one block per patient instead (the unit DP-SGD protects), a window of
-    their timelines drawn with `seed`."""
+    """Next-token prediction on full timelines packed into blocks of `pretrain.context`;
+    with objectives beyond it (`pretrain.objectives`, `pretrain.stages`), one stay view
+    per example instead (shared/sequences.py `StayViews`), scored by the objectives'
+    weighted losses at `progress` through the run. `private`: one example per patient (the
+    unit DP-SGD protects), drawn with `seed`."""
 
     name = "pretrain"
 
-    def examples(
-        self, data: SiteData, split: str, cfg: DictConfig, private: bool = False, seed: int = 0
-    ) -> Dataset:
+    def examples(self, data: SiteData, split: str, cfg: DictConfig, private: bool = False,
+                 seed: int = 0, progress: float = 0.0) -> Dataset:  # fmt: skip
+        c = cfg.pretrain
+        if heads_needed(c):
+            if private:
+                check_private(c)
+            spec = Spec.of(c, weights_at(c, progress), private)
+            return StayViews(data, split, int(c.context), int(c.ts.hours), spec, private, seed)
         if private:
-            return PatientBlocks(data, split, int(cfg.pretrain.context), seed)
-        return packed_blocks(data, split, int(cfg.pretrain.context))
+            return PatientBlocks(data, split, int(c.context), seed)
+        return packed_blocks(data, split, int(c.context))
 
     def collate(self, model: EHRModel):
-        return _block_collate
+        views = pad_collate(model.lm.config.pad_token_id)
+        return lambda items: views(items) if isinstance(items[0], dict) else _block_collate(items)
 
-    def loss(self, model: torch.nn.Module, batch: dict) -> torch.Tensor:
-        return model(batch)
+    def loss_for(self, ds: Dataset):
+        """The training loss of examples `ds`: next-token, or the objectives' sum."""
+        if isinstance(ds, StayViews):
+            return lambda model, batch: total(model(batch, "objectives", ds.spec), ds.spec)
+        return lambda model, batch: model(batch)
 
     @torch.no_grad()
-    def held_out(self, model: EHRModel, ds: Dataset, device: torch.device, bs: int) -> float:
-        """Token-weighted mean next-token loss (nats) over blocks."""
-        total = count = 0.0
-        for batch in DataLoader(ds, batch_size=bs, collate_fn=_block_collate):
+    def held_out_parts(self, model: EHRModel, ds: Dataset, device: torch.device,
+                       bs: int) -> dict[str, float]:  # fmt: skip
+        """Held-out loss of each objective (next-token: token-weighted over blocks;
+        objectives over stay views: example-weighted)."""
+        parts: dict[str, float] = {}
+        count = 0.0
+        for batch in DataLoader(ds, batch_size=bs, collate_fn=self.collate(model)):
             batch = to_device(batch, device)
-            n = float((batch["input_ids"][:, 1:] != model.lm.config.pad_token_id).sum())
-            total += float(model(batch)) * n
+            if isinstance(ds, StayViews):
+                n, got = float(batch["input_ids"].shape[0]), model(batch, "objectives", ds.spec)
+            else:
+                n = float((batch["input_ids"][:, 1:] != model.lm.config.pad_token_id).sum())
+                got = {"next_token": model(batch)}
+            for k, v in got.items():
+                parts[k] = parts.get(k, 0.0) + float(v) * n
             count += n
-        return total / max(count, 1.0)
+        return {k: v / max(count, 1.0) for k, v in parts.items()}
+
+    def held_out(self, model: EHRModel, ds: Dataset, device: torch.device, bs: int) -> float:
+        """The held-out training loss: next-token (nats), or the objectives' weighted sum."""
+        parts = self.held_out_parts(model, ds, device, bs)
+        weights = ds.spec.weights if isinstance(ds, StayViews) else {"next_token": 1.0}
+        return sum(weights[k] * v for k, v in parts.items())
 
 
 class Finetune:
@@ -59,14 +86,17 @@ class Finetune:
 
     name = "finetune"
 
-    def examples(
-        self, data: SiteData, split: str, cfg: DictConfig, private: bool = False, seed: int = 0
-    ) -> Dataset:
+    def examples(self, data: SiteData, split: str, cfg: DictConfig, private: bool = False,
+                 seed: int = 0, progress: float = 0.0) -> Dataset:  # fmt: skip
+        """`progress` is Pretrain's (stages); finetuning has one."""
         c = cfg.finetune
         return Prompted(data, split, list(c.tasks), int(c.context), private, seed)
 
     def collate(self, model: EHRModel):
         return pad_collate(model.lm.config.pad_token_id)
+
+    def loss_for(self, ds: Dataset):
+        return self.loss
 
     def loss(self, model: torch.nn.Module, batch: dict) -> torch.Tensor:
         # Per-row mean: opacus computes per-sample gradients of a batch-mean loss.

@@ -345,6 +345,8 @@ class FederatedRun:
             {
                 "stage": stage,
                 "round": rnd,
+                # The round's place in its phase: picks a staged pretraining's objectives.
+                "progress": max(rnd - 1, 0) / max(int(self.fed.rounds[stage]), 1),
                 "seed": int(self.fed.seed) * 100_003 + len(self.state["history"]),
                 "train": OmegaConf.to_yaml(self.cfg),
                 "model": json.dumps(OmegaConf.to_container(self.model_cfg)),

@@ -10,7 +10,6 @@ whole model, EHR embeddings and head included. A LoRA finetune saves only `adapt
 """
 
 import json
-import math
 import random
 import warnings
 from pathlib import Path
@@ -34,9 +33,10 @@ from transformers import (
 )
 
 from fedclif.shared.artifact import read_json, write_json
+from fedclif.shared.embedding import EHREmbedding
 from fedclif.shared.errors import FedclifError
-from fedclif.shared.events import TOKEN_TYPES
-from fedclif.shared.sequences import MAX_VISIT
+from fedclif.shared.objectives import ObjectiveHeads, Spec, heads_needed, losses
+from fedclif.shared.timeseries import variables
 from fedclif.shared.tokenizer import END, PAD, START, Tokenizer
 
 ARCHS = {
@@ -55,45 +55,13 @@ META, HEAD_FILE, ADAPTER_DIR, TOKENIZER_FILE = (
 )
 
 
-def _sinusoids(x: torch.Tensor, top: float, n_freq: int) -> torch.Tensor:
-    """sin and cos of `x` at `n_freq` periods from 1 to 10**top. Computed here, not kept
-    as buffers: `from_pretrained` builds modules without running their initialisation,
-    and a non-persistent buffer would come back uninitialised."""
-    periods = torch.logspace(0, top, n_freq, device=x.device)
-    angle = x.float().unsqueeze(-1) * (2 * math.pi / periods)
-    return torch.cat([angle.sin(), angle.cos()], dim=-1)
-
-
-class EHREmbedding(nn.Module):
-    """EHRMamba's (arXiv 2405.14567) token-type, time, age and visit embeddings, added to
-    the concept embedding. Time and age enter as sinusoids of fixed periods (hours up to a
-    year, years up to a century) through a linear map: continuous, so unseen values
-    interpolate. Only Embedding/Linear/LayerNorm layers, all of which opacus supports."""
-
-    def __init__(self, hidden: int, n_freq: int = 16):
-        super().__init__()
-        self.types = nn.Embedding(len(TOKEN_TYPES), hidden)
-        self.visit = nn.Embedding(MAX_VISIT + 1, hidden)
-        self.time = nn.Linear(2 * n_freq, hidden)
-        self.age = nn.Linear(2 * n_freq, hidden)
-        self.norm = nn.LayerNorm(hidden)
-        self.n_freq = n_freq
-
-    def forward(self, concept: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        extra = (
-            self.types(batch["types"])
-            + self.visit(batch["visit"])
-            + self.time(_sinusoids(batch["hours"], 4, self.n_freq))
-            + self.age(_sinusoids(batch["age"], 2.3, self.n_freq))
-        )
-        return self.norm(concept + extra)
-
-
 class EHRConfig(PretrainedConfig):
     """The whole EHR model: `arch` and its transformers config (`backbone`), whether EHR
     embeddings are on, the fedclif model config it was built from (`spec`), the hash of
-    the tokenizer whose ids it reads, the training `stage` it was saved after and what
-    training recorded (`training`: step, validation loss, tasks)."""
+    the tokenizer whose ids it reads, the training `stage` it was saved after, what
+    training recorded (`training`: step, validation loss, tasks) and the pretraining
+    objectives it has heads for (`objectives`, with the grid's `n_series`, the tokenizer's
+    `n_targets` and `stay_hours`: shared/objectives.py)."""
 
     model_type = "fedclif-ehr"
 
@@ -106,18 +74,25 @@ class EHRConfig(PretrainedConfig):
         tokenizer_hash: str = "",
         stage: str = "pretrain",
         training: dict | None = None,
+        objectives: list | None = None,
+        n_series: int = 0,
+        n_targets: int = 0,
+        stay_hours: int = 24,
         **kwargs,
     ):
         self.arch, self.backbone = arch, dict(backbone or {})
         self.ehr_embeddings, self.spec = ehr_embeddings, dict(spec or {})
         self.tokenizer_hash, self.stage = tokenizer_hash, stage
         self.training = dict(training or {})
+        self.objectives, self.n_series = list(objectives or []), n_series
+        self.n_targets, self.stay_hours = n_targets, stay_hours
         super().__init__(**kwargs)
 
 
 class EHRModel(PreTrainedModel):
-    """A causal LM backbone, optional EHR embeddings, and one binary head that reads the
-    hidden state at the task token closing each prompted sequence."""
+    """A causal LM backbone, optional EHR embeddings, one binary head that reads the
+    hidden state at the task token closing each prompted sequence, and the heads of the
+    pretraining objectives beyond next-token prediction (`pretrain_heads`, when any)."""
 
     config_class = EHRConfig
     base_model_prefix = "ehr"
@@ -126,11 +101,24 @@ class EHRModel(PreTrainedModel):
     def __init__(self, config: EHRConfig):
         super().__init__(config)
         backbone_cls, lm_cls = ARCHS[config.arch]
-        # Built in this order (backbone, EHR embeddings, head), each initialised by its
-        # own constructor: a seed gives the same weights as before they were one model.
+        # Built in this order (backbone, EHR embeddings, head, objective heads), each
+        # initialised by its own constructor: a seed gives the same weights as before they
+        # were one model, and objective heads leave the others' initial weights unchanged.
         self.lm = lm_cls(backbone_cls(**config.backbone))
-        self.ehr = EHREmbedding(self.lm.config.hidden_size) if config.ehr_embeddings else None
-        self.head = nn.Linear(self.lm.config.hidden_size, 1)
+        hidden = self.lm.config.hidden_size
+        self.ehr = EHREmbedding(hidden) if config.ehr_embeddings else None
+        self.head = nn.Linear(hidden, 1)
+        self.pretrain_heads = (
+            ObjectiveHeads(
+                hidden,
+                config.n_series,
+                config.n_targets,
+                config.stay_hours,
+                tuple(config.objectives),
+            )
+            if config.objectives
+            else None
+        )
         self.post_init()
 
     def _init_weights(self, module: nn.Module) -> None:
@@ -158,9 +146,14 @@ class EHRModel(PreTrainedModel):
                 f"model's {TOKENIZER_FILE}"
             )
 
-    def forward(self, batch: dict[str, torch.Tensor], head: str = "lm") -> torch.Tensor:
-        """`lm`: next-token loss; `task`: one logit per row. One entry point, so that
-        wrappers which hook `forward` (opacus) see every training step."""
+    def forward(
+        self, batch: dict[str, torch.Tensor], head: str = "lm", spec: Spec | None = None
+    ) -> torch.Tensor | dict[str, torch.Tensor]:
+        """`lm`: next-token loss; `task`: one logit per row; `objectives`: each weighted
+        pretraining objective's loss on stay views (shared/objectives.py). One entry
+        point, so that wrappers which hook `forward` (opacus) see every training step."""
+        if head == "objectives":
+            return losses(self, batch, spec)
         return self.lm_loss(batch) if head == "lm" else self.task_logit(batch)
 
     def embed(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -199,8 +192,9 @@ def quiet_transformers() -> None:
         logging.set_verbosity_error()
 
 
-def build_model(cfg: DictConfig, tok: Tokenizer) -> EHRModel:
-    """A freshly initialised model for this tokenizer's vocabulary."""
+def build_model(cfg: DictConfig, tok: Tokenizer, pretrain: DictConfig | None = None) -> EHRModel:
+    """A freshly initialised model for this tokenizer's vocabulary, with heads for the
+    objectives of `pretrain` (a `pretrain` section of the training config) when given."""
     arch = str(cfg.arch)
     if arch not in ARCHS:
         raise FedclifError(f"unknown model.arch {arch!r}; choose from {', '.join(ARCHS)}")
@@ -223,12 +217,17 @@ def build_model(cfg: DictConfig, tok: Tokenizer) -> EHRModel:
     }
     if arch == "mamba" and not torch.cuda.is_available():
         warnings.warn("model.arch=mamba runs its slow sequential path on CPU", stacklevel=2)
+    heads = heads_needed(pretrain) if pretrain is not None else ()
     config = EHRConfig(
         arch=arch,
         backbone=backbone,
         ehr_embeddings=bool(cfg.ehr_embeddings),
         spec=OmegaConf.to_container(cfg),
         tokenizer_hash=tok.hash,
+        objectives=list(heads),
+        n_series=len(variables(tok)) if heads else 0,
+        n_targets=len(tok.targets) if heads else 0,
+        stay_hours=int(pretrain.ts.stay_hours) if heads else 24,
     )
     return EHRModel(config)
 
@@ -268,11 +267,12 @@ def n_params(model: nn.Module, trainable: bool = False) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable)
 
 
-def count_parameters(cfg: DictConfig, tok: Tokenizer) -> int:
-    """Parameters of the model `cfg` would build, counted on the meta device: nothing is
-    allocated, so a size check can run before a model too large for the machine exists."""
+def count_parameters(cfg: DictConfig, tok: Tokenizer, pretrain: DictConfig | None = None) -> int:
+    """Parameters of the model `cfg` would build (objective heads of `pretrain`
+    included), counted on the meta device: nothing is allocated, so a size check can run
+    before a model too large for the machine exists."""
     with torch.device("meta"):
-        return n_params(build_model(cfg, tok))
+        return n_params(build_model(cfg, tok, pretrain))
 
 
 def is_checkpoint(path: str | Path) -> bool:
@@ -392,8 +392,9 @@ def uses_lora(cfg: DictConfig) -> bool:
 
 def setup(model: EHRModel, cfg: DictConfig, stage: str) -> None:
     """Fix which parameters train in `stage` (call before `get_weights`/`set_weights`):
-    pretraining trains all but the head; finetuning trains LoRA adapters and the head
-    (`finetune.peft: lora`) or every weight the task loss reaches. Idempotent."""
+    pretraining trains all but the task head (objective heads included); finetuning
+    trains LoRA adapters and the head (`finetune.peft: lora`) or every weight the task
+    loss reaches (never the objective heads). Idempotent."""
     if stage not in STAGES:
         raise FedclifError(f"unknown stage {stage!r}; choose from {', '.join(STAGES)}")
     if stage == "pretrain":
@@ -410,6 +411,8 @@ def setup(model: EHRModel, cfg: DictConfig, stage: str) -> None:
             # The task loss never reaches the LM head: training it would only waste
             # optimizer state, and under DP-SGD it would have no per-sample gradient.
             out.requires_grad_(False)
+    if model.pretrain_heads is not None:  # the task loss never reaches them
+        model.pretrain_heads.requires_grad_(False)
     model.head.requires_grad_(True)
 
 
@@ -427,7 +430,7 @@ def stage_model(
     `weights` (this stage's layout) when given."""
     if seed is not None:
         seed_everything(seed)
-    model = build_model(model_cfg, tok)
+    model = build_model(model_cfg, tok, cfg.pretrain)
     if base is not None:
         setup(model, cfg, "pretrain")
         set_weights(model, base)

@@ -20,12 +20,15 @@ from fedclif.shared.events import type_id
 from fedclif.shared.labels import TASKS, usable
 from fedclif.shared.splits import assign_splits
 from fedclif.shared.timelines import LABELS as LABELS_FILE
-from fedclif.shared.timelines import read_timelines
+from fedclif.shared.timelines import TIMELINES, read_timelines
+from fedclif.shared.timeseries import TIMESERIES, read_grid
 from fedclif.shared.tokenizer import PAD, Tokenizer
 
 _BASE = ["hospitalization_id", "patient_id", "age", "hosp_index"]
 _FULL = ["tokens", "hours", "types", "n_tokens"]
 _WINDOW = ["tokens_24h", "hours_24h", "types_24h", "n_tokens_24h"]
+# Per-example tensors of a fixed shape (stacked, not padded): StayViews' grid and codes.
+_FIXED = ("grid", "grid_mask", "codes")
 # Visits beyond this index share the last embedding.
 MAX_VISIT = 31
 
@@ -266,6 +269,65 @@ class Windows(torch.utils.data.Dataset):
         return {k: torch.from_numpy(v) for k, v in self.seqs.item(i, self.context).items()}
 
 
+class StayViews(torch.utils.data.Dataset):
+    """One pretraining example per stay, for objectives beyond next-token prediction
+    (shared/objectives.py): the stay's first `context` tokens from admission, its hourly
+    grid over the first `hours` (values and observed mask) and its admission codes (a
+    multi-hot over the tokenizer's targets). `spec` carries the objective weights the
+    examples are for. `one_per_patient`: each patient one example, one of their stays
+    drawn with `seed` each time it is read (the unit DP-SGD protects)."""
+
+    def __init__(self, data: SiteData, split: str, context: int, hours: int, spec,
+                 one_per_patient: bool = False, seed: int = 0):  # fmt: skip
+        rows = data.rows(split)
+        if not (data.path / TIMESERIES).is_file():
+            raise FedclifError(
+                f"{data.path} has no {TIMESERIES} (tokenized by an older fedclif): run "
+                "`fedclif site tokenize` again to pretrain with time-series objectives"
+            )
+        self.seqs = Ragged.of(data, rows, window=False)
+        self.context, self.spec, self.n_targets = context, spec, len(data.tok.targets)
+        ids = data.stays.get_column("hospitalization_id").to_numpy()[rows]
+        self.grid, self.mask = read_grid(data.path, list(ids), hours, data.tok)
+        self.codes = self._codes(data, ids)
+        self.one_per_patient = one_per_patient
+        if one_per_patient:
+            self.groups = _groups(data.stays.get_column("patient_id").to_numpy()[rows])
+            self.rng = np.random.default_rng(seed)
+
+    def _codes(self, data: SiteData, ids: np.ndarray) -> list[np.ndarray]:
+        if not self.n_targets:
+            return [np.zeros(0, np.int64)] * ids.size
+        codes = pl.read_parquet(data.path / TIMELINES, columns=["hospitalization_id", "codes"])
+        order = pl.DataFrame({"hospitalization_id": ids})
+        found = order.join(codes, on="hospitalization_id", how="left", maintain_order="left")
+        return [np.asarray(c or [], np.int64) for c in found.get_column("codes").to_list()]
+
+    def __len__(self) -> int:
+        return len(self.groups) if self.one_per_patient else len(self.seqs)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        if self.one_per_patient:
+            i = int(self.rng.choice(self.groups[i]))
+        lo = self.seqs.offsets[i]
+        hi = min(self.seqs.offsets[i + 1], lo + self.context)
+        n = hi - lo
+        codes = np.zeros(self.n_targets, np.float32)
+        codes[self.codes[i]] = 1.0
+        item = {
+            "input_ids": self.seqs.ids[lo:hi],
+            "types": self.seqs.types[lo:hi],
+            "hours": self.seqs.hours[lo:hi],
+            "age": np.full(n, self.seqs.age[i], np.float32),
+            "visit": np.full(n, self.seqs.visit[i], np.int64),
+        }
+        item = {k: torch.from_numpy(v) for k, v in item.items()}
+        item["grid"] = torch.from_numpy(self.grid[i])
+        item["grid_mask"] = torch.from_numpy(self.mask[i])
+        item["codes"] = torch.from_numpy(codes)
+        return item
+
+
 def pad_collate(pad_id: int):
     """Right-pad a list of examples to the longest; adds `lengths`."""
 
@@ -274,7 +336,7 @@ def pad_collate(pad_id: int):
         width = int(lengths.max()) if items else 0
         out: dict[str, torch.Tensor] = {"lengths": lengths}
         for key, v in items[0].items() if items else ():
-            if v.dim() == 0:
+            if key in _FIXED or v.dim() == 0:  # same shape in every example
                 out[key] = torch.stack([it[key] for it in items])
                 continue
             fill = pad_id if key == "input_ids" else 0

@@ -21,6 +21,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from fedclif.shared.artifact import read_json, write_json
 from fedclif.shared.clif.site import Site
+from fedclif.shared.codes import admission_codes
 from fedclif.shared.errors import FedclifError
 from fedclif.shared.events import OPEN_SEP, stay_chunks, stay_events
 
@@ -89,6 +90,12 @@ def site_stats(site: Site, cfg: DictConfig, allow_open: Sequence[str] = ()) -> d
     for sub, part in stay_chunks(site):
         ev = stay_events(sub, part).select("code", "value").collect()
         code_parts.append(ev.group_by("code").agg(pl.len().alias("n")))
+        # Admission codes count stays, not events (a stay holds each at most once).
+        code_parts.append(
+            admission_codes(sub, part, cfg.codes)
+            .group_by("code")
+            .agg(pl.len().cast(pl.UInt32).alias("n"))
+        )
         cell_parts.append(
             ev.filter(pl.col("value").is_not_null())
             .group_by("code", pl.col("value").round_sig_figs(sig))

@@ -1,7 +1,8 @@
 """Encode a site's stays as token timelines with a fitted tokenizer, plus their labels.
 
 Output (one directory per site): `timelines.parquet` with one row per stay (token ids,
-hours since admission and token types for the full stay and for the first `input_hours`),
+hours since admission and token types for the full stay and for the first `input_hours`;
+with a tokenizer that has admission-code targets, `codes`: their indices, never tokens),
 `labels.parquet`, a copy of `tokenizer.json`, and `manifest.json` (tokenizer hash,
 counts). Age and hospitalization index are per-stay columns: they are the same for every
 token of a stay.
@@ -17,6 +18,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from fedclif.shared.clif.site import Site
+from fedclif.shared.codes import admission_codes, target_lists
 from fedclif.shared.errors import FedclifError
 from fedclif.shared.events import (
     PRIO_END,
@@ -227,6 +229,9 @@ def tokenize_site(
         for sub, part in stay_chunks(site, st):
             events = stay_events(sub, part).collect()  # once, for both views
             timelines = encode(sub, tok, part, events)
+            if tok.targets:  # targets, kept apart from every token column
+                pairs = admission_codes(sub, part, tok.config["codes"])
+                timelines = timelines.with_columns(target_lists(pairs, part, tok.targets))
             grid = hourly_grid(events, part, tok).to_arrow()
             if grid_writer is None:
                 grid_writer = pq.ParquetWriter(out / TIMESERIES, grid.schema)

@@ -10,6 +10,7 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 from fedclif.shared.artifact import read_json, write_json
+from fedclif.shared.codes import is_target
 from fedclif.shared.errors import FedclifError
 from fedclif.shared.events import PREFIX_TYPE, TOKEN_TYPES, UNK, prefix_of
 from fedclif.shared.stats import quantile_cuts
@@ -50,6 +51,8 @@ class Tokenizer:
     cuts: dict[str, tuple[float, ...]]
     sites: int
     n_stays: int | None
+    # Admission codes (shared/codes.py): pretraining targets, never tokens of a timeline.
+    targets: tuple[str, ...] = ()
 
     @cached_property
     def index(self) -> dict[str, int]:
@@ -66,6 +69,7 @@ class Tokenizer:
             "config": self.config,
             "vocab": list(self.vocab),
             "cuts": {k: list(v) for k, v in sorted(self.cuts.items())},
+            "targets": list(self.targets),
             "token_types": list(TOKEN_TYPES),
             "time_buckets": [list(b) for b in TIME_BUCKETS],
             "sites": self.sites,
@@ -102,6 +106,7 @@ class Tokenizer:
             cuts={k: tuple(v) for k, v in raw["cuts"].items()},
             sites=raw["sites"],
             n_stays=raw["n_stays"],
+            targets=tuple(raw.get("targets", ())),
         )
         if tok.hash != raw.get("hash"):
             raise FedclifError(
@@ -123,7 +128,8 @@ def fit_tokenizer(merged: dict, cfg: DictConfig) -> Tokenizer:
         raise FedclifError(f"n_bins must be at least 1, got {n_bins}")
     unknown = [f"{p}_{UNK}" for p in _EVENT_PREFIXES]
     # Unknown codes mix unrelated values, so they get a token but never bins.
-    kept = sorted(c for c, n in merged["codes"].items() if n >= k and c not in unknown)
+    common = sorted(c for c, n in merged["codes"].items() if n >= k and c not in unknown)
+    kept = [c for c in common if not is_target(c)]
     cuts: dict[str, tuple[float, ...]] = {}
     for code in kept:
         h = merged["numeric"].get(code)
@@ -145,4 +151,5 @@ def fit_tokenizer(merged: dict, cfg: DictConfig) -> Tokenizer:
         cuts=cuts,
         sites=int(merged["sites"]),
         n_stays=merged["n_stays"],
+        targets=tuple(c for c in common if is_target(c)),
     )

@@ -61,8 +61,17 @@ def _leftovers(root) -> list[str]:
     return [line for line in ps.splitlines() if str(root) in line]
 
 
+# MedHMP's two stages over the three pretraining rounds (round 1 stay level, rounds 2-3
+# admission level): the objectives' heads travel, aggregate and resume with the rest.
+STAGED = [
+    "train.pretrain.stages=[{objectives: {next_token: 1, stay_recon: 1, ts_align: 1}, share: 0.34},"
+    "{objectives: {next_token: 1, masked_codes: 1, code_contrast: 1}, share: 0.66}]",
+    "train.pretrain.ts.hours=24",
+]
+
+
 def test_interrupted_and_resumed_run_ends_with_the_same_weights(sites, tmp_path):
-    fed = load_federation(None, RUN)
+    fed = load_federation(None, [*RUN, *STAGED])
     whole, cut = tmp_path / "whole", tmp_path / "cut"
 
     def checkpointed(n: int) -> bool:
@@ -121,6 +130,11 @@ def test_interrupted_and_resumed_run_ends_with_the_same_weights(sites, tmp_path)
         )
     )
     assert not all(np.allclose(init[k], a[k]) for k in a)
+    # Every objective's heads were trained in their stage and reached the global model.
+    for head in ("stay_out", "proj_ts", "code_out", "code_proj"):
+        k = next(k for k in a if k.startswith(f"pretrain_heads.{head}."))
+        assert not np.allclose(init[k], a[k]), k
+    assert model.config.objectives == ["ts_align", "stay_recon", "masked_codes", "code_contrast"]
 
 
 def test_the_dp_ledger_outlives_a_run(sites, tmp_path):

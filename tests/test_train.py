@@ -305,7 +305,7 @@ def test_opacus_gives_every_trainable_parameter_its_exact_per_sample_gradient(
     batch = st.collate(model)([ds[i] for i in range(3)])
     single = copy.deepcopy(model)
     dp_model = GradSampleModule(model, batch_first=True, loss_reduction="mean")
-    st.loss(dp_model, batch).backward()
+    st.loss_for(ds)(dp_model, batch).backward()
     trained = [(n, p) for n, p in dp_model.named_parameters() if p.requires_grad]
     assert trained and all(getattr(p, "grad_sample", None) is not None for _, p in trained)
     for i in range(3):
@@ -313,7 +313,7 @@ def test_opacus_gives_every_trainable_parameter_its_exact_per_sample_gradient(
         one = {k: v[i : i + 1] for k, v in batch.items()}
         if "lengths" in one:  # unpadded, as the example is alone
             one = {k: v[:, : int(one["lengths"][0])] if v.dim() == 2 else v for k, v in one.items()}
-        st.loss(single, one).backward()
+        st.loss_for(ds)(single, one).backward()
         grads = dict(single.named_parameters())
         for n, p in trained:
             ref = grads[n.removeprefix("_module.")].grad

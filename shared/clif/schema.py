@@ -69,6 +69,7 @@ ALSO_READ: dict[str, tuple[str, ...]] = {
     "medication_admin_continuous": ("med_dose", "mar_action_category"),
     "medication_admin_intermittent": ("mar_action_category",),
     "patient_assessments": ("numerical_value", "categorical_value"),
+    "hospital_diagnosis": ("diagnosis_code_format",),
 }
 
 # The column that says what an event is. A row without it says nothing and is dropped;
