@@ -219,7 +219,8 @@ def train(msg: Message, context: Context) -> Message:
 
     t0 = time.perf_counter()
     res = train_round(model, data, cfg, stage, seed=int(c["seed"]), proximal_mu=mu,
-                      progress=float(c.get("progress", 0.0)))  # fmt: skip
+                      progress=(float(c.get("progress", 0.0)),
+                                float(c.get("progress_end", 1.0))))  # fmt: skip
     n = coarse_count(res.metrics["num_examples"], "training examples", node.policy)
     metrics = {
         **res.metrics,

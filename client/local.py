@@ -14,10 +14,12 @@ import torch
 from omegaconf import DictConfig
 
 from fedclif.client.finetune import evaluate_tasks
-from fedclif.client.loop import dp_config, fit, pick_device
+from fedclif.client.loop import dp_config, fit, pick_device, piece_config
 from fedclif.client.stage import stage as stage_of
+from fedclif.shared.errors import FedclifError
 from fedclif.shared.metrics import flat_metrics
 from fedclif.shared.models import EHRModel, get_weights, setup, trainable
+from fedclif.shared.objectives import pieces
 from fedclif.shared.sequences import SiteData
 
 
@@ -34,27 +36,38 @@ def train_round(
     stage: str,
     seed: int = 0,
     proximal_mu: float = 0.0,
-    progress: float = 0.0,
+    progress: tuple[float, float] = (0.0, 1.0),
 ) -> RoundResult:
     """Train `model` in place on `data`'s train split; return its trained weights.
     Pretraining needs `data` loaded with `full=True`. `proximal_mu` > 0 adds FedProx's
     mu/2 * ||w - w_global||^2, anchoring the site to the weights it was sent. `progress`
-    (0 to 1, the round's place in the run) picks the pretraining stage's objectives."""
+    (the part of the run the round is, 0 to 1) picks the pretraining stages' objectives:
+    a part spanning two stages trains each in turn, on its share of the steps."""
     model.check_data(data.tok.hash, data.path)
     setup(model, cfg, stage)
     device = pick_device(cfg.device)
     st = stage_of(stage)
     dp = dp_config(cfg)
-    ds = st.examples(data, "train", cfg, dp is not None, seed, progress)
-    loss = st.loss_for(ds)
-    if proximal_mu > 0:
-        loss = _proximal(loss, model, proximal_mu)
-    res = fit(model, loss, ds, st.collate(model), cfg[stage], device, seed=seed, dp=dp,
-              workers=int(cfg.workers))  # fmt: skip
+    parts = pieces(cfg.pretrain, *progress) if stage == "pretrain" else [(0.0, 1.0)]
+    if len(parts) > 1 and dp is not None:
+        raise FedclifError(
+            "pretrain.stages: this round spans two stages, and DP-SGD would spend the "
+            "whole epsilon on each: make the stages whole rounds (shares of the rounds)"
+        )
+    steps = 0
+    for at, share in parts:  # a round within one stage, or a one-round run of several
+        ds = st.examples(data, "train", cfg, dp is not None, seed, at)
+        loss = st.loss_for(ds)
+        if proximal_mu > 0:
+            loss = _proximal(loss, model, proximal_mu)
+        c = piece_config(cfg[stage], share, len(ds)) if len(parts) > 1 else cfg[stage]
+        res = fit(model, loss, ds, st.collate(model), c, device, seed=seed, dp=dp,
+                  workers=int(cfg.workers))  # fmt: skip
+        steps += res.state.step
     metrics = {
         "num_examples": len(ds),
         "train_loss": res.train_loss,
-        "steps": res.state.step,
+        "steps": steps,
     }
     if res.epsilon is not None:
         metrics["epsilon"] = res.epsilon
@@ -77,14 +90,14 @@ def evaluate_round(
     model: EHRModel, data: SiteData, cfg: DictConfig, stage: str, split: str = "test"
 ) -> dict[str, float]:
     """Held-out metrics of the model as it is: the pretraining loss (next-token, or the
-    objectives' weighted sum at the start of the run), per-task
+    weighted sum of the last stage's objectives), per-task
     AUROC/AUPRC/F1 (and the ROC curve, a list) for finetuning; flat, with `num_examples`."""
     model.check_data(data.tok.hash, data.path)
     device = pick_device(cfg.device)
     model.to(device).eval()
     if stage == "pretrain":
         st = stage_of(stage)
-        blocks = st.examples(data, split, cfg)
+        blocks = st.examples(data, split, cfg, progress=1.0)  # the last stage's objectives
         loss = st.held_out(model, blocks, device, int(cfg.pretrain.batch_size))
         return {"num_examples": len(blocks), "loss": loss, "perplexity": float(np.exp(loss))}
     return flat_metrics(evaluate_tasks(model, data, list(cfg.finetune.tasks), cfg, split))

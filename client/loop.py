@@ -3,6 +3,7 @@ AdamW with warmup then a cosine, linear or constant learning rate, gradient accu
 and clipping, periodic held-out evaluation with early stopping, resumable state, optional
 DP-SGD (opacus)."""
 
+import math
 from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -10,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader, Dataset, Sampler
 from transformers import get_scheduler
 
@@ -73,6 +74,16 @@ class LoopResult:
     epsilon: float | None = None
     # DP-SGD's Gaussian noise, as a multiple of the clipping norm (what reached epsilon).
     noise_multiplier: float | None = None
+
+
+def piece_config(c: DictConfig, share: float, n_examples: int) -> DictConfig:
+    """Stage section `c` for `share` of its run's steps over `n_examples` (as `fit`
+    counts them): a pretraining stage's piece of a run or of a round."""
+    per_epoch = max(math.ceil(n_examples / int(c.batch_size)) // int(c.grad_accum), 1)
+    total = per_epoch * int(c.epochs)
+    if int(c.max_steps) > 0:
+        total = min(total, int(c.max_steps))
+    return OmegaConf.merge(c, {"max_steps": max(1, round(share * total))})
 
 
 def dp_config(cfg: DictConfig) -> DictConfig | None:

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
-from fedclif.client.loop import dp_config, fit, pick_device
+from fedclif.client.loop import dp_config, fit, pick_device, piece_config
 from fedclif.client.stage import STAGES
 from fedclif.shared.artifact import write_json
 from fedclif.shared.errors import FedclifError
@@ -20,7 +20,7 @@ from fedclif.shared.models import (
     setup,
     stage_model,
 )
-from fedclif.shared.objectives import stages
+from fedclif.shared.objectives import pieces, weights_at
 from fedclif.shared.sequences import SiteData, packed_blocks
 
 STATE_FILE = "train_state.pt"
@@ -49,7 +49,7 @@ def pretrain(
     out = Path(out)
     device = pick_device(cfg.device)
     c, st = cfg.pretrain, STAGES["pretrain"]
-    plan = stages(c)
+    plan = pieces(c)
     dp = dp_config(cfg)
     if len(plan) > 1 and (resume or dp is not None):
         raise FedclifError(
@@ -66,15 +66,12 @@ def pretrain(
     pad = model.lm.config.pad_token_id
     unigram = unigram_entropy(blocks.tensors[0], pad)
     tokens = int((blocks.tensors[0] != pad).sum())
-    done, history, runs = 0.0, [], []
-    for weights, share in plan:
-        train = st.examples(data, "train", cfg, dp is not None, int(cfg.seed), done)
-        val = st.examples(data, "val", cfg, progress=done)
-        sc = c
-        if len(plan) > 1:
-            steps = max(1, round(share * _total_steps(len(train), c)))
-            sc = OmegaConf.merge(c, {"max_steps": steps})
-        done += share
+    history, runs = [], []
+    for at, share in plan:
+        train = st.examples(data, "train", cfg, dp is not None, int(cfg.seed), at)
+        val = st.examples(data, "val", cfg, progress=at)
+        weights = weights_at(c, at)
+        sc = piece_config(c, share, len(train)) if len(plan) > 1 else c
 
         def save(state, weights=weights) -> None:
             extra = {"step": state.step, "val_loss": state.best, "objectives": weights}
@@ -103,7 +100,7 @@ def pretrain(
     parts = st.held_out_parts(final.to(device), val, device, int(c.batch_size))
     metrics = {
         "site": data.name,
-        "objectives": [w for w, _ in plan] if len(plan) > 1 else weights,
+        "objectives": [weights_at(c, at) for at, _ in plan] if len(plan) > 1 else weights,
         "train_tokens": tokens,
         "train_examples": len(train),
         "val_examples": len(val),
@@ -126,10 +123,3 @@ def pretrain(
     }
     write_json(metrics, out / "metrics.json")
     return metrics
-
-
-def _total_steps(n_examples: int, c: DictConfig) -> int:
-    """Optimizer steps of a run over `n_examples` (as `fit` counts them)."""
-    per_epoch = max(math.ceil(n_examples / int(c.batch_size)) // int(c.grad_accum), 1)
-    total = per_epoch * int(c.epochs)
-    return min(total, int(c.max_steps)) if int(c.max_steps) > 0 else total

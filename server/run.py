@@ -345,8 +345,10 @@ class FederatedRun:
             {
                 "stage": stage,
                 "round": rnd,
-                # The round's place in its phase: picks a staged pretraining's objectives.
+                # The part of its phase the round is: picks a staged pretraining's
+                # objectives (a one-round run spans every stage).
                 "progress": max(rnd - 1, 0) / max(int(self.fed.rounds[stage]), 1),
+                "progress_end": max(rnd, 1) / max(int(self.fed.rounds[stage]), 1),
                 "seed": int(self.fed.seed) * 100_003 + len(self.state["history"]),
                 "train": OmegaConf.to_yaml(self.cfg),
                 "model": json.dumps(OmegaConf.to_container(self.model_cfg)),

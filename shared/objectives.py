@@ -116,6 +116,19 @@ def weights_at(c: DictConfig, progress: float) -> dict[str, float]:
     return stages(c)[-1][0]
 
 
+def pieces(c: DictConfig, start: float = 0.0, end: float = 1.0) -> list[tuple[float, float]]:
+    """The stages overlapping the part [start, end) of the run, as (progress at the
+    piece's middle, the piece's share of the part): a federated round is one part, a
+    local run or a one-round lane the whole (each stage in turn)."""
+    out, lo = [], 0.0
+    for _, share in stages(c):
+        a, b = max(lo, start), min(lo + share, end)
+        if b - a > 1e-9:
+            out.append(((a + b) / 2, (b - a) / (end - start)))
+        lo += share
+    return out
+
+
 def heads_needed(c: DictConfig) -> tuple[str, ...]:
     """The objectives, over every stage, that need heads (all but next-token), in order."""
     used = {k for weights, _ in stages(c) for k in weights}

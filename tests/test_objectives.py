@@ -26,6 +26,7 @@ from fedclif.shared.objectives import (
     omega_loss,
     patch_nce,
     patch_pool,
+    pieces,
     stages,
     weights_at,
 )
@@ -156,6 +157,10 @@ def test_objective_sets_and_stages_are_checked():
     ]).pretrain  # fmt: skip
     assert weights_at(staged, 0.0) == {"stay_recon": 1.0}
     assert weights_at(staged, 0.5) == {"next_token": 1.0, "masked_codes": 1.0}
+    # A one-round run trains each stage in turn; a round inside a stage trains that one.
+    assert pieces(staged) == [(0.125, 0.25), (0.625, 0.75)]
+    assert pieces(staged, 0.0, 0.5) == [(0.125, 0.5), (0.375, 0.5)]
+    assert pieces(staged, 0.5, 0.75) == [(0.625, 1.0)]
     for bad, says in [
         ("pretrain.stages=[{objectives: {stay_recon: 1}, share: 0.5}]", "sum to 0.5"),
         ("pretrain.stages=[{objectives: {typo: 1}, share: 1}]", "unknown objective"),
