@@ -9,6 +9,9 @@ Mamba-2 against Llama at equal parameter count as the context grows.
    at each context, the same tokens per step; each run in a fresh process, so its peak
    memory (RSS on CPU, allocated on CUDA) is its own. On CUDA with the `cuda` extra,
    transformers uses the mamba-ssm kernels.
+3. The pretraining objectives (shared/objectives.py): tokens/s of each objective added
+   to next-token prediction on stay views, against next-token alone (packed blocks, and
+   stay views), same model size, same process, alternated per repeat.
 
     python -m bench.train                                    # contexts 512 2048 8192
     python -m bench.train --contexts 128 256 --steps 2 --repeats 1 --size tiny \
@@ -114,6 +117,62 @@ def _sync(device) -> None:
 
     if device.type == "cuda":
         torch.cuda.synchronize()
+
+
+OBJECTIVE_SETS = {
+    "next_token (packed blocks)": {"next_token": 1.0},
+    "next_token (stay views)": None,  # next-token alone on one stay per example
+    "+ ts_align": {"next_token": 1.0, "ts_align": 1.0},
+    "+ ts_recon": {"next_token": 1.0, "ts_recon": 1.0},
+    "+ stay_recon": {"next_token": 1.0, "stay_recon": 1.0},
+    "+ masked_codes": {"next_token": 1.0, "masked_codes": 1.0},
+    "+ code_contrast": {"next_token": 1.0, "code_contrast": 1.0},
+}
+
+
+def _objective_rates(tokens: Path, size: str, context: int, batch: int, steps: int) -> dict:
+    """Real (non-padding) input tokens per second of a training step, per objective set."""
+    import torch
+    from torch.utils.data import DataLoader
+
+    from fedclif.client.stage import STAGES
+    from fedclif.shared.config import load_config
+    from fedclif.shared.models import build_model, quiet_transformers, setup
+    from fedclif.shared.objectives import Spec
+    from fedclif.shared.sequences import StayViews, load_site_data
+
+    quiet_transformers()
+    st, rates = STAGES["pretrain"], {}
+    for name, weights in OBJECTIVE_SETS.items():
+        over = [f"pretrain.context={context}", f"pretrain.batch_size={batch}"]
+        over += [f"pretrain.objectives.{k}={v}" for k, v in (weights or {}).items()]
+        cfg = load_config("train", overrides=over)
+        data = load_site_data(tokens, cfg.split, full=True)
+        torch.manual_seed(0)
+        model = build_model(load_config(f"model/{size}"), data.tok, cfg.pretrain)
+        setup(model, cfg, "pretrain")
+        if weights is None:  # next-token loss alone, on one stay per example
+            spec = Spec.of(cfg.pretrain, {"next_token": 1.0})
+            ds = StayViews(data, "train", context, int(cfg.pretrain.ts.hours), spec)
+        else:
+            ds = st.examples(data, "train", cfg)
+        loss_fn = st.loss_for(ds)
+        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+        loader = DataLoader(ds, batch_size=batch, shuffle=True, collate_fn=st.collate(model),
+                            generator=torch.Generator().manual_seed(0))  # fmt: skip
+        pad, n, t0 = model.lm.config.pad_token_id, 0, None
+        for i, b in enumerate(loader):
+            if i == 1:  # the first step warms up
+                t0 = time.perf_counter()
+            loss_fn(model, b).backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            if i >= 1:
+                n += int((b["input_ids"] != pad).sum())
+            if i == steps:
+                break
+        rates[name] = n / (time.perf_counter() - t0)
+    return rates
 
 
 def _arch_run(
@@ -229,6 +288,17 @@ def main() -> None:
             (mr, mp_, mn), (lr, lp, ln) = row["mamba2"], row["llama"]
             print(f"   {ctx:7d} {mr:13,.0f} {lr:12,.0f} {mr / lr:6.2f}  {mp_:20,.0f} {lp:19,.0f}")
         print(f"   parameters: mamba2 {mn:,}, llama {ln:,}")
+
+        runs = [_objective_rates(tokens, args.size, ctx0, batch0, args.steps + 2)
+                for _ in range(args.repeats)]  # fmt: skip
+        print(f"\n3. pretraining objectives ({args.size} mamba2, context {ctx0}, batch "
+              f"{batch0}; real input tokens/s, median of {args.repeats})")  # fmt: skip
+        base = statistics.median(r["next_token (packed blocks)"] for r in runs)
+        views = statistics.median(r["next_token (stay views)"] for r in runs)
+        print(f"   {'objectives':<28} {'tokens/s':>10} {'vs packed':>10} {'vs stay views':>14}")
+        for name in OBJECTIVE_SETS:
+            rate = statistics.median(r[name] for r in runs)
+            print(f"   {name:<28} {rate:10,.0f} {rate / base:10.2f} {rate / views:14.2f}")
 
 
 if __name__ == "__main__":

@@ -21,6 +21,7 @@ from fedclif.simulations.calibration_report import (
     reliability_png,
     select,
 )
+from fedclif.simulations.objectives_report import ablation, ablation_markdown, ablation_png
 from fedclif.simulations.published import federated_share, penalty, published_markdown
 from fedclif.simulations.sites import SOURCE, TARGET
 
@@ -273,6 +274,12 @@ def summarize(results: dict) -> dict:
         "federated_share": federated_share(
             lambda a, b, ts, metric: _means(rows, a, b, ts, metric), measurable, top
         ),
+        "objectives": ablation(
+            cfg,
+            lambda arm, setting, site, t, f: _cell(rows, arm, setting, site, t, f),
+            lambda a, b, ts, metric: _means(rows, a, b, ts, metric),
+            tasks,
+        ),
     }
 
 
@@ -451,6 +458,8 @@ def _plots(summary: dict, results: dict, out: Path) -> list[str]:
     shown = [c for c in CALIBRATION_COLUMNS if c[0] not in ("target only", "pooled")]
     if name := reliability_png(rows, shown, tasks, top, out / "reliability.png"):
         files.append(name)
+    if name := ablation_png(summary.get("objectives", {}), cfg, out):
+        files.append(name)
     return files
 
 
@@ -560,6 +569,7 @@ def _markdown(summary: dict, results: dict, files: list[str]) -> str:
     lines += ["", *calibration_markdown(summary["calibration"])]
     lines += published_markdown(summary["penalty"], summary["federated_share"],
                                 ch["tasks_with_enough_target_events"])  # fmt: skip
+    lines += ablation_markdown(summary.get("objectives", {}), cfg)
     lines += profile(results)
     lines += ["## Figures", ""] + [f"![{f}]({f})" for f in files]
     return "\n".join(lines) + "\n"

@@ -21,6 +21,7 @@ from fedclif.shared.federation import RUN_SECTIONS
 from fedclif.shared.models import get_weights
 from fedclif.shared.stats import merge_stats
 from fedclif.shared.tokenizer import Tokenizer, fit_tokenizer
+from fedclif.simulations.objectives_report import arm_name, check_sets, pretrain_override
 from fedclif.simulations.sites import POOLED, SOURCE, TARGET, THIRD, site_roles
 
 
@@ -65,7 +66,13 @@ class Study:
 
     def __init__(self, grid: Grid, cfg: DictConfig, out: str | Path):
         self.grid, self.cfg, self.out = grid, cfg, Path(out)
-        self.run_config = OmegaConf.masked_copy(cfg, list(RUN_SECTIONS))
+        check_sets(cfg.study)
+        # The first objective set is the one every arm pretrains with; the others only
+        # the objectives question's source-only lanes (`_lane(objectives=...)`).
+        self.run_config = OmegaConf.merge(
+            OmegaConf.masked_copy(cfg, list(RUN_SECTIONS)),
+            {"train": {"pretrain": pretrain_override(cfg.study.objectives[0])}},
+        )
         self.out.mkdir(parents=True, exist_ok=True)
         self.rows: list[dict] = []
         self.done, self.total = 0, 0
@@ -85,11 +92,13 @@ class Study:
         steps: int = 1,
         rounds: int = 1,
         fraction: float = 1.0,
+        objectives: int = 0,
     ) -> DictConfig:
         """One job's config tree (the study's `federation`, `train` and `model` with this
-        job's seed, rounds, sites, tasks, share and steps); with `sites` alone, that of a
-        query which trains nothing (names, statistics, tokenizing)."""
+        job's seed, rounds, sites, tasks, share, steps and objective set); with `sites`
+        alone, that of a query which trains nothing (names, statistics, tokenizing)."""
         c = self.cfg.study
+        pretrain = pretrain_override(c.objectives[objectives]) if objectives else {}
         return OmegaConf.merge(
             self.run_config,
             {
@@ -112,6 +121,8 @@ class Study:
             },
             # Its own layer: `stage` may be "finetune", a key the layer above has too.
             {"train": {stage: {"max_steps": steps}}},
+            # Lists (stages) replace rather than merge: a layer of their own too.
+            {"train": {"pretrain": pretrain}},
         )
 
     def _run(self, name: str, sites: list[str], fed: DictConfig) -> FederatedRun:
@@ -283,12 +294,15 @@ class Study:
         fraction: float = 1.0,
         rounds: int = 1,
         steps: int | None = None,
+        objectives: int = 0,
     ) -> Lane:
-        """A lane whose model starts from `init` (pretrained weights) or from scratch."""
+        """A lane whose model starts from `init` (pretrained weights) or from scratch;
+        `objectives`: the index of its objective set (its arm is named after it)."""
         c = self.cfg.study
         if steps is None:
             steps = int(c.finetune_steps)
-        fed = self._fed(sites, seed, stage, steps, rounds, fraction)
+        fed = self._fed(sites, seed, stage, steps, rounds, fraction, objectives)
+        arm = arm_name(arm, objectives, list(c.objectives))
         name = f"{arm}-{stage}-{'+'.join(sites)}-f{fraction:g}-s{seed}"
         run = self._run(name, sites, fed)
         base = init if stage == "finetune" else None
@@ -338,9 +352,15 @@ class Study:
                     "pooled", [POOLED], s, fed_tok, "pretrain", None, steps=n_rounds * spr
                 ),
             }
+        # The objectives question: the source-only model with each further objective set.
+        sets = range(1, len(c.objectives))
+        for s in seeds:
+            for k in sets:
+                pre[s][k] = self._lane("source_only", [SOURCE], s, toks[SOURCE], "pretrain",
+                                       None, steps=n_rounds * spr, objectives=k)  # fmt: skip
         self._train([lane for p in pre.values() for lane in p.values()], "pretraining")
         self._phase("pretraining")
-        probes = self._probes([pre[s]["source"] for s in seeds])
+        probes = self._probes([pre[s][k] for s in seeds for k in ("source", *sets)])
         self._phase("probes")
 
         ft, evals = [], []
@@ -386,6 +406,18 @@ class Study:
                     ft.append(fed_at[site])
             if s == seeds[0]:  # the cross-site matrix, once: n_sites^2 evaluations
                 evals += [(fed_at[site], real, "cross_site") for site in real]
+            for k in sets:  # each further objective set: at the source, and a share at target
+                at_src = self._lane("source_only", [SOURCE], s, toks[SOURCE], "finetune",
+                                    p[k].weights, objectives=k)  # fmt: skip
+                share = float(c.ablation_fraction)
+                at_tgt = self._lane("source_finetuned", [TARGET], s, toks[SOURCE], "finetune",
+                                    p[k].weights, share, objectives=k)  # fmt: skip
+                ft += [at_src, at_tgt]
+                evals += [
+                    (at_src, [SOURCE], "in_distribution"),
+                    (at_src, [r for r in real if r != SOURCE], "zero_shot"),
+                    (at_tgt, [TARGET], "local_finetune"),
+                ]
         self._train(ft, "finetuning")
         self._phase("finetuning")
         self._evaluate(evals, "evaluation")
@@ -420,7 +452,12 @@ def planned_messages(cfg: DictConfig) -> int:
     finetune = 2 + 3 * n_frac + real - (1 if 1.0 in [float(f) for f in cfg.fractions] else 0)
     evaluate = real + real + 3 * n_frac  # source everywhere, pooled, the target's arms
     curve = rounds * real  # the first seed's federated model on the sites' val splits
-    return setup + len(cfg.seeds) * (pretrain + finetune + evaluate) + real * real + curve
+    # Per further objective set: pretraining and probes at the source (evaluated at every
+    # real site), finetuning at the source and on a share of the target, their evaluations.
+    ablation = (len(cfg.objectives) - 1) * (1 + 1 + real + 2 + real + 1)
+    return (
+        setup + len(cfg.seeds) * (pretrain + finetune + evaluate + ablation) + real * real + curve
+    )
 
 
 def _rows(

@@ -6,8 +6,10 @@ import json
 import numpy as np
 import polars as pl
 import pytest
+from safetensors.numpy import load_file
 
 from fedclif.cli import main
+from fedclif.shared.metrics import paired_difference
 from fedclif.simulations.commands import load_study
 from fedclif.simulations.report import MIN_EVENTS, write_report
 from fedclif.simulations.shifts import shifts_table, write_shifts
@@ -293,3 +295,54 @@ def test_each_site_is_generated_once_for_every_study_that_names_it(tmp_path):
         assert hosp.height == want
     assert not (sites_b[1] / "clif_position.parquet").exists()
     assert (sites_b[2] / "clif_position.parquet").is_file()
+
+
+def test_the_objectives_question_compares_each_set_with_next_token_alone(study):
+    """The quick profile's two objective sets: the source-only model pretrained with the
+    time-series objectives (its heads trained and kept), evaluated like next-token alone
+    in and out of distribution, probed and finetuned on 5% of the target; each comparison
+    recomputed from the rows' replicates, the table and objectives.png written."""
+    out, cfg = study
+    assert [s.name for s in cfg.objectives] == ["next_token", "ts"]
+    r = json.loads((out / "results.json").read_text())
+    rows, seeds, tasks = r["rows"], set(cfg.seeds), set(cfg.tasks)
+    for arm, setting, site, frac in [
+        ("source_only[ts]", "in_distribution", "source", 1.0),
+        ("source_only[ts]", "zero_shot", "target", 1.0),
+        ("source_only[ts]_probe", "zero_shot", "target", 1.0),
+        ("source_finetuned[ts]", "local_finetune", "target", cfg.ablation_fraction),
+    ]:
+        sel = [x for x in rows if (x["arm"], x["setting"], x["eval_site"]) == (arm, setting, site)]
+        assert {(x["seed"], x["task"]) for x in sel} == {(s, t) for s in seeds for t in tasks}
+        assert all(x["fraction"] == frac for x in sel)
+    # The lane pretrained with the objectives: their heads are in its weights; the
+    # next-token lanes have none.
+    heads = load_file(str(out / "runs" / "source_only[ts]-pretrain-source-f1-s0" / "checkpoint"
+                          / "weights.safetensors"))  # fmt: skip
+    assert any(k.startswith("pretrain_heads.ts_in") for k in heads)
+    plain = load_file(str(out / "runs" / "source_only-pretrain-source-f1-s0" / "checkpoint"
+                          / "weights.safetensors"))  # fmt: skip
+    assert not any(k.startswith("pretrain_heads") for k in plain)
+    ab = json.loads((out / "summary.json").read_text())["objectives"]
+    assert set(ab) == {"next_token", "ts"}
+    for t in tasks:
+        d = ab["ts"][t]["vs_first"]["zero-shot"]
+
+        def reps(arm: str, t: str = t) -> np.ndarray:
+            sel = {x["seed"]: x for x in rows if x["arm"] == arm and x["task"] == t
+                   and x["setting"] == "zero_shot" and x["eval_site"] == "target"}  # fmt: skip
+            return np.mean([sel[s]["auroc_boot"] for s in sorted(sel)], 0)
+
+        ref = paired_difference(0, 0, reps("source_only[ts]"), reps("source_only"))
+        assert (d["low"], d["high"]) == pytest.approx((ref["low"], ref["high"]))
+        assert d["verdict"] == ref["verdict"]
+        assert (d["verdict"] == "beats") == (d["low"] > 0), d
+        assert ab["ts"][t]["gap"]["difference"] == pytest.approx(
+            ab["ts"][t]["cells"]["in-distribution"]["auroc"]
+            - ab["ts"][t]["cells"]["zero-shot"]["auroc"]
+        )
+    report = (out / "report.md").read_text()
+    assert (
+        "## Pretraining objectives" in report and "| ts | next_token+ts_align+ts_recon |" in report
+    )
+    assert (out / "objectives.png").stat().st_size > 5000
