@@ -304,40 +304,49 @@ def test_state_changes_are_tokenized_once_and_pre_admission_events_sit_at_admiss
 def test_the_time_series_view_is_hourly_means_normalised_by_the_federated_cuts(
     demo_dir, demo_tokens, site_cfg
 ):
-    """`site tokenize` writes the hourly grid beside the timelines: a stay's heart rate in
-    hour h is the mean of its readings in [h, h + 1) since admission (computed here from
-    the site's vitals table), centred on the federated median cut and scaled by the outer
-    cuts' spread; an hour without a reading is missing (mask False, value 0), not imputed."""
-    sid = "25563031"
+    """`site tokenize` writes the hourly grid beside the timelines: for three hand-picked
+    stays and a vital or a lab each, the value in hour h is the mean of the stay's readings
+    in [h, h + 1) since admission (computed here from the site's CLIF table), centred on
+    the federated median cut and scaled by the outer cuts' spread; an hour without a
+    reading is missing (mask False, value 0), not imputed."""
     tok = Tokenizer.load(demo_tokens / "tokenizer.json")
     site = load_site(demo_dir, site_cfg)
-    adm = site.tables["hospitalization"].filter(pl.col("hospitalization_id") == sid)
-    hr = (
-        site.tables["vitals"]
-        .filter((pl.col("hospitalization_id") == sid) & (pl.col("vital_category") == "heart_rate"))
-        .drop_nulls("vital_value")
-        .with_columns(
-            ((pl.col("recorded_dttm") - adm["admission_dttm"][0]).dt.total_seconds() // 3600)
-            .clip(lower_bound=0)
-            .cast(pl.Int64)
-            .alias("hour")
-        )
-        .group_by("hour")
-        .agg(pl.col("vital_value").mean())
-        .sort("hour")
-    )
-    cuts = tok.cuts["VTL_heart_rate"]  # deciles: 10% ... 90%
-    loc, scale = cuts[4], (cuts[8] - cuts[0]) / (2 * 1.2815516)
     names = variables(tok)
     assert {"LAB_creatinine", "LAB_lactate"} <= set(names)
-    hours = int(hr["hour"].max()) + 1
-    values, mask = read_grid(demo_tokens, [sid], hours, tok)
-    col = names.index("VTL_heart_rate")
-    want = dict(zip(hr["hour"].to_list(), hr["vital_value"].to_list(), strict=True))
-    assert set(np.flatnonzero(mask[0, :, col])) == set(want)
-    for h, v in want.items():
-        assert values[0, h, col] == pytest.approx((v - loc) / scale, abs=1e-4)
-    empty = [h for h in range(hours) if h not in want]
-    assert empty and not mask[0, empty, col].any() and not values[0, empty, col].any()
+    picked = [  # stay, table, time column, category column, category, value column
+        ("25563031", "vitals", "recorded_dttm", "vital_category", "heart_rate", "vital_value"),
+        ("22987108", "vitals", "recorded_dttm", "vital_category", "sbp", "vital_value"),
+        ("28258130", "labs", "lab_result_dttm", "lab_category", "creatinine", "lab_value_numeric"),
+    ]
+    for sid, table, time, cat, name, value in picked:
+        adm = site.tables["hospitalization"].filter(pl.col("hospitalization_id") == sid)
+        start, end = adm["admission_dttm"][0], adm["discharge_dttm"][0]
+        raw = (
+            site.tables[table]
+            .filter((pl.col("hospitalization_id") == sid) & (pl.col(cat) == name))
+            .drop_nulls(value)
+            .filter((pl.col(time) >= start - timedelta(hours=24)) & (pl.col(time) <= end))
+            .with_columns(
+                ((pl.col(time) - start).dt.total_seconds() // 3600)
+                .clip(lower_bound=0)
+                .cast(pl.Int64)
+                .alias("hour")
+            )
+            .group_by("hour")
+            .agg(pl.col(value).mean())
+            .sort("hour")
+        )
+        code = f"{'VTL' if table == 'vitals' else 'LAB'}_{name}"
+        cuts = tok.cuts[code]  # deciles: 10% ... 90%
+        loc, scale = cuts[4], (cuts[8] - cuts[0]) / (2 * 1.2815516)
+        hours = int(raw["hour"].max()) + 1
+        values, mask = read_grid(demo_tokens, [sid], hours, tok)
+        col = names.index(code)
+        want = dict(zip(raw["hour"].to_list(), raw[value].to_list(), strict=True))
+        assert len(want) >= 3 and set(np.flatnonzero(mask[0, :, col])) == set(want), sid
+        for h, v in want.items():
+            assert values[0, h, col] == pytest.approx((v - loc) / scale, abs=1e-4), (sid, h)
+        empty = [h for h in range(hours) if h not in want]
+        assert empty and not mask[0, empty, col].any() and not values[0, empty, col].any()
     manifest = json.loads((demo_tokens / "manifest.json").read_text())
     assert manifest["timeseries_variables"] == names
