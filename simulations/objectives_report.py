@@ -193,6 +193,8 @@ def ablation_markdown(ab: dict, cfg: dict) -> list[str]:
                     word = "helps" if verdict == "beats" else "hurts"
                     findings.append(f"`{s['name']}` {word} {label} AUROC on {t} "
                                     f"({difference_text(vs[label], verdict=False)})")  # fmt: skip
+    # Each comparison is a 95% interval: among n of them about n/20 exclude 0 by chance.
+    n = 4 * sum(len(ab[s["name"]]) for s in sets[1:])
     lines += [
         "",
         "- "
@@ -202,7 +204,8 @@ def ablation_markdown(ab: dict, cfg: dict) -> list[str]:
             else f"No set differs clearly from `{first}`: no objective narrows the zero-shot "
             "gap or changes in-distribution AUROC beyond its interval here"
         )
-        + ".",
+        + f". Of these {n} comparisons, about {n / 20:.1f} would exclude 0 by chance alone "
+        "(95% intervals, not corrected for multiplicity).",
         "",
     ]
     return lines
