@@ -365,10 +365,11 @@ class Study:
 
         ft, evals = [], []
         for probe in probes:
-            evals += [
-                (probe, [SOURCE], "in_distribution"),
-                (probe, [r for r in real if r != SOURCE], "zero_shot"),
-            ]
+            # The objectives question is asked at the target: its lanes go nowhere else.
+            away = (
+                [r for r in real if r != SOURCE] if probe.arm == "source_only_probe" else [TARGET]
+            )
+            evals += [(probe, [SOURCE], "in_distribution"), (probe, away, "zero_shot")]
         for s in seeds:
             p = pre[s]
             src = self._lane(
@@ -415,7 +416,7 @@ class Study:
                 ft += [at_src, at_tgt]
                 evals += [
                     (at_src, [SOURCE], "in_distribution"),
-                    (at_src, [r for r in real if r != SOURCE], "zero_shot"),
+                    (at_src, [TARGET], "zero_shot"),
                     (at_tgt, [TARGET], "local_finetune"),
                 ]
         self._train(ft, "finetuning")
@@ -452,9 +453,10 @@ def planned_messages(cfg: DictConfig) -> int:
     finetune = 2 + 3 * n_frac + real - (1 if 1.0 in [float(f) for f in cfg.fractions] else 0)
     evaluate = real + real + 3 * n_frac  # source everywhere, pooled, the target's arms
     curve = rounds * real  # the first seed's federated model on the sites' val splits
-    # Per further objective set: pretraining and probes at the source (evaluated at every
-    # real site), finetuning at the source and on a share of the target, their evaluations.
-    ablation = (len(cfg.objectives) - 1) * (1 + 1 + real + 2 + real + 1)
+    # Per further objective set: pretraining and probes at the source (evaluated there and
+    # at the target), finetuning at the source and on a share of the target, evaluated
+    # there and at the target.
+    ablation = (len(cfg.objectives) - 1) * (1 + 1 + 2 + 2 + 3)
     return (
         setup + len(cfg.seeds) * (pretrain + finetune + evaluate + ablation) + real * real + curve
     )

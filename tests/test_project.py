@@ -50,6 +50,10 @@ def test_train_bench_quick_profile():
     assert "overhead" in out and "tokens/s" in out
     row = next(line.split() for line in out.splitlines() if line.strip().startswith("64 "))
     assert len(row) == 6 and float(row[3]) > 0  # context, two rates, ratio, two peaks
+    # Each pretraining objective's rate beside next-token alone's.
+    for name in ("+ ts_align", "+ ts_recon", "+ stay_recon", "+ masked_codes", "+ code_contrast"):
+        (line,) = [x for x in out.splitlines() if x.strip().startswith(name)]
+        assert float(line.split()[-3].replace(",", "")) > 0, line
 
 
 def test_federation_bench_quick_profile():

@@ -18,6 +18,7 @@ TINY = [
     "study.seeds=[0]", "study.tasks=[long_los]", "study.fractions=[1.0]",
     "study.pretrain.rounds=1", "study.pretrain.steps_per_round=2", "study.finetune_steps=2",
     "train.finetune.n_boot=20", "train.probe.n_boot=20",
+    "study.objectives=[{name: next_token, objectives: {next_token: 1.0}}]",
 ]  # fmt: skip
 
 
