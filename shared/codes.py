@@ -3,26 +3,33 @@
 
 Diagnoses (CLIF `hospital_diagnosis`) are coded at discharge: a code known only after the
 stay must not enter a first-24 h input, so they never become timeline tokens. Drugs are
-the medication tables' categories given at any time in the stay. A code is `DX_<ICD-10-CM,
-dots removed, first n characters>` or `DRUG_<med_category>`; statistics count the stays
-holding each (with the same suppression as every other code) and the tokenizer keeps the
-common ones as its `targets`, beside the vocabulary, not in it.
+the medication categories of the stay's own events (given at any time within it). A code
+is `DX_<ICD-10-CM, dots removed, first n characters>` or `DRUG_<med_category>`; statistics
+count the stays holding each (with the same suppression as every other code) and the
+tokenizer keeps the common ones as its `targets`, beside the vocabulary, not in it.
 """
 
 import polars as pl
 from omegaconf import DictConfig
 
 from fedclif.shared.clif.site import Site
-from fedclif.shared.events import UNK, category_code
+from fedclif.shared.events import UNK
 
 TARGET_PREFIXES = ("DX", "DRUG")
-MED_TABLES = ("medication_admin_continuous", "medication_admin_intermittent")
 
 
-def admission_codes(site: Site, st: pl.DataFrame, cfg: DictConfig | dict) -> pl.DataFrame:
-    """Distinct (stay, code) pairs of the stays in `st`; `cfg` is the tokenizer config's
+def admission_codes(site: Site, st: pl.DataFrame, cfg: DictConfig | dict,
+                    events: pl.DataFrame) -> pl.DataFrame:  # fmt: skip
+    """Distinct (stay, code) pairs of the stays in `st`: diagnoses from the site's table,
+    drugs from the stays' own events (`events`: shared/events.py `stay_events`, collected;
+    so only what was given within the stay's window). `cfg` is the tokenizer config's
     `codes` section (`diagnosis_format`, `diagnosis_chars`)."""
-    parts: list[pl.LazyFrame] = []
+    drug = pl.col("code").str.extract(r"^MED[CI]_(.+)$")
+    parts: list[pl.LazyFrame] = [
+        events.lazy()
+        .filter(drug.is_not_null() & ~pl.col("code").str.starts_with("MEDC_stop_"))
+        .select("stay", (pl.lit("DRUG_") + drug).alias("code"))
+    ]
     if site.has("hospital_diagnosis"):
         dx = site.tables["hospital_diagnosis"].lazy()
         fmt = str(cfg["diagnosis_format"])
@@ -38,28 +45,15 @@ def admission_codes(site: Site, st: pl.DataFrame, cfg: DictConfig | dict) -> pl.
             .str.slice(0, int(cfg["diagnosis_chars"]))
         )
         parts.append(
-            dx.filter(pl.col("diagnosis_code").is_not_null()).select(
-                "hospitalization_id", (pl.lit("DX_") + code).alias("code")
-            )
+            dx.filter(pl.col("diagnosis_code").is_not_null())
+            .select("hospitalization_id", (pl.lit("DX_") + code).alias("code"))
+            .join(st.lazy().select("hospitalization_id", "stay"), on="hospitalization_id")
+            .select("stay", "code")
         )
-    for table in MED_TABLES:
-        if site.has(table):
-            parts.append(
-                site.tables[table]
-                .lazy()
-                .select(
-                    "hospitalization_id",
-                    category_code(site, table, "med_category", "DRUG").alias("code"),
-                )
-            )
-    if not parts:
-        return pl.DataFrame(schema={"stay": pl.Int32, "code": pl.String})
     return (
         pl.concat(parts)
         .filter((pl.col("code") != f"DX_{UNK}") & (pl.col("code") != f"DRUG_{UNK}"))
         .filter(~pl.col("code").str.ends_with("_"))
-        .join(st.lazy().select("hospitalization_id", "stay"), on="hospitalization_id")
-        .select("stay", "code")
         .unique()
         .collect()
     )

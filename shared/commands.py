@@ -17,7 +17,7 @@ from fedclif.shared.clif.site import Site, SiteReport, load_site, read_site
 from fedclif.shared.config import add_arguments, load_tree
 from fedclif.shared.errors import FedclifError
 from fedclif.shared.events import TOKEN_TYPES
-from fedclif.shared.labels import LABELS
+from fedclif.shared.labels import LABELS, TASKS
 from fedclif.shared.stats import merge_stats, read_stats, site_stats, write_stats
 from fedclif.shared.timelines import LABELS as LABELS_FILE
 from fedclif.shared.timelines import read_timelines, tokenize_site
@@ -25,6 +25,8 @@ from fedclif.shared.tokenizer import Tokenizer, fit_tokenizer
 from fedclif.shared.ui import console, out, progress, step
 
 SECTIONS = ("site", "tokenizer")
+# MEDS exports: the site as read, and the patient split (train.split) for subject_splits.
+EXPORT_SECTIONS = ("site", "train")
 EXAMPLE = "site.timezone=America/Chicago tokenizer.k_min_count=20"
 
 
@@ -277,6 +279,52 @@ def cmd_baseline(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export_meds(args: argparse.Namespace) -> int:
+    """A CLIF site as a MEDS dataset (shared/meds.py)."""
+    from fedclif.shared.meds import export_meds
+
+    cfg = load_tree(EXPORT_SECTIONS, (), args.config, args.overrides)
+    site = _read(args.dir, cfg["site"])
+    dest = _empty_out(args.out)
+    with progress() as bar:
+        task = bar.add_task("exporting to MEDS", total=site.report.usable_stays)
+
+        def update(done: int, total: int) -> None:
+            bar.update(task, completed=done, total=total)
+
+        res = export_meds(site, dest, cfg["train"].split, update)
+    t = Table(title=f"MEDS dataset {dest} ({res['subjects']:,} subjects, {res['stays']:,} stays, "
+                    f"{res['shards']} shard(s))", title_justify="left")  # fmt: skip
+    t.add_column("namespace")
+    t.add_column("rows", justify="right")
+    for k, v in sorted(res["rows"].items()):
+        t.add_row(k, f"{v:,}")
+    out.print(t)
+    return 0
+
+
+def cmd_export_labels(args: argparse.Namespace) -> int:
+    """Our tasks in the MEDS label schema, one file per task."""
+    from fedclif.shared.meds import export_labels
+
+    cfg = load_tree(EXPORT_SECTIONS, (), args.config, args.overrides)
+    site = _read(args.dir, cfg["site"])
+    tasks = args.tasks.split(",") if args.tasks else list(TASKS)
+    written = export_labels(site, _empty_out(args.out), tasks)
+    for task, n in written.items():
+        out.print(f"{task}: {n:,} labelled stays -> {Path(args.out) / f'{task}.parquet'}")
+    return 0
+
+
+def _empty_out(path: str) -> Path:
+    """An output directory that holds nothing yet: an export never mixes with old files."""
+    p = Path(path)
+    if p.exists() and any(p.iterdir()):
+        raise FedclifError(f"{p} is not empty: choose a new --out (an export is never merged)")
+    p.mkdir(parents=True, exist_ok=True)
+    return p
+
+
 # --- parser ------------------------------------------------------------------------------
 
 
@@ -318,6 +366,19 @@ def register(sub, groups: dict, add: Callable) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--boot", type=int, default=500, help="bootstrap resamples")
     p.add_argument("--out", help="also write the results as JSON here")
+
+    esub = add(sub, "export", None, "write a site in the field's formats").add_subparsers(
+        dest="export_command", required=True
+    )
+    p = add(esub, "meds", cmd_export_meds, "a CLIF site as a MEDS dataset (data, metadata, splits)")
+    p.add_argument("dir", help="CLIF directory")
+    p.add_argument("--out", required=True, help="MEDS directory to create")
+    add_arguments(p, EXPORT_SECTIONS, "train.split.test=0.3 site.chunk_stays=5000")
+    p = add(esub, "labels", cmd_export_labels, "our tasks as MEDS labels (one file per task)")
+    p.add_argument("dir", help="CLIF directory")
+    p.add_argument("--out", required=True, help="directory for <task>.parquet")
+    p.add_argument("--tasks", help=f"comma-separated (default: {','.join(TASKS)})")
+    add_arguments(p, EXPORT_SECTIONS, "site.input_hours=24")
 
     p = add(groups["tokenizer"], "fit", cmd_fit, "merge site statistics into tokenizer.json")
     p.add_argument("--stats", nargs="+", help="site statistics files")

@@ -222,8 +222,9 @@ EVENT_TABLES: dict[str, Callable[[Site], list[pl.LazyFrame]]] = {
 }
 
 
-def stays(site: Site) -> pl.DataFrame:
-    """Stays long enough to tokenize, with demographics and index within the patient.
+def stays(site: Site, min_hours: float | None = None) -> pl.DataFrame:
+    """Stays long enough to tokenize (`min_hours`, default `site.min_stay_hours`), with
+    demographics and index within the patient.
 
     `stay` is a dense integer id in admission order, used instead of the string id in the
     hot sort and group steps.
@@ -239,7 +240,7 @@ def stays(site: Site) -> pl.DataFrame:
     p = site.tables["patient"].select(
         "patient_id", "sex_category", "race_category", "ethnicity_category"
     )
-    min_h = float(site.cfg.min_stay_hours)
+    min_h = float(site.cfg.min_stay_hours if min_hours is None else min_hours)
     return (
         h.join(p, on="patient_id", how="left")
         .filter(

@@ -88,11 +88,11 @@ def site_stats(site: Site, cfg: DictConfig, allow_open: Sequence[str] = ()) -> d
     sig = int(s.sig_figs)
     code_parts, cell_parts = [], []
     for sub, part in stay_chunks(site):
-        ev = stay_events(sub, part).select("code", "value").collect()
+        ev = stay_events(sub, part).select("stay", "code", "value").collect()
         code_parts.append(ev.group_by("code").agg(pl.len().alias("n")))
         # Admission codes count stays, not events (a stay holds each at most once).
         code_parts.append(
-            admission_codes(sub, part, cfg.codes)
+            admission_codes(sub, part, cfg.codes, ev)
             .group_by("code")
             .agg(pl.len().cast(pl.UInt32).alias("n"))
         )

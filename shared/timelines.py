@@ -129,7 +129,9 @@ def _ordered_events(
         .with_columns(
             (pl.col("prio").cast(pl.Int64) * (1 << 32) + pl.col("code_pos")).alias("_what")
         )
-        .sort("_when", "_what", maintain_order=True)
+        # Value last: readings of one code at one time keep an order that does not depend
+        # on the order of the source table's rows (a MEDS export of it reads back the same).
+        .sort("_when", "_what", "value", nulls_last=True, maintain_order=True)
     )
     code_pos = events.get_column("code_pos").to_numpy()
     return {
@@ -230,7 +232,7 @@ def tokenize_site(
             events = stay_events(sub, part).collect()  # once, for both views
             timelines = encode(sub, tok, part, events)
             if tok.targets:  # targets, kept apart from every token column
-                pairs = admission_codes(sub, part, tok.config["codes"])
+                pairs = admission_codes(sub, part, tok.config["codes"], events)
                 timelines = timelines.with_columns(target_lists(pairs, part, tok.targets))
             grid = hourly_grid(events, part, tok).to_arrow()
             if grid_writer is None:

@@ -354,13 +354,14 @@ class Study:
             }
         # The objectives question: the source-only model with each further objective set.
         sets = range(1, len(c.objectives))
-        for s in seeds:
+        asked = objective_seeds(c)
+        for s in asked:
             for k in sets:
                 pre[s][k] = self._lane("source_only", [SOURCE], s, toks[SOURCE], "pretrain",
                                        None, steps=n_rounds * spr, objectives=k)  # fmt: skip
         self._train([lane for p in pre.values() for lane in p.values()], "pretraining")
         self._phase("pretraining")
-        probes = self._probes([pre[s][k] for s in seeds for k in ("source", *sets)])
+        probes = self._probes([pre[s][k] for s in seeds for k in ("source", *sets) if k in pre[s]])
         self._phase("probes")
 
         ft, evals = [], []
@@ -407,7 +408,7 @@ class Study:
                     ft.append(fed_at[site])
             if s == seeds[0]:  # the cross-site matrix, once: n_sites^2 evaluations
                 evals += [(fed_at[site], real, "cross_site") for site in real]
-            for k in sets:  # each further objective set: at the source, and a share at target
+            for k in sets if s in asked else ():  # at the source, and a share at target
                 at_src = self._lane("source_only", [SOURCE], s, toks[SOURCE], "finetune",
                                     p[k].weights, objectives=k)  # fmt: skip
                 share = float(c.ablation_fraction)
@@ -456,10 +457,21 @@ def planned_messages(cfg: DictConfig) -> int:
     # Per further objective set: pretraining and probes at the source (evaluated there and
     # at the target), finetuning at the source and on a share of the target, evaluated
     # there and at the target.
-    ablation = (len(cfg.objectives) - 1) * (1 + 1 + 2 + 2 + 3)
+    ablation = (len(cfg.objectives) - 1) * (1 + 1 + 2 + 2 + 3) * len(objective_seeds(cfg))
     return (
-        setup + len(cfg.seeds) * (pretrain + finetune + evaluate + ablation) + real * real + curve
+        setup + len(cfg.seeds) * (pretrain + finetune + evaluate) + ablation + real * real + curve
     )
+
+
+def objective_seeds(cfg: DictConfig) -> list[int]:
+    """The seeds the objectives question runs (`study.objectives_seeds`; null: all)."""
+    seeds = [int(s) for s in cfg.seeds]
+    if cfg.get("objectives_seeds") is None:
+        return seeds
+    asked = [int(s) for s in cfg.objectives_seeds]
+    if not set(asked) <= set(seeds):
+        raise FedclifError(f"study.objectives_seeds {asked} must be among study.seeds {seeds}")
+    return asked
 
 
 def _rows(

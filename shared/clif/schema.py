@@ -64,9 +64,9 @@ RESP_SETTINGS = (
 # Further columns read when present (everything else is only type-checked).
 ALSO_READ: dict[str, tuple[str, ...]] = {
     "adt": ("out_dttm",),
-    "labs": ("lab_value_numeric",),
+    "labs": ("lab_value_numeric", "reference_unit"),
     "respiratory_support": ("mode_category", *RESP_SETTINGS),
-    "medication_admin_continuous": ("med_dose", "mar_action_category"),
+    "medication_admin_continuous": ("med_dose", "mar_action_category", "med_dose_unit"),
     "medication_admin_intermittent": ("mar_action_category",),
     "patient_assessments": ("numerical_value", "categorical_value"),
     "hospital_diagnosis": ("diagnosis_code_format",),

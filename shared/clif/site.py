@@ -7,6 +7,9 @@ unreadable file, a wrong type, duplicate primary keys) are fatal; row-level ones
 warnings unless they hit more than `max_bad_fraction` of a table.
 """
 
+import atexit
+import shutil
+import tempfile
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -23,6 +26,7 @@ from fedclif.shared.clif.schema import (
     load_schemas,
 )
 from fedclif.shared.errors import FedclifError
+from fedclif.shared.meds_input import is_meds, read_meds, write_clif
 
 Severity = Literal["fatal", "warning"]
 
@@ -478,15 +482,23 @@ def read_site(
         )
         report.tables["site"] = tr
         return site
+    tables_dir = path
+    if is_meds(path):  # its events as CLIF tables, checked like any site's
+        try:
+            tables_dir = write_clif(read_meds(path), _scratch())
+        except FedclifError as e:
+            tr = report.tables["site"] = TableReport(table="site", file=str(path))
+            tr.problems.append(Problem("fatal", "site", str(path), None, "meds", str(e)))
+            return site
     for name, schema in schemas.items():
         if on_table:
             on_table(name)
-        tr = report.tables[name] = TableReport(table=name, file=str(path / schema.file_name))
-        df = _check_table(path, schema, tr, cfg)
+        tr = report.tables[name] = TableReport(table=name, file=str(tables_dir / schema.file_name))
+        df = _check_table(tables_dir, schema, tr, cfg)
         if df is not None:
             tables[name] = df
     known = {s.file_name for s in schemas.values()}
-    others = sorted(p.name for p in path.glob("clif_*.parquet") if p.name not in known)
+    others = sorted(p.name for p in tables_dir.glob("clif_*.parquet") if p.name not in known)
     if others:
         tr = report.tables.setdefault("site", TableReport(table="site", file=str(path)))
         tr.problems.append(
@@ -503,6 +515,13 @@ def read_site(
         return site
     _cross_checks(site, schemas)
     return site
+
+
+def _scratch() -> Path:
+    """A directory for a MEDS site's CLIF tables, removed when the process ends."""
+    d = Path(tempfile.mkdtemp(prefix="fedclif-meds-"))
+    atexit.register(shutil.rmtree, d, ignore_errors=True)
+    return d
 
 
 def _checker_for(site: Site, schemas: dict[str, TableSchema], name: str) -> _Checker:
@@ -563,7 +582,7 @@ def _cross_checks(site: Site, schemas: dict[str, TableSchema]) -> None:
             _check_ranges(c, "vital_category", "vital_value")
         elif name == "labs":
             _check_ranges(c, "lab_category", "lab_value_numeric")
-        if name == "adt":
+        if name == "adt" and "out_dttm" in c.df.columns:  # an optional column
             c.rows(
                 pl.col("out_dttm") < pl.col("in_dttm"),
                 "out_dttm",
