@@ -284,8 +284,9 @@ def _write_metadata(site: Site, out: Path, codes: list[str], subjects: list, spl
 
 def export_labels(site: Site, out: str | Path, tasks: list[str]) -> dict[str, int]:
     """Our tasks in the MEDS label schema, one `<task>.parquet` each: `subject_id`,
-    `prediction_time` (admission + `site.input_hours`), `boolean_value`, and the stay's
-    `hospitalization_id`; stays a task cannot be evaluated on (unknown outcome, ICU or
+    `prediction_time` (admission + `site.input_hours`: a stay is its subject and that time;
+    the label schema takes no extra column), `boolean_value`; stays a task cannot be
+    evaluated on (unknown outcome, ICU or
     ventilation already in the input window) are left out, as in training."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -312,7 +313,6 @@ def export_labels(site: Site, out: str | Path, tasks: list[str]) -> dict[str, in
                 .dt.cast_time_unit("us")
                 .alias("prediction_time"),
                 pl.col(label).cast(pl.Boolean).alias("boolean_value"),
-                "hospitalization_id",
             )
             .sort("subject_id", "prediction_time")
         )
