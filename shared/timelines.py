@@ -129,10 +129,9 @@ def _ordered_events(
         .with_columns(
             (pl.col("prio").cast(pl.Int64) * (1 << 32) + pl.col("code_pos")).alias("_what")
         )
-        # Value last: readings of one code at one time keep an order that does not depend
-        # on the order of the source table's rows (a MEDS export of it reads back the same).
-        .sort("_when", "_what", "value", nulls_last=True, maintain_order=True)
+        .sort("_when", "_what", maintain_order=True)
     )
+    events = _ties_by_value(events)
     code_pos = events.get_column("code_pos").to_numpy()
     return {
         # Stays of a chunk are a contiguous run of ids; count from 0 within it.
@@ -142,6 +141,24 @@ def _ordered_events(
         "type": code_types[code_pos],
         "value": events.get_column("value").fill_null(np.nan).to_numpy(),
     }
+
+
+def _ties_by_value(events: pl.DataFrame) -> pl.DataFrame:
+    """Readings of one code at one time (sorted events), ordered by value: the timeline
+    then does not depend on the order of the source table's rows (a MEDS export read back
+    gives the same). Only the ties are reordered (a third sort key costs the whole sort
+    a third more)."""
+    when, what = events.get_column("_when").to_numpy(), events.get_column("_what").to_numpy()
+    tie = np.flatnonzero((when[1:] == when[:-1]) & (what[1:] == what[:-1]))
+    if tie.size == 0:
+        return events
+    rows = np.union1d(tie, tie + 1)  # every row of a tie group, in order
+    group = np.cumsum(np.r_[True, ~np.isin(rows[1:] - 1, tie)])  # a row not tied to the last
+    value = events.get_column("value").fill_null(np.inf).to_numpy()[rows]
+    order = rows[np.lexsort((value, group))]
+    perm = np.arange(events.height)
+    perm[rows] = order
+    return events[perm]
 
 
 def encode(

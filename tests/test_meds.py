@@ -9,6 +9,7 @@ import meds
 import polars as pl
 import pyarrow.parquet as pq
 import pytest
+from conftest import run_tokenize
 
 from fedclif.cli import main
 from fedclif.shared.clif.site import load_site
@@ -17,7 +18,6 @@ from fedclif.shared.events import stay_events, stays
 from fedclif.shared.meds import NAMESPACES, STATIC
 from fedclif.shared.splits import assign_splits
 from fedclif.shared.timelines import LABELS, TIMESERIES
-from tests.conftest import run_tokenize
 
 
 @pytest.fixture(scope="module")

@@ -12,6 +12,7 @@ import numpy as np
 import polars as pl
 import pytest
 import torch
+from conftest import read, run_tokenize, write
 from transformers import AutoModel
 
 from fedclif.cli import main
@@ -34,7 +35,6 @@ from fedclif.shared.sequences import StayViews, load_site_data
 from fedclif.shared.timeseries import variables
 from fedclif.shared.tokenizer import Tokenizer
 from fedclif.simulations.synth import load_preset, write_site
-from tests.conftest import read, run_tokenize, write
 
 TS = [
     "pretrain.context=96",

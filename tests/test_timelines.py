@@ -7,7 +7,7 @@ import numpy as np
 import pandas as pd
 import polars as pl
 import pytest
-from conftest import read, write
+from conftest import read, run_tokenize, write
 from omegaconf import OmegaConf
 
 from fedclif.cli import main
@@ -350,3 +350,16 @@ def test_the_time_series_view_is_hourly_means_normalised_by_the_federated_cuts(
         assert empty and not mask[0, empty, col].any() and not values[0, empty, col].any()
     manifest = json.loads((demo_tokens / "manifest.json").read_text())
     assert manifest["timeseries_variables"] == names
+
+
+def test_timelines_do_not_depend_on_the_order_of_table_rows(site_dir, demo_tokens, tmp_path):
+    """The same tables with their rows in reverse order tokenize to the same timelines
+    (readings of one code at one time are ordered by value, not by row)."""
+    for table in ("vitals", "labs", "medication_admin_continuous", "patient_assessments"):
+        f = site_dir / f"clif_{table}.parquet"
+        pl.read_parquet(f).reverse().write_parquet(f)
+    out = run_tokenize(site_dir, demo_tokens / "tokenizer.json", tmp_path / "out")
+    cols = ["hospitalization_id", "tokens", "hours", "tokens_24h"]
+    a = pl.read_parquet(demo_tokens / "timelines.parquet", columns=cols).sort("hospitalization_id")
+    b = pl.read_parquet(out / "timelines.parquet", columns=cols).sort("hospitalization_id")
+    assert a.equals(b)
