@@ -130,8 +130,10 @@ OBJECTIVE_SETS = {
 }
 
 
-def _objective_rates(tokens: Path, size: str, context: int, batch: int, steps: int) -> dict:
-    """Real (non-padding) input tokens per second of a training step, per objective set."""
+def _objective_rates(tokens: Path, size: str, context: int, batch: int, steps: int,
+                     only: list[str]) -> dict:  # fmt: skip
+    """Real (non-padding) input tokens per second of a training step, per objective set
+    (next-token alone and the sets adding an objective in `only`)."""
     import torch
     from torch.utils.data import DataLoader
 
@@ -144,6 +146,8 @@ def _objective_rates(tokens: Path, size: str, context: int, batch: int, steps: i
     quiet_transformers()
     st, rates = STAGES["pretrain"], {}
     for name, weights in OBJECTIVE_SETS.items():
+        if name.startswith("+ ") and name[2:] not in only:
+            continue
         over = [f"pretrain.context={context}", f"pretrain.batch_size={batch}"]
         over += [f"pretrain.objectives.{k}={v}" for k, v in (weights or {}).items()]
         cfg = load_config("train", overrides=over)
@@ -219,6 +223,9 @@ def main() -> None:
     ap.add_argument("--contexts", type=int, nargs="+", default=[512, 2048, 8192])
     ap.add_argument("--steps", type=int, default=3, help="timed steps per run")
     ap.add_argument("--repeats", type=int, default=3)
+    every = [n[2:] for n in OBJECTIVE_SETS if n.startswith("+ ")]
+    ap.add_argument("--objectives", nargs="*", default=every, choices=every,
+                    help="objectives whose cost section 3 measures (default: all)")  # fmt: skip
     ap.add_argument(
         "--step-tokens", type=int, default=8192, help="tokens per step in the comparison"
     )
@@ -289,14 +296,14 @@ def main() -> None:
             print(f"   {ctx:7d} {mr:13,.0f} {lr:12,.0f} {mr / lr:6.2f}  {mp_:20,.0f} {lp:19,.0f}")
         print(f"   parameters: mamba2 {mn:,}, llama {ln:,}")
 
-        runs = [_objective_rates(tokens, args.size, ctx0, batch0, args.steps + 2)
+        runs = [_objective_rates(tokens, args.size, ctx0, batch0, args.steps + 2, args.objectives)
                 for _ in range(args.repeats)]  # fmt: skip
         print(f"\n3. pretraining objectives ({args.size} mamba2, context {ctx0}, batch "
               f"{batch0}; real input tokens/s, median of {args.repeats})")  # fmt: skip
         base = statistics.median(r["next_token (packed blocks)"] for r in runs)
         views = statistics.median(r["next_token (stay views)"] for r in runs)
         print(f"   {'objectives':<28} {'tokens/s':>10} {'vs packed':>10} {'vs stay views':>14}")
-        for name in OBJECTIVE_SETS:
+        for name in runs[0]:
             rate = statistics.median(r[name] for r in runs)
             print(f"   {name:<28} {rate:10,.0f} {rate / base:10.2f} {rate / views:14.2f}")
 

@@ -25,6 +25,7 @@ def test_tokenize_bench_quick_profile():
     out = run_module("bench.tokenize", "--copies", "2", "--repeats", "1")
     lines = {line.split("  ")[0]: line for line in out.splitlines()}
     assert "tokenize (read+check+encode+write)" in lines and "scan (floor)" in lines
+    assert "MEDS export (read+check+export)" in lines and "MEDS as a site" in lines
     assert "544 stays of >= 24 h" in out  # 2 copies x 272
 
 
@@ -46,14 +47,19 @@ def test_train_bench_quick_profile():
         "1",
         "--step-tokens",
         "1024",
+        "--objectives",
+        "ts_align",
+        "masked_codes",
     )
     assert "overhead" in out and "tokens/s" in out
     row = next(line.split() for line in out.splitlines() if line.strip().startswith("64 "))
     assert len(row) == 6 and float(row[3]) > 0  # context, two rates, ratio, two peaks
     # Each pretraining objective's rate beside next-token alone's.
-    for name in ("+ ts_align", "+ ts_recon", "+ stay_recon", "+ masked_codes", "+ code_contrast"):
+    for name in ("next_token (packed blocks)", "next_token (stay views)", "+ ts_align",
+                 "+ masked_codes"):  # fmt: skip
         (line,) = [x for x in out.splitlines() if x.strip().startswith(name)]
         assert float(line.split()[-3].replace(",", "")) > 0, line
+    assert "+ ts_recon" not in out  # only the objectives asked for
 
 
 def test_federation_bench_quick_profile():

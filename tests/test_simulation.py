@@ -66,7 +66,9 @@ def _leftovers(root) -> list[str]:
 STAGED = [
     "train.pretrain.stages=[{objectives: {next_token: 1, stay_recon: 1, ts_align: 1}, share: 0.34},"
     "{objectives: {next_token: 1, masked_codes: 1, code_contrast: 1}, share: 0.66}]",
-    "train.pretrain.ts.hours=24",
+    # Two 5-hour patches a stay: enough to align, and the series pass stays short.
+    "train.pretrain.ts.hours=10",
+    "train.pretrain.ts.stay_hours=10",
 ]
 
 
