@@ -25,7 +25,7 @@ def test_tokenize_bench_quick_profile():
     out = run_module("bench.tokenize", "--copies", "2", "--repeats", "1")
     lines = {line.split("  ")[0]: line for line in out.splitlines()}
     assert "tokenize (read+check+encode+write)" in lines and "scan (floor)" in lines
-    assert "MEDS export (read+check+export)" in lines and "MEDS as a site" in lines
+    assert "MEDS export (read+check+export)" in lines and "MEDS as a site (read+map+check)" in lines
     assert "544 stays of >= 24 h" in out  # 2 copies x 272
 
 
