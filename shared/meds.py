@@ -109,10 +109,8 @@ def shard(site: Site, part: pl.DataFrame, units: pl.DataFrame) -> pa.Table:
     subject and time, validated by `meds.DataSchema`."""
     sub = site.restrict(part)
     ev = stay_events(sub, part).collect()
-    info = part.select(
-        "stay", "hospitalization_id", "patient_id", "admission_dttm", "discharge_dttm"
-    )
-    ev = ev.join(info, on="stay")
+    ev = ev.join(part.select("stay", "hospitalization_id", "patient_id", "admission_dttm"),
+                 on="stay")  # fmt: skip
     when = pl.col("admission_dttm") + pl.duration(microseconds=(pl.col("hours") * 3.6e9).round())
     static = pl.col("code").str.split("_").list.first().is_in(list(STATIC))
     rows = ev.with_columns(
