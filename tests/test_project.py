@@ -49,14 +49,12 @@ def test_train_bench_quick_profile():
         "1024",
         "--objectives",
         "ts_align",
-        "masked_codes",
     )
     assert "overhead" in out and "tokens/s" in out
     row = next(line.split() for line in out.splitlines() if line.strip().startswith("64 "))
     assert len(row) == 6 and float(row[3]) > 0  # context, two rates, ratio, two peaks
     # Each pretraining objective's rate beside next-token alone's.
-    for name in ("next_token (packed blocks)", "next_token (stay views)", "+ ts_align",
-                 "+ masked_codes"):  # fmt: skip
+    for name in ("next_token (packed blocks)", "next_token (stay views)", "+ ts_align"):
         (line,) = [x for x in out.splitlines() if x.strip().startswith(name)]
         assert float(line.split()[-3].replace(",", "")) > 0, line
     assert "+ ts_recon" not in out  # only the objectives asked for

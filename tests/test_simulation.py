@@ -61,11 +61,11 @@ def _leftovers(root) -> list[str]:
     return [line for line in ps.splitlines() if str(root) in line]
 
 
-# MedHMP's two stages over the three pretraining rounds (round 1 stay level, rounds 2-3
-# admission level): the objectives' heads travel, aggregate and resume with the rest.
+# MedHMP's two stages (with LLM4EHR's alignment) over four pretraining rounds (rounds 1-2
+# stay level, 3-4 admission level): the objectives' heads travel and aggregate.
 STAGED = [
-    "train.pretrain.stages=[{objectives: {next_token: 1, stay_recon: 1, ts_align: 1}, share: 0.34},"
-    "{objectives: {next_token: 1, masked_codes: 1, code_contrast: 1}, share: 0.66}]",
+    "train.pretrain.stages=[{objectives: {next_token: 1, stay_recon: 1, ts_align: 1}, share: 0.5},"
+    "{objectives: {next_token: 1, masked_codes: 1, code_contrast: 1}, share: 0.5}]",
     # Two 5-hour patches a stay: enough to align, and the series pass stays short.
     "train.pretrain.ts.hours=10",
     "train.pretrain.ts.stay_hours=10",
@@ -73,7 +73,7 @@ STAGED = [
 
 
 def test_interrupted_and_resumed_run_ends_with_the_same_weights(sites, tmp_path):
-    fed = load_federation(None, [*RUN, *STAGED])
+    fed = load_federation(None, RUN)
     whole, cut = tmp_path / "whole", tmp_path / "cut"
 
     def checkpointed(n: int) -> bool:
@@ -132,11 +132,6 @@ def test_interrupted_and_resumed_run_ends_with_the_same_weights(sites, tmp_path)
         )
     )
     assert not all(np.allclose(init[k], a[k]) for k in a)
-    # Every objective's heads were trained in their stage and reached the global model.
-    for head in ("stay_out", "proj_ts", "code_out", "code_proj"):
-        k = next(k for k in a if k.startswith(f"pretrain_heads.{head}."))
-        assert not np.allclose(init[k], a[k]), k
-    assert model.config.objectives == ["ts_align", "stay_recon", "masked_codes", "code_contrast"]
 
 
 def test_the_dp_ledger_outlives_a_run(sites, tmp_path):
@@ -176,11 +171,12 @@ def test_a_rogue_site_neither_stops_nor_steers_the_run(sites, tmp_path):
     """One site runs a ClientApp that poisons its statistics and sends a different bad
     reply each round (tests/rogue_app.py, in the run's app bundle): its statistics are
     left out of the tokenizer, each reply is rejected by its rule, the run completes, and
-    the global model is the honest site's update, as in a run without the rogue."""
+    the global model is the honest site's update, as in a run without the rogue. The run
+    pretrains with MedHMP's two stages and LLM4EHR's alignment: their heads travel too."""
     fed = load_federation(None, [
         "federation.rounds.pretrain=4", "federation.evaluate=false", "federation.min_sites=1",
         "train.pretrain.context=64", "train.pretrain.batch_size=8", "train.pretrain.max_steps=2",
-        "federation.timeout_s=120",
+        "federation.timeout_s=120", *STAGED,
     ])  # fmt: skip
     files = app_files(SERVERAPP, {**RUN_CONFIG, "rogue-node": -1, "rogue-kinds": ""})
     pyproject = tomllib.loads(files["pyproject.toml"].decode())
@@ -210,6 +206,10 @@ def test_a_rogue_site_neither_stops_nor_steers_the_run(sites, tmp_path):
     sent = np.load(str(mine).replace(".json", "-arrays.npz"))
     final = load_file(str(out / "checkpoint" / "weights.safetensors"))
     assert final.keys() == set(sent.files)
+    # The objectives' heads, both stages', are in the global model like every other array.
+    assert {k.split(".")[1] for k in final if k.startswith("pretrain_heads.")} >= {
+        "proj_ts", "stay_out", "code_out", "code_proj"
+    }  # fmt: skip
     for k in final:
         np.testing.assert_array_equal(final[k], sent[k], err_msg=k)
 
