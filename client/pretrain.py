@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from omegaconf import DictConfig
+from torch.utils.data import TensorDataset
 
 from fedclif.client.loop import dp_config, fit, pick_device, piece_config
 from fedclif.client.stage import STAGES
@@ -62,13 +63,18 @@ def pretrain(
         setup(model, cfg, "pretrain")  # the task head is unused here: not trained
     else:  # the same seed, the same initial weights
         model = stage_model(model_cfg, data.tok, cfg, "pretrain", seed=int(cfg.seed))
-    blocks = packed_blocks(data, "train", int(c.context))
+    first = st.examples(data, "train", cfg, dp is not None, int(cfg.seed), plan[0][0])
+    # The training tokens' statistics read packed blocks: next-token runs train on them.
+    blocks = (
+        first if isinstance(first, TensorDataset) else packed_blocks(data, "train", int(c.context))
+    )
     pad = model.lm.config.pad_token_id
     unigram = unigram_entropy(blocks.tensors[0], pad)
     tokens = int((blocks.tensors[0] != pad).sum())
     history, runs = [], []
-    for at, share in plan:
-        train = st.examples(data, "train", cfg, dp is not None, int(cfg.seed), at)
+    for i, (at, share) in enumerate(plan):
+        train = first if i == 0 else st.examples(data, "train", cfg, dp is not None,
+                                                 int(cfg.seed), at)  # fmt: skip
         val = st.examples(data, "val", cfg, progress=at)
         weights = weights_at(c, at)
         sc = piece_config(c, share, len(train)) if len(plan) > 1 else c
