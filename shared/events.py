@@ -14,8 +14,9 @@ from dataclasses import dataclass
 
 import polars as pl
 
-from fedclif.shared.clif.schema import RESP_SETTINGS, load_schemas
+from fedclif.shared.clif.schema import RESP_SETTINGS
 from fedclif.shared.clif.site import Site
+from fedclif.shared.clif.versions import vocabulary_terms
 
 UNK = "UNK"
 # Marks a code built from free text; statistics keep such codes only when common.
@@ -74,11 +75,11 @@ def type_id(code: str) -> int:
     return TOKEN_TYPES.index(PREFIX_TYPE.get(prefix_of(code), "special"))
 
 
-def category_code(site: Site, table: str, column: str, prefix: str) -> pl.Expr:
-    """`PREFIX_value` for permissible values, `PREFIX_UNK` for the rest."""
-    allowed = load_schemas(str(site.cfg.clif_version))[table].columns[column].permissible
+def category_code(table: str, column: str, prefix: str) -> pl.Expr:
+    """`PREFIX_value` for the vocabulary's terms, `PREFIX_UNK` for the rest."""
+    allowed = vocabulary_terms(table, column)
     col = pl.col(column)
-    known = col.is_in(list(allowed)) if allowed else col.is_not_null()
+    known = col.is_in(sorted(allowed)) if allowed else col.is_not_null()
     return pl.when(known).then(pl.lit(prefix + "_") + col).otherwise(pl.lit(f"{prefix}_{UNK}"))
 
 
@@ -138,7 +139,7 @@ def _source(site: Site, src: Source) -> list[pl.LazyFrame]:
         _frame(
             df.filter(pl.col(src.category).is_not_null()),
             src.time,
-            category_code(site, src.table, src.category, src.prefix),
+            category_code(src.table, src.category, src.prefix),
             pl.col(src.value) if src.value else None,
             src.prio,
             src.state,
@@ -159,7 +160,7 @@ def _resp_settings(site: Site) -> list[pl.LazyFrame]:
 
 def _meds_continuous(site: Site) -> list[pl.LazyFrame]:
     df = site.tables["medication_admin_continuous"]
-    code = category_code(site, "medication_admin_continuous", "med_category", "MEDC")
+    code = category_code("medication_admin_continuous", "med_category", "MEDC")
     dose = pl.col("med_dose") if "med_dose" in df.columns else None
     if "mar_action_category" in df.columns:
         stop = pl.col("mar_action_category") == "stop"
@@ -177,13 +178,13 @@ def _meds_intermittent(site: Site) -> list[pl.LazyFrame]:
     df = site.tables["medication_admin_intermittent"]
     if "mar_action_category" in df.columns:
         df = df.filter(pl.col("mar_action_category").fill_null("") != "not_given")
-    code = category_code(site, "medication_admin_intermittent", "med_category", "MEDI")
+    code = category_code("medication_admin_intermittent", "med_category", "MEDI")
     return [_frame(df, "admin_dttm", code, None, 15)]
 
 
 def _assessments(site: Site) -> list[pl.LazyFrame]:
     df = site.tables["patient_assessments"]
-    code = category_code(site, "patient_assessments", "assessment_category", "ASMT")
+    code = category_code("patient_assessments", "assessment_category", "ASMT")
     value = pl.col("numerical_value") if "numerical_value" in df.columns else pl.lit(None)
     if "categorical_value" in df.columns:
         # Open vocabulary: the answer joins the code after OPEN_SEP (ASMT_cam_icu=positive).
@@ -205,7 +206,7 @@ def _code_status(site: Site, stays: pl.DataFrame) -> list[pl.LazyFrame]:
         _frame(
             df,
             "start_dttm",
-            category_code(site, "code_status", "code_status_category", "CODE"),
+            category_code("code_status", "code_status_category", "CODE"),
             None,
             19,
             state="code_status",
@@ -274,7 +275,7 @@ def _prefix_suffix(site: Site, st: pl.DataFrame) -> pl.LazyFrame:
         return lf.select(
             "stay",
             pl.lit(0.0).alias("hours"),
-            category_code(site, table, column, prefix).alias("code"),
+            category_code(table, column, prefix).alias("code"),
             pl.lit(None, pl.Float64).alias("value"),
             pl.lit(prio, pl.Int8).alias("prio"),
         )
@@ -289,7 +290,7 @@ def _prefix_suffix(site: Site, st: pl.DataFrame) -> pl.LazyFrame:
     discharge = lf.select(
         "stay",
         _hours(pl.col("discharge_dttm")).alias("hours"),
-        category_code(site, "hospitalization", "discharge_category", "DSCG").alias("code"),
+        category_code("hospitalization", "discharge_category", "DSCG").alias("code"),
         pl.lit(None, pl.Float64).alias("value"),
         pl.lit(PRIO_DISCHARGE, pl.Int8).alias("prio"),
     )

@@ -21,6 +21,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from fedclif.shared.artifact import read_json, write_json
 from fedclif.shared.clif.site import Site
+from fedclif.shared.clif.versions import VOCABULARY_VERSION
 from fedclif.shared.codes import admission_codes
 from fedclif.shared.errors import FedclifError
 from fedclif.shared.events import OPEN_SEP, stay_chunks, stay_events
@@ -135,7 +136,8 @@ def site_stats(site: Site, cfg: DictConfig, allow_open: Sequence[str] = ()) -> d
     return {
         "format": FORMAT,
         "version": VERSION,
-        "clif_version": str(site.cfg.clif_version),
+        # The CLIF terms its codes are in (a 3.0 site's are crosswalked), not the site's version.
+        "clif_version": VOCABULARY_VERSION,
         "config": OmegaConf.to_container(s),
         "n_stays": site.report.usable_stays // min_cell * min_cell if scale <= 0 else None,
         "codes": dict(zip(codes["code"].to_list(), codes["n"].to_list(), strict=True)),

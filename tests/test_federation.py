@@ -1,6 +1,6 @@
 """Federation on real Flower processes: a SuperLink with TLS and site authentication and
-two SuperNodes on loopback, each with its own small synthetic site; plus the server's
-checks. Every process started here is stopped (process groups), FLWR_HOME is temporary."""
+two SuperNodes on loopback, each with its own small synthetic site (a in CLIF 2.1, b in
+CLIF 3.0); plus the server's checks. Every process started here is stopped (process groups), FLWR_HOME is temporary."""
 
 import json
 import re
@@ -22,6 +22,7 @@ from fedclif.server.deploy import CONNECTION, connect, flwr, run_config, submit
 from fedclif.server.loopback import Loopback
 from fedclif.server.processes import wait_for
 from fedclif.shared.clif.site import load_site
+from fedclif.shared.clif.versions import write_clif_3
 from fedclif.shared.config import load_config
 from fedclif.shared.federation import ERROR_CODE, ERRORS, load_federation
 from fedclif.shared.flower import RUN_CONFIG, app_files, fab_hash, write_app
@@ -43,14 +44,17 @@ RUN = [
 @pytest.fixture(scope="module")
 def federation(tmp_path_factory):
     """Two sites with their own data, a coordinator with TLS and site authentication, and
-    both sites' daemons connected (site c has keys but is never registered)."""
+    both sites' daemons connected (site c has keys but is never registered). Site b's
+    tables are CLIF 3.0 (its 2.1 original is kept in data/b-2.1): a mixed federation."""
     root = tmp_path_factory.mktemp("federation")
     data = {}
-    for i, (name, preset) in enumerate((("a", "mimic-like"), ("b", "ucmc-like"))):
+    for i, (name, preset) in enumerate((("a", "mimic-like"), ("b-2.1", "ucmc-like"))):
         # Large enough that every histogram cell the pooled fit uses also clears the
         # per-site minimum cell count (tiny sites lose cells to privacy roll-up).
         data[name] = root / "data" / name
         write_site(load_preset(preset), 600, i + 1, data[name])
+    data["b"] = root / "data" / "b"
+    write_clif_3(data["b-2.1"], data["b"])
     lb = Loopback(root, ["a", "b"])
     try:
         lb.init(extra_sites=["c"])
@@ -90,15 +94,16 @@ def test_statistics_two_pretraining_rounds_and_evaluation(finished_run):
 
 
 def test_server_tokenizer_equals_the_pooled_fit(federation, finished_run, tmp_path):
-    """The tokenizer fitted at the server from two sites' statistics is the one fitted
-    on the two sites' data pooled in one place."""
+    """The tokenizer fitted at the server from two sites' statistics, one site in CLIF 2.1
+    and one in 3.0, is the one fitted on the two sites' data pooled in one place (in 2.1:
+    the crosswalk puts both in one vocabulary)."""
     out, _ = finished_run
     data = federation.root / "data"
     pooled = tmp_path / "pooled"
     pooled.mkdir()
     for f in sorted((data / "a").glob("clif_*.parquet")):
         pl.concat(
-            [pl.read_parquet(f), pl.read_parquet(data / "b" / f.name)], how="diagonal_relaxed"
+            [pl.read_parquet(f), pl.read_parquet(data / "b-2.1" / f.name)], how="diagonal_relaxed"
         ).write_parquet(pooled / f.name)
     tok_cfg = load_config("tokenizer")
     pooled_tok = fit_tokenizer(
@@ -108,7 +113,9 @@ def test_server_tokenizer_equals_the_pooled_fit(federation, finished_run, tmp_pa
     # The same vocabulary, but for what no site may release: a code seen fewer than
     # min_cell_count times at every site (each site's raw counts, computed here).
     raw_cfg = load_config("tokenizer", overrides=["stats.min_cell_count=1"])
-    raw = [site_stats(load_site(data / s, load_config("site")), raw_cfg)["codes"] for s in "ab"]
+    sites = [load_site(data / s, load_config("site")) for s in "ab"]
+    assert [s.report.clif_version for s in sites] == ["2.1", "3.0"]
+    raw = [site_stats(s, raw_cfg)["codes"] for s in sites]
     missing = [t for t in pooled_tok.vocab if t not in set(fed_tok.vocab)]
     assert set(fed_tok.vocab) <= set(pooled_tok.vocab)
     assert all(max(r.get(t, 0) for r in raw) < tok_cfg.stats.min_cell_count for t in missing)

@@ -138,6 +138,8 @@ def test_dirty_but_usable_rows_are_reported_and_cleaned(site_dir, site_cfg):
         .alias("vital_value"),
         pl.when(pl.int_range(pl.len()) == 4)
         .then(pl.lit("SBP"))
+        .when(pl.int_range(pl.len()) == 5)
+        .then(pl.lit("Heart Rate"))
         .when(pl.int_range(pl.len()) == 6)
         .then(pl.lit("pain_score"))
         .otherwise(pl.col("vital_category"))
@@ -160,7 +162,7 @@ def test_dirty_but_usable_rows_are_reported_and_cleaned(site_dir, site_cfg):
     warnings = {(p.table, p.column, p.kind): p for p in site.report.warnings}
     assert warnings[("vitals", "hospitalization_id", "orphan")].count == 5
     assert warnings[("vitals", "vital_value", "nan")].count == 4
-    assert warnings[("vitals", "vital_category", "category-case")].count == 1
+    assert warnings[("vitals", "vital_category", "category-spelling")].count == 2
     assert warnings[("vitals", "vital_category", "unknown-category")].count == 1
     assert warnings[("hospitalization", "age_at_admission", "impossible")].count == 1
     assert warnings[("hospitalization", "discharge_dttm", "impossible")].count == 1

