@@ -1,6 +1,7 @@
 """Federation on real Flower processes: a SuperLink with TLS and site authentication and
 two SuperNodes on loopback, each with its own small synthetic site (a in CLIF 2.1, b in
-CLIF 3.0); plus the server's checks. Every process started here is stopped (process groups), FLWR_HOME is temporary."""
+CLIF 3.0); plus the server's checks. Every process started here is stopped (process
+groups), FLWR_HOME is temporary."""
 
 import json
 import re
