@@ -12,6 +12,7 @@ import pytest
 
 from fedclif.cli import main
 from fedclif.shared.config import load_config
+from fedclif.shared.timelines import LABELS, TIMELINES, TIMESERIES
 
 # The demo holds 100 patients: at the default cell minimum (10, a site's privacy floor)
 # its histograms roll up so far that hand-checked deciles move; the tokenizer tests on it
@@ -82,3 +83,20 @@ def run_tokenize(data: Path, tokenizer: Path, out: Path) -> Path:
         main(["site", "tokenize", str(data), "--tokenizer", str(tokenizer), "--out", str(out)]) == 0
     )
     return out
+
+
+def assert_same_tokens(a: Path, b: Path) -> None:
+    """Two `site tokenize` outputs hold the same timelines, labels and hourly grid (the
+    grid's standardized values to float rounding: summation order)."""
+    cols = ["hospitalization_id", "tokens", "hours", "types", "tokens_24h", "hours_24h",
+            "age", "hosp_index", "codes"]  # fmt: skip
+    ta, tb = (
+        pl.read_parquet(d / TIMELINES, columns=cols).sort("hospitalization_id") for d in (a, b)
+    )
+    assert ta.height > 0 and ta.equals(tb)
+    la, lb = (pl.read_parquet(d / LABELS).sort("hospitalization_id") for d in (a, b))
+    assert la.equals(lb)
+    key = ["hospitalization_id", "hour", "variable"]
+    ga, gb = (pl.read_parquet(d / TIMESERIES).sort(key) for d in (a, b))
+    assert ga.drop("value").equals(gb.drop("value"))
+    assert (ga["value"] - gb["value"]).abs().max() < 1e-6

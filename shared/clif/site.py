@@ -342,30 +342,24 @@ def _normalise_categories(df: pl.DataFrame, col: Column, checker: _Checker) -> p
         df = df.with_columns(pl.col(col.name).replace(fix))
     rest = [v for v in unknown.to_list() if v not in fix]
     terms = vocabulary_terms(checker.schema.name, col.name) or frozenset()
-    other = [v for v in rest if v in terms]
-    if other:
-        n = df.filter(pl.col(col.name).is_in(other)).height
-        checker.add(
-            "warning",
-            col.name,
-            "category-version",
-            f"{n} values ({len(other)} distinct) are not CLIF {checker.version} permissible "
-            "values but terms of another CLIF version; kept as those terms",
-            n,
-            [repr(v) for v in sorted(other)[: int(checker.cfg.examples)]],
-        )
-    rest = [v for v in rest if v not in terms]
-    if rest:
-        n = df.filter(pl.col(col.name).is_in(rest)).height
-        checker.add(
-            "warning",
-            col.name,
-            "unknown-category",
-            f"{n} values ({len(rest)} distinct) are not CLIF permissible values; "
-            "they become the table's unknown token",
-            n,
-            [repr(v) for v in sorted(rest)[: int(checker.cfg.examples)]],
-        )
+    outcomes = (
+        ("category-version", [v for v in rest if v in terms],
+         f"not CLIF {checker.version} permissible values but terms of another CLIF version; "
+         "kept as those terms"),
+        ("unknown-category", [v for v in rest if v not in terms],
+         "not CLIF permissible values; they become the table's unknown token"),
+    )  # fmt: skip
+    for kind, values, says in outcomes:
+        if values:
+            n = df.filter(pl.col(col.name).is_in(values)).height
+            checker.add(
+                "warning",
+                col.name,
+                kind,
+                f"{n} values ({len(values)} distinct) are {says}",
+                n,
+                [repr(v) for v in sorted(values)[: int(checker.cfg.examples)]],
+            )
     return df
 
 
