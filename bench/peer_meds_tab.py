@@ -28,8 +28,10 @@ import subprocess
 import time
 from pathlib import Path
 
+import meds
 import numpy as np
 import polars as pl
+import pyarrow.parquet as pq
 
 from fedclif.cli import main as fedclif
 from fedclif.shared.metrics import binary_metrics
@@ -37,8 +39,9 @@ from fedclif.simulations.commands import CACHE, load_study
 from fedclif.simulations.sites import SOURCE, TARGET, study_sites
 
 log = logging.getLogger("bench.peer_meds_tab")
-# Target subject ids are shifted past every source id: both sites hash ids the same way.
-OFFSET = 1 << 62
+# Subject ids are renumbered, the target's from OFFSET: both sites hash string patient ids
+# the same way, so one id at both would be one subject.
+OFFSET = 1 << 40
 CORE = ("subject_id", "time", "code", "numeric_value")
 SPLITS = ("train", "tuning", "held_out")
 # The study's arms trained at the source alone: its gradient boosting and foundation model.
@@ -54,74 +57,80 @@ def export(site: Path, out: Path, overrides: list[str]) -> tuple[Path, Path]:
     return meds, labels
 
 
-def _data(meds: Path, shift: int) -> pl.DataFrame:
-    frames = [
-        pl.read_parquet(f, columns=list(CORE)) for f in sorted((meds / "data").glob("*.parquet"))
-    ]
-    return pl.concat(frames).with_columns(pl.col("subject_id") + shift)
+def _site(meds: Path, labels: Path, tasks: list[str], first: int) -> tuple[pl.DataFrame, dict]:
+    """A site's events (with its split) and labels per task, subjects numbered from `first`."""
+    files = sorted((meds / "data").glob("*.parquet"))
+    data = pl.concat(pl.read_parquet(f, columns=list(CORE)) for f in files)
+    split = pl.read_parquet(meds / "metadata" / "subject_splits.parquet")
+    ids = split.with_columns((pl.int_range(pl.len()) + first).alias("new"))
+
+    def renumber(df: pl.DataFrame) -> pl.DataFrame:
+        out = df.join(ids, on="subject_id", how="left", validate="m:1")
+        return out.with_columns(pl.col("new").alias("subject_id")).drop("new")
+
+    return renumber(data), {t: renumber(pl.read_parquet(labels / f"{t}.parquet")) for t in tasks}
 
 
 def assemble(src: tuple[Path, Path], tgt: tuple[Path, Path], tasks: list[str], out: Path) -> Path:
-    """MEDS-Tab's input: data/{train,tuning,held_out}/0.parquet (the target in held_out)
-    and labels/<task>/{source,target}.parquet."""
-    split = pl.read_parquet(src[0] / "metadata" / "subject_splits.parquet")
-    source = _data(src[0], 0).join(split, on="subject_id", how="left")
-    target = _data(tgt[0], OFFSET).with_columns(pl.lit("held_out").alias("split"))
-    for name in SPLITS:
-        part = pl.concat([source, target]).filter(pl.col("split") == name).drop("split")
-        (out / "data" / name).mkdir(parents=True, exist_ok=True)
-        part.sort("subject_id", "time", nulls_last=False).write_parquet(
-            out / "data" / name / "0.parquet"
-        )
+    """MEDS-Tab's input, the target's subjects in held_out: data/<split>/0.parquet and
+    labels/<task>/<split>/0.parquet."""
+    source, src_labels = _site(*src, tasks, 0)
+    target, tgt_labels = _site(*tgt, tasks, OFFSET)
+    held_out = pl.lit("held_out").alias("split")
+    frames = {"data": pl.concat([source, target.with_columns(held_out)])}
     for task in tasks:
-        (out / "labels" / task).mkdir(parents=True, exist_ok=True)
-        for who, (_, labels), shift in (("source", src, 0), ("target", tgt, OFFSET)):
-            pl.read_parquet(labels / f"{task}.parquet").with_columns(
-                pl.col("subject_id") + shift
-            ).write_parquet(out / "labels" / task / f"{who}.parquet")
+        frames[f"labels/{task}"] = pl.concat(
+            [src_labels[task], tgt_labels[task].with_columns(held_out)]
+        )
+    for where, df in frames.items():
+        schema, time = (
+            (meds.DataSchema, "time") if where == "data" else (meds.LabelSchema, "prediction_time")
+        )
+        for name in SPLITS:
+            (out / where / name).mkdir(parents=True, exist_ok=True)
+            part = df.filter(pl.col("split") == name).drop("split").sort("subject_id", time)
+            pq.write_table(schema.align(part.to_arrow()), out / where / name / "0.parquet")
     return out
 
 
-def run_meds_tab(bin_dir: Path, inp: Path, out: Path, task: str, trials: int, windows: str) -> Path:
-    """MEDS-Tab's five steps for one task; returns the best trial's directory."""
-    common = [
-        f"input_dir={inp / 'data'}",
-        f"output_dir={out}",
-        f"tabularization.window_sizes={windows}",
-        "tabularization.min_code_inclusion_count=10",
-    ]
-    steps = [
-        ("describe", []),
-        ("tabularize-static", []),
-        ("tabularize-time-series", []),
-        ("cache-task", [f"input_label_dir={inp / 'labels' / task}", f"task_name={task}"]),
-        (
-            "model",
-            [
-                "--multirun",
-                "model_launcher=xgboost",
-                f"task_name={task}",
-                f"output_model_dir={out / 'model' / task}",
-                f"hydra.sweeper.n_trials={trials}",
-                "hydra.sweeper.n_jobs=1",
-            ],
-        ),
-    ]
-    done = out / ".tabularized"
-    for step, extra in steps:
-        if step in ("describe", "tabularize-static", "tabularize-time-series") and done.is_file():
-            continue
-        t0 = time.perf_counter()
-        cmd = [str(bin_dir / f"meds-tab-{step}"), *extra, *common]
-        res = subprocess.run(cmd, capture_output=True, text=True)
-        if res.returncode:
-            raise SystemExit(f"meds-tab-{step} failed ({res.returncode}):\n{res.stderr[-4000:]}")
-        log.info("%s: meds-tab-%s %.1f s", task, step, time.perf_counter() - t0)
-        if step == "tabularize-time-series":
-            done.touch()
-    best = sorted((out / "model" / task).glob("*/best_trial"))
+def tabularize(bin_dir: Path, inp: Path, out: Path, windows: str, workers: int) -> list[str]:
+    """MEDS-Tab's features at every event time, once for all tasks; returns the settings
+    the later steps repeat."""
+    # MEDS-Tab's default aggregations but static/first: our static codes (sex, race,
+    # ethnicity) carry no value, and MEDS-Tab refuses an aggregation with nothing to do.
+    aggs = "[static/present,code/count,value/count,value/sum,value/sum_sqd,value/min,value/max]"
+    tab = [f"input_dir={inp / 'data'}", f"output_dir={out}",
+           f"tabularization.window_sizes={windows}", f"tabularization.aggs={aggs}",
+           "tabularization.min_code_inclusion_count=10"]  # fmt: skip
+    parallel = ["--multirun", f"worker=range(0,{workers})", "hydra/launcher=joblib"]
+    if not (out / ".complete").is_file():
+        _step(bin_dir, "describe", tab[:2])
+        _step(bin_dir, "tabularize-static", tab)
+        _step(bin_dir, "tabularize-time-series", [*parallel, *tab])
+        (out / ".complete").touch()
+    return tab
+
+
+def _step(bin_dir: Path, step: str, args: list[str]) -> None:
+    t0 = time.perf_counter()
+    res = subprocess.run([str(bin_dir / f"meds-tab-{step}"), *args], capture_output=True, text=True)
+    if res.returncode:
+        raise SystemExit(f"meds-tab-{step} failed ({res.returncode}):\n{res.stderr[-4000:]}")
+    log.info("meds-tab-%s %.1f s", step, time.perf_counter() - t0)
+
+
+def fit(bin_dir: Path, inp: Path, out: Path, task: str, tab: list[str], trials: int) -> Path:
+    """MEDS-Tab's task caching and XGBoost sweep for one task; returns the best trial's
+    directory."""
+    task_args = [*tab, f"task_name={task}"]
+    _step(bin_dir, "cache-task", [*task_args, f"input_label_dir={inp / 'labels' / task}"])
+    model = out / "model" / task
+    sweep = [f"output_model_dir={model}", "model_launcher=xgboost",
+             f"hydra.sweeper.n_trials={trials}", "hydra.sweeper.n_jobs=1"]  # fmt: skip
+    _step(bin_dir, "model", ["--multirun", *task_args, *sweep])
+    best = sorted(model.glob("*/best_trial"))
     if not best:
-        raise SystemExit(f"MEDS-Tab wrote no best trial under {out / 'model' / task}")
+        raise SystemExit(f"MEDS-Tab wrote no best trial under {model}")
     return best[-1]
 
 
@@ -156,6 +165,7 @@ def fedclif_rows(results: Path, task: str) -> dict[str, dict]:
             "auroc_lo": float(np.mean([r["auroc_lo"] for r in v])),
             "auroc_hi": float(np.mean([r["auroc_hi"] for r in v])),
             "n_seeds": len(v),
+            "n": v[0]["n"],
         }
         for k, v in out.items()
     }
@@ -175,7 +185,8 @@ def main() -> None:
     p.add_argument("--work", default="runs/peer-meds-tab")
     p.add_argument("--results", help="the study's results.json, to print fedclif beside")
     p.add_argument("--trials", type=int, default=20, help="MEDS-Tab's Optuna trials per task")
-    p.add_argument("--windows", default="[1d,7d,30d,365d,full]")
+    p.add_argument("--windows", default="[1d,7d,30d,365d,full]", help="MEDS-Tab's default")
+    p.add_argument("--workers", type=int, default=2, help="parallel tabularization workers")
     args = p.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     bin_dir = Path(args.meds_tab) / "bin"
@@ -189,10 +200,11 @@ def main() -> None:
     exported = {s: export(d, work / "export" / s, split) for s, d in sites.items()}
     tasks = list(cfg.study.tasks)
     inp = assemble(exported[SOURCE], exported[TARGET], tasks, work / "input")
+    tab = tabularize(bin_dir, inp, work / "meds-tab", args.windows, args.workers)
     table = {}
     for task in tasks:
         t0 = time.perf_counter()
-        best = run_meds_tab(bin_dir, inp, work / "meds-tab", task, args.trials, args.windows)
+        best = fit(bin_dir, inp, work / "meds-tab", task, tab, args.trials)
         table[task] = {"meds_tab": score(best, int(cfg.train.finetune.n_boot))}
         table[task]["meds_tab"]["seconds"] = round(time.perf_counter() - t0, 1)
         if args.results:
@@ -205,7 +217,11 @@ def main() -> None:
             print(_line("MEDS-Tab", site, m, f"n={m['n']} prevalence={m['prevalence']:.3f}"))
             for arm in ARMS:
                 if f := t.get("fedclif", {}).get(f"{arm}@{site}"):
-                    print(_line(f"fedclif {arm}", site, f, f"mean of {f['n_seeds']} seed(s)"))
+                    print(
+                        _line(
+                            f"fedclif {arm}", site, f, f"n={f['n']}, mean of {f['n_seeds']} seed(s)"
+                        )
+                    )
     print(f"\nwrote {work / 'peer.json'}")
 
 

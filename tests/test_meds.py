@@ -4,6 +4,7 @@ splits; and our tasks as MEDS labels that agree with labels.parquet stay by stay
 
 import json
 from datetime import timedelta
+from pathlib import Path
 
 import meds
 import polars as pl
@@ -180,3 +181,30 @@ def test_bad_meds_input_names_the_file_and_column(exported, tmp_path, capsys, br
     assert says in text, text
     if break_it != "no-metadata":
         assert "0.parquet" in text
+
+
+def test_the_meds_tab_peer_input_keeps_two_sites_apart(demo_dir, exported, tmp_path, monkeypatch):
+    """bench/peer_meds_tab.py's input from the demo as both source and target (the same
+    ids at both): subjects renumbered apart, the source by its splits, the target all
+    held out, every event and label kept, labels beside their subjects' events."""
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parent.parent))
+    from bench.peer_meds_tab import OFFSET, SPLITS, assemble
+
+    labels = tmp_path / "labels"
+    assert main(["export", "labels", str(demo_dir), "--out", str(labels)]) == 0
+    inp = assemble((exported, labels), (exported, labels), ["death"], tmp_path / "input")
+    data = {s: pl.read_parquet(inp / "data" / s / "0.parquet") for s in SPLITS}
+    death = {s: pl.read_parquet(inp / "labels" / "death" / s / "0.parquet") for s in SPLITS}
+    assert sum(d.height for d in data.values()) == 2 * _data(exported).height
+    want = pl.read_parquet(labels / "death.parquet").height
+    assert sum(d.height for d in death.values()) == 2 * want
+    splits = pl.read_parquet(exported / meds.subject_splits_filepath)
+    for s in SPLITS:
+        ids = data[s]["subject_id"]
+        source, target = ids.filter(ids < OFFSET), ids.filter(ids >= OFFSET)
+        assert source.n_unique() == splits.filter(pl.col("split") == s).height
+        assert target.n_unique() == (splits.height if s == "held_out" else 0)
+        assert death[s]["subject_id"].is_in(ids.unique().implode()).all()
+        meds.DataSchema.validate(pq.read_table(inp / "data" / s / "0.parquet"))
+        meds.LabelSchema.validate(pq.read_table(inp / "labels" / "death" / s / "0.parquet"))
+        assert data[s].equals(data[s].sort("subject_id", "time"))
