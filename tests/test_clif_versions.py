@@ -10,8 +10,14 @@ import pytest
 from conftest import DEMO_CELLS, assert_same_tokens, read, run_tokenize, write
 
 from fedclif.cli import main
+from fedclif.shared.clif.schema import load_schemas
 from fedclif.shared.clif.site import load_site, read_site
-from fedclif.shared.clif.versions import site_version, vocabulary_terms
+from fedclif.shared.clif.versions import (
+    _crosswalk,
+    normalize_category_value,
+    site_version,
+    vocabulary_terms,
+)
 from fedclif.shared.config import load_config
 from fedclif.shared.errors import FedclifError
 from fedclif.shared.events import stay_events
@@ -128,3 +134,19 @@ def test_a_3_0_concentration_split_folds_into_the_2_1_term(demo30, tmp_path, sit
     assert site.report.clif_version == "3.0" and not site.report.fatal
     got = site.tables["medication_admin_continuous"].head(4)["med_category"].to_list()
     assert got == ["albumin"] * 4
+
+
+def test_the_restated_normaliser_and_crosswalk_are_clifpys():
+    """versions.py restates clifpy's normaliser and reads its crosswalk file (importing
+    clifpy costs every site process ~0.5 s): both held equal to clifpy's own."""
+    from clifpy.utils import crosswalk
+
+    values = {"Heart Rate", " l&d ", "DNR/DNI", "pulmonary vasodilators (IV)", "a--b__c"}
+    for version in ("2.1", "3.0"):
+        for schema in load_schemas(version).values():
+            values |= {v for c in schema.columns.values() for v in c.permissible or ()}
+    assert len(values) > 500
+    for v in values:
+        assert normalize_category_value(v) == crosswalk.normalize_category_value(v), v
+    theirs = crosswalk.load_crosswalk()
+    assert _crosswalk() == {k: theirs[k] for k in ("renames", "unresolved")}

@@ -11,12 +11,14 @@ of their own; 3.0's concentration splits (`albumin_5`, `albumin_25`) fold back i
 """
 
 import logging
+import re
 from functools import cache
 from pathlib import Path
 
 import polars as pl
+import yaml
 
-from fedclif.shared.clif.schema import OPTIONAL_TABLES, REQUIRED_TABLES, load_schemas
+from fedclif.shared.clif.schema import OPTIONAL_TABLES, REQUIRED_TABLES, clifpy_root, load_schemas
 from fedclif.shared.errors import FedclifError
 
 VOCABULARY_VERSION = "2.1"
@@ -39,9 +41,26 @@ def _clifpy_crosswalk():
     return crosswalk
 
 
+@cache
+def _crosswalk() -> dict:
+    """clifpy's 2.1 -> 3.0 value crosswalk (`renames`, `unresolved`), read from its YAML:
+    importing clifpy costs every process that reads a site ~0.5 s and ~80 MB (pandas)."""
+    path = clifpy_root() / "schemas" / "crosswalks" / "clif_2.1_to_3.0.yaml"
+    raw = yaml.safe_load(path.read_text()) or {}
+    return {"renames": raw.get("renames") or {}, "unresolved": raw.get("unresolved") or {}}
+
+
+_RUNS = re.compile(r"_+")
+
+
 def normalize_category_value(value: str) -> str:
-    """clifpy's spelling of a category value in CLIF 3.0 style (`Heart Rate` -> `heart_rate`)."""
-    return _clifpy_crosswalk().normalize_category_value(value)
+    """clifpy's CLIF 3.0 spelling of a category value (`Heart Rate` -> `heart_rate`,
+    `DNR/DNI` -> `dnr_or_dni`): `clifpy.utils.crosswalk.normalize_category_value`, restated
+    to spare its import (tests hold the two equal on every permissible value)."""
+    s = value.strip().lower().replace("&", "_and_").replace("/", "_or_")
+    for ch in " -,()":
+        s = s.replace(ch, "_")
+    return _RUNS.sub("_", s).strip("_")
 
 
 def site_version(setting: str, tables_dir: Path) -> str:
@@ -74,10 +93,9 @@ def site_version(setting: str, tables_dir: Path) -> str:
 @cache
 def _to_vocabulary(table: str, column: str) -> dict[str, str]:
     """3.0 value -> its 2.1 term, for the values whose terms differ."""
-    cw = _clifpy_crosswalk()
     terms = load_schemas(VOCABULARY_VERSION)[table].columns[column].permissible or ()
-    renames = cw.load_crosswalk()["renames"].get(table, {}).get(column, {})
-    splits = cw.load_crosswalk()["unresolved"].get(table, {}).get(column, {})
+    renames = _crosswalk()["renames"].get(table, {}).get(column, {})
+    splits = _crosswalk()["unresolved"].get(table, {}).get(column, {})
     out: dict[str, str] = {}
     for term in terms:
         if term in splits:
