@@ -144,7 +144,7 @@ def score(best: Path, n_boot: int) -> dict[str, dict]:
         y = rows["boolean_value"].to_numpy().astype(int)
         p = rows["predicted_boolean_probability"].to_numpy()
         m = binary_metrics(y, p, n_boot=n_boot)
-        out[site] = {k: m[k] for k in ("n", "prevalence", "auroc", "auroc_lo", "auroc_hi")}
+        out[site] = {k: m[k] for k in ("n", "prevalence", "auroc", "auroc_low", "auroc_high")}
     return out
 
 
@@ -162,8 +162,8 @@ def fedclif_rows(results: Path, task: str) -> dict[str, dict]:
     return {
         k: {
             "auroc": float(np.mean([r["auroc"] for r in v])),
-            "auroc_lo": float(np.mean([r["auroc_lo"] for r in v])),
-            "auroc_hi": float(np.mean([r["auroc_hi"] for r in v])),
+            "auroc_low": float(np.mean([r["auroc_low"] for r in v])),
+            "auroc_high": float(np.mean([r["auroc_high"] for r in v])),
             "n_seeds": len(v),
             "n": v[0]["n"],
         }
@@ -172,7 +172,7 @@ def fedclif_rows(results: Path, task: str) -> dict[str, dict]:
 
 
 def _line(name: str, site: str, m: dict, note: str) -> str:
-    ci = f"[{m['auroc_lo']:.3f}, {m['auroc_hi']:.3f}]"
+    ci = f"[{m['auroc_low']:.3f}, {m['auroc_high']:.3f}]"
     return f"  {name:<20} @{site:<7} AUROC {m['auroc']:.3f} {ci}  {note}"
 
 
