@@ -35,10 +35,11 @@ class EHREmbedding(nn.Module):
         self.n_freq = n_freq
 
     def forward(self, concept: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        dtype = self.time.weight.dtype  # sinusoids in float32, then the model's precision
         extra = (
             self.types(batch["types"])
             + self.visit(batch["visit"])
-            + self.time(sinusoids(batch["hours"], 4, self.n_freq))
-            + self.age(sinusoids(batch["age"], 2.3, self.n_freq))
+            + self.time(sinusoids(batch["hours"], 4, self.n_freq).to(dtype))
+            + self.age(sinusoids(batch["age"], 2.3, self.n_freq).to(dtype))
         )
         return self.norm(concept + extra)
