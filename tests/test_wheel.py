@@ -13,7 +13,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 # What the source tree holds besides the package (kept out of the build's copy).
-SKIP = shutil.ignore_patterns(".git", "runs", "build", "dist", "*.egg-info", "__pycache__")
+SKIP = shutil.ignore_patterns(
+    ".git", ".venv*", "runs", "build", "dist", "*.egg-info", "__pycache__"
+)
 
 
 def _run(args: list, cwd: Path, env: dict | None = None) -> str:
