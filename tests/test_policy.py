@@ -264,14 +264,13 @@ def test_default_policy_statistics_hold_no_small_count_and_no_identifying_answer
         counts = raw.group_by("code").len().collect()
         assert counts.filter(pl.col("len") >= 10).height == len(FREE_TEXT_ANSWERS)
     tok = fit_tokenizer(merge_stats(stats), cfg)
+    values = pl.concat(stay_events(s).select("code", "value").collect() for s in sites)
+    values = values.drop_nulls("value").partition_by("code", as_dict=True)
     checked = 0
     for code, cuts in tok.cuts.items():
         if len(cuts) != 9:  # a discrete variable's deciles collapse
             continue
-        pooled = np.sort(np.concatenate([
-            stay_events(s).filter(pl.col("code") == code).collect()["value"].drop_nulls().to_numpy()
-            for s in sites
-        ]))  # fmt: skip
+        pooled = np.sort(values[(code,)]["value"].to_numpy())
         for i, c in enumerate(cuts, start=1):
             below = np.searchsorted(pooled, c, side="left") / pooled.size  # F(c-)
             upto = np.searchsorted(pooled, c, side="right") / pooled.size  # F(c)
