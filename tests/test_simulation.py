@@ -74,6 +74,8 @@ STAGED = [
 
 def test_interrupted_and_resumed_run_ends_with_the_same_weights(sites, tmp_path):
     fed = load_federation(None, RUN)
+    # The uninterrupted run is compared by its weights alone: no evaluation round.
+    fed_whole = load_federation(None, [*RUN, "federation.evaluate=false"])
     whole, cut = tmp_path / "whole", tmp_path / "cut"
 
     def checkpointed(n: int) -> bool:
@@ -85,7 +87,7 @@ def test_interrupted_and_resumed_run_ends_with_the_same_weights(sites, tmp_path)
     files = app_files("interrupt_app:app", {**RUN_CONFIG, "die-after-round": 0})
     files["interrupt_app.py"] = (Path(__file__).parent / "interrupt_app.py").read_bytes()
     with SimulationEngine(tmp_path / "engine-1", len(sites)) as engine:
-        ok, why = engine.run(run_config(fed, whole, False), sites, tmp_path / "work")
+        ok, why = engine.run(run_config(fed_whole, whole, False), sites, tmp_path / "work")
         assert ok, why
         dying = {**run_config(fed, cut, False), "die-after-round": 1}
         engine.submit(dying, sites, tmp_path / "work", files)
@@ -134,16 +136,19 @@ def test_interrupted_and_resumed_run_ends_with_the_same_weights(sites, tmp_path)
     assert not all(np.allclose(init[k], a[k]) for k in a)
 
 
+DP_RUN = [
+    "federation.rounds.pretrain=0", "federation.rounds.finetune=1",
+    "federation.evaluate=false", "federation.timeout_s=120",
+    "train.finetune.context=64", "train.finetune.max_steps=2",
+    "train.dp.epsilon=6", "train.dp.delta=1e-5",
+]  # fmt: skip
+
+
 def test_the_dp_ledger_outlives_a_run(sites, tmp_path):
     """DP-SGD finetuning charges each site's lifetime ledger; a second run that would pass
     the policy's lifetime budget (10 by default) is refused by every site, whatever the
     coordinator asks, and its rounds leave the ledger as they found it."""
-    fed = load_federation(None, [
-        "federation.rounds.pretrain=0", "federation.rounds.finetune=1",
-        "federation.evaluate=false", "federation.timeout_s=120",
-        "train.finetune.context=64", "train.finetune.max_steps=2",
-        "train.dp.epsilon=6", "train.dp.delta=1e-5",
-    ])  # fmt: skip
+    fed = load_federation(None, DP_RUN)
     work = tmp_path / "work"
     with SimulationEngine(tmp_path / "engine", len(sites)) as engine:
         ok, why = engine.run(run_config(fed, tmp_path / "first", False), sites, work)
@@ -151,7 +156,11 @@ def test_the_dp_ledger_outlives_a_run(sites, tmp_path):
         spent = {s.name: Ledger(work / s.name).entries() for s in sites}
         assert all(len(e) == 1 and e[0]["status"] == "spent" for e in spent.values())
         assert all(0 < e[0]["epsilon"] <= 6 for e in spent.values())
-        ok, why = engine.run(run_config(fed, tmp_path / "second", False), sites, work)
+        # The same run again, its vocabulary given (no statistics round: what it tests is
+        # the training round the ledger refuses).
+        tok = f"federation.tokenizer={tmp_path / 'first' / 'tokenizer.json'}"
+        again = load_federation(None, [*DP_RUN, "federation.statistics=false", tok])
+        ok, why = engine.run(run_config(again, tmp_path / "second", False), sites, work)
         # The ServerApp's error, read from its log: no site could train.
         assert not ok and "FedclifError: finetune round 1: 0 valid replies" in why, why
     for s in sites:
