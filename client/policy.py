@@ -8,7 +8,6 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from fedclif.shared.calibration import BINS
 from fedclif.shared.config import CONFIG_DIR, load_tree
 from fedclif.shared.errors import FedclifError
 from fedclif.shared.federation import SiteRefusal
@@ -102,7 +101,10 @@ def withhold(flat: dict, tasks: list[str], policy: DictConfig) -> tuple[dict, di
             reasons[t] = f"policy: metrics.min_events (fewer than {p.min_events})"
     kept = {k: v for k, v in flat.items() if not any(k.startswith(f"{t}_") for t in reasons)}
     # A reliability curve's bins hold calibration_n // BINS stays each: under the minimum
-    # cell, a bin's observed rate comes close to a few patients' outcomes.
+    # cell, a bin's observed rate comes close to a few patients' outcomes. (Imported here:
+    # calibration brings scikit-learn, ~1 s, into every ClientApp process otherwise.)
+    from fedclif.shared.calibration import BINS
+
     cell = int(policy.policy.stats.min_cell_count)
     for t in tasks:
         for sfx in ("", "_recal"):
