@@ -93,7 +93,8 @@ def site_version(setting: str, tables_dir: Path) -> str:
 @cache
 def _to_vocabulary(table: str, column: str) -> dict[str, str]:
     """3.0 value -> its 2.1 term, for the values whose terms differ."""
-    terms = load_schemas(VOCABULARY_VERSION)[table].columns[column].permissible or ()
+    col = load_schemas(VOCABULARY_VERSION)[table].columns.get(column)  # 3.0 adds columns
+    terms = col.permissible or () if col else ()
     renames = _crosswalk()["renames"].get(table, {}).get(column, {})
     splits = _crosswalk()["unresolved"].get(table, {}).get(column, {})
     out: dict[str, str] = {}
