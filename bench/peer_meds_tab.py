@@ -51,8 +51,10 @@ ARMS = ("gbm", "source_only")
 def export(site: Path, out: Path, overrides: list[str]) -> tuple[Path, Path]:
     meds, labels = out / "meds", out / "labels"
     if not (out / ".complete").is_file():
-        assert fedclif(["export", "meds", str(site), "--out", str(meds), *overrides]) == 0
-        assert fedclif(["export", "labels", str(site), "--out", str(labels)]) == 0
+        for args in (["meds", str(site), "--out", str(meds), *overrides],
+                     ["labels", str(site), "--out", str(labels)]):  # fmt: skip
+            if fedclif(["export", *args]) != 0:
+                raise SystemExit(f"fedclif export {' '.join(args)} failed (see above)")
         (out / ".complete").touch()
     return meds, labels
 
