@@ -9,6 +9,7 @@ from pathlib import Path
 import polars as pl
 from omegaconf import DictConfig, OmegaConf
 
+from fedclif.shared.clif.versions import VOCABULARY_VERSION, to_vocabulary, write_clif_3
 from fedclif.shared.ui import console
 from fedclif.simulations.synth import load_preset, write_site
 
@@ -27,15 +28,21 @@ def study_sites(cfg: DictConfig, cache: Path) -> tuple[list[Path], Path]:
     study of every target is generated once; and the work root of the virtual sites,
     `cache/<hash of all the sites>/work` (a site's cached timelines are its data's)."""
     specs = {r: cfg.sites[r] for r in site_roles(cfg) if r != POOLED}
+    clif = {r: str(s.get("clif") or VOCABULARY_VERSION) for r, s in specs.items()}
     keys = {
         r: f"{r}:{s.stays}:{s.seed}:{OmegaConf.to_yaml(load_preset(str(s.preset)))}"
+        + ("" if clif[r] == VOCABULARY_VERSION else f":clif {clif[r]}")
         for r, s in specs.items()
     }
     dirs = {r: Path(cache) / _digest(k) / r for r, k in keys.items()}
     for role, spec in specs.items():
         if not (dirs[role] / ".complete").is_file():
-            console.print(f"generating {role}: {spec.stays} stays of {spec.preset}")
+            console.print(
+                f"generating {role}: {spec.stays} stays of {spec.preset}, CLIF {clif[role]}"
+            )
             write_site(load_preset(str(spec.preset)), int(spec.stays), int(spec.seed), dirs[role])
+            if clif[role] == "3.0":  # a hospital that moved to CLIF 3.0: a mixed federation
+                write_clif_3(dirs[role], dirs[role])
             (dirs[role] / ".complete").touch()
     root = Path(cache) / _digest("\n".join(keys.values()))
     pooled = dirs[POOLED] = root / POOLED
@@ -44,7 +51,13 @@ def study_sites(cfg: DictConfig, cache: Path) -> tuple[list[Path], Path]:
         # Every table any site has (a site may lack an optional one: shift-documentation).
         names = sorted({f.name for r in specs for f in dirs[r].glob("clif_*.parquet")})
         for name in names:
-            parts = [pl.read_parquet(dirs[r] / name) for r in specs if (dirs[r] / name).is_file()]
+            table = name.removeprefix("clif_").removesuffix(".parquet")
+            parts = []
+            for r in specs:
+                if (dirs[r] / name).is_file():
+                    df = pl.read_parquet(dirs[r] / name)
+                    # One hospital's data in one vocabulary: a 3.0 site's values in 2.1 terms.
+                    parts.append(df if clif[r] == VOCABULARY_VERSION else to_vocabulary(table, df))
             pl.concat(parts, how="diagonal_relaxed").write_parquet(pooled / name)
         (pooled / ".complete").touch()
     return [dirs[r] for r in site_roles(cfg)], root / "work"

@@ -9,7 +9,12 @@ import pytest
 from safetensors.numpy import load_file
 
 from fedclif.cli import main
+from fedclif.shared.clif.schema import load_schemas
+from fedclif.shared.clif.site import load_site
+from fedclif.shared.config import load_config
 from fedclif.shared.metrics import paired_difference
+from fedclif.shared.stats import merge_stats, site_stats
+from fedclif.shared.tokenizer import fit_tokenizer
 from fedclif.simulations.commands import load_study
 from fedclif.simulations.report import MIN_EVENTS, write_report
 from fedclif.simulations.shifts import shifts_table, write_shifts
@@ -347,3 +352,30 @@ def test_the_objectives_question_compares_each_set_with_next_token_alone(study):
         "## Pretraining objectives" in report and "| ts | next_token+ts_align+ts_recon |" in report
     )
     assert (out / "objectives.png").stat().st_size > 5000
+
+
+def test_a_study_site_in_clif_3_0_makes_a_mixed_federation_with_one_vocabulary(tmp_path):
+    """`study.sites.<role>.clif=3.0` writes that hospital in CLIF 3.0: it is read as 3.0,
+    the pooled site holds its data in 2.1 terms (every column fedclif reads as in the
+    all-2.1 study's pooled site), and
+    the federation's statistics fit the tokenizer (hash) the all-2.1 federation fits."""
+    small = ["study.sites.source.stays=80", "study.sites.target.stays=80", "study.sites.third=null"]
+    mixed = load_study(None, "default", [*small, "study.sites.target.clif=3.0"]).study
+    plain = load_study(None, "default", small).study
+    (src, tgt3, pool3), _ = study_sites(mixed, tmp_path)
+    (src2, tgt2, pool2), _ = study_sites(plain, tmp_path)
+    assert src == src2 and tgt3 != tgt2  # the source is generated once for both
+    assert set(pl.read_parquet(tgt3 / "clif_patient.parquet")["sex_category"]) <= {"male", "female"}
+    site_cfg, tok_cfg = load_config("site"), load_config("tokenizer")
+    sites3 = [load_site(d, site_cfg) for d in (src, tgt3)]
+    assert [s.report.clif_version for s in sites3] == ["2.1", "3.0"]
+    for name, schema in load_schemas().items():  # every column fedclif reads
+        if (pool2 / schema.file_name).is_file():
+            cols = [c for c in schema.read if c in pl.read_parquet_schema(pool2 / schema.file_name)]
+            a, b = (pl.read_parquet(p / schema.file_name, columns=cols) for p in (pool3, pool2))
+            assert a.equals(b), name
+    hashes = [
+        fit_tokenizer(merge_stats([site_stats(s, tok_cfg) for s in sites]), tok_cfg).hash
+        for sites in (sites3, [load_site(d, site_cfg) for d in (src2, tgt2)])
+    ]
+    assert hashes[0] == hashes[1]
