@@ -9,7 +9,13 @@ from pathlib import Path
 import polars as pl
 from omegaconf import DictConfig, OmegaConf
 
-from fedclif.shared.clif.versions import VOCABULARY_VERSION, to_vocabulary, write_clif_3
+from fedclif.shared.clif.versions import (
+    VERSIONS,
+    VOCABULARY_VERSION,
+    to_vocabulary,
+    write_clif_3,
+)
+from fedclif.shared.errors import FedclifError
 from fedclif.shared.ui import console
 from fedclif.simulations.synth import load_preset, write_site
 
@@ -29,6 +35,9 @@ def study_sites(cfg: DictConfig, cache: Path) -> tuple[list[Path], Path]:
     `cache/<hash of all the sites>/work` (a site's cached timelines are its data's)."""
     specs = {r: cfg.sites[r] for r in site_roles(cfg) if r != POOLED}
     clif = {r: str(s.get("clif") or VOCABULARY_VERSION) for r, s in specs.items()}
+    for r, v in clif.items():
+        if v not in VERSIONS:
+            raise FedclifError(f"study.sites.{r}.clif={v!r}: expected one of {', '.join(VERSIONS)}")
     keys = {
         r: f"{r}:{s.stays}:{s.seed}:{OmegaConf.to_yaml(load_preset(str(s.preset)))}"
         + ("" if clif[r] == VOCABULARY_VERSION else f":clif {clif[r]}")

@@ -12,6 +12,7 @@ from fedclif.cli import main
 from fedclif.shared.clif.schema import load_schemas
 from fedclif.shared.clif.site import load_site
 from fedclif.shared.config import load_config
+from fedclif.shared.errors import FedclifError
 from fedclif.shared.metrics import paired_difference
 from fedclif.shared.stats import merge_stats, site_stats
 from fedclif.shared.tokenizer import fit_tokenizer
@@ -379,3 +380,6 @@ def test_a_study_site_in_clif_3_0_makes_a_mixed_federation_with_one_vocabulary(t
         for sites in (sites3, [load_site(d, site_cfg) for d in (src2, tgt2)])
     ]
     assert hashes[0] == hashes[1]
+    bad = load_study(None, "default", [*small, "study.sites.target.clif=3.1"]).study
+    with pytest.raises(FedclifError, match=r"study.sites.target.clif='3\.1'.*2\.1, 3\.0"):
+        study_sites(bad, tmp_path)
