@@ -324,9 +324,7 @@ def _normalise_categories(df: pl.DataFrame, col: Column, checker: _Checker) -> p
         return df
     spelled = {normalize_category_value(a): a for a in allowed}
     fix = {
-        v: spelled[normalize_category_value(v)]
-        for v in unknown.to_list()
-        if normalize_category_value(v) in spelled
+        v: spelled[k] for v in unknown.to_list() if (k := normalize_category_value(v)) in spelled
     }
     if fix:
         n = df.filter(pl.col(col.name).is_in(list(fix))).height
