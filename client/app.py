@@ -18,7 +18,6 @@ from pathlib import Path
 
 from flwr.app import ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
-from omegaconf import OmegaConf
 from safetensors.numpy import load_file, save_file
 
 from fedclif.client.ledger import Ledger
@@ -47,6 +46,7 @@ from fedclif.shared.federation import (
     WITHHELD,
     SiteRefusal,
     from_record,
+    received_config,
     to_record,
     weights_id,
 )
@@ -136,7 +136,7 @@ def info(msg: Message, context: Context) -> Message:
 @guarded
 def stats(msg: Message, context: Context) -> Message:
     node = Node(context)
-    tok_cfg = OmegaConf.create(json.loads(str(msg.content[CONFIG]["tokenizer"])))
+    tok_cfg = received_config(json.loads(str(msg.content[CONFIG]["tokenizer"])), "tokenizer")
     check_stats(tok_cfg.stats, node.policy)
     s = site_stats(node.site(), tok_cfg, list(node.policy.policy.stats.allow_open))
     return _reply(msg, **{STATS: ConfigRecord({"json": json.dumps(s), "site": node.name})})
@@ -165,7 +165,7 @@ def _model(msg: Message, node: Node, full_data: bool):
     """The model of this round's stage with the global weights in, and the site's data."""
     c = msg.content[CONFIG]
     stage = str(c["stage"])
-    cfg = OmegaConf.create(str(c["train"]))
+    cfg = received_config(str(c["train"]), "train")
     check_training(cfg, node.policy)
     # Imported here: each message runs in a fresh process, and statistics, tokenizing and
     # refusals need none of torch, transformers or peft (seconds of imports per message).
@@ -177,7 +177,7 @@ def _model(msg: Message, node: Node, full_data: bool):
     if not (tokens / MANIFEST).is_file():
         raise SiteRefusal("tokenizer_mismatch", f"no timelines for tokenizer {tokens.name}")
     data = load_site_data(tokens, cfg.split, full=full_data)
-    model_cfg = OmegaConf.create(json.loads(str(c["model"])))
+    model_cfg = received_config(json.loads(str(c["model"])), "model")
     n_params = count_parameters(model_cfg, data.tok, cfg.pretrain)
     check_model(n_params, len(data.tok.vocab), node.policy)
     base = None

@@ -8,10 +8,15 @@ site approve FAB_OR_HASH` adds another after review (APPROVED_FILE in the work d
 
 How it is enforced: Flower 1.41 can verify signed bundles (`--trusted-entities`) only
 with a licensed SuperLink, and `flwr-clientapp` has no hook to vet a bundle. So `site
-serve` puts a `flwr-clientapp` of ours first on the SuperNode's PATH (Flower's SuperExec
-starts it by that name): it runs Flower's own `flwr-clientapp` with its bundle
-installation and app loading wrapped, and an unapproved bundle is neither installed nor
-imported; its message is answered with the error category `unapproved_app`."""
+serve` puts two launchers of ours first on the SuperNode's PATH, under the names Flower
+starts them by:
+- `flower-superexec` (the SuperNode starts it; it starts a process per task): Flower's
+  own, launching client apps only. A task of any other type (an agent app, a model, a
+  connector, whatever Flower adds next) is refused and logged with its bundle's hash:
+  an allow-list, since each type is a launcher that installs and runs a bundle's code.
+- `flwr-clientapp`: Flower's own with its bundle installation and app loading wrapped,
+  so an unapproved bundle is neither installed nor imported; its message is answered
+  with the error category `unapproved_app`."""
 
 import hashlib
 import json
@@ -68,19 +73,57 @@ def approve(work: Path, fab_or_hash: str, note: str) -> str:
     return h
 
 
-def write_clientapp_shim(work: Path) -> Path:
-    """work/bin/flwr-clientapp: this interpreter running `gated_clientapp` with the
-    site's work directory. Returns the directory, to put first on the SuperNode's PATH."""
+def write_shims(work: Path) -> Path:
+    """work/bin/flower-superexec and work/bin/flwr-clientapp: this interpreter running
+    `gated_superexec` and `gated_clientapp` with the site's work directory. Returns the
+    directory, to put first on the SuperNode's PATH."""
     bin_dir = Path(work) / SHIM_DIR
     bin_dir.mkdir(mode=0o700, exist_ok=True)
-    shim = bin_dir / "flwr-clientapp"
-    shim.write_text(
-        f"#!{sys.executable}\n"
-        "from fedclif.client.approval import gated_clientapp\n"
-        f"gated_clientapp({str(Path(work).resolve())!r})\n"
-    )
-    shim.chmod(stat.S_IRWXU)
+    shims = {"flower-superexec": "gated_superexec", "flwr-clientapp": "gated_clientapp"}
+    for name, fn in shims.items():
+        shim = bin_dir / name
+        shim.write_text(
+            f"#!{sys.executable}\n"
+            f"from fedclif.client.approval import {fn}\n"
+            f"{fn}({str(Path(work).resolve())!r})\n"
+        )
+        shim.chmod(stat.S_IRWXU)
     return bin_dir
+
+
+def _record(work: Path, category: str, line: str) -> None:
+    """A refusal in the site's log (stderr, which the SuperNode's log receives) and in
+    its work directory's errors.log."""
+    log.error(line)
+    with open(Path(work) / "errors.log", "a") as f:
+        f.write(f"--- {category}\n{line}\n")
+
+
+def client_apps_only(work: Path):
+    """Flower's SuperExec plugin, launching client apps only (see the module's doc)."""
+    from flwr.supercore.constant import TaskType
+    from flwr.supercore.superexec.executor import LaunchResult
+    from flwr.supercore.superexec.plugin import AutoExecPlugin
+
+    class ClientAppsOnly(AutoExecPlugin):
+        def launch_task(self, token: str, task) -> LaunchResult:
+            if task.type != TaskType.CLIENT_APP:
+                bundle = task.fab_hash or "(none)"
+                why = f"refused a {task.type} task of app bundle {bundle}: client apps only"
+                _record(work, "unapproved_launcher", why)
+                return LaunchResult.failed(f"{task.type} is not run at this site")
+            return super().launch_task(token, task)
+
+    return ClientAppsOnly
+
+
+def gated_superexec(work: str) -> None:
+    """Flower's `flower-superexec` with `client_apps_only` as its plugin."""
+    from flwr.supercore.cli.flower_superexec import flower_superexec
+    from flwr.supercore.superexec import run_superexec
+
+    run_superexec.AutoExecPlugin = client_apps_only(Path(work))
+    flower_superexec()
 
 
 def gated_clientapp(work: str) -> None:
@@ -99,10 +142,11 @@ def gated_clientapp(work: str) -> None:
         h = hashlib.sha256(content).hexdigest()
         if h not in ok:
             refused.append(h)
-            log.error("refused app bundle %s: not approved at this site (approved: %s); "
-                      "after review, `fedclif site approve %s`", h, ", ".join(ok), h)  # fmt: skip
-            with open(work / "errors.log", "a") as f:
-                f.write(f"--- unapproved_app\nrefused app bundle {h}\n")
+            why = (
+                f"refused app bundle {h}: not approved at this site (approved: "
+                f"{', '.join(ok)}); after review, `fedclif site approve {h}`"
+            )
+            _record(work, "unapproved_app", why)
             return None
         return install(content, *args, **kwargs)
 

@@ -11,7 +11,7 @@ from pathlib import Path
 from omegaconf import DictConfig
 from rich.table import Table
 
-from fedclif.client.approval import APPROVED_FILE, approve, approved, write_clientapp_shim
+from fedclif.client.approval import APPROVED_FILE, approve, approved, write_shims
 from fedclif.client.daemon import supernode_command
 from fedclif.client.ledger import Ledger
 from fedclif.client.policy import SECTIONS as POLICY_SECTIONS
@@ -191,7 +191,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     for h, why in approved(work).items():
         console.print(f"accepting app bundle {h} ({why})")
     env = flower_env()
-    env["PATH"] = os.pathsep.join([str(write_clientapp_shim(work)), env["PATH"]])
+    env["PATH"] = os.pathsep.join([str(write_shims(work)), env["PATH"]])
     # The SuperNode replaces this process: signals reach it directly.
     os.execve(cmd[0], cmd, env)
 

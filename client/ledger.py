@@ -59,8 +59,7 @@ class Ledger:
             if spent + epsilon > limit + 1e-9:
                 raise SiteRefusal(
                     "dp_budget_exhausted",
-                    f"policy: dp.max_epsilon_lifetime: spent {spent:.3g} + {epsilon:.3g} "
-                    f"> {limit:.3g}",
+                    f"policy: dp.max_epsilon_lifetime: this round would pass {limit:.3g}",
                 )
             entries.append({"run": run, "stage": stage, "round": rnd, "epsilon": epsilon,
                             "delta": delta, "status": "reserved", "time": time.time()})  # fmt: skip

@@ -59,30 +59,33 @@ def work_dir(policy: DictConfig, site_name: str) -> Path:
     return path.resolve()
 
 
-def refuse(rule: str, asked, op: str, limit) -> None:
-    raise SiteRefusal("policy", f"policy: {rule} {asked} {op} {limit}")
+def refuse(rule: str, relation: str) -> None:
+    """Refuse a request by the rule it breaks and the policy's value (`relation`, e.g.
+    "asked < 10"): never the request's own values, which a refusal would echo back
+    (an interpolation resolved here, a value chosen to probe)."""
+    raise SiteRefusal("policy", f"policy: {rule}: {relation}")
 
 
 def check_stats(stats: DictConfig, policy: DictConfig) -> None:
     """The statistics a run asks for are at least as coarse as the policy allows."""
     p = policy.policy.stats
     if int(stats.min_cell_count) < int(p.min_cell_count):
-        refuse("min_cell_count", stats.min_cell_count, "<", p.min_cell_count)
+        refuse("min_cell_count", f"asked < {p.min_cell_count}")
     if int(stats.sig_figs) > int(p.max_sig_figs):
-        refuse("max_sig_figs", stats.sig_figs, ">", p.max_sig_figs)
+        refuse("max_sig_figs", f"asked > {p.max_sig_figs}")
     if int(stats.min_open_code_count) < int(p.min_open_code_count):
-        refuse("min_open_code_count", stats.min_open_code_count, "<", p.min_open_code_count)
+        refuse("min_open_code_count", f"asked < {p.min_open_code_count}")
     if stats.seed is not None:  # the noise's seed is the site's secret
-        refuse("stats.seed", stats.seed, "!=", None)
+        refuse("stats.seed", "asked for one (the noise's seed is the site's)")
 
 
 def check_training(train: DictConfig, policy: DictConfig) -> None:
     """The split a run asks for keeps test and validation sets large enough."""
     p = policy.policy.splits
     if float(train.split.test) < float(p.min_test):
-        refuse("splits.min_test", train.split.test, "<", p.min_test)
+        refuse("splits.min_test", f"asked < {p.min_test}")
     if float(train.split.val) < float(p.min_val):
-        refuse("splits.min_val", train.split.val, "<", p.min_val)
+        refuse("splits.min_val", f"asked < {p.min_val}")
 
 
 def withhold(flat: dict, tasks: list[str], policy: DictConfig) -> tuple[dict, dict[str, str]]:
@@ -126,13 +129,13 @@ def rounded(n: int, policy: DictConfig) -> int:
 def coarse_count(n: int, what: str, policy: DictConfig) -> int:
     """`rounded(n)`, refused when `n` is under the minimum cell (nothing to round to)."""
     if n < int(policy.policy.stats.min_cell_count):
-        refuse("stats.min_cell_count", f"{n} {what}", "<", policy.policy.stats.min_cell_count)
+        refuse("stats.min_cell_count", f"fewer than {policy.policy.stats.min_cell_count} {what}")
     return rounded(n, policy)
 
 
 def check_probe_training(n_stays: int, policy: DictConfig) -> None:
     if n_stays < int(policy.policy.probes.min_train_stays):
-        refuse("probes.min_train_stays", n_stays, "<", policy.policy.probes.min_train_stays)
+        refuse("probes.min_train_stays", f"fewer than {policy.policy.probes.min_train_stays}")
 
 
 def check_dp(train: DictConfig, stage: str, n_patients: int, policy: DictConfig) -> bool:
@@ -142,18 +145,18 @@ def check_dp(train: DictConfig, stage: str, n_patients: int, policy: DictConfig)
     p = policy.policy.dp
     dp = float(train.dp.epsilon) > 0
     if p.required and not dp:
-        refuse(
-            "dp.required", f"{stage} with epsilon {float(train.dp.epsilon):g}", "is", "not DP-SGD"
-        )
+        refuse("dp.required", f"asked {stage} without DP-SGD")
     bound = float(p.max_delta) if p.max_delta is not None else 1.0 / max(n_patients, 1)
     if dp and float(train.dp.delta) > bound:
-        refuse("dp.max_delta", train.dp.delta, ">", f"{bound:.3g}")
+        # The default bound is the site's patient count: named, not given.
+        limit = f"{bound:.3g}" if p.max_delta is not None else "1 / the training patients"
+        refuse("dp.max_delta", f"asked > {limit}")
     return dp
 
 
 def check_model(parameters: int, vocab: int, policy: DictConfig) -> None:
     p = policy.policy.model
     if parameters > int(p.max_parameters):
-        refuse("model.max_parameters", parameters, ">", p.max_parameters)
+        refuse("model.max_parameters", f"asked > {p.max_parameters}")
     if vocab > int(p.max_vocab):
-        refuse("model.max_vocab", vocab, ">", p.max_vocab)
+        refuse("model.max_vocab", f"asked > {p.max_vocab}")

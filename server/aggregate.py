@@ -8,10 +8,14 @@ carries the mean and the total weight, which for a weighted mean is the same thi
 float tolerance: Flower sums in float32). Median, trimmed mean and Krum need every reply
 at once and keep Flower's path."""
 
+import math
+from collections.abc import Callable
+
 import numpy as np
-from flwr.app import Array, ArrayRecord, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp.strategy.strategy_utils import aggregate_metricrecords
 
+from fedclif.shared.errors import FedclifError
 from fedclif.shared.federation import ARRAYS, METRICS, WEIGHT_KEY
 
 # The strategies (configs/federation/default.yaml names) whose aggregate is, or starts
@@ -49,3 +53,50 @@ class RunningMean:
         metrics = aggregate_metricrecords(self.metrics, WEIGHT_KEY)
         metrics[WEIGHT_KEY] = self.total
         return RecordDict({ARRAYS: arrays, METRICS: MetricRecord(dict(metrics))})
+
+
+class HeaviestHeld:
+    """Bounds one site's influence on a round's weighted mean: its weight is at most
+    `ratio` times all the other sites' together (a rogue site that announces 10^9
+    examples counts as much as the rest, no more). Replies are passed on to `fold` as they
+    come, but for the heaviest so far, held back (one model more in memory, whatever the
+    number of sites) until `finish` knows the others' total and caps it. With `ratio` >= 1
+    only the heaviest can pass the cap: any other weighs at most as much as it."""
+
+    def __init__(self, ratio: float | None, fold: Callable[[Message], None]):
+        if ratio is not None and not float(ratio) >= 1:
+            key = "federation.checks.max_weight_ratio"
+            raise FedclifError(f"{key}: at least 1 or null, got {ratio}")
+        self.ratio, self.fold = ratio, fold
+        self.held: tuple[str, Message] | None = None
+        self.total = 0.0
+
+    def add(self, site: str, reply: Message) -> None:
+        w = _weight(reply)
+        self.total += w
+        if self.held is None or w > _weight(self.held[1]):
+            if self.held is not None:
+                self.fold(self.held[1])
+            self.held = (site, reply)
+        else:
+            self.fold(reply)
+
+    def finish(self) -> dict | None:
+        """Fold the heaviest reply, capped; what was capped (site, announced, counted)."""
+        if self.held is None:
+            return None
+        site, reply = self.held
+        w = _weight(reply)
+        others = self.total - w
+        cap = math.inf if self.ratio is None or others <= 0 else self.ratio * others
+        capped = None
+        if w > cap:
+            reply.content[METRICS][WEIGHT_KEY] = cap
+            capped = {"site": site, "announced": w, "counted": cap}
+        self.fold(reply)
+        self.held = None
+        return capped
+
+
+def _weight(reply: Message) -> float:
+    return float(reply.content[METRICS][WEIGHT_KEY])

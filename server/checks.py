@@ -8,6 +8,7 @@ from numbers import Real
 import numpy as np
 from flwr.app import ArrayRecord, RecordDict
 
+from fedclif.shared.errors import FedclifError
 from fedclif.shared.federation import ARRAYS, METRICS, TRAIN_METRICS, WEIGHT_KEY, WITHHELD
 
 
@@ -118,3 +119,40 @@ def stats_problem(stats, sig_figs: int, max_codes: int) -> str | None:
         ):
             return f"statistics: histogram of {code}: values off the {sig_figs}-digit grid"
     return None
+
+
+def shared_codes(
+    stats: dict[str, dict], min_sites: int | None, max_share: float
+) -> tuple[dict[str, dict], list[dict]]:
+    """The sites' statistics (already `stats_problem`-free), restricted to the codes the
+    federation shares, and what was trimmed from whom: a code needs `min_sites` senders
+    (None: 2 where 3 or more sites sent statistics, else 1), and a site's own codes (sent
+    by it alone) are at most `max_share` of the vocabulary, the ones it counted least
+    dropped first. One site cannot stuff the vocabulary past every other site's
+    `model.max_vocab`, nor put a word in it alone where others could vouch."""
+    if not 0 < max_share < 1:
+        raise FedclifError(f"federation.checks.max_code_share: in (0, 1), got {max_share}")
+    senders: dict[str, set[str]] = {}
+    for site, s in stats.items():
+        for code, n in s["codes"].items():
+            if n > 0:
+                senders.setdefault(code, set()).add(site)
+    need = int(min_sites) if min_sites is not None else (2 if len(stats) >= 3 else 1)
+    allowed = {c for c, who in senders.items() if len(who) >= need}
+    trimmed = []
+    for site, s in stats.items():
+        own = sorted((c for c in allowed if senders[c] == {site}), key=lambda c: -s["codes"][c])
+        limit = math.floor(max_share / (1 - max_share) * (len(allowed) - len(own)))
+        if len(stats) > 1 and len(own) > limit:
+            allowed -= set(own[limit:])
+            why = f"own codes over max_code_share {max_share:g}"
+            trimmed.append({"site": site, "codes_dropped": len(own) - limit, "reason": why})
+    kept = {
+        site: {
+            **s,
+            "codes": {c: n for c, n in s["codes"].items() if c in allowed},
+            "numeric": {c: h for c, h in s["numeric"].items() if c in allowed},
+        }
+        for site, s in stats.items()
+    }
+    return kept, trimmed

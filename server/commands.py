@@ -2,7 +2,6 @@
 `fedclif status`: shells over server/deploy.py and server/pki.py."""
 
 import argparse
-import os
 from collections.abc import Callable
 from pathlib import Path
 
@@ -12,14 +11,12 @@ from fedclif.server.deploy import (
     run_config,
     save_run_log,
     submit,
-    superlink_command,
     wait_run,
 )
 from fedclif.server.pki import init_pki
 from fedclif.shared.config import add_arguments
 from fedclif.shared.errors import FedclifError
 from fedclif.shared.federation import RUN_SECTIONS, load_federation
-from fedclif.shared.flower import flower_env
 from fedclif.shared.ui import console, out
 
 
@@ -38,10 +35,13 @@ def cmd_init(args: argparse.Namespace) -> int:
 
 
 def cmd_start(args: argparse.Namespace) -> int:
-    cmd = superlink_command(Path(args.dir), args.host, args.port)
-    console.print(f"starting the SuperLink on {args.host}:{args.port} (TLS, site authentication)")
-    # The SuperLink replaces this process: signals reach it directly.
-    os.execve(cmd[0], cmd, flower_env())
+    console.print(
+        f"sites connect to {args.host}:{args.port} (the Fleet API alone, TLS, registered keys); "
+        f"fedclif run/status/site register use 127.0.0.1:{args.control_port} on this host"
+    )
+    # The SuperLink's status: negative when this command stopped it on a signal.
+    status = deploy.coordinator(Path(args.dir), args.host, args.port, args.control_port)
+    return 0 if status <= 0 else 1
 
 
 def _connect(args: argparse.Namespace) -> dict[str, str]:
@@ -113,10 +113,18 @@ def register(sub, groups: dict, add: Callable) -> None:
         "holds a site's private key can impersonate it; real sites run `site keygen`)",
     )
     p.add_argument("--hosts", default="localhost,127.0.0.1", help="names the server cert covers")
-    p = add(csub, "start", cmd_start, "flower-superlink with TLS, site authentication, a database")
+    p = add(csub, "start", cmd_start, "the SuperLink (TLS, site authentication, a database)")
     p.add_argument("--dir", required=True, help="the coordinator init directory")
-    p.add_argument("--host", default="0.0.0.0")
-    p.add_argument("--port", type=int, default=9093)
+    p.add_argument(
+        "--host", required=True, help="the address the sites reach (only the Fleet API answers)"
+    )
+    p.add_argument("--port", type=int, default=9093, help="the sites' port")
+    p.add_argument(
+        "--control-port",
+        type=int,
+        default=9095,
+        help="the SuperLink itself, on 127.0.0.1 only: fedclif run, status, site register",
+    )
     p = add(
         groups["site"], "register", cmd_register, "allow a site's key to join (coordinator side)"
     )

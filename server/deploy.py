@@ -7,12 +7,15 @@ import hashlib
 import json
 import os
 import re
+import signal
 import subprocess
 import tempfile
+import threading
 import time
 import tomllib
 from pathlib import Path
 
+import httpx
 import tomli_w
 from omegaconf import DictConfig, OmegaConf
 
@@ -25,6 +28,12 @@ from fedclif.shared.flower import (
 )
 
 CONNECTION = "fedclif"
+# Where the coordinator's own commands reach the SuperLink (`coordinator start`).
+CONTROL_HINT = (
+    "the SuperLink's Control API answers on the coordinator's host alone: run this there "
+    "with --superlink 127.0.0.1:<its --control-port> (default 9095), or through an SSH tunnel "
+    "(ssh -L 9095:127.0.0.1:9095 coordinator)"
+)
 
 
 def superlink_command(pki: Path, host: str, port: int) -> list[str]:
@@ -44,6 +53,33 @@ def superlink_command(pki: Path, host: str, port: int) -> list[str]:
         "--host", host,
         "--port", str(port),
     ]  # fmt: skip
+
+
+def coordinator(pki: Path, host: str, port: int, control_port: int) -> int:
+    """The coordinator's processes: the SuperLink on loopback (`control_port`: Control,
+    Runtime and Fleet APIs, for this host alone) and, in this process, the front on
+    host:port (server/front.py: the Fleet API alone, for the sites). Either ending ends
+    both; returns the SuperLink's exit status."""
+    from fedclif.server.front import serve_front  # uvicorn and httpx: this command only
+
+    cmd = superlink_command(pki, "127.0.0.1", control_port)
+    superlink = subprocess.Popen(cmd, env=flower_env())
+
+    def watch() -> None:  # a SuperLink that dies takes the front down with it
+        superlink.wait()
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=watch, daemon=True).start()
+    try:
+        serve_front(host, port, f"127.0.0.1:{control_port}", pki)
+    finally:
+        if superlink.poll() is None:
+            superlink.terminate()
+            try:
+                superlink.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                superlink.kill()
+    return superlink.wait()
 
 
 def flwr_home() -> Path:
@@ -70,7 +106,9 @@ def connect(superlink: str, ca: Path | None, home: Path | None = None) -> dict[s
 def flwr(args: list[str], env: dict[str, str], check: bool = True) -> subprocess.CompletedProcess:
     r = subprocess.run([executable("flwr"), *args], env=env, capture_output=True, text=True)
     if check and r.returncode != 0:
-        raise FedclifError(f"`flwr {' '.join(args)}` failed:\n{(r.stdout + r.stderr).strip()}")
+        said = (r.stdout + r.stderr).strip()
+        hint = f"\n{CONTROL_HINT}" if "404 Not Found" in said else ""
+        raise FedclifError(f"`flwr {' '.join(args)}` failed:\n{said}{hint}")
     return r
 
 
@@ -147,6 +185,12 @@ def list_runs(env: dict[str, str], run_id: int | None = None) -> dict:
     try:
         request = ListRunsRequest() if run_id is None else ListRunsRequest(run_id=run_id)
         return dict(client.ListRuns(request).run_dict)
+    except httpx.HTTPStatusError as e:
+        if e.response.status_code != 404:
+            raise
+        raise FedclifError(
+            f"{link['address']} does not answer the Control API: {CONTROL_HINT}"
+        ) from e
     finally:
         client.close()
 

@@ -25,8 +25,11 @@ class Loopback(Processes):
         }
         super().__init__(root, env)
         self.sites = list(sites)
-        self.port = free_port()
+        # The sites' door (the front: Fleet API alone) and the coordinator's own side
+        # (the SuperLink: Control and Runtime APIs), two endpoints as in a deployment.
+        self.port, self.control_port = free_port(), free_port()
         self.link = f"127.0.0.1:{self.port}"
+        self.control = f"127.0.0.1:{self.control_port}"
         self.ca = str(self.root / "pki" / "ca.crt")
 
     def fedclif(self, *args: str, check: bool = True) -> subprocess.CompletedProcess:
@@ -52,14 +55,18 @@ class Loopback(Processes):
 
     def start_superlink(self, name: str = "superlink") -> None:
         pki = str(self.root / "pki")
-        self.start(name, [*FEDCLIF, "coordinator", "start", "--dir", pki,
-                          "--host", "127.0.0.1", "--port", str(self.port)])  # fmt: skip
-        wait_for(lambda: "Uvicorn running" in self.log(name), 60, "the SuperLink")
+        ports = ["--port", str(self.port), "--control-port", str(self.control_port)]
+        self.start(
+            name, [*FEDCLIF, "coordinator", "start", "--dir", pki, "--host", "127.0.0.1", *ports]
+        )
+        for what, address in (("the SuperLink", self.control), ("the front", self.link)):
+            up = f"Uvicorn running on https://{address}"
+            wait_for(lambda up=up: up in self.log(name), 60, what)
 
     def register(self, site: str) -> None:
         key = str(self.site_dir(site) / "site.pub")
         self.fedclif("site", "register", "--key", key, "--name", site,
-                     "--superlink", self.link, "--ca", self.ca)  # fmt: skip
+                     "--superlink", self.control, "--ca", self.ca)  # fmt: skip
 
     def serve(self, site: str, data: Path, wait: bool = True) -> subprocess.Popen:
         p = self.start(f"node-{site}", [
@@ -87,5 +94,5 @@ class Loopback(Processes):
                  timeout, f"run {run_id} to finish")  # fmt: skip
 
     def run(self, out: Path, *overrides: str, extra: tuple[str, ...] = ()) -> None:
-        self.fedclif("run", "--superlink", self.link, "--ca", self.ca, "--out", str(out),
+        self.fedclif("run", "--superlink", self.control, "--ca", self.ca, "--out", str(out),
                      *extra, *overrides)  # fmt: skip

@@ -77,7 +77,8 @@ def init_pki(out: str | Path, hosts: list[str], dev_site_keys: list[str] = ()) -
     )
     srv_key = ec.generate_private_key(ec.SECP384R1())
     sans = []
-    for h in hosts:
+    # 127.0.0.1 always: the front (server/front.py) reaches the SuperLink on loopback.
+    for h in dict.fromkeys([*hosts, "127.0.0.1"]):
         try:
             sans.append(x509.IPAddress(ipaddress.ip_address(h)))
         except ValueError:

@@ -17,14 +17,19 @@ from flwr.serverapp import Grid
 from flwr.serverapp import strategy as flwr_strategy
 from omegaconf import DictConfig, OmegaConf
 
-from fedclif.server.aggregate import STREAMING, RunningMean
+from fedclif.server.aggregate import STREAMING, HeaviestHeld, RunningMean
 from fedclif.server.checkpoint import (
     load_checkpoint,
     restore_strategy,
     resume_problem,
     save_checkpoint,
 )
-from fedclif.server.checks import evaluate_reply_problem, stats_problem, train_reply_problem
+from fedclif.server.checks import (
+    evaluate_reply_problem,
+    shared_codes,
+    stats_problem,
+    train_reply_problem,
+)
 from fedclif.shared.artifact import write_json
 from fedclif.shared.config import write_resolved
 from fedclif.shared.errors import FedclifError
@@ -121,6 +126,7 @@ class FederatedRun:
         self.sites: dict[int, str] = {}
         # Nodes left out of the run (a second node under a site's name), and why.
         self.excluded: dict[int, str] = {}
+        self._names: dict[int, str] = {}  # registered names, by node id (`_registered`)
         self.state: dict = {"phase": "statistics", "round": 0, "history": [], "sites": {}}
         self.resume = resume
         self.timeout = float(self.fed.timeout_s)
@@ -148,16 +154,34 @@ class FederatedRun:
     def _site(self, node: int) -> str:
         return self.sites.get(node, f"node-{node}")
 
-    def _claim(self, node: int, name: str) -> str | None:
-        """Name `node` `name`; a name another connected node holds is refused (the node
-        is left out of the run: two sites under one name would overwrite each other's
-        records). A site back under a new node id (a resumed run) takes its name back."""
-        holders = [n for n, v in self.sites.items() if n != node and v == name]
-        live = set(self.grid.get_node_ids()) if holders else set()
-        if any(n in live for n in holders):
-            self.excluded[node] = why = f"duplicate site name {name!r}"
-            log.warning("node %d left out of the run: %s", node, why)
-            return why
+    def _registered(self, node: int) -> dict[int, str]:
+        """Node id -> the name it was registered under at the SuperLink (`fedclif site
+        register`; none in a simulation), asked again when `node` is not in it yet."""
+        if node not in self._names:
+            self._names = {n.node_id: n.name for n in self.grid.get_nodes() if n.name}
+        return self._names
+
+    def _claim(self, node: int, claimed: str) -> str | None:
+        """Name `node`. A registered node is named by its registration, bound to its key,
+        whatever it answers; an unregistered one (a simulation's) by its answer, unless
+        another node holds that name, registered or connected: the node is then left out
+        of the run, whoever came first (two sites under one name would overwrite each
+        other's records). A site back under a new node id (a resumed simulation) takes
+        its name back."""
+        registered = self._registered(node)
+        if node in registered:
+            name = registered[node]
+            if claimed != name:
+                log.info("node %d answers as %r; it is registered as %r", node, claimed, name)
+            holders = []
+        else:
+            name = claimed
+            holders = [n for n, v in self.sites.items() if n != node and v == name]
+            live = set(self.grid.get_node_ids()) if holders else set()
+            if name in registered.values() or any(n in live for n in holders):
+                self.excluded[node] = why = f"duplicate site name {name!r}"
+                log.warning("node %d left out of the run: %s", node, why)
+                return why
         for n in holders:
             del self.sites[n]
         self.sites[node] = name
@@ -287,6 +311,7 @@ class FederatedRun:
             except Exception:  # a record that is not what a site sends
                 name, s = self._site(node), None
             why = self._claim(node, name) or stats_problem(s, sig, most)
+            name = self.sites.get(node, name)  # a registered name, whatever it answered
             if why:
                 left_out.append({"site": name, "node": node, "reason": why})
                 log.warning("statistics: site %s left out of the tokenizer: %s", name, why)
@@ -331,9 +356,15 @@ class FederatedRun:
     def statistics(self) -> Tokenizer:
         """Every site's mergeable statistics -> one tokenizer -> every site tokenizes."""
         if self.fed.statistics:
-            tok = fit_tokenizer(
-                merge_stats(list(self.collect_stats().values())), self.config.tokenizer
+            checks = self.fed.checks
+            stats, trimmed = shared_codes(
+                self.collect_stats(), checks.min_sites_per_code, float(checks.max_code_share)
             )
+            self.state["statistics"]["trimmed"] = trimmed
+            for t in trimmed:
+                log.warning("statistics: %d code(s) of site %s left out of the vocabulary: %s",
+                            t["codes_dropped"], t["site"], t["reason"])  # fmt: skip
+            tok = fit_tokenizer(merge_stats(list(stats.values())), self.config.tokenizer)
         else:
             tok = Tokenizer.load(self.fed.tokenizer)
         tok.save(self.out / "tokenizer.json")
@@ -386,6 +417,8 @@ class FederatedRun:
         sent = sum(_bytes(m.content.array_records.values()) for m in msgs)
         running = RunningMean() if self.streaming else None
         kept, rejected, failed, sites, received, checking = [], [], [], {}, 0, 0.0
+        fold = kept.append if running is None else lambda r: running.add(r.content)
+        bounded = HeaviestHeld(self.fed.checks.max_weight_ratio, fold)
         dp = float(self.cfg.dp.epsilon) > 0
         for r in self._replies(msgs, replies, what, failed):
             site = self._site(r.metadata.src_node_id)
@@ -399,10 +432,11 @@ class FederatedRun:
                 log.warning("%s: rejected site %s: %s", what, site, why)
                 continue
             sites[site] = dict(r.content[METRICS])
-            if running is None:
-                kept.append(r)
-            else:
-                running.add(r.content)  # and the reply goes
+            bounded.add(site, r)  # folded (streaming: and the reply goes), or kept
+        capped = bounded.finish()
+        if capped:
+            log.warning("%s: site %s's weight %.3g capped at %.3g (max_weight_ratio)",
+                        what, capped["site"], capped["announced"], capped["counted"])  # fmt: skip
         self._enough(len(sites), what)
         if running is not None:  # the strategy aggregates the one reply of the mean
             kept = [Message(running.result(), dst_node_id=0, message_type="train")]
@@ -424,6 +458,7 @@ class FederatedRun:
                 "sites": sites,
                 "failed": failed,
                 "rejected": rejected,
+                "capped": [capped] if capped else [],
                 # Sites of this run the round could not ask: gone from the SuperLink's
                 # nodes (a stopped daemon) before it started.
                 "absent": sorted(

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 from flwr.app import Array, ArrayRecord
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from fedclif.shared.config import load_tree
 from fedclif.shared.errors import FedclifError
@@ -83,6 +83,24 @@ class SiteRefusal(FedclifError):
     def __init__(self, category: str, detail: str):
         super().__init__(detail)
         self.category = category
+
+
+def received_config(data: str | dict, what: str) -> DictConfig:
+    """A config a message carried (YAML text or a mapping), as data: OmegaConf resolves
+    `${...}` when a value is read, and its resolvers read this process's environment and
+    other keys, so any value holding one is refused (rule `configs are data`, naming the
+    key, never the value)."""
+    tree = OmegaConf.create(data)
+    stack: list[tuple[str, object]] = [(what, OmegaConf.to_container(tree, resolve=False))]
+    while stack:
+        key, value = stack.pop()
+        if isinstance(value, dict):
+            stack += [(f"{key}.{k}", v) for k, v in value.items()]
+        elif isinstance(value, list):
+            stack += [(f"{key}[{i}]", v) for i, v in enumerate(value)]
+        elif isinstance(value, str) and "${" in value:
+            raise SiteRefusal("policy", f"policy: configs are data: {key} holds an interpolation")
+    return tree
 
 
 def weights_id(arrays: dict[str, np.ndarray]) -> str:

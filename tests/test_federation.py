@@ -3,16 +3,22 @@ two SuperNodes on loopback, each with its own small synthetic site (a in CLIF 2.
 CLIF 3.0); plus the server's checks. Every process started here is stopped (process
 groups), FLWR_HOME is temporary."""
 
+import contextlib
 import json
 import re
 import shutil
+import ssl
 import tomllib
 from pathlib import Path
 
+import httpx
 import numpy as np
 import polars as pl
+import psutil
 import pytest
 import tomli_w
+from fastapi.routing import iter_route_contexts
+from flwr.superlink.main import create_app
 from omegaconf import OmegaConf
 from safetensors.numpy import load_file
 
@@ -20,6 +26,7 @@ import fedclif
 from fedclif.client.approval import APPROVED_FILE
 from fedclif.client.ledger import LEDGER_FILE, Ledger
 from fedclif.server.deploy import CONNECTION, connect, flwr, run_config, submit
+from fedclif.server.front import FLEET_PATHS
 from fedclif.server.loopback import Loopback
 from fedclif.server.processes import wait_for
 from fedclif.shared.clif.site import load_site
@@ -165,9 +172,56 @@ def test_site_messages_carry_no_identifier_or_raw_value(federation, finished_run
         assert min(st["codes"].values()) >= 10 and st["n_stays"] % 10 == 0
 
 
+def test_strangers_reach_the_fleet_api_alone(federation):
+    """The sites' endpoint, as a stranger holding only the public CA reaches it: every
+    route of Flower's SuperLink but the SuperNode's Fleet calls (the Control API: list,
+    start and stop runs, register and unregister keys; the Runtime API: take a run's
+    task and its token; the docs) gets 404 from the front and never reaches Flower, and a
+    Fleet call without a registered key gets Flower's 401. The coordinator's own side
+    answers on loopback, and its processes listen nowhere else."""
+    lb = federation
+    routes = {c.route.path for c in iter_route_contexts(create_app().routes)}
+    client = httpx.Client(verify=ssl.create_default_context(cafile=lb.ca), timeout=30)
+    headers = {"content-type": "application/protobuf"}
+    for path in sorted(routes):
+        r = client.post(f"https://{lb.link}{path}", content=b"", headers=headers)
+        assert r.status_code == (401 if path in FLEET_PATHS else 404), path
+    assert client.get(f"https://{lb.link}/docs").status_code == 404
+    said = lb.log("superlink")
+    assert "front: refused POST /v1/runtime/acquire-task from 127.0.0.1" in said
+    assert '"POST /v1/runtime/acquire-task' not in said  # Flower never saw it
+    ok = client.post(f"https://{lb.control}/v1/control/list-runs", content=b"", headers=headers)
+    assert ok.status_code == 200
+    for cmd in (["status"], ["site", "register", "--key", str(lb.site_dir("c") / "site.pub"),
+                             "--name", "stranger"]):  # fmt: skip
+        r = lb.fedclif(*cmd, "--superlink", lb.link, "--ca", lb.ca, check=False)
+        assert r.returncode == 1 and "answers on the coordinator's host alone" in r.stderr
+    tree = psutil.Process(lb.procs["superlink"][0].pid)
+    listening = {
+        (c.laddr.ip, c.laddr.port)
+        for p in [tree, *tree.children(recursive=True)]
+        for c in p.net_connections("tcp")
+        if c.status == psutil.CONN_LISTEN
+    }
+    assert listening == {("127.0.0.1", lb.port), ("127.0.0.1", lb.control_port)}
+
+
+def test_each_site_launches_through_its_own_gate(federation):
+    """A site daemon's SuperExec is fedclif's (client apps only, client/approval.py), not
+    Flower's own found on PATH."""
+    for s in "ab":
+        node = psutil.Process(federation.procs[f"node-{s}"][0].pid)
+        cmds = []
+        for p in node.children(recursive=True):
+            with contextlib.suppress(psutil.Error):  # finished ClientApps: zombies
+                cmds.append(" ".join(p.cmdline()))
+        shim = federation.root / f"work-{s}" / "bin" / "flower-superexec"
+        assert any(str(shim.resolve()) in c for c in cmds), cmds
+
+
 def test_a_taken_site_name_is_refused_at_registration(federation):
     r = federation.fedclif("site", "register", "--key", str(federation.site_dir("c") / "site.pub"),
-                           "--name", "a", "--superlink", federation.link, "--ca", federation.ca,
+                           "--name", "a", "--superlink", federation.control, "--ca", federation.ca,
                            check=False)  # fmt: skip
     assert r.returncode == 1
     assert "site name 'a' is already registered" in " ".join(r.stderr.split())
@@ -190,7 +244,7 @@ def test_a_run_asking_for_finer_statistics_is_refused_by_every_site(federation):
     lb = federation
     before = {s: sorted(p.name for p in (lb.root / f"work-{s}").iterdir()) for s in "ab"}
     out = lb.root / "hostile"
-    r = lb.fedclif("run", "--superlink", lb.link, "--ca", lb.ca, "--out", str(out),
+    r = lb.fedclif("run", "--superlink", lb.control, "--ca", lb.ca, "--out", str(out),
                    "tokenizer.stats.min_cell_count=1", "tokenizer.stats.sig_figs=15",
                    "federation.timeout_s=120", check=False)  # fmt: skip
     assert r.returncode == 1
@@ -201,7 +255,7 @@ def test_a_run_asking_for_finer_statistics_is_refused_by_every_site(federation):
     assert f"the ServerApp's whole log: {log}" in said
     for s in "ab":
         log = (lb.root / f"work-{s}" / "errors.log").read_text()
-        assert "SiteRefusal: policy: min_cell_count 1 < 10" in log
+        assert "SiteRefusal: policy: min_cell_count: asked < 10" in log
         after = sorted(p.name for p in (lb.root / f"work-{s}").iterdir())
         assert after == sorted({*before[s], "errors.log"})  # nothing else written
     assert not (out / "results.json").exists() and not (out / "tokenizer.json").exists()
@@ -214,20 +268,20 @@ def test_a_run_asking_for_finer_statistics_is_refused_by_every_site(federation):
 # exact refusal is tests/test_policy.py's.
 HOSTILE = {
     "tiny test split": (["train.split.test=0.001"],
-                        "policy: splits.min_test 0.001 < 0.1", "policy"),
+                        "policy: splits.min_test: asked < 0.1", "policy"),
     "no DP where required": (["train.dp.epsilon=0"],
-                             "policy: dp.required pretrain with epsilon 0 is not DP-SGD",
+                             "policy: dp.required: asked pretrain without DP-SGD",
                              "policy"),
     # The site spent 1 in an earlier run (its ledger says so); the coordinator resumes a
     # finished run for a third, DP, round: a resume is one more run to the ledger.
     "a resume past the lifetime budget": (
         ["federation.rounds.pretrain=3", "train.dp.epsilon=1", "train.dp.delta=1e-5"],
-        "policy: dp.max_epsilon_lifetime: spent 1 + 1 > 1.5", "dp_budget_exhausted"),
+        "policy: dp.max_epsilon_lifetime: this round would pass 1.5", "dp_budget_exhausted"),
     # The site's cap is the run's tiny model; this one is over 100 times its size.
     "model 100x the cap": (["model.shapes.mamba2.hidden_size=1024",
                             "model.shapes.mamba2.num_heads=64",
                             "model.shapes.mamba2.num_hidden_layers=8"],
-                           "policy: model.max_parameters {n} > {cap}", "policy"),
+                           "policy: model.max_parameters: asked > {cap}", "policy"),
 }  # fmt: skip
 HOSTILE_POLICY = {"policy.dp.required": True, "policy.dp.max_epsilon_lifetime": 1.5}
 
@@ -263,7 +317,7 @@ def test_hostile_requests_are_refused_and_change_nothing(federation, finished_ru
             for k, v in policy.items():
                 OmegaConf.update(tree, k, v)
             OmegaConf.save(tree, f)
-        env = connect(lb.link, Path(lb.ca), lb.root / "flwr")
+        env = connect(lb.control, Path(lb.ca), lb.root / "flwr")
         runs = []
         for case, config in configs.items():
             out, audit = (lb.root / f"{name[case]}-{x}" for x in ("out", "audit"))
@@ -315,7 +369,7 @@ def test_a_bundle_the_site_did_not_approve_never_runs(federation):
     lb = federation
     marker = lb.root / "hostile-code-ran"
     app, h = _hostile_app(lb.root / "hostile-app", marker)
-    env = connect(lb.link, Path(lb.ca), lb.root / "flwr")
+    env = connect(lb.control, Path(lb.ca), lb.root / "flwr")
     before = {s: sorted(p.name for p in (lb.root / f"work-{s}").iterdir()) for s in "ab"}
 
     def submit(name: str) -> Path:
@@ -373,7 +427,7 @@ def test_a_resumed_run_goes_on_without_a_site_killed_between_rounds(federation, 
                                         "federation.evaluate=false", *RUN])  # fmt: skip
     conf = lb.root / "resilient.toml"
     conf.write_text(tomli_w.dumps({**run_config(config, out, True), "pause-after-round": 3}))
-    env = connect(lb.link, Path(lb.ca), lb.root / "flwr")
+    env = connect(lb.control, Path(lb.ca), lb.root / "flwr")
     run = flwr(["run", str(app), CONNECTION, "--run-config", str(conf)], env).stdout
     wait_for(lambda: (out / "paused").exists(), 240, "round 3")
     lb.stop("node-b")
@@ -392,5 +446,5 @@ def test_a_resumed_run_goes_on_without_a_site_killed_between_rounds(federation, 
     assert {x["site"] for x in rounds[4]["failed"]} | set(rounds[4]["absent"]) == {"b"}
     two, four = (load_file(str(d / "model" / "model.safetensors")) for d in (done, out))
     assert two.keys() == four.keys() and any(not np.array_equal(two[k], four[k]) for k in two)
-    status = lb.fedclif("status", "--superlink", lb.link, "--ca", lb.ca).stdout
+    status = lb.fedclif("status", "--superlink", lb.control, "--ca", lb.ca).stdout
     assert status.count("finished:completed") >= 2, status

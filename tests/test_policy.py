@@ -63,10 +63,10 @@ def _refused(fn, *args) -> str:
 @pytest.mark.parametrize(
     ("override", "message"),
     [
-        ("stats.min_cell_count=1", "policy: min_cell_count 1 < 10"),
-        ("stats.sig_figs=15", "policy: max_sig_figs 15 > 3"),
-        ("stats.min_open_code_count=2", "policy: min_open_code_count 2 < 10"),
-        ("stats.seed=7", "policy: stats.seed 7 != None"),
+        ("stats.min_cell_count=1", "policy: min_cell_count: asked < 10"),
+        ("stats.sig_figs=15", "policy: max_sig_figs: asked > 3"),
+        ("stats.min_open_code_count=2", "policy: min_open_code_count: asked < 10"),
+        ("stats.seed=7", "policy: stats.seed: asked for one (the noise's seed is the site's)"),
     ],
 )
 def test_statistics_finer_than_the_policy_are_refused(override, message):
@@ -81,9 +81,9 @@ def test_splits_and_models_beyond_the_policy_are_refused():
     policy = load_policy()
     check_training(load_federation().train, policy)
     tiny_test = load_federation(overrides=["train.split.test=0.001"]).train
-    assert _refused(check_training, tiny_test, policy) == "policy: splits.min_test 0.001 < 0.1"
+    assert _refused(check_training, tiny_test, policy) == "policy: splits.min_test: asked < 0.1"
     tiny_val = load_federation(overrides=["train.split.val=0.0"]).train
-    assert _refused(check_training, tiny_val, policy) == "policy: splits.min_val 0.0 < 0.05"
+    assert _refused(check_training, tiny_val, policy) == "policy: splits.min_val: asked < 0.05"
     cap = int(policy.policy.model.max_parameters)
     check_model(cap, 1000, policy)
     assert "model.max_parameters" in _refused(check_model, 100 * cap, 1000, policy)
@@ -151,7 +151,7 @@ def test_a_reliability_curve_leaves_only_with_bins_of_at_least_the_minimum_cell(
     assert kept["death_brier"] == 0.1 and not any("death_reliability" in k for k in kept)
     assert all(f"imv_{k}{s}" in kept for k in curve for s in ("", "_recal"))
     check_probe_training(50, policy)
-    with pytest.raises(SiteRefusal, match=r"probes\.min_train_stays 3 < 50"):
+    with pytest.raises(SiteRefusal, match=r"^policy: probes\.min_train_stays: fewer than 50$"):
         check_probe_training(3, policy)
 
 
@@ -166,7 +166,7 @@ def test_the_dp_ledger_spans_runs_and_stops_at_the_lifetime_budget(tmp_path):
     with pytest.raises(SiteRefusal) as e:
         Ledger(tmp_path).reserve(3, "finetune", 1, 4.0, 1e-5, limit=10.0)
     assert e.value.category == "dp_budget_exhausted"
-    assert "dp.max_epsilon_lifetime: spent 7.5 + 4 > 10" in str(e.value)
+    assert str(e.value) == "policy: dp.max_epsilon_lifetime: this round would pass 10"
     assert [x["status"] for x in Ledger(tmp_path).entries()] == ["spent", "reserved"]
 
 
@@ -182,7 +182,8 @@ def test_dp_rules_of_the_policy():
     # delta at most 1 / the patients of the site's training split by default
     assert check_dp(on, "finetune", 1000, load_policy()) is True  # 1e-5 <= 1e-3
     million = _refused(check_dp, on, "finetune", 10**6, load_policy())
-    assert million == "policy: dp.max_delta 1e-05 > 1e-06"
+    # The default bound is the site's patient count: named, never given.
+    assert million == "policy: dp.max_delta: asked > 1 / the training patients"
 
 
 def test_site_ledger_prints_what_was_spent(tmp_path, capsys):
@@ -286,4 +287,4 @@ def test_sizes_leave_rounded_down_to_the_minimum_cell():
     with pytest.raises(SiteRefusal) as e:
         coarse_count(7, "training examples", policy)
     assert e.value.category == "policy"
-    assert str(e.value) == "policy: stats.min_cell_count 7 training examples < 10"
+    assert str(e.value) == "policy: stats.min_cell_count: fewer than 10 training examples"

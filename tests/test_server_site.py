@@ -9,10 +9,12 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 from flwr.app import ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.proto.node_pb2 import NodeInfo
 from flwr.supercore.task_identity import TaskIdentity
 from omegaconf import OmegaConf
 
 from fedclif.client.app import _category
+from fedclif.client.policy import check_model, load_policy
 from fedclif.server.aggregate import STREAMING, RunningMean
 from fedclif.server.checkpoint import (
     load_checkpoint,
@@ -20,6 +22,7 @@ from fedclif.server.checkpoint import (
     resume_problem,
     save_checkpoint,
 )
+from fedclif.server.checks import shared_codes, stats_problem
 from fedclif.server.run import STRATEGIES, FederatedRun, make_strategy
 from fedclif.shared.clif.site import load_site
 from fedclif.shared.errors import FedclifError
@@ -36,8 +39,8 @@ from fedclif.shared.federation import (
     to_record,
 )
 from fedclif.shared.metrics import binary_metrics, flat_metrics
-from fedclif.shared.stats import site_stats
-from fedclif.shared.tokenizer import Tokenizer
+from fedclif.shared.stats import merge_stats, site_stats
+from fedclif.shared.tokenizer import Tokenizer, fit_tokenizer
 
 
 @pytest.mark.parametrize("name", sorted(STRATEGIES))
@@ -144,6 +147,10 @@ class _Nodes:
     def get_node_ids(self) -> list[int]:
         return [11, 12]
 
+    def get_nodes(self) -> list[NodeInfo]:
+        """What the SuperLink knows of each node: here, as in a simulation, no name."""
+        return [NodeInfo(node_id=n) for n in self.get_node_ids()]
+
 
 def _metrics(n=100, **extra) -> MetricRecord:
     honest = {"num-examples": n, "num_examples": n, "train_loss": 2.0, "steps": 20,
@@ -228,6 +235,62 @@ def test_a_rogue_reply_is_rejected_by_its_rule_and_the_round_goes_on(
     assert h["rejected"][0]["reason"].startswith(rule), h["rejected"][0]["reason"]
     assert set(h["sites"]) == {"honest"}
     assert (tmp_path / "checkpoint" / "weights.safetensors").is_file()
+
+
+class _Steering(_Learning):
+    """An honest site (11, its optimum at 1.0) and a rogue (12) that answers every round
+    with weights of 0.001 and `announced` training examples (as many as it announced
+    when it tokenized: inside the size check)."""
+
+    def __init__(self, announced: float):
+        super().__init__()
+        self.targets, self.announced = {11: 1.0, 12: 0.001}, announced
+
+    def pull_messages(self, ids):
+        out = super().pull_messages(ids)
+        for r in out:
+            if r.metadata.src_node_id == 12:
+                r.content[ARRAYS] = to_record({"w": np.full((3, 2), 0.001, np.float32)})
+                r.content[METRICS] = _metrics(self.announced)
+        return out
+
+
+@pytest.mark.parametrize("streaming", [True, False])
+def test_a_site_announcing_a_billion_examples_counts_as_much_as_the_rest(
+    tmp_path, monkeypatch, streaming
+):
+    """A rogue site announces 10^9 stays and answers each round with weights of 0.001 and
+    10^9 examples: without a cap it drags the global weights from 1 to 0.001 in one round.
+    With `max_weight_ratio` 1 it counts as much as the honest site (each round's mean is
+    the two replies' plain mean), every cap is on the record, and the run finishes its
+    three rounds on the honest site's pull."""
+    for attr, v in (("_run_id", 1), ("_node_id", 0), ("_task_id", 1)):
+        monkeypatch.setattr(TaskIdentity, attr, v)
+    settings = ["federation.min_sites=2", "train.pretrain.context=10",
+                f"federation.strategy.streaming={str(streaming).lower()}"]  # fmt: skip
+    tok, w0 = SimpleNamespace(hash="abc"), {"w": np.ones((3, 2), np.float32)}
+
+    def run(out: str, *overrides: str, rounds: int = 3) -> tuple[FederatedRun, dict]:
+        fed = load_federation(overrides=[*settings, *overrides])
+        r = FederatedRun(_Steering(1e9), fed, tmp_path / out)
+        r.sites = {11: "honest", 12: "rogue"}
+        r.state["sites"] = {"honest": {"stays": 90, "tokens": 9000},
+                            "rogue": {"stays": 10**9, "tokens": 10**9}}  # fmt: skip
+        return r, r.rounds("pretrain", rounds, tok, w0, None)
+
+    _, uncapped = run("uncapped", "federation.checks.max_weight_ratio=null", rounds=1)
+    assert np.allclose(uncapped["w"], 0.001, atol=1e-4)
+    r, w = run("capped")
+    expected = 1.0
+    for h in r.state["history"]:
+        honest = expected - 0.3 * (expected - 1.0)  # the honest site's pull
+        expected = (honest + 0.001) / 2
+        assert h["capped"] == [{"site": "rogue", "announced": 1e9, "counted": 100.0}]
+        assert set(h["sites"]) == {"honest", "rogue"} and not h["rejected"]
+    np.testing.assert_allclose(w["w"], expected, rtol=1e-5)
+    assert w["w"].min() > 100 * uncapped["w"].max()
+    with pytest.raises(FedclifError, match=r"federation\.checks\.max_weight_ratio: at least 1"):
+        run("bad", "federation.checks.max_weight_ratio=0.5")
 
 
 class _Five(_Nodes):
@@ -414,6 +477,79 @@ def test_a_second_site_under_a_taken_name_is_left_out_of_the_run(
     ]
     assert run._nodes() == [11]  # node 12 gets no further message
     assert run.excluded == {12: "duplicate site name 'a'"}
+
+
+class _Registered(_Replying):
+    """Node 9 answers first; node 11 is registered at the SuperLink as "a"; node 9 as
+    `rogue_name` (None: not registered, as a node with a key registered under no name)."""
+
+    def __init__(self, answer, rogue_name: str | None):
+        super().__init__(answer)
+        self.names = {11: "a"} | ({9: rogue_name} if rogue_name else {})
+
+    def get_node_ids(self) -> list[int]:
+        return [9, 11]
+
+    def get_nodes(self) -> list[NodeInfo]:
+        return [NodeInfo(node_id=n, name=self.names.get(n, "")) for n in self.get_node_ids()]
+
+
+@pytest.mark.parametrize("registered_as", ["rogue", None])
+def test_a_site_name_is_bound_to_its_registered_key(
+    tmp_path, site_dir, site_cfg, tok_cfg, monkeypatch, registered_as
+):
+    """A node answering first as "a" does not take the name of the node registered as
+    "a": registered under another name, it is named by its registration; registered under
+    none, it is left out of the run. Either way the real "a" is in."""
+    for attr, v in (("_run_id", 1), ("_node_id", 0), ("_task_id", 1)):
+        monkeypatch.setattr(TaskIdentity, attr, v)
+    honest = site_stats(load_site(site_dir, site_cfg), tok_cfg)
+    both = _stats_reply("a", honest)  # to statistics and to the name query
+    both[CONFIG] = ConfigRecord({"site": "a"})
+    grid = _Registered(lambda n: both, registered_as)
+    run = FederatedRun(grid, load_federation(overrides=["federation.min_sites=1"]), tmp_path)
+    stats = run.collect_stats()
+    if registered_as:
+        assert sorted(stats) == ["a", "rogue"] and run.sites == {9: "rogue", 11: "a"}
+        assert run.state["statistics"]["left_out"] == [] and not run.excluded
+    else:
+        assert list(stats) == ["a"] and run.sites == {11: "a"}
+        assert run.excluded == {9: "duplicate site name 'a'"}
+        assert run._nodes() == [11]
+        assert run.name_sites() == {11: "a"}  # asked again, still bound
+
+
+def test_one_site_cannot_stuff_the_shared_vocabulary(site_dir, site_cfg, tok_cfg):
+    """A rogue sends an honest site's statistics plus 49,000 junk codes (under
+    max_codes_per_site). With two sites its own codes are trimmed to as many as the other
+    site sent (max_code_share 0.5), its most counted first, and the honest site's model
+    cap still holds; with three, a code needs two senders and no junk is left at all.
+    Honest federations lose nothing."""
+    honest = site_stats(load_site(site_dir, site_cfg), tok_cfg)
+    rogue = json.loads(json.dumps(honest))
+    rogue["codes"] |= {f"LAB_junk{i}": 10 + i for i in range(49_000)}
+    assert stats_problem(rogue, 3, 50_000) is None  # the old bound let it through
+    fed = load_federation().federation.checks
+
+    def vocab(stats: dict) -> set[str]:
+        kept, trimmed = shared_codes(stats, fed.min_sites_per_code, float(fed.max_code_share))
+        return set(fit_tokenizer(merge_stats(list(kept.values())), tok_cfg).vocab), trimmed
+
+    pair, _ = vocab({"honest": honest, "honest2": honest})
+    # Honest federations lose nothing: two sites, and three, as if unchecked.
+    assert pair == set(fit_tokenizer(merge_stats([honest, honest]), tok_cfg).vocab)
+    trio = {"honest": honest, "honest2": honest, "honest3": honest}
+    assert vocab(trio) == (set(fit_tokenizer(merge_stats([honest] * 3), tok_cfg).vocab), [])
+    stuffed, trimmed = vocab({"honest": honest, "rogue": rogue})
+    n_honest = sum(1 for n in honest["codes"].values() if n > 0)
+    assert trimmed == [{"site": "rogue", "codes_dropped": 49_000 - n_honest,
+                        "reason": "own codes over max_code_share 0.5"}]  # fmt: skip
+    junk = {t for t in stuffed if "junk" in t}
+    assert len(junk) == n_honest and f"LAB_junk{48_999}" in junk  # the most counted kept
+    assert stuffed - junk == pair
+    check_model(1000, len(stuffed), load_policy())  # under the honest site's max_vocab
+    three, trimmed = vocab({"honest": honest, "honest2": honest, "rogue": rogue})
+    assert three == vocab(trio)[0] and trimmed == []
 
 
 def _evaluation(y_death, y_los, seed: int) -> RecordDict:

@@ -1,0 +1,144 @@
+"""Closed doors, the fast part (the same doors on real processes: tests/test_federation.py):
+the coordinator's front lets strangers reach the Fleet API alone, a site's SuperExec
+launches client apps alone, and what a coordinator sends is data, never code."""
+
+import json
+import os
+import stat
+import time
+from pathlib import Path
+
+import pytest
+from fastapi.routing import iter_route_contexts
+from flwr.app import ConfigRecord, Context, Message, Metadata, RecordDict
+from flwr.proto.task_pb2 import Task
+from flwr.supercore.constant import ExecutorType, TaskType
+from flwr.supercore.superexec.executor import LaunchResultStatus, get_executor
+from flwr.superlink.main import create_app
+from omegaconf import OmegaConf
+
+from fedclif.client.app import stats
+from fedclif.client.app import train as train_handler
+from fedclif.client.approval import client_apps_only
+from fedclif.client.policy import write_policy
+from fedclif.server.front import FLEET_PATHS, refusal
+from fedclif.shared.config import load_config
+from fedclif.shared.federation import CONFIG, ERROR_CODE, load_federation, received_config
+
+
+def _routes() -> dict[str, set[str]]:
+    """Every path Flower's SuperLink serves, with its methods."""
+    return {
+        c.route.path: set(getattr(c.route, "methods", ()))
+        for c in iter_route_contexts(create_app().routes)
+    }
+
+
+def test_the_front_passes_only_the_fleet_calls_of_flowers_superlink():
+    """Of every route the SuperLink serves (Control, Runtime, docs, health, and whatever
+    Flower adds), only the SuperNode's Fleet calls pass, as protobuf POSTs."""
+    routes = _routes()
+    assert set(routes) >= FLEET_PATHS  # a Fleet path Flower renamed would be noticed
+    assert any(p.startswith("/v1/control/") for p in routes)
+    assert any(p.startswith("/v1/runtime/") for p in routes)
+    for path in routes:
+        why = refusal("POST", path, "application/protobuf")
+        if path in FLEET_PATHS:
+            assert why is None
+        else:
+            assert why == "not a Fleet API path", path
+    fleet = "/v1/fleet/pull-messages"
+    assert refusal("GET", fleet, "application/protobuf") == "method GET"
+    assert refusal("POST", fleet, "application/json") == "not a protobuf body"
+    assert refusal("POST", fleet, "application/protobuf; charset=x") is None
+    assert refusal("POST", fleet + "/", "application/protobuf") == "not a Fleet API path"
+    assert refusal("POST", "/v1/fleet/../control/list-runs", "application/protobuf")
+
+
+@pytest.fixture
+def launchers(tmp_path, monkeypatch):
+    """A PATH whose every Flower task command only leaves a mark that it was started."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for command in ("flwr-clientapp", "flwr-agentapp", "flwr-connector", "flwr-model"):
+        f = bin_dir / command
+        f.write_text(f"#!/bin/sh\ntouch {tmp_path / ('ran-' + command)}\n")
+        f.chmod(stat.S_IRWXU)
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    return tmp_path
+
+
+def test_a_sites_superexec_launches_client_apps_only(launchers):
+    """Flower's SuperExec plugin and executor, with fedclif's allow-list: every task type
+    but a client app (an agent app installs and runs a bundle's code too) is refused and
+    logged with its bundle's hash; a client app is launched."""
+    work = launchers
+    plugin = client_apps_only(work)(
+        runtime_api_address="127.0.0.1:1",
+        insecure=True,
+        root_certificates_path=None,
+        executor=get_executor(ExecutorType.SUBPROCESS),
+    )
+    others = [t for t in TaskType if t != TaskType.CLIENT_APP]
+    assert TaskType.AGENT_APP in others
+    for i, t in enumerate(others):
+        task = Task(task_id=i + 1, type=str(t), run_id=7, fab_hash="f" * 64)
+        r = plugin.launch_task(token="tok", task=task)
+        assert r.status == LaunchResultStatus.FAILED
+    log = (work / "errors.log").read_text()
+    for t in others:
+        assert f"refused a {t} task of app bundle {'f' * 64}: client apps only" in log
+    task = Task(task_id=99, type=str(TaskType.CLIENT_APP), run_id=7, fab_hash="a" * 64)
+    assert plugin.launch_task(token="tok", task=task).status == LaunchResultStatus.ACCEPTED
+    t0 = time.monotonic()
+    while not (work / "ran-flwr-clientapp").exists() and time.monotonic() - t0 < 30:
+        time.sleep(0.1)
+    assert sorted(p.name for p in work.glob("ran-*")) == ["ran-flwr-clientapp"]
+
+
+@pytest.fixture
+def site_context(tmp_path):
+    """A deployed site's ClientApp context: its policy file, its work directory."""
+    policy = write_policy(tmp_path / "site", [f"policy.work_dir={tmp_path / 'work'}"])
+    node_config = {"data-path": str(tmp_path / "clif"), "policy-path": str(policy)}
+    return Context(1, 1, node_config, RecordDict(), {})
+
+
+def _answer(handler, kind: str, config: dict, context: Context) -> Message:
+    """The reply of a ClientApp handler to a message as a SuperNode hands it over."""
+    meta = Metadata(1, "m1", 0, 1, "", "", time.time(), 3600.0, kind)
+    return handler(Message(RecordDict({CONFIG: ConfigRecord(config)}), metadata=meta), context)
+
+
+SECRET = "hospital-db-s3cret"
+
+
+@pytest.mark.parametrize("where", ["stats.seed", "stats.min_cell_count", "stats.nested_list"])
+def test_a_received_config_is_data_never_resolved(site_context, monkeypatch, where):
+    """A coordinator's `${oc.env:...}` (or any interpolation) in a config is refused by
+    its rule, naming the key: the site's environment is never read into a reply."""
+    monkeypatch.setenv("PGPASSWORD", SECRET)
+    tok = OmegaConf.to_container(load_config("tokenizer"))
+    value = "${oc.env:PGPASSWORD}"
+    if where == "stats.nested_list":
+        tok["stats"]["nested_list"] = [1, {"x": value}]
+        key = "tokenizer.stats.nested_list[1].x"
+    else:
+        tok["stats"][where.split(".")[1]] = value
+        key = f"tokenizer.{where}"
+    reply = _answer(stats, "query.stats", {"tokenizer": json.dumps(tok)}, site_context)
+    assert reply.has_error() and reply.error.code == ERROR_CODE["policy"]
+    assert reply.error.reason == f"policy: configs are data: {key} holds an interpolation"
+    work = Path(site_context.node_config["policy-path"]).parent.parent / "work"
+    assert SECRET not in (work / "errors.log").read_text()
+
+
+def test_a_training_config_with_an_interpolation_is_refused(site_context, monkeypatch):
+    monkeypatch.setenv("PGPASSWORD", SECRET)
+    train = load_federation(overrides=["train.split.test=0.2"]).train
+    text = OmegaConf.to_yaml(train).replace("test: 0.2", "test: ${oc.env:PGPASSWORD}")
+    config = {"stage": "pretrain", "train": text, "model": "{}", "tokenizer_hash": "x"}
+    reply = _answer(train_handler, "train", config, site_context)
+    assert reply.error.reason == "policy: configs are data: train.split.test holds an interpolation"
+    honest = received_config(OmegaConf.to_yaml(train), "train")
+    assert float(honest.split.test) == 0.2  # the same text without one is read as before
