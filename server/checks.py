@@ -9,7 +9,14 @@ import numpy as np
 from flwr.app import ArrayRecord, RecordDict
 
 from fedclif.shared.errors import FedclifError
-from fedclif.shared.federation import ARRAYS, METRICS, TRAIN_METRICS, WEIGHT_KEY, WITHHELD
+from fedclif.shared.federation import (
+    ARRAYS,
+    CONFIG,
+    METRICS,
+    TRAIN_METRICS,
+    WEIGHT_KEY,
+    WITHHELD,
+)
 
 
 def update_problem(reply: ArrayRecord, current: ArrayRecord, max_ratio: float) -> str | None:
@@ -83,6 +90,58 @@ def evaluate_reply_problem(content: RecordDict) -> str | None:
         return f"{WEIGHT_KEY}: not a non-negative number"
     if not all(isinstance(v, int | float | list) for v in m.values()):
         return "metric values: not numbers"
+    return None
+
+
+def site_name(content: RecordDict) -> str | None:
+    """The site name a reply gives (its CONFIG record's `site`), or None when it gives
+    none that could be one (a string of 1-100 characters)."""
+    if CONFIG not in content.config_records:
+        return None
+    name = content.config_records[CONFIG].get("site")
+    return name if isinstance(name, str) and 0 < len(name) <= 100 else None
+
+
+def sizes_problem(content: RecordDict) -> str | None:
+    """Why a tokenizing reply's announced sizes cannot be used, or None: one MetricRecord
+    `metrics` of exactly `stays` and `tokens`, non-negative integers."""
+    if set(content.metric_records) != {METRICS} or len(content.array_records):
+        return f"records: {sorted([*content.array_records, *content.metric_records])}"
+    m = content.metric_records[METRICS]
+    if set(m) != {"stays", "tokens"} or not all(_count(v) for v in m.values()):
+        return "sizes: stays and tokens must be non-negative integers"
+    return None
+
+
+PROBE_PARTS = ("mean", "scale", "coef", "intercept")
+
+
+def probe_reply_problem(content: RecordDict, tasks: list[str], width: int) -> str | None:
+    """Why a site's linear probes must not be sent to other sites, or None: one ArrayRecord
+    of `<task>.<part>` arrays (a task of the run, all four parts of client/probe.py
+    `fit_probes`: float vectors of the model's `width`, a one-value intercept, finite,
+    scales positive) and one MetricRecord holding a positive `num-examples`."""
+    if set(content.array_records) != {ARRAYS} or set(content.metric_records) != {METRICS}:
+        return f"records: {sorted([*content.array_records, *content.metric_records])}"
+    if len(content.config_records):
+        return f"records: {sorted(content.config_records)}"
+    n = content.metric_records[METRICS].get(WEIGHT_KEY)
+    if not isinstance(n, int | float) or not math.isfinite(n) or n <= 0:
+        return f"{WEIGHT_KEY}: not a positive number"
+    arrays = content.array_records[ARRAYS]
+    fitted = {k.rsplit(".", 1)[0] for k in arrays}
+    expected = {f"{t}.{p}" for t in fitted for p in PROBE_PARTS}
+    if not fitted <= set(tasks) or set(arrays.keys()) != expected:
+        return f"probe arrays: {sorted(set(arrays.keys()) ^ expected)[:2] or sorted(fitted)[:2]}"
+    for k, arr in arrays.items():
+        shape = (1,) if k.endswith(".intercept") else (width,)
+        if arr.dtype not in ("float32", "float64") or tuple(arr.shape) != shape:
+            return f"probe array {k}: {arr.dtype} {tuple(arr.shape)}, not float {shape}"
+        values = arr.numpy()
+        if not np.isfinite(values).all():
+            return f"probe array {k}: non-finite values"
+        if k.endswith(".scale") and not (values > 0).all():
+            return f"probe array {k}: a scale not positive"
     return None
 
 

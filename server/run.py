@@ -26,7 +26,10 @@ from fedclif.server.checkpoint import (
 )
 from fedclif.server.checks import (
     evaluate_reply_problem,
+    probe_reply_problem,
     shared_codes,
+    site_name,
+    sizes_problem,
     stats_problem,
     train_reply_problem,
 )
@@ -324,7 +327,11 @@ class FederatedRun:
     def name_sites(self) -> dict[int, str]:
         """Ask every site its name (no data is read); node id -> name."""
         for r in self._query(QUERY_INFO, RecordDict()):
-            self._claim(r.metadata.src_node_id, str(r.content[CONFIG]["site"]))
+            node, name = r.metadata.src_node_id, site_name(r.content)
+            if name is None:
+                log.warning("info: node %d gave no site name: left unnamed", node)
+                continue
+            self._claim(node, name)
         return dict(self.sites)
 
     def begin_tokenize(self, tok: Tokenizer) -> Pending:
@@ -337,16 +344,12 @@ class FederatedRun:
         self._enough(ok, QUERY_TOKENIZE)
         for r in ok:
             node = r.metadata.src_node_id
-            if node not in self.sites and self._claim(node, str(r.content[CONFIG]["site"])):
+            if node not in self.sites and self._claim(node, site_name(r.content) or f"node-{node}"):
                 continue
-            m = r.content.metric_records.get(METRICS, {})
-            sizes = {k: m.get(k) for k in ("stays", "tokens")}
-            if not all(isinstance(v, int) and v >= 0 for v in sizes.values()):
-                log.warning(
-                    "tokenize: node %s announced no sizes: its updates will be refused", node
-                )
+            if why := sizes_problem(r.content):
+                log.warning("tokenize: site %s: %s: its updates will be refused", node, why)
                 continue  # its training replies are then refused by their size cap
-            self.state["sites"][self._site(node)] = sizes
+            self.state["sites"][self._site(node)] = dict(r.content[METRICS])
 
     def tokenize(self, tok: Tokenizer) -> None:
         """Every site tokenizes its data with `tok` (cached there by tokenizer hash)."""
@@ -516,8 +519,16 @@ class FederatedRun:
     def end_probes(self, pending: Pending, replies: list[Message]) -> dict[str, dict]:
         """Each site's probes (arrays for `begin_evaluate(probes=...)`), by site name."""
         ok, _ = self.sort_replies(pending.msgs, replies, TRAIN_PROBE)
-        self._enough(ok, TRAIN_PROBE)
-        return {self._site(r.metadata.src_node_id): from_record(r.content[ARRAYS]) for r in ok}
+        tasks, shape = list(self.cfg.finetune.tasks), self.model_cfg.shapes[self.model_cfg.arch]
+        probes = {}
+        for r in ok:
+            site = self._site(r.metadata.src_node_id)
+            if why := probe_reply_problem(r.content, tasks, int(shape.hidden_size)):
+                log.warning("%s: rejected site %s: %s", TRAIN_PROBE, site, why)
+                continue
+            probes[site] = from_record(r.content[ARRAYS])
+        self._enough(list(probes), TRAIN_PROBE)
+        return probes
 
     def begin_evaluate(
         self,

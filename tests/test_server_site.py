@@ -552,6 +552,57 @@ def test_one_site_cannot_stuff_the_shared_vocabulary(site_dir, site_cfg, tok_cfg
     assert three == vocab(trio)[0] and trimmed == []
 
 
+def _probes(width: int, **change) -> dict[str, np.ndarray]:
+    """A site's probes of death as client/probe.py `fit_probes` makes them."""
+    p = {"death.mean": np.zeros(width), "death.scale": np.ones(width),
+         "death.coef": np.full(width, 0.1), "death.intercept": np.zeros(1)}  # fmt: skip
+    return p | change
+
+
+ROGUE_PROBES = {
+    "no arrays": (lambda w: RecordDict({METRICS: MetricRecord({"num-examples": 100})}), "records"),
+    "other width": (lambda w: _probes(w + 1), "probe array death.mean: float64 (65,)"),
+    "nan": (lambda w: _probes(w, **{"death.coef": np.full(w, np.nan)}),
+            "probe array death.coef: non-finite"),
+    "zero scale": (lambda w: _probes(w, **{"death.scale": np.zeros(w)}),
+                   "probe array death.scale: a scale not positive"),
+    "a task not run": (lambda w: _probes(w) | {"sepsis.coef": np.ones(w)}, "probe arrays"),
+    "a part missing": (lambda w: {k: v for k, v in _probes(w).items() if "mean" not in k},
+                       "probe arrays"),
+    "integers": (lambda w: _probes(w, **{"death.coef": np.ones(w, np.int64)}),
+                 "probe array death.coef: int64"),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("kind", ROGUE_PROBES)
+def test_a_rogue_probe_reply_is_rejected_and_the_probes_go_on(tmp_path, monkeypatch, caplog, kind):
+    """A probe reply goes through server/checks.py like every other: a rogue one (which
+    ended the probe phase with a KeyError) is rejected by its rule; the honest site's
+    probes go on to be scored."""
+    for attr, v in (("_run_id", 1), ("_node_id", 0), ("_task_id", 1)):
+        monkeypatch.setattr(TaskIdentity, attr, v)
+    fed = load_federation(overrides=["federation.min_sites=1"])
+    width = int(fed.model.shapes[fed.model.arch].hidden_size)
+    run = FederatedRun(_Nodes(), fed, tmp_path)
+    run.sites = {11: "honest", 12: "rogue"}
+    pending = run.begin_probes(SimpleNamespace(hash="abc"), {"w": np.zeros(2, np.float32)})
+    make, rule = ROGUE_PROBES[kind]
+    bad = make(width)
+    if not isinstance(bad, RecordDict):
+        bad = RecordDict({ARRAYS: to_record(bad), METRICS: MetricRecord({"num-examples": 100})})
+    replies = []
+    for m in pending.msgs:
+        m.metadata.__dict__["_message_id"] = f"m{m.metadata.dst_node_id}"
+        TaskIdentity._node_id = m.metadata.dst_node_id
+        honest = RecordDict({ARRAYS: to_record(_probes(width)),
+                             METRICS: MetricRecord({"num-examples": 100})})  # fmt: skip
+        replies.append(Message(honest if m.metadata.dst_node_id == 11 else bad, reply_to=m))
+    probes = run.end_probes(pending, replies)
+    said = [r.getMessage() for r in caplog.records]
+    assert list(probes) == ["honest"]
+    assert any(f"rejected site rogue: {rule}" in line for line in said), said
+
+
 def _evaluation(y_death, y_los, seed: int) -> RecordDict:
     """A site's evaluation reply as its ClientApp builds it (shared/metrics.py)."""
     rng = np.random.default_rng(seed)
