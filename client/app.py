@@ -12,6 +12,7 @@ simulation, node `partition-id` k takes the k-th entry of the run config's `site
 import contextlib
 import functools
 import json
+import shutil
 import time
 import traceback
 from pathlib import Path
@@ -84,6 +85,14 @@ class Node:
     def tokens(self, tok_hash: str) -> Path:
         return self.work / f"tokens-{tok_hash[:16]}"
 
+    def keep(self, used: Path, pattern: str, kind: str) -> None:
+        """Mark `used` as just used, and remove the least recently used of the work
+        directory's `pattern` beyond the policy's `keep.<kind>`."""
+        used.touch()
+        old = sorted(self.work.glob(pattern), key=lambda p: p.stat().st_mtime, reverse=True)
+        for p in old[int(self.policy.policy.keep[kind]) :]:
+            shutil.rmtree(p) if p.is_dir() else p.unlink()
+
     def site(self):
         """The site's CLIF data, read and checked."""
         return load_site(self.data, self.policy.site)
@@ -150,6 +159,7 @@ def tokenize(msg: Message, context: Context) -> Message:
     out = node.tokens(tok.hash)  # tokenize_site keeps a copy of the tokenizer there
     if not (out / MANIFEST).is_file():
         tokenize_site(node.site(), tok, out)
+    node.keep(out, "tokens-*", "token_sets")
     m = json.loads((out / MANIFEST).read_text())
     sizes = {k: coarse_count(m[k], k, node.policy) for k in ("stays", "tokens")}
     return _reply(
@@ -176,9 +186,11 @@ def _model(msg: Message, node: Node, full_data: bool):
     tokens = node.tokens(str(c["tokenizer_hash"]))
     if not (tokens / MANIFEST).is_file():
         raise SiteRefusal("tokenizer_mismatch", f"no timelines for tokenizer {tokens.name}")
+    node.keep(tokens, "tokens-*", "token_sets")
     data = load_site_data(tokens, cfg.split, full=full_data)
     model_cfg = received_config(json.loads(str(c["model"])), "model")
-    n_params = count_parameters(model_cfg, data.tok, cfg.pretrain)
+    lora = cfg.lora if stage == "finetune" and uses_lora(cfg) else None
+    n_params = count_parameters(model_cfg, data.tok, cfg.pretrain, lora)
     check_model(n_params, len(data.tok.vocab), node.policy)
     base = None
     # A finetuning round names its pretrained base; LoRA rounds need it (only adapters and
@@ -194,6 +206,7 @@ def _model(msg: Message, node: Node, full_data: bool):
             base = load_file(str(base_file))
         else:
             raise SiteRefusal("missing_base", "the pretrained base was never received")
+        node.keep(base_file, "base-*.safetensors", "bases")
     weights = from_record(msg.content[ARRAYS])
     model = stage_model(model_cfg, data.tok, cfg, stage, base, weights)
     return model, data, cfg, stage

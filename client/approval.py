@@ -21,7 +21,9 @@ starts them by:
 import hashlib
 import json
 import logging
+import os
 import stat
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -33,6 +35,8 @@ from fedclif.shared.federation import ERROR_CODE
 from fedclif.shared.flower import app_files, fab_hash
 
 APPROVED_FILE = "approved-apps.json"
+# How `client_apps_only` hands a client app its task token.
+TOKEN_STDIN = "--token-stdin"
 SHIM_DIR = "bin"
 log = logging.getLogger(__name__)
 
@@ -101,7 +105,7 @@ def _record(work: Path, category: str, line: str) -> None:
 
 def client_apps_only(work: Path):
     """Flower's SuperExec plugin, launching client apps only (see the module's doc)."""
-    from flwr.supercore.constant import TaskType
+    from flwr.supercore.constant import TASK_TYPE_TO_COMMAND, TaskType
     from flwr.supercore.superexec.executor import LaunchResult
     from flwr.supercore.superexec.plugin import AutoExecPlugin
 
@@ -112,7 +116,22 @@ def client_apps_only(work: Path):
                 why = f"refused a {task.type} task of app bundle {bundle}: client apps only"
                 _record(work, "unapproved_launcher", why)
                 return LaunchResult.failed(f"{task.type} is not run at this site")
-            return super().launch_task(token, task)
+            # Flower's SubprocessExecutor, but for the token: on the client app's standard
+            # input (read by `gated_clientapp`), not its command line, which `ps` shows
+            # to every account on the machine.
+            command = TASK_TYPE_TO_COMMAND[TaskType.CLIENT_APP]
+            args = [command, "--runtime-api-address", self.runtime_api_address, TOKEN_STDIN]
+            args += ["--parent-pid", str(os.getpid())]
+            if self.insecure:
+                args.append("--insecure")
+            elif self.root_certificates_path is not None:
+                args += ["--root-certificates", self.root_certificates_path]
+            if self.runtime_dependency_install:
+                args.append("--allow-runtime-dependency-installation")
+            p = subprocess.Popen(args, stdin=subprocess.PIPE)
+            p.stdin.write(f"{token}\n".encode())
+            p.stdin.close()
+            return LaunchResult.accepted()
 
     return ClientAppsOnly
 
@@ -157,6 +176,9 @@ def gated_clientapp(work: str) -> None:
 
     runtime.install_from_fab = checked_install
     runtime.get_load_client_app_fn = checked_loader
+    if TOKEN_STDIN in sys.argv:  # from `client_apps_only`: the token, off the command line
+        i = sys.argv.index(TOKEN_STDIN)
+        sys.argv[i : i + 1] = ["--token", sys.stdin.readline().strip()]  # this process only
     flwr_clientapp()
 
 

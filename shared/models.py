@@ -267,12 +267,21 @@ def n_params(model: nn.Module, trainable: bool = False) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable)
 
 
-def count_parameters(cfg: DictConfig, tok: Tokenizer, pretrain: DictConfig | None = None) -> int:
-    """Parameters of the model `cfg` would build (objective heads of `pretrain`
-    included), counted on the meta device: nothing is allocated, so a size check can run
-    before a model too large for the machine exists."""
+def count_parameters(
+    cfg: DictConfig,
+    tok: Tokenizer,
+    pretrain: DictConfig | None = None,
+    lora: DictConfig | None = None,
+) -> int:
+    """Parameters of the model `cfg` would build (objective heads of `pretrain` included,
+    and the adapters of `lora` for a LoRA finetune: a rank is a size too), counted on the
+    meta device: nothing is allocated, so a size check can run before a model too large
+    for the machine exists."""
     with torch.device("meta"):
-        return n_params(build_model(cfg, tok, pretrain))
+        model = build_model(cfg, tok, pretrain)
+        if lora is not None:
+            add_lora(model, lora)
+        return n_params(model)
 
 
 def is_checkpoint(path: str | Path) -> bool:

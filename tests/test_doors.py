@@ -17,13 +17,14 @@ from flwr.supercore.superexec.executor import LaunchResultStatus, get_executor
 from flwr.superlink.main import create_app
 from omegaconf import OmegaConf
 
-from fedclif.client.app import stats
+from fedclif.client.app import Node, stats, tokenize
 from fedclif.client.app import train as train_handler
 from fedclif.client.approval import client_apps_only
 from fedclif.client.policy import write_policy
 from fedclif.server.front import FLEET_PATHS, refusal
 from fedclif.shared.config import load_config
 from fedclif.shared.federation import CONFIG, ERROR_CODE, load_federation, received_config
+from fedclif.shared.tokenizer import Tokenizer
 
 
 def _routes() -> dict[str, set[str]]:
@@ -62,7 +63,8 @@ def launchers(tmp_path, monkeypatch):
     bin_dir.mkdir()
     for command in ("flwr-clientapp", "flwr-agentapp", "flwr-connector", "flwr-model"):
         f = bin_dir / command
-        f.write_text(f"#!/bin/sh\ntouch {tmp_path / ('ran-' + command)}\n")
+        ran = tmp_path / f"ran-{command}"
+        f.write_text(f'#!/bin/sh\necho "$@" > {ran}.args\ncat > {ran}.stdin\ntouch {ran}\n')
         f.chmod(stat.S_IRWXU)
     monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
     return tmp_path
@@ -89,11 +91,17 @@ def test_a_sites_superexec_launches_client_apps_only(launchers):
     for t in others:
         assert f"refused a {t} task of app bundle {'f' * 64}: client apps only" in log
     task = Task(task_id=99, type=str(TaskType.CLIENT_APP), run_id=7, fab_hash="a" * 64)
-    assert plugin.launch_task(token="tok", task=task).status == LaunchResultStatus.ACCEPTED
+    token = "secret-task-token"
+    assert plugin.launch_task(token=token, task=task).status == LaunchResultStatus.ACCEPTED
+    ran = work / "ran-flwr-clientapp"
     t0 = time.monotonic()
-    while not (work / "ran-flwr-clientapp").exists() and time.monotonic() - t0 < 30:
+    while not ran.exists() and time.monotonic() - t0 < 30:
         time.sleep(0.1)
-    assert sorted(p.name for p in work.glob("ran-*")) == ["ran-flwr-clientapp"]
+    assert sorted(p.name for p in work.glob("ran-*") if "." not in p.name) == [ran.name]
+    # The task's token reaches the client app on its standard input, never its command line.
+    args = (work / "ran-flwr-clientapp.args").read_text().split()
+    assert token not in args and "--token-stdin" in args and "--insecure" in args
+    assert (work / "ran-flwr-clientapp.stdin").read_text() == f"{token}\n"
 
 
 @pytest.fixture
@@ -142,3 +150,34 @@ def test_a_training_config_with_an_interpolation_is_refused(site_context, monkey
     assert reply.error.reason == "policy: configs are data: train.split.test holds an interpolation"
     honest = received_config(OmegaConf.to_yaml(train), "train")
     assert float(honest.split.test) == 0.2  # the same text without one is read as before
+
+
+def test_the_work_directory_keeps_the_last_token_sets_and_bases(tmp_path, demo_dir, demo_tokens):
+    """Run after run, a coordinator's tokenizers and LoRA bases do not fill the site's
+    disk: the work directory keeps the policy's `keep.token_sets` and `keep.bases`, the
+    least recently used removed first (a set in use is touched)."""
+    policy = write_policy(tmp_path / "site", [f"policy.work_dir={tmp_path / 'work'}"])
+    context = Context(1, 1, {"data-path": str(demo_dir), "policy-path": str(policy)},
+                      RecordDict(), {})  # fmt: skip
+    work = tmp_path / "work"
+    for i, name in enumerate(["tokens-old", "tokens-older", "tokens-oldest"]):
+        (work / name).mkdir(parents=True)
+        os.utime(work / name, (time.time() - 100 * (i + 1),) * 2)
+    tok = json.loads((demo_tokens / "tokenizer.json").read_text())
+    reply = _answer(tokenize, "query.tokenize", {"tokenizer": json.dumps(tok)}, context)
+    assert not reply.has_error()
+    new = f"tokens-{Tokenizer.from_dict(tok, 'the test').hash[:16]}"
+    assert sorted(p.name for p in work.glob("tokens-*")) == sorted([new, "tokens-old",
+                                                                   "tokens-older"])  # fmt: skip
+    node = Node(context)
+    for i in range(5):
+        base = work / f"base-{i}.safetensors"
+        base.write_bytes(b"")
+        node.keep(base, "base-*.safetensors", "bases")
+        os.utime(base, (time.time() - 100 + i,) * 2)
+    node.keep(work / "base-1.safetensors", "base-*.safetensors", "bases")  # used again
+    assert sorted(p.name for p in work.glob("base-*")) == [
+        "base-1.safetensors",
+        "base-3.safetensors",
+        "base-4.safetensors",
+    ]

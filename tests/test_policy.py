@@ -32,8 +32,9 @@ from fedclif.shared.config import load_config, load_tree
 from fedclif.shared.events import OPEN_SEP, stay_events
 from fedclif.shared.federation import SiteRefusal, load_federation
 from fedclif.shared.flower import app_files, fab_hash
+from fedclif.shared.models import count_parameters
 from fedclif.shared.stats import merge_stats, screened_out, site_stats
-from fedclif.shared.tokenizer import fit_tokenizer
+from fedclif.shared.tokenizer import Tokenizer, fit_tokenizer
 from fedclif.simulations.synth import FREE_TEXT_ANSWERS, load_preset, write_site
 
 
@@ -88,6 +89,23 @@ def test_splits_and_models_beyond_the_policy_are_refused():
     check_model(cap, 1000, policy)
     assert "model.max_parameters" in _refused(check_model, 100 * cap, 1000, policy)
     assert "model.max_vocab" in _refused(check_model, 1000, 10**6, policy)
+
+
+def test_lora_adapters_count_against_the_parameter_cap(demo_tokens):
+    """A LoRA finetune's size is its base and its adapters: a rank of 20,000 makes a model
+    of millions of parameters out of a base the cap allows (it counted 115,161 of 14.4 M
+    built), and the site refuses it."""
+    fed = load_federation(overrides=["train.finetune.peft=lora", "train.lora.r=20000"])
+    tok = Tokenizer.load(demo_tokens / "tokenizer.json")
+    base = count_parameters(fed.model, tok, fed.train.pretrain)
+    small = count_parameters(fed.model, tok, fed.train.pretrain, load_federation().train.lora)
+    huge = count_parameters(fed.model, tok, fed.train.pretrain, fed.train.lora)
+    assert base < small < 2 * base and huge > 50 * base
+    # A site whose cap is ten times the run's model.
+    policy = load_tree(("policy", "site"), (), None, [f"policy.model.max_parameters={10 * base}"])
+    check_model(small, len(tok.vocab), policy)
+    refusal = _refused(check_model, huge, len(tok.vocab), policy)
+    assert refusal == f"policy: model.max_parameters: asked > {10 * base}"
 
 
 def test_a_deployed_site_takes_no_path_from_the_run_config(tmp_path):
