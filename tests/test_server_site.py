@@ -3,6 +3,7 @@ strategy state a checkpoint keeps, update checks inside a round, the site's DP b
 error categories."""
 
 import json
+import logging
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -597,6 +598,7 @@ def test_a_rogue_probe_reply_is_rejected_and_the_probes_go_on(tmp_path, monkeypa
         honest = RecordDict({ARRAYS: to_record(_probes(width)),
                              METRICS: MetricRecord({"num-examples": 100})})  # fmt: skip
         replies.append(Message(honest if m.metadata.dst_node_id == 11 else bad, reply_to=m))
+    monkeypatch.setattr(logging.getLogger("fedclif"), "propagate", True)  # to caplog
     probes = run.end_probes(pending, replies)
     said = [r.getMessage() for r in caplog.records]
     assert list(probes) == ["honest"]
