@@ -95,8 +95,9 @@ class Front:
             why = "body over Flower's message limit"
         if why:
             client = scope.get("client") or ("?", 0)
-            log.warning("front: refused %s %s from %s (%s)", scope["method"], scope["path"],
-                        client[0], why)  # fmt: skip
+            log.warning(
+                "front: refused %s %s from %s (%s)", scope["method"], scope["path"], client[0], why
+            )
             await _respond(send, 404, b"not found", {"content-type": "text/plain"})
             return
         body = bytearray()

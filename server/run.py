@@ -365,8 +365,12 @@ class FederatedRun:
             )
             self.state["statistics"]["trimmed"] = trimmed
             for t in trimmed:
-                log.warning("statistics: %d code(s) of site %s left out of the vocabulary: %s",
-                            t["codes_dropped"], t["site"], t["reason"])  # fmt: skip
+                log.warning(
+                    "statistics: %d code(s) of site %s left out of the vocabulary: %s",
+                    t["codes_dropped"],
+                    t["site"],
+                    t["reason"],
+                )
             tok = fit_tokenizer(merge_stats(list(stats.values())), self.config.tokenizer)
         else:
             tok = Tokenizer.load(self.fed.tokenizer)
@@ -438,8 +442,13 @@ class FederatedRun:
             bounded.add(site, r)  # folded (streaming: and the reply goes), or kept
         capped = bounded.finish()
         if capped:
-            log.warning("%s: site %s's weight %.3g capped at %.3g (max_weight_ratio)",
-                        what, capped["site"], capped["announced"], capped["counted"])  # fmt: skip
+            log.warning(
+                "%s: site %s's weight %.3g capped at %.3g (max_weight_ratio)",
+                what,
+                capped["site"],
+                capped["announced"],
+                capped["counted"],
+            )
         self._enough(len(sites), what)
         if running is not None:  # the strategy aggregates the one reply of the mean
             kept = [Message(running.result(), dst_node_id=0, message_type="train")]

@@ -157,8 +157,9 @@ def test_the_work_directory_keeps_the_last_token_sets_and_bases(tmp_path, demo_d
     disk: the work directory keeps the policy's `keep.token_sets` and `keep.bases`, the
     least recently used removed first (a set in use is touched)."""
     policy = write_policy(tmp_path / "site", [f"policy.work_dir={tmp_path / 'work'}"])
-    context = Context(1, 1, {"data-path": str(demo_dir), "policy-path": str(policy)},
-                      RecordDict(), {})  # fmt: skip
+    context = Context(
+        1, 1, {"data-path": str(demo_dir), "policy-path": str(policy)}, RecordDict(), {}
+    )
     work = tmp_path / "work"
     for i, name in enumerate(["tokens-old", "tokens-older", "tokens-oldest"]):
         (work / name).mkdir(parents=True)
@@ -167,8 +168,9 @@ def test_the_work_directory_keeps_the_last_token_sets_and_bases(tmp_path, demo_d
     reply = _answer(tokenize, "query.tokenize", {"tokenizer": json.dumps(tok)}, context)
     assert not reply.has_error()
     new = f"tokens-{Tokenizer.from_dict(tok, 'the test').hash[:16]}"
-    assert sorted(p.name for p in work.glob("tokens-*")) == sorted([new, "tokens-old",
-                                                                   "tokens-older"])  # fmt: skip
+    assert sorted(p.name for p in work.glob("tokens-*")) == sorted(
+        [new, "tokens-old", "tokens-older"]
+    )
     node = Node(context)
     for i in range(5):
         base = work / f"base-{i}.safetensors"

@@ -192,8 +192,10 @@ def test_strangers_reach_the_fleet_api_alone(federation):
     assert '"POST /v1/runtime/acquire-task' not in said  # Flower never saw it
     ok = client.post(f"https://{lb.control}/v1/control/list-runs", content=b"", headers=headers)
     assert ok.status_code == 200
-    for cmd in (["status"], ["site", "register", "--key", str(lb.site_dir("c") / "site.pub"),
-                             "--name", "stranger"]):  # fmt: skip
+    for cmd in (
+        ["status"],
+        ["site", "register", "--key", str(lb.site_dir("c") / "site.pub"), "--name", "stranger"],
+    ):
         r = lb.fedclif(*cmd, "--superlink", lb.link, "--ca", lb.ca, check=False)
         assert r.returncode == 1 and "answers on the coordinator's host alone" in r.stderr
     tree = psutil.Process(lb.procs["superlink"][0].pid)

@@ -267,16 +267,21 @@ def test_a_site_announcing_a_billion_examples_counts_as_much_as_the_rest(
     three rounds on the honest site's pull."""
     for attr, v in (("_run_id", 1), ("_node_id", 0), ("_task_id", 1)):
         monkeypatch.setattr(TaskIdentity, attr, v)
-    settings = ["federation.min_sites=2", "train.pretrain.context=10",
-                f"federation.strategy.streaming={str(streaming).lower()}"]  # fmt: skip
+    settings = [
+        "federation.min_sites=2",
+        "train.pretrain.context=10",
+        f"federation.strategy.streaming={str(streaming).lower()}",
+    ]
     tok, w0 = SimpleNamespace(hash="abc"), {"w": np.ones((3, 2), np.float32)}
 
     def run(out: str, *overrides: str, rounds: int = 3) -> tuple[FederatedRun, dict]:
         fed = load_federation(overrides=[*settings, *overrides])
         r = FederatedRun(_Steering(1e9), fed, tmp_path / out)
         r.sites = {11: "honest", 12: "rogue"}
-        r.state["sites"] = {"honest": {"stays": 90, "tokens": 9000},
-                            "rogue": {"stays": 10**9, "tokens": 10**9}}  # fmt: skip
+        r.state["sites"] = {
+            "honest": {"stays": 90, "tokens": 9000},
+            "rogue": {"stays": 10**9, "tokens": 10**9},
+        }
         return r, r.rounds("pretrain", rounds, tok, w0, None)
 
     _, uncapped = run("uncapped", "federation.checks.max_weight_ratio=null", rounds=1)
@@ -543,8 +548,13 @@ def test_one_site_cannot_stuff_the_shared_vocabulary(site_dir, site_cfg, tok_cfg
     assert vocab(trio) == (set(fit_tokenizer(merge_stats([honest] * 3), tok_cfg).vocab), [])
     stuffed, trimmed = vocab({"honest": honest, "rogue": rogue})
     n_honest = sum(1 for n in honest["codes"].values() if n > 0)
-    assert trimmed == [{"site": "rogue", "codes_dropped": 49_000 - n_honest,
-                        "reason": "own codes over max_code_share 0.5"}]  # fmt: skip
+    assert trimmed == [
+        {
+            "site": "rogue",
+            "codes_dropped": 49_000 - n_honest,
+            "reason": "own codes over max_code_share 0.5",
+        }
+    ]
     junk = {t for t in stuffed if "junk" in t}
     assert len(junk) == n_honest and f"LAB_junk{48_999}" in junk  # the most counted kept
     assert stuffed - junk == pair
@@ -555,24 +565,36 @@ def test_one_site_cannot_stuff_the_shared_vocabulary(site_dir, site_cfg, tok_cfg
 
 def _probes(width: int, **change) -> dict[str, np.ndarray]:
     """A site's probes of death as client/probe.py `fit_probes` makes them."""
-    p = {"death.mean": np.zeros(width), "death.scale": np.ones(width),
-         "death.coef": np.full(width, 0.1), "death.intercept": np.zeros(1)}  # fmt: skip
+    p = {
+        "death.mean": np.zeros(width),
+        "death.scale": np.ones(width),
+        "death.coef": np.full(width, 0.1),
+        "death.intercept": np.zeros(1),
+    }
     return p | change
 
 
 ROGUE_PROBES = {
     "no arrays": (lambda w: RecordDict({METRICS: MetricRecord({"num-examples": 100})}), "records"),
     "other width": (lambda w: _probes(w + 1), "probe array death.mean: float64 (65,)"),
-    "nan": (lambda w: _probes(w, **{"death.coef": np.full(w, np.nan)}),
-            "probe array death.coef: non-finite"),
-    "zero scale": (lambda w: _probes(w, **{"death.scale": np.zeros(w)}),
-                   "probe array death.scale: a scale not positive"),
+    "nan": (
+        lambda w: _probes(w, **{"death.coef": np.full(w, np.nan)}),
+        "probe array death.coef: non-finite",
+    ),
+    "zero scale": (
+        lambda w: _probes(w, **{"death.scale": np.zeros(w)}),
+        "probe array death.scale: a scale not positive",
+    ),
     "a task not run": (lambda w: _probes(w) | {"sepsis.coef": np.ones(w)}, "probe arrays"),
-    "a part missing": (lambda w: {k: v for k, v in _probes(w).items() if "mean" not in k},
-                       "probe arrays"),
-    "integers": (lambda w: _probes(w, **{"death.coef": np.ones(w, np.int64)}),
-                 "probe array death.coef: int64"),
-}  # fmt: skip
+    "a part missing": (
+        lambda w: {k: v for k, v in _probes(w).items() if "mean" not in k},
+        "probe arrays",
+    ),
+    "integers": (
+        lambda w: _probes(w, **{"death.coef": np.ones(w, np.int64)}),
+        "probe array death.coef: int64",
+    ),
+}
 
 
 @pytest.mark.parametrize("kind", ROGUE_PROBES)
@@ -595,8 +617,9 @@ def test_a_rogue_probe_reply_is_rejected_and_the_probes_go_on(tmp_path, monkeypa
     for m in pending.msgs:
         m.metadata.__dict__["_message_id"] = f"m{m.metadata.dst_node_id}"
         TaskIdentity._node_id = m.metadata.dst_node_id
-        honest = RecordDict({ARRAYS: to_record(_probes(width)),
-                             METRICS: MetricRecord({"num-examples": 100})})  # fmt: skip
+        honest = RecordDict(
+            {ARRAYS: to_record(_probes(width)), METRICS: MetricRecord({"num-examples": 100})}
+        )
         replies.append(Message(honest if m.metadata.dst_node_id == 11 else bad, reply_to=m))
     monkeypatch.setattr(logging.getLogger("fedclif"), "propagate", True)  # to caplog
     probes = run.end_probes(pending, replies)
