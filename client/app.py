@@ -11,7 +11,10 @@ simulation, node `partition-id` k takes the k-th entry of the run config's `site
 
 import contextlib
 import functools
+import hashlib
 import json
+import os
+import secrets
 import shutil
 import time
 import traceback
@@ -29,11 +32,14 @@ from fedclif.client.policy import (
     check_stats,
     check_training,
     coarse_count,
+    coarse_sizes,
     load_policy,
+    refuse,
     rounded,
     withhold,
     work_dir,
 )
+from fedclif.shared.artifact import write_json
 from fedclif.shared.clif.site import load_site
 from fedclif.shared.errors import FedclifError
 from fedclif.shared.federation import (
@@ -56,6 +62,8 @@ from fedclif.shared.timelines import MANIFEST, tokenize_site
 from fedclif.shared.tokenizer import Tokenizer
 
 app = ClientApp()
+BOOT_SEED = "boot-seed"
+STATS_ANSWER = "stats-answer.json"
 
 
 class Node:
@@ -67,7 +75,8 @@ class Node:
 
     def __init__(self, context: Context):
         nc, rc = context.node_config, context.run_config
-        if "data-path" in nc:
+        self.deployed = "data-path" in nc
+        if self.deployed:
             self.data = Path(str(nc["data-path"]))
             self.name = str(nc.get("site-name", self.data.name))
             self.policy = load_policy(str(nc["policy-path"]) if "policy-path" in nc else None)
@@ -81,6 +90,54 @@ class Node:
             self.work.mkdir(mode=0o700, parents=True, exist_ok=True)
         else:
             raise SiteRefusal("invalid_data", "no data-path in the node config")
+
+    def boot_seed(self) -> int:
+        """The seed of this site's bootstrap resamples. A deployed site's is drawn once,
+        kept in its work directory and never sent: every evaluation there pairs with
+        every other (the same resamples), but a coordinator that does not know them
+        cannot solve per-resample metrics for each stay's outcome, as it could with a
+        known seed. A simulation's virtual sites (the researcher's own data) use 0, the
+        seed of every local evaluation, so the study pairs its arms with the local ones
+        (the gradient-boosted baseline)."""
+        if not self.deployed:
+            return 0
+        path = self.work / BOOT_SEED
+        with contextlib.suppress(FileExistsError):
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "w") as f:
+                f.write(str(secrets.randbits(63)))
+        return int(path.read_text())
+
+    def data_fingerprint(self) -> str:
+        """The CLIF export as it is now (each file's name, size and modification time): a
+        new export is new data, with a statistics answer of its own."""
+        files = sorted(p for p in self.data.iterdir() if p.is_file())
+        return hashlib.sha256(
+            "".join(f"{p.name}:{p.stat().st_size}:{p.stat().st_mtime_ns};" for p in files).encode()
+        ).hexdigest()
+
+    def answered(self, asked: str) -> str | None:
+        """A deployed site's statistics answer, one per export: a request asked again gets
+        the same answer (the same noise: nothing to average away), and one asked with other
+        settings is refused (two answers at two cell sizes or grids, differenced, would
+        give the cells each suppressed). None: no answer yet (or a simulation's site)."""
+        path = self.work / STATS_ANSWER
+        if not self.deployed or not path.is_file():
+            return None
+        kept = json.loads(path.read_text())
+        if kept["data"] != self.data_fingerprint():
+            return None
+        if kept["asked"] != asked:
+            why = f"this export's statistics went out under other settings ({STATS_ANSWER})"
+            refuse("stats.one_answer", why)
+        return kept["answer"]
+
+    def answer(self, asked: str, answer: str) -> str:
+        """Keep a deployed site's statistics answer (`answered`); returns it."""
+        if self.deployed:
+            kept = {"data": self.data_fingerprint(), "asked": asked, "answer": answer}
+            write_json(kept, self.work / STATS_ANSWER)
+        return answer
 
     def tokens(self, tok_hash: str) -> Path:
         return self.work / f"tokens-{tok_hash[:16]}"
@@ -145,10 +202,15 @@ def info(msg: Message, context: Context) -> Message:
 @guarded
 def stats(msg: Message, context: Context) -> Message:
     node = Node(context)
-    tok_cfg = received_config(json.loads(str(msg.content[CONFIG]["tokenizer"])), "tokenizer")
+    raw = json.loads(str(msg.content[CONFIG]["tokenizer"]))
+    tok_cfg = received_config(raw, "tokenizer")
     check_stats(tok_cfg.stats, node.policy)
-    s = site_stats(node.site(), tok_cfg, list(node.policy.policy.stats.allow_open))
-    return _reply(msg, **{STATS: ConfigRecord({"json": json.dumps(s), "site": node.name})})
+    asked = json.dumps(raw, sort_keys=True)
+    text = node.answered(asked)
+    if text is None:
+        s = site_stats(node.site(), tok_cfg, list(node.policy.policy.stats.allow_open))
+        text = node.answer(asked, json.dumps(s))
+    return _reply(msg, **{STATS: ConfigRecord({"json": text, "site": node.name})})
 
 
 @app.query("tokenize")
@@ -246,6 +308,7 @@ def train(msg: Message, context: Context) -> Message:
     }
     if entry is not None:
         ledger.settle(entry, float(res.metrics["epsilon"]))
+        del metrics["train_loss"]  # not covered by DP-SGD's noise: it stays here
     return _reply(msg, **{ARRAYS: to_record(res.weights), METRICS: MetricRecord(metrics)})
 
 
@@ -257,7 +320,11 @@ def _metrics_reply(msg: Message, m: dict, node: Node, tasks: list[str]) -> Messa
     """Evaluation metrics as the policy lets them leave: a task measured on too few stays
     or events is withheld, and the reply says which and why (WITHHELD)."""
     m, withheld = withhold(m, tasks, node.policy)
-    m["num_examples"] = rounded(m["num_examples"], node.policy)  # as coarse as every count
+    if node.deployed:
+        m = coarse_sizes(m, tasks, node.policy)
+    else:  # the researcher's own data: the study's local arms (the gradient-boosted
+        # baseline) are scored on the same stays, with their exact sizes
+        m["num_examples"] = rounded(m["num_examples"], node.policy)
     m = {
         "num-examples": m["num_examples"],
         **{k: v if isinstance(v, list) else float(v) for k, v in m.items()},
@@ -279,7 +346,7 @@ def evaluate(msg: Message, context: Context) -> Message:
     from fedclif.client.local import evaluate_round
 
     t1 = time.perf_counter()
-    m = evaluate_round(model, data, cfg, stage, _eval_split(msg))
+    m = evaluate_round(model, data, cfg, stage, _eval_split(msg), node.boot_seed())
     m |= {"load_seconds": t1 - t0, "evaluate_seconds": time.perf_counter() - t1}
     return _metrics_reply(msg, m, node, list(cfg.finetune.tasks))
 
@@ -304,6 +371,8 @@ def fit_probe(msg: Message, context: Context) -> Message:
     from fedclif.client.probe import fit_probes
 
     node = Node(context)
+    if node.policy.policy.dp.required:  # a probe's means and coefficients are not DP
+        refuse("dp.required", "asked for linear probes, which are not DP-SGD")
     rep, labels, names, cfg = _representations(msg, node, "train")
     check_probe_training(len(rep), node.policy)
     probes = fit_probes(rep, labels, names, float(cfg.probe.C))
@@ -321,6 +390,11 @@ def evaluate_probe(msg: Message, context: Context) -> Message:
     node = Node(context)
     rep, labels, names, cfg = _representations(msg, node, _eval_split(msg))
     res = score_probes(
-        from_record(msg.content[PROBES]), rep, labels, names, int(cfg.probe.n_boot), int(cfg.seed)
+        from_record(msg.content[PROBES]),
+        rep,
+        labels,
+        names,
+        int(cfg.probe.n_boot),
+        node.boot_seed(),
     )
     return _metrics_reply(msg, flat_metrics(res), node, list(names))

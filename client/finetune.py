@@ -23,13 +23,15 @@ def evaluate_tasks(
     cfg: DictConfig,
     split: str = "test",
     thresholds: dict[str, float] | None = None,
+    boot_seed: int = 0,
 ) -> dict[str, dict]:
     """Per task: AUROC, AUPRC and F1 (at `thresholds`, default: F1-best on `val`) with
     bootstrap 95% intervals, on `split` of `data`; and calibration (Brier, ECE, the
     reliability curve) on its test stays, as predicted and after Platt recalibration on
-    the site's val split (`_recal`). The resamples use seed 0 whatever the run's seed:
-    every model scored on these stays gets the same ones, so its intervals and
-    replicates (`finetune.boot_replicates`) pair with any other's."""
+    the site's val split (`_recal`). The resamples use `boot_seed` whatever the run's
+    seed: every model scored on these stays gets the same ones, so its intervals and
+    replicates (`finetune.boot_replicates`) pair with any other's. (A deployed site's is
+    its own secret: client/app.py.)"""
     device = next(model.parameters()).device
     c = cfg.finetune
     bs, n_boot = int(c.batch_size), int(c.n_boot)
@@ -44,12 +46,12 @@ def evaluate_tasks(
     for i, t in enumerate(tasks):
         m = k == i
         reps = bool(c.boot_replicates)
-        out[t] = binary_metrics(y[m], p[m], thresholds[t], n_boot, replicates=reps)
+        out[t] = binary_metrics(y[m], p[m], thresholds[t], n_boot, boot_seed, reps)
         yt, pt = y[m & test], p[m & test]
-        out[t] |= calibration(yt, pt, n_boot)
+        out[t] |= calibration(yt, pt, n_boot, boot_seed)
         recal = platt(vy[vk == i], vp[vk == i])
         if recal is not None:
-            out[t] |= calibration(yt, recal(pt), n_boot, suffix="_recal")
+            out[t] |= calibration(yt, recal(pt), n_boot, boot_seed, suffix="_recal")
     return out
 
 

@@ -87,11 +87,16 @@ def _proximal(loss_fn, model: EHRModel, mu: float):
 
 @torch.no_grad()
 def evaluate_round(
-    model: EHRModel, data: SiteData, cfg: DictConfig, stage: str, split: str = "test"
+    model: EHRModel,
+    data: SiteData,
+    cfg: DictConfig,
+    stage: str,
+    split: str = "test",
+    boot_seed: int = 0,
 ) -> dict[str, float]:
     """Held-out metrics of the model as it is: the pretraining loss (next-token, or the
-    weighted sum of the last stage's objectives), per-task
-    AUROC/AUPRC/F1 (and the ROC curve, a list) for finetuning; flat, with `num_examples`."""
+    weighted sum of the last stage's objectives), per-task AUROC/AUPRC/F1 (and the ROC
+    curve, a list; resampled with `boot_seed`) for finetuning; flat, with `num_examples`."""
     model.check_data(data.tok.hash, data.path)
     device = pick_device(cfg.device)
     model.to(device).eval()
@@ -100,4 +105,5 @@ def evaluate_round(
         blocks = st.examples(data, split, cfg, progress=1.0)  # the last stage's objectives
         loss = st.held_out(model, blocks, device, int(cfg.pretrain.batch_size))
         return {"num_examples": len(blocks), "loss": loss, "perplexity": float(np.exp(loss))}
-    return flat_metrics(evaluate_tasks(model, data, list(cfg.finetune.tasks), cfg, split))
+    tasks = list(cfg.finetune.tasks)
+    return flat_metrics(evaluate_tasks(model, data, tasks, cfg, split, boot_seed=boot_seed))

@@ -119,6 +119,26 @@ def withhold(flat: dict, tasks: list[str], policy: DictConfig) -> tuple[dict, di
     return kept, reasons
 
 
+def coarse_sizes(flat: dict, tasks: list[str], policy: DictConfig) -> dict:
+    """Flat evaluation metrics with every size as coarse as the statistics' counts: each
+    task's `n` and calibration sizes rounded down to the minimum cell, and its prevalence
+    the share of a number of events rounded the same way (exact sizes, differenced across
+    evaluations, would tell a few patients' outcomes)."""
+    out = dict(flat)
+    for t in tasks:
+        if f"{t}_n" not in out:
+            continue  # withheld, or not measured
+        n = out[f"{t}_n"]
+        events = round(out[f"{t}_prevalence"] * n)
+        out[f"{t}_n"] = n_r = rounded(int(n), policy)
+        out[f"{t}_prevalence"] = rounded(events, policy) / n_r if n_r else float("nan")
+        for k in (f"{t}_calibration_n", f"{t}_calibration_n_recal"):
+            if k in out:
+                out[k] = rounded(int(out[k]), policy)
+    out["num_examples"] = rounded(int(out["num_examples"]), policy)
+    return out
+
+
 def rounded(n: int, policy: DictConfig) -> int:
     """A size as it may leave: rounded down to a multiple of the policy's minimum cell
     count (the statistics' rule, for the sizes replies carry)."""

@@ -12,6 +12,7 @@ from fedclif.shared.errors import FedclifError
 from fedclif.shared.federation import (
     ARRAYS,
     CONFIG,
+    DP_TRAIN_METRICS,
     METRICS,
     TRAIN_METRICS,
     WEIGHT_KEY,
@@ -55,7 +56,7 @@ def train_reply_problem(
 ) -> str | None:
     """Why a training reply must not be aggregated, or None: its records (one ArrayRecord
     `arrays`, one MetricRecord `metrics`, nothing else), its metrics (exactly
-    TRAIN_METRICS, plus `epsilon` under DP, numbers; `num-examples` positive and at most
+    TRAIN_METRICS, or DP_TRAIN_METRICS under DP, numbers; `num-examples` positive and at most
     `max_examples`, what the site announced) and its arrays (`update_problem`)."""
     arrays, metrics = content.array_records, content.metric_records
     if ARRAYS not in arrays:
@@ -63,7 +64,7 @@ def train_reply_problem(
     if set(arrays) != {ARRAYS} or set(metrics) != {METRICS} or len(content.config_records):
         return f"records: {sorted([*arrays, *metrics, *content.config_records])}"
     m = metrics[METRICS]
-    expected = set(TRAIN_METRICS) | ({"epsilon"} if dp else set())
+    expected = set(DP_TRAIN_METRICS if dp else TRAIN_METRICS)
     if set(m) != expected:
         return (
             f"metric keys: missing {sorted(expected - set(m))}, extra {sorted(set(m) - expected)}"

@@ -23,12 +23,14 @@ QUERY_INFO, QUERY_STATS, QUERY_TOKENIZE = "query.info", "query.stats", "query.to
 # Linear probes on a frozen pretrained model: fitted at one site, scored at any.
 TRAIN_PROBE, EVALUATE_PROBE = "train.probe", "evaluate.probe"
 
-# What a training reply's MetricRecord holds (plus `epsilon` under DP-SGD), nothing else;
+# What a training reply's MetricRecord holds, nothing else; under DP-SGD `epsilon` too and
+# not the loss (a statistic of the training patients the DP-SGD noise does not cover).
 # WEIGHT_KEY weighs the site's update in FedAvg and its kin.
 WEIGHT_KEY = "num-examples"
 TRAIN_METRICS = (
     WEIGHT_KEY, "num_examples", "train_loss", "steps", "load_seconds", "train_seconds",
 )  # fmt: skip
+DP_TRAIN_METRICS = (*(m for m in TRAIN_METRICS if m != "train_loss"), "epsilon")
 
 # Error codes a site may send (above Flower's own, 0-8). Anything unexpected is INTERNAL,
 # whatever it said.

@@ -120,9 +120,15 @@ def site_stats(site: Site, cfg: DictConfig, allow_open: Sequence[str] = ()) -> d
     dropped = dropped.filter(pl.col("n") >= min_cell)
     rng = np.random.default_rng(secrets.randbits(128) if s.seed is None else int(s.seed))
     scale = float(s.noise_scale)
-    codes = codes.sort("code").with_columns(_noisy(pl.col("n"), rng, codes.height, scale))
+    # Noise is added to counts that passed the floor, and the floor applies again after
+    # it: noise never lets a count under the minimum cell leave.
+    codes = (
+        codes.sort("code")
+        .with_columns(_noisy(pl.col("n"), rng, codes.height, scale))
+        .filter(pl.col("n") >= min_cell)
+    )
     cells = cells.with_columns(_noisy(pl.col("n"), rng, cells.height, scale)).filter(
-        pl.col("n") > 0
+        pl.col("n") >= min_cell
     )
     suppressed = dict(zip(dropped["code"].to_list(), dropped["n"].to_list(), strict=True))
     numeric = {

@@ -4,10 +4,12 @@ launches client apps alone, and what a coordinator sends is data, never code."""
 
 import json
 import os
+import shutil
 import stat
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 from fastapi.routing import iter_route_contexts
 from flwr.app import ConfigRecord, Context, Message, Metadata, RecordDict
@@ -17,13 +19,14 @@ from flwr.supercore.superexec.executor import LaunchResultStatus, get_executor
 from flwr.superlink.main import create_app
 from omegaconf import OmegaConf
 
-from fedclif.client.app import Node, stats, tokenize
+from fedclif.client.app import Node, fit_probe, stats, tokenize
 from fedclif.client.app import train as train_handler
 from fedclif.client.approval import client_apps_only
-from fedclif.client.policy import write_policy
+from fedclif.client.policy import coarse_sizes, write_policy
 from fedclif.server.front import FLEET_PATHS, refusal
-from fedclif.shared.config import load_config
+from fedclif.shared.config import load_config, load_tree
 from fedclif.shared.federation import CONFIG, ERROR_CODE, load_federation, received_config
+from fedclif.shared.metrics import binary_metrics
 from fedclif.shared.tokenizer import Tokenizer
 
 
@@ -183,3 +186,120 @@ def test_the_work_directory_keeps_the_last_token_sets_and_bases(tmp_path, demo_d
         "base-3.safetensors",
         "base-4.safetensors",
     ]
+
+
+def test_no_probe_leaves_a_site_that_requires_dp(tmp_path):
+    """A linear probe's means and coefficients are no DP-SGD output: under `dp.required`
+    the site refuses to fit one, before reading anything."""
+    policy = write_policy(
+        tmp_path / "site", [f"policy.work_dir={tmp_path / 'work'}", "policy.dp.required=true"]
+    )
+    context = Context(
+        1, 1, {"data-path": str(tmp_path / "clif"), "policy-path": str(policy)}, RecordDict(), {}
+    )
+    reply = _answer(fit_probe, "train.probe", {"stage": "pretrain"}, context)
+    assert reply.error.code == ERROR_CODE["policy"]
+    assert (
+        reply.error.reason == "policy: dp.required: asked for linear probes, which are not DP-SGD"
+    )
+
+
+def _attack(replicates: list[float], n: int, n_boot: int, seed: int) -> np.ndarray:
+    """A coordinator's least squares: with a constant-score model each resample's AUPRC is
+    its share of positives, so resamples known to the attacker (`seed`) give every
+    stay's outcome."""
+    idx = np.random.default_rng(seed).integers(0, n, (n_boot, n))
+    counts = np.stack([np.bincount(row, minlength=n) for row in idx]) / n
+    return np.linalg.lstsq(counts, np.asarray(replicates), rcond=None)[0] > 0.5
+
+
+def test_per_resample_metrics_tell_no_stays_outcome(tmp_path):
+    """The finding: one evaluation reply with bootstrap replicates, resampled with a seed
+    the coordinator knows, gave every test stay's outcome by least squares. A deployed
+    site resamples with its own seed (drawn once, kept at the site, never sent): the same
+    attack recovers nothing better than guessing, and the site's evaluations still pair
+    with each other (one seed)."""
+    rng = np.random.default_rng(3)
+    y = (rng.random(120) < 0.3).astype(int)
+    constant = np.full(y.size, 0.5)
+    known = binary_metrics(y, constant, n_boot=1000, seed=0, replicates=True)["auprc_boot"]
+    assert (_attack(known, y.size, 1000, 0) == y).all()  # the finding, reproduced
+    policy = write_policy(tmp_path / "site", [f"policy.work_dir={tmp_path / 'work'}"])
+    node = Node(
+        Context(1, 1, {"data-path": str(tmp_path), "policy-path": str(policy)}, RecordDict(), {})
+    )
+    seed = node.boot_seed()
+    assert seed == node.boot_seed() != 0  # kept: evaluations pair
+    assert stat.S_IMODE((tmp_path / "work" / "boot-seed").stat().st_mode) == 0o600
+    site = binary_metrics(y, constant, n_boot=1000, seed=seed, replicates=True)["auprc_boot"]
+    assert (_attack(site, y.size, 1000, 0) == y).mean() < 0.8  # ~ guessing the majority
+    virtual = Node(
+        Context(
+            1,
+            1,
+            {"partition-id": 0},
+            RecordDict(),
+            {"sites": str(tmp_path), "work-root": str(tmp_path / "sim")},
+        )
+    )
+    assert virtual.boot_seed() == 0  # a simulation pairs with the researcher's own scores
+
+
+def test_sizes_in_an_evaluation_reply_are_multiples_of_the_minimum_cell():
+    """Each task's n, calibration sizes and events (prevalence x n) leave rounded down to
+    the policy's minimum cell: two evaluations differing by a few stays look the same."""
+    policy = load_tree(("policy", "site"), (), None)  # min_cell_count 10
+    flat = {
+        "num_examples": 257.0,
+        "death_n": 133.0,
+        "death_prevalence": 27 / 133,
+        "death_calibration_n": 133,
+        "death_calibration_n_recal": 133,
+        "death_auroc": 0.8,
+        "imv_n": 124.0,
+        "imv_prevalence": 41 / 124,
+        "imv_auroc": 0.7,
+    }
+    out = coarse_sizes(flat, ["death", "imv", "icu"], policy)
+    assert out == {
+        "num_examples": 250,
+        "death_n": 130,
+        "death_prevalence": 20 / 130,
+        "death_calibration_n": 130,
+        "death_calibration_n_recal": 130,
+        "death_auroc": 0.8,
+        "imv_n": 120,
+        "imv_prevalence": 40 / 120,
+        "imv_auroc": 0.7,
+    }
+    one_more = coarse_sizes(
+        {**flat, "death_n": 134.0, "death_prevalence": 28 / 134}, ["death", "imv"], policy
+    )
+    assert one_more["death_n"] == out["death_n"]
+    assert one_more["death_prevalence"] == out["death_prevalence"]
+
+
+def test_one_statistics_answer_per_export(tmp_path, demo_dir):
+    """A deployed site answers statistics once per export: the same request again gets the
+    same answer (with noise, the same noise: nothing to average away), a varied one (a
+    coarser grid, whose difference from the first would give suppressed cells) is refused
+    by its rule, and a new export gets an answer of its own."""
+    data = tmp_path / "clif"
+    shutil.copytree(demo_dir, data)
+    policy = write_policy(tmp_path / "site", [f"policy.work_dir={tmp_path / 'work'}"])
+    context = Context(1, 1, {"data-path": str(data), "policy-path": str(policy)}, RecordDict(), {})
+    tok = OmegaConf.to_container(load_config("tokenizer", overrides=["stats.noise_scale=2"]))
+
+    def ask(settings: dict) -> Message:
+        return _answer(stats, "query.stats", {"tokenizer": json.dumps(settings)}, context)
+
+    first, again = ask(tok), ask(tok)
+    assert not first.has_error()
+    assert str(again.content["stats"]["json"]) == str(first.content["stats"]["json"])
+    coarser = json.loads(json.dumps(tok))
+    coarser["stats"]["sig_figs"] = 2
+    refused = ask(coarser)
+    assert refused.error.code == ERROR_CODE["policy"]
+    assert refused.error.reason.startswith("policy: stats.one_answer: ")
+    (data / "clif_vitals.parquet").touch()  # a new export
+    assert str(ask(coarser).content["stats"]["json"]) != str(first.content["stats"]["json"])

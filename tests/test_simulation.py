@@ -156,6 +156,10 @@ def test_the_dp_ledger_outlives_a_run(sites, tmp_path):
         spent = {s.name: Ledger(work / s.name).entries() for s in sites}
         assert all(len(e) == 1 and e[0]["status"] == "spent" for e in spent.values())
         assert all(0 < e[0]["epsilon"] <= 6 for e in spent.values())
+        # Under DP-SGD the reply carries the epsilon spent and no un-noised training loss.
+        (r,) = json.loads((tmp_path / "first" / "results.json").read_text())["rounds"]
+        assert set(r["sites"]) == {s.name for s in sites}
+        assert all("epsilon" in m and "train_loss" not in m for m in r["sites"].values())
         # The same run again, its vocabulary given (no statistics round: what it tests is
         # the training round the ledger refuses).
         tok = f"federation.tokenizer={tmp_path / 'first' / 'tokenizer.json'}"

@@ -174,6 +174,12 @@ def test_noise_keeps_counts_close(demo_dir, site_cfg, tok_cfg):
     assert noisy["n_stays"] is None
     diffs = [abs(noisy["codes"].get(c, 0) - n) for c, n in exact["codes"].items()]
     assert any(diffs) and np.mean(diffs) < 6
+    # Noise never lets a count under the minimum cell leave (it let 3-6 leave once).
+    cell = int(tok_cfg.stats.min_cell_count)
+    for _ in range(3):
+        again = site_stats(site, tok_cfg)
+        assert min(again["codes"].values()) >= cell
+        assert min(min(h["counts"]) for h in again["numeric"].values()) >= cell
     # Unseeded (the default), the noise comes from a secure source: never the same twice.
     assert site_stats(site, tok_cfg)["codes"] != noisy["codes"]
     tok_cfg.stats.seed = 3  # a fixed seed reproduces (for local experiments only)
