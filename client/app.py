@@ -36,6 +36,7 @@ from fedclif.client.policy import (
     load_policy,
     refuse,
     rounded,
+    site_settings,
     withhold,
     work_dir,
 )
@@ -239,6 +240,8 @@ def _model(msg: Message, node: Node, full_data: bool):
     stage = str(c["stage"])
     cfg = received_config(str(c["train"]), "train")
     check_training(cfg, node.policy)
+    if node.deployed:
+        cfg = site_settings(cfg, node.policy)
     # Imported here: each message runs in a fresh process, and statistics, tokenizing and
     # refusals need none of torch, transformers or peft (seconds of imports per message).
     from fedclif.shared.models import count_parameters, quiet_transformers, stage_model, uses_lora
@@ -312,8 +315,14 @@ def train(msg: Message, context: Context) -> Message:
     return _reply(msg, **{ARRAYS: to_record(res.weights), METRICS: MetricRecord(metrics)})
 
 
-def _eval_split(msg: Message) -> str:
-    return str(msg.content[CONFIG].get("eval_split", "test"))
+def _eval_split(msg: Message, node: Node) -> str:
+    """The split an evaluation asks for: a deployed site's test or validation split, or
+    (a simulation's sites) every stay too, for a model that never saw the site."""
+    split = str(msg.content[CONFIG].get("eval_split", "test"))
+    allowed = ("test", "val") if node.deployed else ("test", "val", "all")
+    if split not in allowed:
+        refuse("metrics.eval_split", f"asked for none of {', '.join(allowed)}")
+    return split
 
 
 def _metrics_reply(msg: Message, m: dict, node: Node, tasks: list[str]) -> Message:
@@ -339,6 +348,7 @@ def _metrics_reply(msg: Message, m: dict, node: Node, tasks: list[str]) -> Messa
 @guarded
 def evaluate(msg: Message, context: Context) -> Message:
     node = Node(context)
+    split = _eval_split(msg, node)  # refused before anything is read
     t0 = time.perf_counter()
     model, data, cfg, stage = _model(
         msg, node, full_data=str(msg.content[CONFIG]["stage"]) == "pretrain"
@@ -346,7 +356,7 @@ def evaluate(msg: Message, context: Context) -> Message:
     from fedclif.client.local import evaluate_round
 
     t1 = time.perf_counter()
-    m = evaluate_round(model, data, cfg, stage, _eval_split(msg), node.boot_seed())
+    m = evaluate_round(model, data, cfg, stage, split, node.boot_seed())
     m |= {"load_seconds": t1 - t0, "evaluate_seconds": time.perf_counter() - t1}
     return _metrics_reply(msg, m, node, list(cfg.finetune.tasks))
 
@@ -388,7 +398,7 @@ def evaluate_probe(msg: Message, context: Context) -> Message:
     from fedclif.shared.metrics import flat_metrics
 
     node = Node(context)
-    rep, labels, names, cfg = _representations(msg, node, _eval_split(msg))
+    rep, labels, names, cfg = _representations(msg, node, _eval_split(msg, node))
     res = score_probes(
         from_record(msg.content[PROBES]),
         rep,

@@ -88,6 +88,16 @@ def check_training(train: DictConfig, policy: DictConfig) -> None:
         refuse("splits.min_val", f"asked < {p.min_val}")
 
 
+def site_settings(train: DictConfig, policy: DictConfig) -> DictConfig:
+    """A deployed site's training config: the run's, with what the site decides put in
+    from its policy (its split's fractions and salt, its bootstrap's resamples)."""
+    p = policy.policy
+    train.split.test, train.split.val = float(p.splits.test), float(p.splits.val)
+    train.split.salt = str(p.splits.salt)
+    train.finetune.n_boot = train.probe.n_boot = int(p.metrics.n_boot)
+    return train
+
+
 def withhold(flat: dict, tasks: list[str], policy: DictConfig) -> tuple[dict, dict[str, str]]:
     """Flat evaluation metrics (`<task>_<metric>`) without the tasks measured on too few
     test stays or events of the rarer class, and why each was withheld. `num_examples`

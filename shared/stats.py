@@ -32,16 +32,27 @@ VERSION = 1
 # or a record (the CLIF consortium scans free text with patterns like these). A site's
 # policy may allow named answers past the screen (policy.stats.allow_open).
 MAX_OPEN_LENGTH = 60
+_MONTH = r"(?i:jan|feb|mar|apr|may|jun|jul|aug|sep|oct|nov|dec)[a-z]*\.?"
+# US state codes after a capitalised word: Chicago IL.
+_STATES = (
+    "AL|AK|AZ|AR|CA|CO|CT|DE|FL|GA|HI|ID|IL|IN|IA|KS|KY|LA|ME|MD|MA|MI|MN|MS|MO|MT|NE|NV|NH|"
+    "NJ|NM|NY|NC|ND|OH|OK|OR|PA|RI|SC|SD|TN|TX|UT|VT|VA|WA|WV|WI|WY|DC"
+)
+_STREET = r"(?i:st|street|ave|avenue|rd|road|blvd|ln|lane|dr|drive|way|ct)"
 IDENTIFYING = {
     "digits": r"\d{3,}",  # record, phone and account numbers, years
-    "date": r"\b\d{1,4}[/.-]\d{1,2}[/.-]\d{1,4}\b|\b(?i:jan|feb|mar|apr|may|jun|jul|aug|sep|oct|"
-    r"nov|dec)[a-z]*\.?\s+\d",
-    "e-mail": r"[\w.+-]+@[\w-]+\.\w",
-    # A title and a name. Bare names are not caught: a pattern for "two capitalised
-    # words" also takes real answers (Braden's "Very Limited"); the count threshold and
-    # the policy's allow-list are the other guards.
-    "title": r"\b(?i:mr|mrs|ms|miss|dr|prof)\.?\s+[A-Za-z]",
+    "digit groups": r"\d{2,}(?:[\s.-]+\d{2,}){2,}",  # 55 12 34 56
+    # 14/02, 2/14, 2184-03-17; 12 Feb, 14th February, Feb 12.
+    "date": r"\b\d{1,4}[/.-]\d{1,2}(?:[/.-]\d{1,4})?\b"
+    rf"|\b\d{{1,2}}(?:st|nd|rd|th)?\s+{_MONTH}|\b{_MONTH}\s+\d",
+    "e-mail": r"[\w.+-]+\s*(?:@|[(\[]at[)\]])\s*[\w-]+\s*(?:\.|[(\[]dot[)\]])\s*\w",
+    # A title and a name: Dr. Alvarez, Dr.Smith, Pt. Garcia, Nurse Kelly. Bare names are
+    # not caught: a pattern for "two capitalised words" also takes real answers (Braden's
+    # "Very Limited"); the count threshold and the policy's allow-list are the other guards.
+    "title": r"\b(?i:mr|mrs|ms|miss|dr|prof|pt|patient|nurse|rn|md)(?:\.\s*|\s+)[A-Z]",
     "identifier": r"\b(?i:mrn|ssn|dob|id|acct|account)\b",
+    "address": rf"\b\d+\s+[A-Za-z]+\s+{_STREET}\b",  # 42 Elm St
+    "place": rf"\b[A-Z][a-z]+,?\s+(?:{_STATES})\b",
 }
 _IDENTIFYING = re.compile("|".join(f"(?:{p})" for p in IDENTIFYING.values()))
 

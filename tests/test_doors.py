@@ -19,14 +19,21 @@ from flwr.supercore.superexec.executor import LaunchResultStatus, get_executor
 from flwr.superlink.main import create_app
 from omegaconf import OmegaConf
 
-from fedclif.client.app import Node, fit_probe, stats, tokenize
+from fedclif.client.app import Node, _model, evaluate, fit_probe, stats, tokenize
 from fedclif.client.app import train as train_handler
 from fedclif.client.approval import client_apps_only
 from fedclif.client.policy import coarse_sizes, write_policy
 from fedclif.server.front import FLEET_PATHS, refusal
 from fedclif.shared.config import load_config, load_tree
-from fedclif.shared.federation import CONFIG, ERROR_CODE, load_federation, received_config
+from fedclif.shared.federation import (
+    CONFIG,
+    ERROR_CODE,
+    load_federation,
+    received_config,
+    to_record,
+)
 from fedclif.shared.metrics import binary_metrics
+from fedclif.shared.models import get_weights, stage_model
 from fedclif.shared.tokenizer import Tokenizer
 
 
@@ -303,3 +310,52 @@ def test_one_statistics_answer_per_export(tmp_path, demo_dir):
     assert refused.error.reason.startswith("policy: stats.one_answer: ")
     (data / "clif_vitals.parquet").touch()  # a new export
     assert str(ask(coarser).content["stats"]["json"]) != str(first.content["stats"]["json"])
+
+
+def test_a_deployed_site_trains_and_evaluates_on_its_own_split(tmp_path, demo_tokens):
+    """Split fractions, salt and resamples are the policy's at a deployed site, whatever
+    the run asks (a coordinator stepping the test fraction could nest test sets and
+    difference their metrics); a simulation's site takes the run's. An evaluation of any
+    split but test or validation is refused before anything is read."""
+    policy = write_policy(tmp_path / "site", [f"policy.work_dir={tmp_path / 'work'}"])
+    tok = Tokenizer.load(demo_tokens / "tokenizer.json")
+    asked = ["train.split.test=0.23", "train.split.salt=nested", "train.finetune.n_boot=7"]
+    fed = load_federation(overrides=asked)
+    weights = get_weights(stage_model(fed.model, tok, fed.train, "pretrain"))
+    config = {
+        "stage": "pretrain",
+        "train": OmegaConf.to_yaml(fed.train),
+        "round": 0,
+        "model": json.dumps(OmegaConf.to_container(fed.model)),
+        "tokenizer_hash": tok.hash,
+        "base_id": "",
+        "eval_split": "all",
+    }
+    meta = Metadata(1, "m1", 0, 1, "", "", time.time(), 3600.0, "evaluate")
+    msg = Message(
+        RecordDict({CONFIG: ConfigRecord(config), "arrays": to_record(weights)}), metadata=meta
+    )
+    deployed = Node(
+        Context(1, 1, {"data-path": str(tmp_path), "policy-path": str(policy)}, RecordDict(), {})
+    )
+    virtual = Node(
+        Context(
+            1,
+            1,
+            {"partition-id": 0},
+            RecordDict(),
+            {"sites": str(tmp_path / "sim"), "work-root": str(tmp_path)},
+        )
+    )
+    for node in (deployed, virtual):
+        shutil.copytree(demo_tokens, node.tokens(tok.hash))
+    _, _, cfg, _ = _model(msg, deployed, full_data=False)
+    assert (cfg.split.test, cfg.split.val, cfg.split.salt) == (0.2, 0.1, "fedclif")
+    assert cfg.finetune.n_boot == cfg.probe.n_boot == 500
+    _, _, cfg, _ = _model(msg, virtual, full_data=False)
+    assert (cfg.split.test, cfg.split.salt, cfg.finetune.n_boot) == (0.23, "nested", 7)
+    context = Context(
+        1, 1, {"data-path": str(tmp_path), "policy-path": str(policy)}, RecordDict(), {}
+    )
+    reply = evaluate(msg, context)
+    assert reply.error.reason == "policy: metrics.eval_split: asked for none of test, val"

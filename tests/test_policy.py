@@ -2,6 +2,7 @@
 statistics that leave under the default policy, and paths a run cannot choose."""
 
 import hashlib
+import re
 import stat
 
 import numpy as np
@@ -33,7 +34,13 @@ from fedclif.shared.events import OPEN_SEP, stay_events
 from fedclif.shared.federation import SiteRefusal, load_federation
 from fedclif.shared.flower import app_files, fab_hash
 from fedclif.shared.models import count_parameters
-from fedclif.shared.stats import merge_stats, screened_out, site_stats
+from fedclif.shared.stats import (
+    IDENTIFYING,
+    MAX_OPEN_LENGTH,
+    merge_stats,
+    screened_out,
+    site_stats,
+)
 from fedclif.shared.tokenizer import Tokenizer, fit_tokenizer
 from fedclif.simulations.synth import FREE_TEXT_ANSWERS, load_preset, write_site
 
@@ -306,3 +313,50 @@ def test_sizes_leave_rounded_down_to_the_minimum_cell():
         coarse_count(7, "training examples", policy)
     assert e.value.category == "policy"
     assert str(e.value) == "policy: stats.min_cell_count: fewer than 10 training examples"
+
+
+# Each identifying-text pattern with answers that only it catches (the finding's evasions
+# among them), and honest answers every pattern must let pass.
+SCREEN = {
+    "digits": ["00482913", "bed 412"],
+    "digit groups": ["55 12 34 56", "44 20 79 46"],
+    "date": ["14/02", "2/14", "12 Feb", "14th February", "Feb 12", "see note 4-3-17"],
+    "e-mail": ["jdoe@example.org", "jdoe(at)example.org", "j.doe [at] mail [dot] com"],
+    "title": ["Dr.Smith", "per Dr. Alvarez", "Pt. Garcia", "Nurse Kelly", "Mrs Jones"],
+    "identifier": ["dob unknown", "acct on file"],
+    "address": ["42 Elm St", "7 Oak Avenue"],
+    "place": ["Chicago IL", "Austin, TX"],
+}
+HONEST = [
+    "Very Limited",
+    "calm",
+    "tachypnea",
+    "hemodynamic instability",
+    "Grade 1",
+    "Alert",
+    "Completely Limited",
+    "nurse notified",
+    "RASS -2",
+    "Occasionally Moist",
+    "4 = no pain",
+    "IN PROGRESS",
+    "Yes",
+]
+
+
+@pytest.mark.parametrize("pattern", SCREEN)
+def test_each_identifying_text_pattern_catches_its_own_cases(pattern):
+    """Each case is caught, and by this pattern alone: deleting the pattern lets it out."""
+    rule = re.compile(IDENTIFYING[pattern])
+    others = [re.compile(p) for k, p in IDENTIFYING.items() if k != pattern]
+    for answer in SCREEN[pattern]:
+        assert screened_out(answer) and rule.search(answer), answer
+        assert not any(o.search(answer) for o in others), answer
+
+
+def test_honest_answers_pass_the_screen_and_its_length_limit_holds():
+    assert not any(screened_out(a) for a in HONEST), [a for a in HONEST if screened_out(a)]
+    assert not screened_out("x" * MAX_OPEN_LENGTH) and screened_out("x" * (MAX_OPEN_LENGTH + 1))
+    # A bare name is not caught (a pattern for it takes "Very Limited" too): the count rule
+    # and the allow-list guard it.
+    assert not screened_out("John Smith")
