@@ -110,7 +110,8 @@ def withhold(flat: dict, tasks: list[str], policy: DictConfig) -> tuple[dict, di
         n, prevalence = flat[f"{t}_n"], flat[f"{t}_prevalence"]
         if n < int(p.min_test_stays):
             reasons[t] = f"policy: metrics.min_test_stays (fewer than {p.min_test_stays})"
-        elif min(prevalence, 1 - prevalence) * n < int(p.min_events):
+        # Events of the rarer class, counted (rounded): 1 - 0.9 is 0.0999... in floats.
+        elif round(min(prevalence, 1 - prevalence) * n) < int(p.min_events):
             reasons[t] = f"policy: metrics.min_events (fewer than {p.min_events})"
     kept = {k: v for k, v in flat.items() if not any(k.startswith(f"{t}_") for t in reasons)}
     # A reliability curve's bins hold calibration_n // BINS stays each: under the minimum

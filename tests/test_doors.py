@@ -19,7 +19,15 @@ from flwr.supercore.superexec.executor import LaunchResultStatus, get_executor
 from flwr.superlink.main import create_app
 from omegaconf import OmegaConf
 
-from fedclif.client.app import Node, _model, evaluate, fit_probe, stats, tokenize
+from fedclif.client.app import (
+    Node,
+    _metrics_reply,
+    _model,
+    evaluate,
+    fit_probe,
+    stats,
+    tokenize,
+)
 from fedclif.client.app import train as train_handler
 from fedclif.client.approval import client_apps_only
 from fedclif.client.policy import coarse_sizes, write_policy
@@ -359,3 +367,41 @@ def test_a_deployed_site_trains_and_evaluates_on_its_own_split(tmp_path, demo_to
     )
     reply = evaluate(msg, context)
     assert reply.error.reason == "policy: metrics.eval_split: asked for none of test, val"
+
+
+def test_the_statistics_handler_refuses_finer_cells_and_writes_nothing(tmp_path, demo_dir):
+    policy = write_policy(tmp_path / "site", [f"policy.work_dir={tmp_path / 'work'}"])
+    context = Context(
+        1, 1, {"data-path": str(demo_dir), "policy-path": str(policy)}, RecordDict(), {}
+    )
+    finer = OmegaConf.to_container(load_config("tokenizer", overrides=["stats.min_cell_count=3"]))
+    reply = _answer(stats, "query.stats", {"tokenizer": json.dumps(finer)}, context)
+    assert reply.error.reason == "policy: min_cell_count: asked < 10"
+    assert sorted(p.name for p in (tmp_path / "work").iterdir()) == ["errors.log"]
+
+
+def test_an_evaluation_reply_withholds_and_rounds(tmp_path):
+    """What the ClientApp's evaluation handler sends: a task on too few events absent
+    from the metrics and named in WITHHELD with its rule; every size a multiple of the
+    minimum cell."""
+    policy = write_policy(tmp_path / "site", [f"policy.work_dir={tmp_path / 'work'}"])
+    node = Node(
+        Context(1, 1, {"data-path": str(tmp_path), "policy-path": str(policy)}, RecordDict(), {})
+    )
+    m = {
+        "num_examples": 263.0,
+        "death_n": 133.0,
+        "death_prevalence": 27 / 133,
+        "death_auroc": 0.8,
+        "imv_n": 130.0,
+        "imv_prevalence": 7 / 130,
+        "imv_auroc": 0.9,
+    }
+    meta = Metadata(1, "m1", 0, 1, "", "", time.time(), 3600.0, "evaluate")
+    msg = Message(RecordDict(), metadata=meta)
+    reply = _metrics_reply(msg, m, node, ["death", "imv"])
+    sent = dict(reply.content["metrics"])
+    assert dict(reply.content["withheld"]) == {"imv": "policy: metrics.min_events (fewer than 10)"}
+    assert not any(k.startswith("imv_") for k in sent)
+    assert sent["death_n"] == 130 and sent["num-examples"] == sent["num_examples"] == 130
+    assert sent["death_prevalence"] == 20 / 130

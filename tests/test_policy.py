@@ -356,7 +356,43 @@ def test_each_identifying_text_pattern_catches_its_own_cases(pattern):
 
 def test_honest_answers_pass_the_screen_and_its_length_limit_holds():
     assert not any(screened_out(a) for a in HONEST), [a for a in HONEST if screened_out(a)]
-    assert not screened_out("x" * MAX_OPEN_LENGTH) and screened_out("x" * (MAX_OPEN_LENGTH + 1))
+    assert MAX_OPEN_LENGTH == 60  # the limit the policy's comment states
+    assert not screened_out("x" * 60) and screened_out("x" * 61)
     # A bare name is not caught (a pattern for it takes "Very Limited" too): the count rule
     # and the allow-list guard it.
     assert not screened_out("John Smith")
+
+
+@pytest.mark.parametrize(
+    ("n", "prevalence", "withheld_by"),
+    [
+        (20, 0.5, None),  # exactly the minimum of stays
+        (19, 0.5, "metrics.min_test_stays"),  # one under
+        (100, 0.10, None),  # exactly 10 events
+        (100, 0.09, "metrics.min_events"),  # 9 events
+        (100, 0.95, "metrics.min_events"),  # a rare negative class: 5 non-events
+        (100, 0.90, None),  # exactly 10 non-events
+    ],
+)
+def test_the_metrics_floors_at_their_boundaries(n, prevalence, withheld_by):
+    """Each floor holds at exactly its value and refuses one under; the event floor counts
+    the rarer class, positive or negative."""
+    flat = {
+        "num_examples": float(n),
+        "death_n": float(n),
+        "death_prevalence": prevalence,
+        "death_auroc": 0.7,
+    }
+    kept, why = withhold(flat, ["death"], load_policy())
+    if withheld_by is None:
+        assert why == {} and kept["death_auroc"] == 0.7
+    else:
+        assert why["death"].startswith(f"policy: {withheld_by} ")
+        assert "death_auroc" not in kept and kept["num_examples"] == 0
+
+
+def test_the_minimum_cell_holds_at_its_boundary():
+    policy = load_policy()  # min_cell_count 10
+    assert coarse_count(10, "stays", policy) == 10
+    with pytest.raises(SiteRefusal, match="fewer than 10 stays"):
+        coarse_count(9, "stays", policy)

@@ -432,6 +432,10 @@ def _stats_reply(name: str, stats) -> RecordDict:
 
 @pytest.mark.parametrize("kind,poison,rule", [
     ("negative count", lambda s: s["codes"].update(x=-5), "code counts must be non-negative"),
+    ("negative cell", lambda s: next(iter(s["numeric"].values()))["counts"].__setitem__(0, -3),
+     "counts must be non-negative integers"),
+    ("negative suppressed", lambda s: next(iter(s["numeric"].values())).update(suppressed=-1),
+     "counts must be non-negative integers"),
     ("float count", lambda s: s["codes"].update(x=1.5), "code counts must be non-negative"),
     ("too many codes", lambda s: s["codes"].update({f"c{i}": 10 for i in range(60_000)}),
      "statistics: 60,"),

@@ -190,3 +190,18 @@ def test_stats_do_not_depend_on_chunking(demo_dir, site_cfg, tok_cfg):
     whole = site_stats(load_site(demo_dir, site_cfg), tok_cfg)
     site_cfg.chunk_stays = 37
     assert site_stats(load_site(demo_dir, site_cfg), tok_cfg) == whole
+
+
+def test_the_vocabulary_floor_holds_at_its_boundary(tok_cfg):
+    """A code counted exactly `k_min_count` times across the federation is in the
+    vocabulary; one counted once less is not."""
+    k = int(tok_cfg.k_min_count)
+    merged = {
+        "clif_version": "2.1",
+        "sites": 2,
+        "n_stays": 100,
+        "numeric": {},
+        "codes": {"LAB_at_floor": k, "LAB_under": k - 1},
+    }
+    vocab = set(fit_tokenizer(merged, tok_cfg).vocab)
+    assert "LAB_at_floor" in vocab and "LAB_under" not in vocab
