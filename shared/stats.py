@@ -3,11 +3,12 @@
 A site's statistics are code counts and, per numeric code, counts on a fixed grid (values
 rounded to `sig_figs` significant digits). The grid is the same at every site and does
 not depend on the data, so histograms merge by adding counts, and quantiles of the
-merged histogram match quantiles of the pooled values to within one grid cell. No count
-under `min_cell_count` leaves: cells with fewer values are rolled up to coarser rounding
-and finally dropped (so no single value leaves the site), rarer codes are dropped, the
-dropped totals are sent only when they reach it, and the number of stays is rounded down
-to a multiple of it. Free-text codes rarer than `min_open_code_count` stay home too.
+merged histogram match quantiles of the pooled values to within one grid cell. Nothing
+stands on fewer than `min_cell_count` patients: a code's count is its patients, and codes
+under it are dropped; cells held by fewer patients are rolled up to coarser rounding and
+finally dropped (so no single value leaves the site); the dropped totals are sent only
+when that many patients stand behind them; the number of stays is rounded down to a
+multiple of it. Free-text codes of fewer than `min_open_code_count` patients stay home.
 """
 
 import re
@@ -73,48 +74,61 @@ def _noisy(counts: pl.Expr, rng: np.random.Generator, n: int, scale: float) -> p
 def _roll_up(
     cells: pl.DataFrame, sig_figs: int, min_cell: int
 ) -> tuple[pl.DataFrame, pl.DataFrame]:
-    """Roll cells with fewer than `min_cell` values up to coarser rounding, then drop the
-    rest; returns the kept cells and the dropped count per code."""
+    """Roll cells held by fewer than `min_cell` patients up to coarser rounding, then drop
+    the rest. `cells` holds (code, value, patient, n): readings of one patient in one cell.
+    Returns the kept cells' readings (code, value, n) and, per code, the readings dropped
+    (with the patients behind them, `patients`)."""
+
+    def held(rows: pl.DataFrame) -> pl.DataFrame:  # each cell's distinct patients
+        return rows.with_columns(pl.col("patient").n_unique().over("code", "value").alias("p"))
+
+    rows = held(cells)
     for digits in range(sig_figs - 1, 0, -1):
-        small = pl.col("n") < min_cell
-        coarse = (
-            cells.filter(small)
-            .group_by("code", pl.col("value").round_sig_figs(digits))
-            .agg(pl.col("n").sum())
-        )
-        cells = pl.concat([cells.filter(~small), coarse])
-    dropped = cells.filter(pl.col("n") < min_cell).group_by("code").agg(pl.col("n").sum())
-    cells = cells.filter(pl.col("n") >= min_cell).group_by("code", "value").agg(pl.col("n").sum())
-    return cells.sort("code", "value"), dropped
+        small = pl.col("p") < min_cell
+        coarse = rows.filter(small).with_columns(pl.col("value").round_sig_figs(digits))
+        rows = held(pl.concat([rows.filter(~small), coarse]))
+    dropped = (
+        rows.filter(pl.col("p") < min_cell)
+        .group_by("code")
+        .agg(pl.col("n").sum(), pl.col("patient").n_unique().alias("patients"))
+    )
+    kept = rows.filter(pl.col("p") >= min_cell).group_by("code", "value").agg(pl.col("n").sum())
+    return kept.sort("code", "value"), dropped
+
+
+def _patients(frame: pl.DataFrame, part: pl.DataFrame) -> pl.DataFrame:
+    """`frame` (by stay) with each stay's patient."""
+    return frame.join(part.select("stay", pl.col("patient_id").alias("patient")), on="stay")
 
 
 def site_stats(site: Site, cfg: DictConfig, allow_open: Sequence[str] = ()) -> dict:
     """Statistics of one site, ready to be written as JSON and sent to the server.
 
-    Counted chunk by chunk of stays (counts add up, so memory follows the chunk size);
-    suppression and noise apply to the site totals. Free-text answers leave only when
-    common and past the identifying-text screen, or named in `allow_open` (the site's
-    policy).
+    Counted chunk by chunk of stays (memory follows the chunk size, and what is kept per
+    chunk is one row per patient, code and cell); suppression and noise apply to the site
+    totals. Every count is of patients, or stands on them: a code's count is its patients
+    (one stay charting an answer twelve times is one patient, under the floor), and a
+    histogram cell (whose count is of readings, the distribution the tokenizer's
+    quantiles come from) leaves only when at least `min_cell_count` patients stand behind
+    it, as does a code's suppressed total. Free-text answers leave only when common and
+    past the identifying-text screen, or named in `allow_open` (the site's policy).
     """
     s = cfg.stats
     sig = int(s.sig_figs)
     code_parts, cell_parts = [], []
     for sub, part in stay_chunks(site):
         ev = stay_events(sub, part).select("stay", "code", "value").collect()
-        code_parts.append(ev.group_by("code").agg(pl.len().alias("n")))
-        # Admission codes count stays, not events (a stay holds each at most once).
-        code_parts.append(
-            admission_codes(sub, part, cfg.codes, ev)
-            .group_by("code")
-            .agg(pl.len().cast(pl.UInt32).alias("n"))
-        )
+        # Admission codes are a stay's (diagnoses, drugs given), counted like events.
+        pairs = pl.concat([ev.select("stay", "code"), admission_codes(sub, part, cfg.codes, ev)])
+        code_parts.append(_patients(pairs, part).select("code", "patient").unique())
         cell_parts.append(
-            ev.filter(pl.col("value").is_not_null())
-            .group_by("code", pl.col("value").round_sig_figs(sig))
-            .agg(pl.len().alias("n"))
+            _patients(ev.filter(pl.col("value").is_not_null()), part)
+            .group_by("code", pl.col("value").round_sig_figs(sig), "patient")
+            .agg(pl.len().cast(pl.Int64).alias("n"))
         )
-    codes = pl.concat(code_parts).group_by("code").agg(pl.col("n").sum())
-    cells = pl.concat(cell_parts).group_by("code", "value").agg(pl.col("n").sum())
+    # A patient's stays may fall in two chunks: distinct again over the whole site.
+    codes = pl.concat(code_parts).unique().group_by("code").agg(pl.len().cast(pl.Int64).alias("n"))
+    cells = pl.concat(cell_parts).group_by("code", "value", "patient").agg(pl.col("n").sum())
     rare_open = pl.col("code").str.contains(OPEN_SEP, literal=True) & (
         pl.col("n") < int(s.min_open_code_count)
     )
@@ -128,7 +142,7 @@ def site_stats(site: Site, cfg: DictConfig, allow_open: Sequence[str] = ()) -> d
         | ~answer.map_elements(screened_out, return_dtype=pl.Boolean)
     )
     cells, dropped = _roll_up(cells, sig, min_cell)
-    dropped = dropped.filter(pl.col("n") >= min_cell)
+    dropped = dropped.filter(pl.col("patients") >= min_cell)
     rng = np.random.default_rng(secrets.randbits(128) if s.seed is None else int(s.seed))
     scale = float(s.noise_scale)
     # Noise is added to counts that passed the floor, and the floor applies again after

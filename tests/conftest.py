@@ -7,6 +7,7 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 import shutil
 from pathlib import Path
 
+import numpy as np
 import polars as pl
 import pytest
 
@@ -100,3 +101,23 @@ def assert_same_tokens(a: Path, b: Path) -> None:
     ga, gb = (pl.read_parquet(d / TIMESERIES).sort(key) for d in (a, b))
     assert ga.drop("value").equals(gb.drop("value"))
     assert (ga["value"] - gb["value"]).abs().max() < 1e-6
+
+
+def decile_error(cuts, values: np.ndarray) -> float:
+    """How far a tokenizer's cut points are from the deciles of `values` (sorted), in
+    shares of the values: for each decile the nearest cut's distance (0 when a cut
+    splits the values there), the worst over the nine. A decile no cut marks (cuts that
+    collapsed) counts, so a coarser fit cannot hide."""
+    worst = 0.0
+    for i in range(1, 10):
+        q = i / 10
+        near = min(
+            max(
+                np.searchsorted(values, c, side="left") / values.size - q,
+                q - np.searchsorted(values, c, side="right") / values.size,
+                0.0,
+            )
+            for c in cuts
+        )
+        worst = max(worst, near)
+    return worst

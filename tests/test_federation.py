@@ -17,6 +17,7 @@ import polars as pl
 import psutil
 import pytest
 import tomli_w
+from conftest import decile_error
 from fastapi.routing import iter_route_contexts
 from flwr.superlink.main import create_app
 from omegaconf import OmegaConf
@@ -32,6 +33,7 @@ from fedclif.server.processes import wait_for
 from fedclif.shared.clif.site import load_site
 from fedclif.shared.clif.versions import write_clif_3
 from fedclif.shared.config import load_config
+from fedclif.shared.events import stay_events
 from fedclif.shared.federation import ERROR_CODE, ERRORS, load_federation
 from fedclif.shared.flower import RUN_CONFIG, app_files, fab_hash, write_app
 from fedclif.shared.labels import TASKS
@@ -129,8 +131,16 @@ def test_server_tokenizer_equals_the_pooled_fit(federation, finished_run, tmp_pa
     assert all(max(r.get(t, 0) for r in raw) < tok_cfg.stats.min_cell_count for t in missing)
     assert len(missing) <= 2, missing
     assert fed_tok.cuts.keys() == pooled_tok.cuts.keys()
-    for k in fed_tok.cuts:  # the same bins; cut points from grid cells, within a few %
-        np.testing.assert_allclose(fed_tok.cuts[k], pooled_tok.cuts[k], rtol=0.05)
+    # The bins: each site's histogram cells stand on at least 10 of its own patients, so a
+    # site rolls a value seen in fewer up to coarser rounding where the pooled data would
+    # not. At these 600-stay sites that costs a few percentile points at most (measured:
+    # age, 5.3 against the pooled fit's 1.2); at 2,000 stays under 1 (test_policy.py).
+    values = pl.concat(stay_events(s).select("code", "value").collect() for s in sites)
+    values = values.drop_nulls("value").partition_by("code", as_dict=True)
+    for k in fed_tok.cuts:
+        x = np.sort(values[(k,)]["value"].to_numpy())
+        fed, pooled = decile_error(fed_tok.cuts[k], x), decile_error(pooled_tok.cuts[k], x)
+        assert fed <= pooled + 0.05, (k, fed, pooled)
 
 
 def test_site_messages_carry_no_identifier_or_raw_value(federation, finished_run):
