@@ -51,7 +51,9 @@ def test_policy_init_writes_the_commented_defaults_once(tmp_path, capsys):
     assert main(["site", "policy", "init", str(tmp_path)]) == 0
     path = tmp_path / "policy.yaml"
     text = path.read_text()
-    assert "# No count under this leaves the site" in text and "timezone: UTC" in text
+    assert (
+        "# Nothing standing on fewer patients leaves the site" in text and "timezone: UTC" in text
+    )
     assert load_policy(path) == load_policy()  # the packaged defaults
     before = path.read_bytes()
     assert main(["site", "policy", "init", str(tmp_path)]) == 1  # never overwritten
