@@ -441,3 +441,20 @@ def test_the_minimum_cell_holds_at_its_boundary():
     assert coarse_count(10, "stays", policy) == 10
     with pytest.raises(SiteRefusal, match="fewer than 10 stays"):
         coarse_count(9, "stays", policy)
+
+
+def test_free_text_needs_its_own_floor_of_patients(site_dir, site_cfg):
+    """`min_open_code_count` is a floor of its own: an answer of 12 patients leaves under
+    10 and stays home under 15, while codes that are no free text keep the cell floor."""
+    assessments = pl.read_parquet(site_dir / "clif_patient_assessments.parquet")
+    code = assessments.filter(pl.col("categorical_value").is_not_null())["assessment_category"][0]
+    calm = _rows_of_patients(site_dir, 12, code).with_columns(
+        pl.lit("calm").alias("categorical_value")
+    )
+    pl.concat([assessments, calm]).write_parquet(site_dir / "clif_patient_assessments.parquet")
+    site = load_site(site_dir, site_cfg)
+    loose = site_stats(site, load_config("tokenizer"))["codes"]
+    strict = site_stats(site, load_config("tokenizer", overrides=["stats.min_open_code_count=15"]))
+    assert f"ASMT_{code}=calm" in loose and f"ASMT_{code}=calm" not in strict["codes"]
+    closed = {c for c in loose if "=" not in c}
+    assert closed == {c for c in strict["codes"] if "=" not in c}
