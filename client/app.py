@@ -43,6 +43,7 @@ from fedclif.client.policy import (
 from fedclif.shared.artifact import write_json
 from fedclif.shared.clif.site import load_site
 from fedclif.shared.errors import FedclifError
+from fedclif.shared.events import OPEN_SEP
 from fedclif.shared.federation import (
     ARRAYS,
     BASE,
@@ -140,6 +141,27 @@ class Node:
             write_json(kept, self.work / STATS_ANSWER)
         return answer
 
+    def own_vocabulary(self, tok: Tokenizer) -> Tokenizer:
+        """`tok` as a deployed site encodes with it: a free-text entry (an assessment
+        answer) that this site neither released in its statistics answer nor allows by
+        name (`stats.allow_open`) is encoded as its table's unknown token here. A
+        coordinator-made entry (an answer charted once at the site, "ASMT_cam_total=Maria
+        Lopez") then never appears in the site's timelines, and its embedding row moves
+        no differently from a decoy's. Which sites sent an entry cannot be checked here
+        (the coordinator writes the tokenizer); what this site released can."""
+        if not self.deployed:
+            return tok
+        answered, released = self.work / STATS_ANSWER, set()
+        if answered.is_file():  # the codes of this site's one statistics answer
+            released = set(json.loads(json.loads(answered.read_text())["answer"])["codes"])
+        allowed = set(self.policy.policy.stats.allow_open)
+        foreign = {
+            t
+            for t in tok.vocab
+            if OPEN_SEP in t and t not in released and t.split(OPEN_SEP, 1)[1] not in allowed
+        }
+        return tok.encoding_none_of(foreign)
+
     def tokens(self, tok_hash: str) -> Path:
         return self.work / f"tokens-{tok_hash[:16]}"
 
@@ -221,7 +243,7 @@ def tokenize(msg: Message, context: Context) -> Message:
     tok = Tokenizer.from_dict(json.loads(str(msg.content[CONFIG]["tokenizer"])), "the server")
     out = node.tokens(tok.hash)  # tokenize_site keeps a copy of the tokenizer there
     if not (out / MANIFEST).is_file():
-        tokenize_site(node.site(), tok, out)
+        tokenize_site(node.site(), node.own_vocabulary(tok), out)
     node.keep(out, "tokens-*", "token_sets")
     m = json.loads((out / MANIFEST).read_text())
     sizes = {k: coarse_count(m[k], k, node.policy) for k in ("stays", "tokens")}

@@ -1,6 +1,7 @@
 """The federated tokenizer: vocabulary and quantile cut points fitted from merged site
 statistics, saved as a hashed `tokenizer.json` that every site of a run must share."""
 
+import dataclasses
 import hashlib
 import json
 from dataclasses import dataclass
@@ -85,6 +86,13 @@ class Tokenizer:
         """Id of a token, or of its prefix's unknown token."""
         i = self.index.get(token)
         return i if i is not None else self.index[f"{prefix_of(token)}_{UNK}"]
+
+    def encoding_none_of(self, tokens: set[str]) -> "Tokenizer":
+        """This tokenizer (same vocabulary, same hash) encoding `tokens` as their prefix's
+        unknown token: what a site does with entries it will not train (client/app.py)."""
+        view = dataclasses.replace(self)
+        view.__dict__["index"] = {t: i for t, i in self.index.items() if t not in tokens}
+        return view
 
     def decode(self, ids: list[int]) -> list[str]:
         return [self.vocab[i] for i in ids]

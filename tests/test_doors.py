@@ -2,6 +2,7 @@
 the coordinator's front lets strangers reach the Fleet API alone, a site's SuperExec
 launches client apps alone, and what a coordinator sends is data, never code."""
 
+import dataclasses
 import json
 import os
 import shutil
@@ -10,6 +11,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import polars as pl
 import pytest
 from fastapi.routing import iter_route_contexts
 from flwr.app import ConfigRecord, Context, Message, Metadata, RecordDict
@@ -405,3 +407,52 @@ def test_an_evaluation_reply_withholds_and_rounds(tmp_path):
     assert not any(k.startswith("imv_") for k in sent)
     assert sent["death_n"] == 130 and sent["num-examples"] == sent["num_examples"] == 130
     assert sent["death_prevalence"] == 20 / 130
+
+
+def test_a_coordinator_made_vocabulary_entry_never_reaches_a_sites_timelines(
+    tmp_path, demo_dir, demo_tokens
+):
+    """The finding: a tokenizer with an answer charted once at the site ("Maria Lopez")
+    and two decoys; after one round the charted answer's embedding row had moved, the
+    decoys' had not. A deployed site encodes free-text entries it neither released nor
+    allows as its table's unknown token: the entry never appears in its timelines, so its
+    row gets no gradient; the answers the site did release keep their tokens. A
+    simulation's site (no such check) shows the attack would have worked."""
+    data = tmp_path / "clif"
+    shutil.copytree(demo_dir, data)
+    a = pl.read_parquet(data / "clif_patient_assessments.parquet")
+    row = a.filter(pl.col("categorical_value").is_not_null() & pl.col("numerical_value").is_null())
+    row = row.head(1).with_columns(pl.lit("Maria Lopez").alias("categorical_value"))
+    pl.concat([a, row]).write_parquet(data / "clif_patient_assessments.parquet")
+    code = f"ASMT_{row['assessment_category'][0]}"
+    # The demo's 100 patients: a site policy with cells of 5, as the demo's tokenizer.
+    cells = "policy.stats.min_cell_count=5"
+    policy = write_policy(tmp_path / "site", [f"policy.work_dir={tmp_path / 'work'}", cells])
+    context = Context(1, 1, {"data-path": str(data), "policy-path": str(policy)}, RecordDict(), {})
+    cfg = OmegaConf.to_container(load_config("tokenizer", overrides=["stats.min_cell_count=5"]))
+    assert not _answer(stats, "query.stats", {"tokenizer": json.dumps(cfg)}, context).has_error()
+    answer = json.loads((tmp_path / "work" / "stats-answer.json").read_text())["answer"]
+    released = json.loads(answer)["codes"]
+    demo = Tokenizer.load(demo_tokens / "tokenizer.json")
+    planted = [f"{code}=Maria Lopez", f"{code}=Jane Roe", f"{code}=John Doe"]
+    tok = dataclasses.replace(demo, vocab=(*demo.vocab, *planted))
+    ours = [t for t in demo.vocab if "=" in t and t in released]
+    assert ours  # answers the site released itself, in the coordinator's tokenizer
+
+    def ids_at(ctx: Context, node: Node) -> set[int]:
+        reply = _answer(tokenize, "query.tokenize", {"tokenizer": json.dumps(tok.to_dict())}, ctx)
+        assert not reply.has_error()
+        timelines = pl.read_parquet(node.tokens(tok.hash) / "timelines.parquet")
+        return set(timelines["tokens"].explode().to_list())
+
+    deployed = ids_at(context, Node(context))
+    assert not {tok.index[t] for t in planted} & deployed
+    assert {tok.index[t] for t in ours} <= deployed
+    virtual_ctx = Context(
+        1,
+        1,
+        {"partition-id": 0},
+        RecordDict(),
+        {"sites": str(data), "work-root": str(tmp_path / "sim")},
+    )
+    assert tok.index[planted[0]] in ids_at(virtual_ctx, Node(virtual_ctx))
