@@ -273,6 +273,38 @@ def test_a_run_asking_for_finer_statistics_is_refused_by_every_site(federation):
     assert not (out / "results.json").exists() and not (out / "tokenizer.json").exists()
 
 
+def test_a_site_answers_statistics_once_per_export(federation, finished_run):
+    """After the run's statistics round, each site keeps its answer (the one the audit
+    saw); a coordinator asking again on a coarser grid (whose difference from the first
+    answer would give the cells each suppressed) is refused by both, by the rule."""
+    lb, (_, audit) = federation, finished_run
+    sent = [
+        json.loads(t)["records"]["config"]["stats"]
+        for t in (p.read_text() for p in sorted(audit.glob("*.json")))
+        if "stats" in json.loads(t)["records"]["config"]
+    ]
+    for s in "ab":
+        kept = json.loads((lb.root / f"work-{s}" / "stats-answer.json").read_text())
+        assert kept["answer"] in [x["json"] for x in sent if x["site"] == s]
+    out = lb.root / "coarser"
+    r = lb.fedclif(
+        "run",
+        "--superlink",
+        lb.control,
+        "--ca",
+        lb.ca,
+        "--out",
+        str(out),
+        "tokenizer.stats.sig_figs=2",
+        "federation.timeout_s=120",
+        check=False,
+    )
+    assert r.returncode == 1
+    for s in "ab":
+        log = (lb.root / f"work-{s}" / "errors.log").read_text()
+        assert "SiteRefusal: policy: stats.one_answer: " in log
+
+
 # What a hostile coordinator asks and the exact refusal in the site's log (after
 # "SiteRefusal: ") and at the server (the category; a policy refusal also names its rule
 # there), under one site policy (HOSTILE_POLICY). The statistics' refusals (finer cells,
