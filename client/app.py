@@ -111,12 +111,16 @@ class Node:
         return int(path.read_text())
 
     def data_fingerprint(self) -> str:
-        """The CLIF export as it is now (each file's name, size and modification time): a
-        new export is new data, with a statistics answer of its own."""
-        files = sorted(p for p in self.data.iterdir() if p.is_file())
-        return hashlib.sha256(
-            "".join(f"{p.name}:{p.stat().st_size}:{p.stat().st_mtime_ns};" for p in files).encode()
-        ).hexdigest()
+        """The export as it is now (each file's path, size and modification time, a MEDS
+        directory's nested files too): a new export is new data, with a statistics answer
+        of its own."""
+        files = sorted(p for p in self.data.rglob("*") if p.is_file())
+        h = hashlib.sha256()
+        for p in files:
+            h.update(
+                f"{p.relative_to(self.data)}:{p.stat().st_size}:{p.stat().st_mtime_ns};".encode()
+            )
+        return h.hexdigest()
 
     def answered(self, asked: str) -> str | None:
         """A deployed site's statistics answer, one per export: a request asked again gets
