@@ -28,8 +28,9 @@ def cmd_init(args: argparse.Namespace) -> int:
         out.print(f"  test site {s}: {d / 'site.key'} (a coordinator-made key: tests only)")
     out.print(
         f"next: give {Path(args.out) / 'ca.crt'} to every site; each runs `fedclif site "
-        "keygen` and sends you its site.pub; then fedclif coordinator start --dir DIR and "
-        "fedclif site register --key site.pub --name <name> ..."
+        "keygen` and sends you its site.pub; then fedclif coordinator start --dir DIR --host "
+        "HOST and, on this host, fedclif site register --key site.pub --name <name> "
+        "--superlink 127.0.0.1:9095 ..."
     )
     return 0
 
