@@ -127,16 +127,20 @@ class Node:
         the same answer (the same noise: nothing to average away), and one asked with other
         settings is refused (two answers at two cell sizes or grids, differenced, would
         give the cells each suppressed). None: no answer yet (or a simulation's site)."""
-        path = self.work / STATS_ANSWER
-        if not self.deployed or not path.is_file():
-            return None
-        kept = json.loads(path.read_text())
-        if kept["data"] != self.data_fingerprint():
+        kept = self._kept_answer()
+        if kept is None or kept["data"] != self.data_fingerprint():
             return None
         if kept["asked"] != asked:
             why = f"this export's statistics went out under other settings ({STATS_ANSWER})"
             refuse("stats.one_answer", why)
         return kept["answer"]
+
+    def _kept_answer(self) -> dict | None:
+        """A deployed site's kept statistics answer (`answer`), or None."""
+        path = self.work / STATS_ANSWER
+        if not self.deployed or not path.is_file():
+            return None
+        return json.loads(path.read_text())
 
     def answer(self, asked: str, answer: str) -> str:
         """Keep a deployed site's statistics answer (`answered`); returns it."""
@@ -155,9 +159,8 @@ class Node:
         (the coordinator writes the tokenizer); what this site released can."""
         if not self.deployed:
             return tok
-        answered, released = self.work / STATS_ANSWER, set()
-        if answered.is_file():  # the codes of this site's one statistics answer
-            released = set(json.loads(json.loads(answered.read_text())["answer"])["codes"])
+        kept = self._kept_answer()  # the codes of this site's one statistics answer
+        released = set(json.loads(kept["answer"])["codes"]) if kept else set()
         allowed = set(self.policy.policy.stats.allow_open)
         foreign = {
             t

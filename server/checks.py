@@ -201,7 +201,11 @@ def shared_codes(
     allowed = {c for c, who in senders.items() if len(who) >= need}
     trimmed = []
     for site, s in stats.items():
-        own = sorted((c for c in allowed if senders[c] == {site}), key=lambda c: -s["codes"][c])
+        # Most counted first, ties by name: the same statistics trim the same codes in
+        # every run (a set's order changes with the process's hash seed).
+        own = sorted(
+            (c for c in allowed if senders[c] == {site}), key=lambda c: (-s["codes"][c], c)
+        )
         limit = math.floor(max_share / (1 - max_share) * (len(allowed) - len(own)))
         if len(stats) > 1 and len(own) > limit:
             allowed -= set(own[limit:])
