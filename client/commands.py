@@ -8,6 +8,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import polars as pl
 from omegaconf import DictConfig
 from rich.table import Table
 
@@ -17,10 +18,12 @@ from fedclif.client.ledger import Ledger
 from fedclif.client.policy import SECTIONS as POLICY_SECTIONS
 from fedclif.client.policy import load_policy, work_dir, write_policy
 from fedclif.shared.clif.site import load_site
-from fedclif.shared.config import RESOLVED, add_arguments, load_tree, write_resolved
+from fedclif.shared.config import RESOLVED, add_arguments, load_config, load_tree, write_resolved
 from fedclif.shared.errors import FedclifError
+from fedclif.shared.events import OPEN_SEP
 from fedclif.shared.flower import flower_env
 from fedclif.shared.keys import write_site_keys
+from fedclif.shared.stats import open_answers, screen_rule
 from fedclif.shared.ui import console, out, progress, step
 
 TRAIN_FILES = (RESOLVED, "fedclif.json", "train_state.pt", "metrics.json", "probe.json")
@@ -222,6 +225,42 @@ def cmd_policy_init(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_policy_review(args: argparse.Namespace) -> int:
+    """The free-text answers in this site's data, and which would leave under the policy
+    (with `policy.stats.allow_open=[...]`: under a proposed allow-list). Only answers given
+    by at least the policy's count floor are listed: the others stay home whatever the list
+    says. Nothing leaves: this runs at the site, for its reviewer."""
+    policy = load_policy(args.policy, args.overrides)
+    rules = policy.policy.stats
+    floor = max(int(rules.min_cell_count), int(rules.min_open_code_count))
+    with step(f"reading {args.data}"):
+        answers = open_answers(load_site(args.data, policy.site), load_config("tokenizer"))
+    allowed = set(rules.allow_open)
+    shown = answers.filter(pl.col("patients") >= floor)
+    rows = [
+        {**r, "screen": screen_rule(r["answer"]), "leaves": r["answer"] in allowed}
+        for r in shown.iter_rows(named=True)
+    ]
+    t = Table(title=f"free-text answers of {floor} or more patients at {args.data}",
+              title_justify="left")  # fmt: skip
+    for c in ("assessment", "answer", "patients", "reads like", "leaves"):
+        t.add_column(c, justify="right" if c == "patients" else "left")
+    for r in rows:
+        verdict = "[green]yes[/]" if r["leaves"] else "no: not allowed"
+        assessment = r["code"].removesuffix(f"{OPEN_SEP}{r['answer']}")
+        t.add_row(assessment, r["answer"], str(r["patients"]), r["screen"] or "", verdict)
+    out.print(t)
+    out.print(
+        f"{answers.height - shown.height} more answer(s) of fewer than {floor} patients stay "
+        "home whatever the list says. To let an answer leave, add it exactly to "
+        "policy.stats.allow_open in the policy file; check those that read like a name, a "
+        "date or a record first."
+    )
+    if args.json:
+        Path(args.json).write_text(json.dumps({"floor": floor, "answers": rows}, indent=1))
+    return 0
+
+
 def cmd_ledger(args: argparse.Namespace) -> int:
     """What this site has spent of its DP budget, per run and round."""
     policy = load_policy(args.policy)
@@ -257,6 +296,11 @@ def register(sub, groups: dict, add: Callable) -> None:
     p = add(psub, "init", cmd_policy_init, "write DIR/policy.yaml (the defaults, commented)")
     p.add_argument("dir")
     add_arguments(p, POLICY_SECTIONS, "policy.stats.min_cell_count=20 site.timezone=UTC")
+    p = add(psub, "review", cmd_policy_review, "the free-text answers that would leave, and why")
+    p.add_argument("--policy", help="the site's policy file (default: the packaged one)")
+    p.add_argument("--data", required=True, help="the site's CLIF directory")
+    p.add_argument("--json", help="also write the answers as JSON here")
+    add_arguments(p, POLICY_SECTIONS, "'policy.stats.allow_open=[Yes,No,calm]' (a proposal)")
     p = add(groups["site"], "ledger", cmd_ledger, "the DP budget this site has spent")
     p.add_argument("--policy", required=True, help="the site's policy file")
     p.add_argument("--name", help="site name (when the policy sets no work_dir)")

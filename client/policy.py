@@ -4,6 +4,7 @@ coordinator's run config never changes it. Every request is checked against it b
 any data is read, and a request looser than a rule is refused with the category `policy`
 and the rule's name."""
 
+from collections.abc import Sequence
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
@@ -16,15 +17,15 @@ POLICY_FILE = "policy.yaml"
 SECTIONS = ("policy", "site")
 
 
-def load_policy(path: str | Path | None = None) -> DictConfig:
+def load_policy(path: str | Path | None = None, overrides: Sequence[str] = ()) -> DictConfig:
     """The site's policy tree (`policy` and `site`); None: the packaged defaults (a
-    simulation's virtual sites)."""
+    simulation's virtual sites). `overrides`: a proposed change, for review."""
     if path is not None and not Path(path).is_file():
         raise FedclifError(
             f"no site policy at {path}: write one with `fedclif site policy init DIR`, "
             "review it, and pass it to `fedclif site serve --policy`"
         )
-    return load_tree(SECTIONS, (), path)
+    return load_tree(SECTIONS, (), path, overrides)
 
 
 def write_policy(out: str | Path, overrides: list[str] = ()) -> Path:

@@ -26,14 +26,23 @@ from fedclif.shared.tokenizer import Tokenizer, fit_tokenizer
 from fedclif.shared.ui import console, out, progress, step
 
 SECTIONS = ("site", "tokenizer")
+# Statistics also read the site's policy: its allow-list of free-text answers (a site's
+# policy file, `--config policy.yaml`, has the same grammar).
+STATS_SECTIONS = (*SECTIONS, "policy")
 # MEDS exports: the site as read, and the patient split (train.split) for subject_splits.
 EXPORT_SECTIONS = ("site", "train")
 EXAMPLE = "site.timezone=America/Chicago tokenizer.k_min_count=20"
 
 
-def section_configs(args: argparse.Namespace) -> DictConfig:
-    """The `site` and `tokenizer` sections, from `--config FILE` and `section.key=value`."""
-    return load_tree(SECTIONS, (), args.config, args.overrides)
+def section_configs(args: argparse.Namespace, sections: tuple = SECTIONS) -> DictConfig:
+    """The `site` and `tokenizer` sections (or `sections`), from `--config FILE` and
+    `section.key=value`."""
+    return load_tree(sections, (), args.config, args.overrides)
+
+
+def _site_stats(site: Site, cfg: DictConfig) -> dict:
+    """The statistics the site's policy (`cfg.policy`) lets leave."""
+    return site_stats(site, cfg["tokenizer"], list(cfg.policy.stats.allow_open))
 
 
 def print_report(report: SiteReport) -> None:
@@ -124,10 +133,10 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 def cmd_stats(args: argparse.Namespace) -> int:
 
-    cfg = section_configs(args)
+    cfg = section_configs(args, STATS_SECTIONS)
     site = _load(args.dir, cfg["site"])
     with step("computing mergeable statistics"):
-        stats = site_stats(site, cfg["tokenizer"])
+        stats = _site_stats(site, cfg)
         write_stats(stats, args.out)
     out.print(
         f"wrote {args.out}: {len(stats['codes'])} codes, {len(stats['numeric'])} "
@@ -138,11 +147,11 @@ def cmd_stats(args: argparse.Namespace) -> int:
 
 def cmd_fit(args: argparse.Namespace) -> int:
 
-    cfg = section_configs(args)
+    cfg = section_configs(args, STATS_SECTIONS)
     if bool(args.stats) == bool(args.data):
         raise FedclifError("give either --stats FILE [FILE ...] or --data DIR")
     if args.data:
-        all_stats = [site_stats(_load(args.data, cfg["site"]), cfg["tokenizer"])]
+        all_stats = [_site_stats(_load(args.data, cfg["site"]), cfg)]
     else:
         all_stats = [read_stats(p) for p in args.stats]
     with step(f"fitting the tokenizer on {len(all_stats)} site(s)"):
@@ -231,7 +240,7 @@ def cmd_quickstart(args: argparse.Namespace) -> int:
     """The main job on the embedded demo: demo data, validate, stats, fit, tokenize."""
 
     root = Path(args.out)
-    cfg = section_configs(args)
+    cfg = section_configs(args, STATS_SECTIONS)
     data = root / "clif_demo"
     cmd_demo_data(argparse.Namespace(dir=data, clif="2.1"))
     site = _read(data, cfg["site"], strict=False)
@@ -239,7 +248,7 @@ def cmd_quickstart(args: argparse.Namespace) -> int:
     if site.report.fatal:
         return 1
     with step("site statistics"):
-        stats = site_stats(site, cfg["tokenizer"])
+        stats = _site_stats(site, cfg)
         write_stats(stats, root / "stats.json")
     with step("fitting the tokenizer"):
         tok = fit_tokenizer(merge_stats([stats]), cfg["tokenizer"])
@@ -342,7 +351,7 @@ def register(sub, groups: dict, add: Callable) -> None:
         sub, "quickstart", cmd_quickstart, "validate, summarise and tokenize the embedded demo site"
     )
     p.add_argument("--out", default="runs/quickstart")
-    add_arguments(p, SECTIONS, EXAMPLE)
+    add_arguments(p, STATS_SECTIONS, EXAMPLE)
 
     ssub = groups["site"]
     p = add(ssub, "validate", cmd_validate, "check a CLIF directory; exit 1 if unusable")
@@ -352,7 +361,7 @@ def register(sub, groups: dict, add: Callable) -> None:
     p = add(ssub, "stats", cmd_stats, "mergeable statistics of a site (no row-level data)")
     p.add_argument("dir")
     p.add_argument("--out", required=True)
-    add_arguments(p, SECTIONS, EXAMPLE)
+    add_arguments(p, STATS_SECTIONS, f"{EXAMPLE} (--config: the site's policy.yaml)")
     p = add(ssub, "tokenize", cmd_tokenize, "write token timelines and labels")
     p.add_argument("dir")
     p.add_argument("--tokenizer", required=True)
@@ -389,4 +398,4 @@ def register(sub, groups: dict, add: Callable) -> None:
     p.add_argument("--stats", nargs="+", help="site statistics files")
     p.add_argument("--data", help="shortcut: one local CLIF directory")
     p.add_argument("--out", required=True)
-    add_arguments(p, SECTIONS, EXAMPLE)
+    add_arguments(p, STATS_SECTIONS, EXAMPLE)

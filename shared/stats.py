@@ -8,12 +8,13 @@ stands on fewer than `min_cell_count` patients: a code's count is its patients, 
 under it are dropped; cells held by fewer patients are rolled up to coarser rounding and
 finally dropped (so no single value leaves the site); the dropped totals are sent only
 when that many patients stand behind them; the number of stays is rounded down to a
-multiple of it. Free-text codes of fewer than `min_open_code_count` patients stay home.
+multiple of it. Free-text answers leave only when the site's policy names them
+(`policy.stats.allow_open`, deny by default) and `min_open_code_count` patients gave them.
 """
 
 import re
 import secrets
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -29,9 +30,10 @@ from fedclif.shared.events import OPEN_SEP, stay_chunks, stay_events
 
 FORMAT = "fedclif-site-stats"
 VERSION = 1
-# A free-text answer leaves only if it reads like a category, not like a person, a date
-# or a record (the CLIF consortium scans free text with patterns like these). A site's
-# policy may allow named answers past the screen (policy.stats.allow_open).
+# What a reviewer is warned of in a free-text answer (`fedclif site policy review`): text
+# that reads like a person, a date or a record, not a category (the CLIF consortium scans
+# free text with patterns like these). The guard is the policy's allow-list; the screen
+# helps the reviewer fill it.
 MAX_OPEN_LENGTH = 60
 _MONTH = r"(?i:jan|feb|mar|apr|may|jun|jul|aug|sep|oct|nov|dec)[a-z]*\.?"
 # US state codes after a capitalised word: Chicago IL.
@@ -55,13 +57,15 @@ IDENTIFYING = {
     "address": rf"\b\d+\s+[A-Za-z]+\s+{_STREET}\b",  # 42 Elm St
     "place": rf"\b[A-Z][a-z]+,?\s+(?:{_STATES})\b",
 }
-_IDENTIFYING = re.compile("|".join(f"(?:{p})" for p in IDENTIFYING.values()))
+_IDENTIFYING = {name: re.compile(p) for name, p in IDENTIFYING.items()}
 
 
-def screened_out(answer: str) -> bool:
-    """True for a free-text answer that may identify someone (too long, or matching one of
-    IDENTIFYING): it stays at the site."""
-    return len(answer) > MAX_OPEN_LENGTH or _IDENTIFYING.search(answer) is not None
+def screen_rule(answer: str) -> str | None:
+    """Why a free-text answer may identify someone (the first IDENTIFYING pattern it
+    matches, or its length), or None for one that reads like a category."""
+    if len(answer) > MAX_OPEN_LENGTH:
+        return f"longer than {MAX_OPEN_LENGTH}"
+    return next((name for name, rx in _IDENTIFYING.items() if rx.search(answer)), None)
 
 
 def _noisy(counts: pl.Expr, rng: np.random.Generator, n: int, scale: float) -> pl.Expr:
@@ -101,20 +105,12 @@ def _patients(frame: pl.DataFrame, part: pl.DataFrame) -> pl.DataFrame:
     return frame.join(part.select("stay", pl.col("patient_id").alias("patient")), on="stay")
 
 
-def site_stats(site: Site, cfg: DictConfig, allow_open: Sequence[str] = ()) -> dict:
-    """Statistics of one site, ready to be written as JSON and sent to the server.
-
-    Counted chunk by chunk of stays (memory follows the chunk size, and what is kept per
-    chunk is one row per patient, code and cell); suppression and noise apply to the site
-    totals. Every count is of patients, or stands on them: a code's count is its patients
-    (one stay charting an answer twelve times is one patient, under the floor), and a
-    histogram cell (whose count is of readings, the distribution the tokenizer's
-    quantiles come from) leaves only when at least `min_cell_count` patients stand behind
-    it, as does a code's suppressed total. Free-text answers leave only when common and
-    past the identifying-text screen, or named in `allow_open` (the site's policy).
-    """
-    s = cfg.stats
-    sig = int(s.sig_figs)
+def _patient_counts(site: Site, cfg: DictConfig) -> tuple[pl.DataFrame, pl.DataFrame]:
+    """Per code its patients (code, n), and per code, value (rounded to the statistics'
+    significant digits) and patient that patient's readings (code, value, patient, n).
+    Counted chunk by chunk of stays: memory follows the chunk size, and what is kept per
+    chunk is one row per patient, code and cell."""
+    sig = int(cfg.stats.sig_figs)
     code_parts, cell_parts = [], []
     for sub, part in stay_chunks(site):
         ev = stay_events(sub, part).select("stay", "code", "value").collect()
@@ -129,17 +125,48 @@ def site_stats(site: Site, cfg: DictConfig, allow_open: Sequence[str] = ()) -> d
     # A patient's stays may fall in two chunks: distinct again over the whole site.
     codes = pl.concat(code_parts).unique().group_by("code").agg(pl.len().cast(pl.Int64).alias("n"))
     cells = pl.concat(cell_parts).group_by("code", "value", "patient").agg(pl.col("n").sum())
-    rare_open = pl.col("code").str.contains(OPEN_SEP, literal=True) & (
-        pl.col("n") < int(s.min_open_code_count)
+    return codes, cells
+
+
+def _open_answer() -> pl.Expr:
+    """A code's free-text answer (ASMT_cam_total=Positive: Positive), null for others."""
+    return pl.col("code").str.splitn(OPEN_SEP, 2).struct.field("field_1")
+
+
+def open_answers(site: Site, cfg: DictConfig) -> pl.DataFrame:
+    """The site's free-text answers (code, answer, patients), most patients first: what a
+    reviewer chooses the policy's allow-list from. Stays at the site."""
+    codes, _ = _patient_counts(site, cfg)
+    return (
+        codes.filter(_open_answer().is_not_null())
+        .select("code", _open_answer().alias("answer"), pl.col("n").alias("patients"))
+        .sort("patients", "code", descending=[True, False])
     )
+
+
+def site_stats(site: Site, cfg: DictConfig, allow_open: Collection[str] = ()) -> dict:
+    """Statistics of one site, ready to be written as JSON and sent to the server.
+
+    Every count is of patients, or stands on them: a code's count is its patients (one
+    stay charting an answer twelve times is one patient, under the floor), and a
+    histogram cell (whose count is of readings, the distribution the tokenizer's
+    quantiles come from) leaves only when at least `min_cell_count` patients stand behind
+    it, as does a code's suppressed total. Suppression and noise apply to the site
+    totals. A free-text answer leaves only when `allow_open` (the site's policy) names it
+    exactly and `min_open_code_count` patients gave it: deny by default, whatever it reads
+    like.
+    """
+    s = cfg.stats
+    sig = int(s.sig_figs)
+    codes, cells = _patient_counts(site, cfg)
+    answer = _open_answer()
     min_cell = int(s.min_cell_count)
-    codes = codes.filter(~rare_open & (pl.col("n") >= min_cell))
-    allowed = set(allow_open)
-    answer = pl.col("code").str.splitn(OPEN_SEP, 2).struct.field("field_1")
+    # A code's floor: the minimum cell, and a free-text answer's own count rule too.
+    floor = pl.max_horizontal(
+        pl.lit(min_cell), pl.when(answer.is_null()).then(0).otherwise(int(s.min_open_code_count))
+    )
     codes = codes.filter(
-        answer.is_null()
-        | answer.is_in(list(allowed))
-        | ~answer.map_elements(screened_out, return_dtype=pl.Boolean)
+        (pl.col("n") >= floor) & (answer.is_null() | answer.is_in(sorted(allow_open)))
     )
     cells, dropped = _roll_up(cells, sig, min_cell)
     dropped = dropped.filter(pl.col("patients") >= min_cell)
@@ -150,7 +177,7 @@ def site_stats(site: Site, cfg: DictConfig, allow_open: Sequence[str] = ()) -> d
     codes = (
         codes.sort("code")
         .with_columns(_noisy(pl.col("n"), rng, codes.height, scale))
-        .filter(pl.col("n") >= min_cell)
+        .filter(pl.col("n") >= floor)
     )
     cells = cells.with_columns(_noisy(pl.col("n"), rng, cells.height, scale)).filter(
         pl.col("n") >= min_cell

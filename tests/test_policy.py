@@ -2,6 +2,7 @@
 statistics that leave under the default policy, and paths a run cannot choose."""
 
 import hashlib
+import json
 import re
 import stat
 from pathlib import Path
@@ -40,7 +41,7 @@ from fedclif.shared.stats import (
     IDENTIFYING,
     MAX_OPEN_LENGTH,
     merge_stats,
-    screened_out,
+    screen_rule,
     site_stats,
 )
 from fedclif.shared.tokenizer import Tokenizer, fit_tokenizer
@@ -260,57 +261,98 @@ def _rows_of_patients(site_dir: Path, n: int, category: str) -> pl.DataFrame:
     return rows.drop("patient_id").with_columns(pl.lit(category).alias("assessment_category"))
 
 
-def test_identifying_free_text_never_leaves(site_dir, site_cfg, tmp_path):
-    """Assessment answers that read like a record number, a date, a phone number, an
-    e-mail or a title and name stay home, however common; ordinary answers leave; the
-    policy's allow-list lets a reviewed answer through."""
-    assessments = pl.read_parquet(site_dir / "clif_patient_assessments.parquet")
-    answers = ["MRN 4452231", "2110-04-12", "call 555-867-5309", "jdoe@example.org",
-               "Dr. Smith", "Grade 1000", "calm"]  # fmt: skip
+def _chart(site_dir: Path, answers: list[str], patients: int = 12) -> str:
+    """Each answer charted once each for `patients` patients, under an assessment that
+    has free-text answers; returns that assessment."""
+    path = site_dir / "clif_patient_assessments.parquet"
+    assessments = pl.read_parquet(path)
     answered = pl.col("categorical_value").is_not_null() & pl.col("numerical_value").is_null()
-    row = assessments.filter(answered).head(1)
-    code = row["assessment_category"][0]
-    # Each answer charted for 12 patients (counts are of patients: see the next test).
-    twelve = _rows_of_patients(site_dir, 12, code)
-    extra = pl.concat([twelve.with_columns(pl.lit(a).alias("categorical_value")) for a in answers])
-    pl.concat([assessments, extra]).write_parquet(site_dir / "clif_patient_assessments.parquet")
-    site = load_site(site_dir, site_cfg)
-    opened = {c.split("=", 1)[1] for c in site_stats(site, load_config("tokenizer"))["codes"]
-              if c.startswith(f"ASMT_{code}=")}  # fmt: skip
-    assert "calm" in opened and not opened & set(answers[:-1])
-    allowed = site_stats(site, load_config("tokenizer"), allow_open=["Grade 1000"])["codes"]
-    assert f"ASMT_{code}=Grade 1000" in allowed and f"ASMT_{code}=MRN 4452231" not in allowed
+    code = assessments.filter(answered)["assessment_category"][0]
+    rows = _rows_of_patients(site_dir, patients, code)
+    extra = [rows.with_columns(pl.lit(a).alias("categorical_value")) for a in answers]
+    pl.concat([assessments, *extra]).write_parquet(path)
+    return code
+
+
+def _opened(stats: dict, code: str) -> set[str]:
+    return {c.split(OPEN_SEP, 1)[1] for c in stats["codes"] if c.startswith(f"ASMT_{code}=")}
+
+
+def test_free_text_answers_leave_only_when_the_policy_names_them(site_dir, site_cfg):
+    """Deny by default: an answer of 12 patients that reads like a category ("calm") stays
+    home as surely as a record number, until the policy's allow-list names it exactly;
+    a reviewed answer leaves whatever it reads like ("Grade 1000"); the default policy's
+    list lets the standard assessments' answers out, and nothing else."""
+    answers = ["MRN 4452231", "2110-04-12", "Dr. Smith", "Grade 1000", "calm", "Calm"]
+    code = _chart(site_dir, answers)
+    site, cfg = load_site(site_dir, site_cfg), load_config("tokenizer")
+    assert _opened(site_stats(site, cfg), code) == set()
+    assert not any(OPEN_SEP in c for c in site_stats(site, cfg)["codes"])
+    assert _opened(site_stats(site, cfg, ["calm", "Grade 1000"]), code) == {"calm", "Grade 1000"}
+    default = list(load_policy().policy.stats.allow_open)
+    opened = {
+        c.split(OPEN_SEP, 1)[1] for c in site_stats(site, cfg, default)["codes"] if OPEN_SEP in c
+    }
+    assert opened and opened <= set(default) and {"Yes", "No", "Negative"} <= opened
+
+
+def test_policy_review_lists_the_answers_a_reviewer_decides_on(site_dir, tmp_path, capsys):
+    """`site policy review`: every answer of at least the floor of patients with its
+    patients, what the screen flags, and whether it leaves under the policy or a proposed
+    allow-list; answers under the floor are counted, never listed; `site stats` with the
+    site's policy file sends exactly what the review says leaves."""
+    code = _chart(site_dir, ["calm", "MRN 4452231"])
+    _chart(site_dir, ["rare answer"], patients=3)
+    out = tmp_path / "review.json"
+    assert main(["site", "policy", "review", "--data", str(site_dir), "--json", str(out)]) == 0
+    rows = {(r["code"], r["answer"]): r for r in json.loads(out.read_text())["answers"]}
+    assert "rare answer" not in capsys.readouterr().out
+    calm, mrn = rows[f"ASMT_{code}=calm", "calm"], rows[f"ASMT_{code}=MRN 4452231", "MRN 4452231"]
+    assert (calm["patients"], calm["screen"], calm["leaves"]) == (12, None, False)
+    assert (mrn["screen"], mrn["leaves"]) == ("digits", False)
+    assert (
+        all(r["patients"] >= 10 for r in rows.values())
+        and ("ASMT_cam_total=Negative", "Negative") in rows
+    )
+    assert not any(a == "rare answer" for _, a in rows)
+    proposal = "policy.stats.allow_open=[calm,Negative]"
+    assert (
+        main(["site", "policy", "review", "--data", str(site_dir), "--json", str(out), proposal])
+        == 0
+    )
+    leaving = {r["code"] for r in json.loads(out.read_text())["answers"] if r["leaves"]}
+    assert leaving == {f"ASMT_{code}=calm", "ASMT_cam_total=Negative"}
+    policy = tmp_path / "p" / "policy.yaml"
+    assert main(["site", "policy", "init", str(policy.parent), proposal]) == 0
+    sent = tmp_path / "stats.json"
+    assert main(["site", "stats", str(site_dir), "--out", str(sent), "--config", str(policy)]) == 0
+    assert {c for c in json.loads(sent.read_text())["codes"] if OPEN_SEP in c} == leaving
 
 
 def test_one_patient_charting_an_answer_often_is_one_patient(site_dir, site_cfg):
     """The finding: one stay charting "John Smith", "Dr.Smith", "14/02", "42 Elm St" 12
     times each sent all four out with count 12. Counts are of patients: each is one, and
-    none leaves; "calm" charted once each for 12 patients does."""
+    none leaves even when allowed; "calm" charted once each for 12 patients does."""
     assessments = pl.read_parquet(site_dir / "clif_patient_assessments.parquet")
     answered = pl.col("categorical_value").is_not_null() & pl.col("numerical_value").is_null()
     row = assessments.filter(answered).head(1)
-    code = row["assessment_category"][0]
-    one = [
-        row.with_columns(pl.lit(a).alias("categorical_value"))
-        for a in ("John Smith", "Dr.Smith", "14/02", "42 Elm St")
-        for _ in range(12)
+    one = ["John Smith", "Dr.Smith", "14/02", "42 Elm St"]
+    repeated = [
+        row.with_columns(pl.lit(a).alias("categorical_value")) for a in one for _ in range(12)
     ]
-    many = _rows_of_patients(site_dir, 12, code).with_columns(
-        pl.lit("calm").alias("categorical_value")
-    )
-    pl.concat([assessments, *one, many]).write_parquet(
-        site_dir / "clif_patient_assessments.parquet"
-    )
-    codes = site_stats(load_site(site_dir, site_cfg), load_config("tokenizer"))["codes"]
-    opened = {c.split("=", 1)[1] for c in codes if c.startswith(f"ASMT_{code}=")}
-    assert "calm" in opened and not opened & {"John Smith", "Dr.Smith", "14/02", "42 Elm St"}
-    assert codes[f"ASMT_{code}=calm"] >= 12
+    pl.concat([assessments, *repeated]).write_parquet(site_dir / "clif_patient_assessments.parquet")
+    code = _chart(site_dir, ["calm"])
+    assert code == row["assessment_category"][0]
+    stats = site_stats(load_site(site_dir, site_cfg), load_config("tokenizer"), [*one, "calm"])
+    assert _opened(stats, code) == {"calm"}
+    assert stats["codes"][f"ASMT_{code}=calm"] >= 12
 
 
 def test_default_policy_statistics_hold_no_small_count_and_no_identifying_answer(tmp_path):
     """Two synthetic sites of 2,000 stays, whose free-text SBT answers include names, dates
     and record numbers as common as real answers: under the default policy no count under
-    10 leaves, no answer that fails the screen leaves, and the merged tokenizer's deciles
+    10 leaves and no answer the policy does not name; under a reviewed list of the honest
+    reasons, those leave and no other; and the merged tokenizer's deciles
     are within 1 percentile point of the pooled data's as closely as a fit on the pooled
     data itself (every code: a decile no cut marks counts)."""
     sites = []
@@ -319,15 +361,18 @@ def test_default_policy_statistics_hold_no_small_count_and_no_identifying_answer
         write_site(load_preset(preset, free_text), 2000, i + 1, tmp_path / preset)
         sites.append(load_site(tmp_path / preset, load_config("site")))
     cfg, policy = load_config("tokenizer"), load_policy()
-    stats = [site_stats(s, cfg, list(policy.policy.stats.allow_open)) for s in sites]
-    identifying = set(list(FREE_TEXT_ANSWERS)[4:])
+    default = list(policy.policy.stats.allow_open)
+    honest = list(FREE_TEXT_ANSWERS)[:4]
+    stats = [site_stats(s, cfg, default) for s in sites]
     for site, st in zip(sites, stats, strict=True):
         cells = [c for h in st["numeric"].values() for c in h["counts"]]
         dropped = [h["suppressed"] for h in st["numeric"].values() if h["suppressed"]]
         assert min([*st["codes"].values(), *cells, *dropped, st["n_stays"]]) >= 10
         answers = {c.split(OPEN_SEP, 1)[1] for c in st["codes"] if OPEN_SEP in c}
-        assert {"tachypnea", "desaturation", "agitation"} <= answers
-        assert not any(screened_out(a) for a in answers) and not answers & identifying
+        assert answers == {"Positive", "Negative"}  # the synthetic CAM-ICU's, allowed
+        reviewed = site_stats(site, cfg, [*default, *honest])["codes"]
+        reasons = {c.split(OPEN_SEP, 1)[1] for c in reviewed if "sbt_fail_reason" in c}
+        assert reasons == set(honest)
         # Common enough that the count rule alone would have let them out.
         raw = stay_events(site).filter(pl.col("code").str.starts_with("ASMT_sbt_fail_reason"))
         counts = raw.group_by("code").len().collect()
@@ -391,21 +436,21 @@ HONEST = [
 
 @pytest.mark.parametrize("pattern", SCREEN)
 def test_each_identifying_text_pattern_catches_its_own_cases(pattern):
-    """Each case is caught, and by this pattern alone: deleting the pattern lets it out."""
-    rule = re.compile(IDENTIFYING[pattern])
+    """Each case is flagged for the reviewer, and by this pattern alone: deleting the
+    pattern lets it pass unflagged."""
     others = [re.compile(p) for k, p in IDENTIFYING.items() if k != pattern]
     for answer in SCREEN[pattern]:
-        assert screened_out(answer) and rule.search(answer), answer
+        assert screen_rule(answer) == pattern, answer
         assert not any(o.search(answer) for o in others), answer
 
 
 def test_honest_answers_pass_the_screen_and_its_length_limit_holds():
-    assert not any(screened_out(a) for a in HONEST), [a for a in HONEST if screened_out(a)]
+    assert [a for a in HONEST if screen_rule(a)] == []
     assert MAX_OPEN_LENGTH == 60  # the limit the policy's comment states
-    assert not screened_out("x" * 60) and screened_out("x" * 61)
-    # A bare name is not caught (a pattern for it takes "Very Limited" too): the count rule
-    # and the allow-list guard it.
-    assert not screened_out("John Smith")
+    assert screen_rule("x" * 60) is None and screen_rule("x" * 61) == "longer than 60"
+    # A bare name is not caught (a pattern for it takes "Very Limited" too): the allow-list
+    # and the count rule guard it.
+    assert screen_rule("John Smith") is None
 
 
 @pytest.mark.parametrize(
@@ -444,17 +489,21 @@ def test_the_minimum_cell_holds_at_its_boundary():
 
 
 def test_free_text_needs_its_own_floor_of_patients(site_dir, site_cfg):
-    """`min_open_code_count` is a floor of its own: an answer of 12 patients leaves under
-    10 and stays home under 15, while codes that are no free text keep the cell floor."""
-    assessments = pl.read_parquet(site_dir / "clif_patient_assessments.parquet")
-    code = assessments.filter(pl.col("categorical_value").is_not_null())["assessment_category"][0]
-    calm = _rows_of_patients(site_dir, 12, code).with_columns(
-        pl.lit("calm").alias("categorical_value")
-    )
-    pl.concat([assessments, calm]).write_parquet(site_dir / "clif_patient_assessments.parquet")
+    """`min_open_code_count` is a floor of its own: an allowed answer of 12 patients leaves
+    under 10 and stays home under 15, while codes that are no free text keep the cell
+    floor; with noise, no answer under 15 patients leaves."""
+    code = _chart(site_dir, ["calm"])
     site = load_site(site_dir, site_cfg)
-    loose = site_stats(site, load_config("tokenizer"))["codes"]
-    strict = site_stats(site, load_config("tokenizer", overrides=["stats.min_open_code_count=15"]))
+    loose = site_stats(site, load_config("tokenizer"), ["calm"])["codes"]
+    strict_cfg = load_config("tokenizer", overrides=["stats.min_open_code_count=15"])
+    strict = site_stats(site, strict_cfg, ["calm"])
     assert f"ASMT_{code}=calm" in loose and f"ASMT_{code}=calm" not in strict["codes"]
     closed = {c for c in loose if "=" not in c}
     assert closed == {c for c in strict["codes"] if "=" not in c}
+    noisy_cfg = load_config(
+        "tokenizer", overrides=["stats.min_open_code_count=15", "stats.noise_scale=3"]
+    )
+    allowed = list(load_policy().policy.stats.allow_open)
+    for _ in range(5):
+        codes = site_stats(site, noisy_cfg, allowed)["codes"]
+        assert min(n for c, n in codes.items() if OPEN_SEP in c) >= 15
