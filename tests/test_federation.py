@@ -26,6 +26,7 @@ from safetensors.numpy import load_file
 import fedclif
 from fedclif.client.approval import APPROVED_FILE
 from fedclif.client.ledger import LEDGER_FILE, Ledger
+from fedclif.client.policy import load_policy
 from fedclif.server.deploy import CONNECTION, connect, flwr, run_config, submit
 from fedclif.server.front import FLEET_PATHS
 from fedclif.server.loopback import Loopback
@@ -116,8 +117,10 @@ def test_server_tokenizer_equals_the_pooled_fit(federation, finished_run, tmp_pa
             [pl.read_parquet(f), pl.read_parquet(data / "b-2.1" / f.name)], how="diagonal_relaxed"
         ).write_parquet(pooled / f.name)
     tok_cfg = load_config("tokenizer")
+    allowed = list(load_policy().policy.stats.allow_open)  # the sites' (default) policy
     pooled_tok = fit_tokenizer(
-        merge_stats([site_stats(load_site(pooled, load_config("site")), tok_cfg)]), tok_cfg
+        merge_stats([site_stats(load_site(pooled, load_config("site")), tok_cfg, allowed)]),
+        tok_cfg,
     )
     fed_tok = Tokenizer.load(out / "tokenizer.json")
     # The same vocabulary, but for what no site may release: a code seen fewer than
