@@ -3,7 +3,7 @@
 Point estimates come from scikit-learn. The bootstrap resamples are scored by the
 vectorised equivalents below: scikit-learn's input validation costs milliseconds per
 call, which made 500 resamples x labels x sites the slowest part of an evaluation.
-tests/test_metrics.py checks that both agree.
+tests/shared/test_metrics.py checks that both agree.
 """
 
 from collections.abc import Callable

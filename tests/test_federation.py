@@ -37,11 +37,12 @@ from fedclif.shared.config import load_config
 from fedclif.shared.events import stay_events
 from fedclif.shared.federation import ERROR_CODE, ERRORS, load_federation
 from fedclif.shared.flower import RUN_CONFIG, app_files, fab_hash, write_app
-from fedclif.shared.labels import TASKS
 from fedclif.shared.models import count_parameters, load_model
 from fedclif.shared.stats import merge_stats, site_stats
 from fedclif.shared.tokenizer import Tokenizer, fit_tokenizer
 from fedclif.simulations.synth import load_preset, write_site
+
+pytestmark = pytest.mark.slow  # real processes throughout
 
 # Tiny local rounds: the test is about the protocol, not the model.
 RUN = [
@@ -159,18 +160,26 @@ def test_site_messages_carry_no_identifier_or_raw_value(federation, finished_run
     for i in ids:
         assert f'"{i}"' not in blob and f"={i}" not in blob
     assert "dttm" not in blob and "T00:" not in blob  # no timestamps
+    tasks, evaluations = set(load_federation(overrides=RUN).train.finetune.tasks), 0
     for t in texts:
         rec = json.loads(t)["records"]
         # Only aggregate metrics, statistics, arrays and (when a site's policy withheld a
         # task's metrics) the task and the rule leave a site.
         assert set(rec["config"]) <= {"stats", "config", "withheld"}
         assert set(rec["metrics"]) <= {"metrics"}
-        for task, why in rec["config"].get("withheld", {}).items():
-            assert why.startswith("policy: metrics.") and task in TASKS
+        metrics = rec["metrics"].get("metrics", {})
+        if any(k.endswith("_auroc") for k in metrics):  # an evaluation reply
+            evaluations += 1
+            withheld = rec["config"].get("withheld", {})
+            measured = {k.removesuffix("_auroc") for k in metrics if k.endswith("_auroc")}
+            # Every task is measured or withheld with its rule, never both, never neither.
+            assert measured | set(withheld) == tasks and not measured & set(withheld)
+            assert all(why.startswith("policy: metrics.") for why in withheld.values())
         # Sizes (stays, tokens, training examples) leave as multiples of the minimum cell.
         sizes = {k: v for k, v in rec["metrics"].get("metrics", {}).items()
                  if k in ("stays", "tokens", "num-examples", "num_examples")}  # fmt: skip
         assert all(v % 10 == 0 for v in sizes.values()), sizes
+    assert evaluations == 2  # one from each site
     stats = [
         json.loads(json.loads(t)["records"]["config"]["stats"]["json"])
         for t in texts
@@ -312,7 +321,7 @@ def test_a_site_answers_statistics_once_per_export(federation, finished_run):
 # "SiteRefusal: ") and at the server (the category; a policy refusal also names its rule
 # there), under one site policy (HOSTILE_POLICY). The statistics' refusals (finer cells,
 # a noise seed) share one path, shown on these processes by the test above; each rule's
-# exact refusal is tests/test_policy.py's.
+# exact refusal is tests/client/test_policy.py's.
 HOSTILE = {
     "tiny test split": (["train.split.test=0.001"],
                         "policy: splits.min_test: asked < 0.1", "policy"),
@@ -457,7 +466,7 @@ def test_a_resumed_run_goes_on_without_a_site_killed_between_rounds(federation, 
     (tests/gated_app.py, a bundle both sites approve), so round 4 cannot finish first on
     a fast machine. `fedclif status` lists the runs. (Runs last: it leaves site b
     stopped. That a resumed run ends where an uninterrupted one does, and a coordinator
-    killed mid-run: tests/test_simulation.py.)"""
+    killed mid-run: tests/simulations/test_simulation.py.)"""
     lb, (done, _) = federation, finished_run
     out = lb.root / "resilient"
     shutil.copytree(done, out, ignore=shutil.ignore_patterns("model", "results.json"))

@@ -1,8 +1,11 @@
-"""Project-level checks: lint, and that the benchmarks still run (quick profiles)."""
+"""Project-level checks: the benchmarks still run (quick profiles, each its own process).
+Lint and format are `.ci/run`'s."""
 
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -16,11 +19,7 @@ def run_module(*args: str) -> str:
     return r.stdout
 
 
-def test_ruff_clean():
-    run_module("ruff", "check", str(ROOT))
-    run_module("ruff", "format", "--check", str(ROOT))
-
-
+@pytest.mark.slow
 def test_tokenize_bench_quick_profile():
     out = run_module("bench.tokenize", "--copies", "2", "--repeats", "1")
     lines = {line.split("  ")[0]: line for line in out.splitlines()}
@@ -29,11 +28,13 @@ def test_tokenize_bench_quick_profile():
     assert "544 stays of >= 24 h" in out  # 2 copies x 272
 
 
+@pytest.mark.slow
 def test_synth_bench_quick_profile():
     out = run_module("bench.synth", "--sizes", "300", "--repeats", "1")
     assert "stays/s" in out and "    300 " in out
 
 
+@pytest.mark.slow
 def test_train_bench_quick_profile():
     out = run_module(
         "bench.train",
@@ -60,6 +61,7 @@ def test_train_bench_quick_profile():
     assert "+ ts_recon" not in out  # only the objectives asked for
 
 
+@pytest.mark.slow
 def test_federation_bench_quick_profile():
     out = run_module("bench.federation", "--sites", "0", "--replies", "2", "--reps", "3", "--quick")
     assert "tiny lora+head" in out and "small full" in out

@@ -6,16 +6,21 @@ a short pretraining, and a federated round simulated on two synthetic sites."""
 import json
 import os
 import shutil
+import site
 import subprocess
 import sys
 import zipfile
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 # What the source tree holds besides the package (kept out of the build's copy).
 SKIP = shutil.ignore_patterns(
     ".git", ".venv*", "runs", "build", "dist", "*.egg-info", "__pycache__"
 )
+
+pytestmark = pytest.mark.slow  # real processes throughout
 
 
 def _run(args: list, cwd: Path, env: dict | None = None) -> str:
@@ -41,6 +46,12 @@ def test_wheel_installs_and_runs_unactivated(tmp_path):
     venv = tmp_path / "venv"
     _run([sys.executable, "-m", "venv", "--system-site-packages", venv], tmp_path)
     py, bin_ = venv / "bin" / "python", venv / "bin"
+    # The dependencies are those of the environment running the tests: a venv made from a
+    # venv's interpreter sees the base interpreter's packages alone, so name the running
+    # environment's too (after the new venv's own: the wheel's fedclif comes first).
+    ask = "import sysconfig; print(sysconfig.get_paths()['purelib'])"
+    purelib = Path(_run([py, "-c", ask], tmp_path).strip())
+    (purelib / "dev-environment.pth").write_text("\n".join(site.getsitepackages()))
     # The dependencies come from the dev environment; flwr again, so that its console
     # scripts (and the Flower processes they start) are this environment's.
     _run([py, "-m", "pip", "install", "-q", "--no-deps", "--ignore-installed",

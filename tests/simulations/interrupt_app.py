@@ -1,7 +1,7 @@
 """A test-only ServerApp: fedclif's coordinator, whose process dies (os._exit, what a kill
 leaves) right after round `die-after-round`'s checkpoint is written, so an interrupted run
 is interrupted at the same point on any machine. Shipped in a test's app bundle
-(tests/test_simulation.py), never in fedclif."""
+(tests/simulations/test_simulation.py), never in fedclif."""
 
 import os
 

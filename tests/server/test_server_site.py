@@ -16,6 +16,7 @@ from omegaconf import OmegaConf
 
 from fedclif.client.app import _category
 from fedclif.client.policy import check_model, load_policy
+from fedclif.server import checkpoint
 from fedclif.server.aggregate import STREAMING, RunningMean
 from fedclif.server.checkpoint import (
     load_checkpoint,
@@ -257,6 +258,19 @@ class _Steering(_Learning):
 
 
 @pytest.mark.parametrize("streaming", [True, False])
+def test_a_sites_examples_are_capped_near_what_it_announced(tmp_path):
+    """A round's `num-examples` may not pass what the site's announced sizes allow: every
+    (stay, task) pair of finetuning and every packed block of pretraining, with room for
+    the announcement's rounding (stays rounded down by less than half) and no more."""
+    fed = load_federation(overrides=["train.pretrain.context=100"])
+    run = FederatedRun(_Nodes(), fed, tmp_path)
+    run.state["sites"]["a"] = {"stays": 200, "tokens": 59_800}
+    pairs, blocks = 200 * len(fed.train.finetune.tasks), (59_800 + 200) / 100
+    assert pairs <= run.max_examples("a", "finetune") <= 2 * pairs
+    assert blocks <= run.max_examples("a", "pretrain") <= 2 * blocks
+    assert run.max_examples("unknown", "finetune") == 0  # nothing announced, no weight
+
+
 def test_a_site_announcing_a_billion_examples_counts_as_much_as_the_rest(
     tmp_path, monkeypatch, streaming
 ):
@@ -668,8 +682,14 @@ def test_a_small_site_and_a_rogue_evaluation_reply_do_not_stop_the_evaluation(
             replies.append(Message(big if m.metadata.dst_node_id == 11 else second, reply_to=m))
         r = run.end_evaluate(pending, replies)
         assert [x["reason"] for x in r["rejected"]] == rejected
-        assert 0 < r["weighted"]["death_auroc"] < 1
         assert ("long_los_tpr_at_fpr" in r["weighted"]) is bool(rejected)  # only both have it
+        # The mean weighs each site by its examples (60 and 30 stays): not the plain mean.
+        sites = r["sites"]
+        n = {s: sites[s]["num-examples"] for s in sites}
+        expected = sum(n[s] * sites[s]["death_auroc"] for s in sites) / sum(n.values())
+        assert r["weighted"]["death_auroc"] == pytest.approx(expected, abs=1e-9)
+        plain = np.mean([sites[s]["death_auroc"] for s in sites])
+        assert len(sites) == 1 or abs(plain - expected) > 1e-3
 
 
 def _round(n: int) -> tuple[dict, dict]:
@@ -697,10 +717,21 @@ def test_a_crash_at_any_point_of_a_checkpoint_leaves_one_to_resume(tmp_path, mon
     assert state["round"] == 2 and weights["w"][0, 0] == 2
     save_checkpoint(tmp_path, *_round(3), strategy)  # the next round cleans up
     assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint"]
-    # Killed mid-write: a round-4 directory without its state is not a checkpoint.
-    (tmp_path / "checkpoint.tmp").mkdir()
-    (tmp_path / "checkpoint.tmp" / "weights.safetensors").write_bytes(b"partial")
-    assert load_checkpoint(tmp_path)[0]["round"] == 3
+    # Killed inside the write of round 4's weights (half a file on disk): no state yet, so
+    # not a checkpoint; resume takes round 3, whole.
+    real_save = checkpoint._save
+
+    def crash_in_weights(arrays, path: Path) -> None:
+        if path.name == "weights.safetensors":
+            path.write_bytes(b"partial")
+            raise KeyboardInterrupt
+        real_save(arrays, path)
+
+    monkeypatch.setattr(checkpoint, "_save", crash_in_weights)
+    with pytest.raises(KeyboardInterrupt):
+        save_checkpoint(tmp_path, *_round(4), strategy)
+    state, weights, _, _ = load_checkpoint(tmp_path)
+    assert state["round"] == 3 and weights["w"][0, 0] == 3
 
 
 def test_resume_refuses_another_tokenizer_model_or_strategy():

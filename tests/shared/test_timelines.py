@@ -49,6 +49,16 @@ def test_labels_match_an_independent_implementation(demo_dir, demo_tokens):
         ]
     )
     assert stays.hospitalization_id.isin(icu24).sum() == got["icu_admission_24h"]
+    rs24 = rs.merge(h[["hospitalization_id", "admission_dttm"]])
+    imv24 = set(
+        rs24.loc[
+            (rs24.device_category == "IMV")
+            & (rs24.recorded_dttm < rs24.admission_dttm + timedelta(hours=24)),
+            "hospitalization_id",
+        ]
+    )
+    assert stays.hospitalization_id.isin(imv24).sum() == got["imv_event_24h"]
+    assert 0 < got["imv_event_24h"] < got["imv_event"]  # the window cuts: 24 h, not the stay
     readmit = 0
     for _, s in stays.iterrows():
         other = h[
@@ -193,6 +203,7 @@ def test_inspect_unknown_stay(demo_tokens, capsys):
     assert "no stay 'nope'" in capsys.readouterr().err
 
 
+@pytest.mark.slow  # the installed console script, its own process
 def test_console_script_quickstart(tmp_path):
     import subprocess
 

@@ -1,7 +1,7 @@
 """A test-only ClientApp: fedclif's own at every site but one. The virtual node whose
 `partition-id` is the run config's `rogue-node` poisons its statistics (a negative count)
 and, in training round r, sends the r-th kind of bad reply of `rogue-kinds`. Shipped in
-a test's app bundle (tests/test_simulation.py), never in fedclif."""
+a test's app bundle (tests/simulations/test_simulation.py), never in fedclif."""
 
 import json
 

@@ -27,6 +27,8 @@ from fedclif.shared.tokenizer import Tokenizer
 from fedclif.simulations.engine import SimulationEngine
 from fedclif.simulations.synth import load_preset, write_site
 
+pytestmark = pytest.mark.slow  # real processes throughout
+
 RUN = [
     "federation.rounds.pretrain=3",
     "federation.rounds.finetune=1",
@@ -83,7 +85,7 @@ def test_interrupted_and_resumed_run_ends_with_the_same_weights(sites, tmp_path)
         return state.is_file() and json.loads(state.read_text())["round"] >= n
 
     # The interrupted run's coordinator dies right after round 1's checkpoint
-    # (tests/interrupt_app.py): the same point on a fast machine as on a slow one.
+    # (tests/simulations/interrupt_app.py): the same point on a fast machine as on a slow one.
     files = app_files("interrupt_app:app", {**RUN_CONFIG, "die-after-round": 0})
     files["interrupt_app.py"] = (Path(__file__).parent / "interrupt_app.py").read_bytes()
     with SimulationEngine(tmp_path / "engine-1", len(sites)) as engine:
@@ -182,7 +184,7 @@ ROGUE_KINDS = {  # what the rogue sends in training round r, and the rule that r
 
 def test_a_rogue_site_neither_stops_nor_steers_the_run(sites, tmp_path):
     """One site runs a ClientApp that poisons its statistics and sends a different bad
-    reply each round (tests/rogue_app.py, in the run's app bundle): its statistics are
+    reply each round (tests/simulations/rogue_app.py, in the run's app bundle): its statistics are
     left out of the tokenizer, each reply is rejected by its rule, the run completes, and
     the global model is the honest site's update, as in a run without the rogue. The run
     pretrains with MedHMP's two stages and LLM4EHR's alignment: their heads travel too."""

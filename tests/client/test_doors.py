@@ -1,6 +1,6 @@
-"""Closed doors, the fast part (the same doors on real processes: tests/test_federation.py):
-the coordinator's front lets strangers reach the Fleet API alone, a site's SuperExec
-launches client apps alone, and what a coordinator sends is data, never code."""
+"""Closed doors at a site, the fast part (the same doors on real processes:
+tests/test_federation.py): a site's SuperExec launches client apps alone, what a
+coordinator sends is data, never code, and no reply carries a side channel."""
 
 import dataclasses
 import json
@@ -13,12 +13,10 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 import pytest
-from fastapi.routing import iter_route_contexts
 from flwr.app import ConfigRecord, Context, Message, Metadata, RecordDict
 from flwr.proto.task_pb2 import Task
 from flwr.supercore.constant import ExecutorType, TaskType
 from flwr.supercore.superexec.executor import LaunchResultStatus, get_executor
-from flwr.superlink.main import create_app
 from omegaconf import OmegaConf
 
 from fedclif.client.app import (
@@ -33,7 +31,6 @@ from fedclif.client.app import (
 from fedclif.client.app import train as train_handler
 from fedclif.client.approval import client_apps_only
 from fedclif.client.policy import coarse_sizes, write_policy
-from fedclif.server.front import FLEET_PATHS, refusal
 from fedclif.shared.config import load_config, load_tree
 from fedclif.shared.federation import (
     CONFIG,
@@ -45,35 +42,6 @@ from fedclif.shared.federation import (
 from fedclif.shared.metrics import binary_metrics
 from fedclif.shared.models import get_weights, stage_model
 from fedclif.shared.tokenizer import Tokenizer
-
-
-def _routes() -> dict[str, set[str]]:
-    """Every path Flower's SuperLink serves, with its methods."""
-    return {
-        c.route.path: set(getattr(c.route, "methods", ()))
-        for c in iter_route_contexts(create_app().routes)
-    }
-
-
-def test_the_front_passes_only_the_fleet_calls_of_flowers_superlink():
-    """Of every route the SuperLink serves (Control, Runtime, docs, health, and whatever
-    Flower adds), only the SuperNode's Fleet calls pass, as protobuf POSTs."""
-    routes = _routes()
-    assert set(routes) >= FLEET_PATHS  # a Fleet path Flower renamed would be noticed
-    assert any(p.startswith("/v1/control/") for p in routes)
-    assert any(p.startswith("/v1/runtime/") for p in routes)
-    for path in routes:
-        why = refusal("POST", path, "application/protobuf")
-        if path in FLEET_PATHS:
-            assert why is None
-        else:
-            assert why == "not a Fleet API path", path
-    fleet = "/v1/fleet/pull-messages"
-    assert refusal("GET", fleet, "application/protobuf") == "method GET"
-    assert refusal("POST", fleet, "application/json") == "not a protobuf body"
-    assert refusal("POST", fleet, "application/protobuf; charset=x") is None
-    assert refusal("POST", fleet + "/", "application/protobuf") == "not a Fleet API path"
-    assert refusal("POST", "/v1/fleet/../control/list-runs", "application/protobuf")
 
 
 @pytest.fixture

@@ -187,7 +187,7 @@ def test_the_meds_tab_peer_input_keeps_two_sites_apart(demo_dir, exported, tmp_p
     """bench/peer_meds_tab.py's input from the demo as both source and target (the same
     ids at both): subjects renumbered apart, the source by its splits, the target all
     held out, every event and label kept, labels beside their subjects' events."""
-    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parent.parent))
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[2]))
     from bench.peer_meds_tab import OFFSET, SPLITS, assemble
 
     labels = tmp_path / "labels"

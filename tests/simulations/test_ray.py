@@ -9,8 +9,12 @@ import signal
 import tempfile
 from pathlib import Path
 
+import pytest
+
 from fedclif.cli import main
 from fedclif.server.processes import Processes, free_port, wait_for
+
+pytestmark = pytest.mark.slow  # real processes throughout
 
 # The smallest study with every arm: one seed, one task, one share, a handful of steps.
 TINY = [

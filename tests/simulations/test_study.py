@@ -32,6 +32,7 @@ def study(tmp_path_factory):
     return out, load_study(None, "quick", []).study
 
 
+@pytest.mark.slow  # the quick study, once per module
 def test_results_hold_every_arm_task_seed_and_interval(study):
     """Every arm, task, seed and share has its AUROC with interval, AUPRC and ROC curve;
     the report and its figures are written."""
@@ -84,6 +85,7 @@ def test_results_hold_every_arm_task_seed_and_interval(study):
         assert (out / f"{png}.png").stat().st_size > 5000
 
 
+@pytest.mark.slow  # the quick study, once per module
 def test_the_study_shows_the_transfer_gap_and_its_recovery(study):
     """What the simulation exists to show, at the quick profile (stated in report.md)."""
     out, cfg = study
@@ -148,6 +150,7 @@ def test_the_study_shows_the_transfer_gap_and_its_recovery(study):
     assert f"| death | {death['auprc']:.3f} [{death['auprc_low']:.2f}" in report
 
 
+@pytest.mark.slow  # the quick study, once per module
 def test_the_report_holds_calibration_the_published_comparisons_and_the_pretraining_curve(
     study,
 ):
@@ -223,6 +226,7 @@ def test_the_report_holds_calibration_the_published_comparisons_and_the_pretrain
     assert r["site_seconds"]["evaluation"]["evaluate_seconds"] > 0
 
 
+@pytest.mark.slow  # the quick study, once per module
 def test_the_shifts_profile_runs_every_single_shift_target_and_ucmc(tmp_path, study, capsys):
     """`--profile shifts` names each single-shift preset and ucmc-like as a target; an
     unknown target is refused before anything runs; the table takes each target's summary:
@@ -267,6 +271,7 @@ def test_study_train_settings_override_the_federation_defaults(tmp_path):
     assert (ft.max_steps, ft.context, fed.train.split.train_fraction) == (100, 128, 0.25)
 
 
+@pytest.mark.slow  # the quick study, once per module
 def test_the_report_stands_with_cells_a_site_withheld(study, tmp_path):
     """A site's policy withholds a task's metrics on too few events: the report marks the
     cells missing and still judges the rest."""
@@ -303,6 +308,7 @@ def test_each_site_is_generated_once_for_every_study_that_names_it(tmp_path):
     assert (sites_b[2] / "clif_position.parquet").is_file()
 
 
+@pytest.mark.slow  # the quick study, once per module
 def test_the_objectives_question_compares_each_set_with_next_token_alone(study):
     """The quick profile's two objective sets: the source-only model pretrained with the
     time-series objectives (its heads trained and kept), evaluated like next-token alone
