@@ -84,8 +84,9 @@ def _reply(w: dict, i: int):
 
     rng = np.random.default_rng(i)
     arrays = {k: v + rng.normal(0, 1e-3, v.shape).astype(v.dtype) for k, v in w.items()}
-    return RecordDict({"arrays": to_record(arrays),
-                       "metrics": MetricRecord({"num-examples": 100 + i})})  # fmt: skip
+    return RecordDict(
+        {"arrays": to_record(arrays), "metrics": MetricRecord({"num-examples": 100 + i})}
+    )
 
 
 def _hold_and_aggregate(root: Path, n: int, streaming: bool, model: list[str]) -> int:
@@ -145,8 +146,13 @@ def protocol_overhead(root: Path, n_sites: int, rounds: int, steps: int, stays: 
     try:
         lb.up(data)
         out = root / "fed" / "run"
-        lb.run(out, f"federation.rounds.pretrain={rounds}", "federation.evaluate=false",
-               f"federation.min_sites={n_sites}", f"train.pretrain.max_steps={steps}")  # fmt: skip
+        lb.run(
+            out,
+            f"federation.rounds.pretrain={rounds}",
+            "federation.evaluate=false",
+            f"federation.min_sites={n_sites}",
+            f"train.pretrain.max_steps={steps}",
+        )
     finally:
         lb.stop_all()
     res = json.loads((out / "results.json").read_text())
@@ -209,12 +215,15 @@ def check_costs(root: Path, reps: int) -> tuple[list[tuple[str, str, float]], di
         ("every message", "hash the approved bundle", lambda: approved(work)),
         ("query.stats", "check_stats", lambda: check_stats(tok_cfg.stats, policy)),
         ("train", "check_training", lambda: check_training(run.train, policy)),
-        ("train", "count parameters, check_model",
-         lambda: check_model(count_parameters(run.model, data.tok), len(data.tok.vocab), policy)),
+        (
+            "train",
+            "count parameters, check_model",
+            lambda: check_model(count_parameters(run.model, data.tok), len(data.tok.vocab), policy),
+        ),
         ("train", "check_dp", lambda: check_dp(run.train, "pretrain", 1000, policy)),
         ("train", "DP ledger reserve + settle (fsync)", charge),
         ("evaluate", "withhold (5 tasks)", lambda: withhold(flat, list(TASK_NAMES), policy)),
-    ]  # fmt: skip
+    ]
     costs = [(m, c, _median_ms(fn, reps)) for m, c, fn in rows]
     plain = load_federation(overrides=["train.pretrain.max_steps=5"]).train
 

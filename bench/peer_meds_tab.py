@@ -51,8 +51,10 @@ ARMS = ("gbm", "source_only")
 def export(site: Path, out: Path, overrides: list[str]) -> tuple[Path, Path]:
     meds, labels = out / "meds", out / "labels"
     if not (out / ".complete").is_file():
-        for args in (["meds", str(site), "--out", str(meds), *overrides],
-                     ["labels", str(site), "--out", str(labels)]):  # fmt: skip
+        for args in (
+            ["meds", str(site), "--out", str(meds), *overrides],
+            ["labels", str(site), "--out", str(labels)],
+        ):
             if fedclif(["export", *args]) != 0:
                 raise SystemExit(f"fedclif export {' '.join(args)} failed (see above)")
         (out / ".complete").touch()
@@ -101,9 +103,13 @@ def tabularize(bin_dir: Path, inp: Path, out: Path, windows: str, workers: int) 
     # MEDS-Tab's default aggregations but static/first: our static codes (sex, race,
     # ethnicity) carry no value, and MEDS-Tab refuses an aggregation with nothing to do.
     aggs = "[static/present,code/count,value/count,value/sum,value/sum_sqd,value/min,value/max]"
-    tab = [f"input_dir={inp / 'data'}", f"output_dir={out}",
-           f"tabularization.window_sizes={windows}", f"tabularization.aggs={aggs}",
-           "tabularization.min_code_inclusion_count=10"]  # fmt: skip
+    tab = [
+        f"input_dir={inp / 'data'}",
+        f"output_dir={out}",
+        f"tabularization.window_sizes={windows}",
+        f"tabularization.aggs={aggs}",
+        "tabularization.min_code_inclusion_count=10",
+    ]
     parallel = ["--multirun", f"worker=range(0,{workers})", "hydra/launcher=joblib"]
     if not (out / ".complete").is_file():
         _step(bin_dir, "describe", tab[:2])
@@ -127,8 +133,12 @@ def fit(bin_dir: Path, inp: Path, out: Path, task: str, tab: list[str], trials: 
     task_args = [*tab, f"task_name={task}"]
     _step(bin_dir, "cache-task", [*task_args, f"input_label_dir={inp / 'labels' / task}"])
     model = out / "model" / task
-    sweep = [f"output_model_dir={model}", "model_launcher=xgboost",
-             f"hydra.sweeper.n_trials={trials}", "hydra.sweeper.n_jobs=1"]  # fmt: skip
+    sweep = [
+        f"output_model_dir={model}",
+        "model_launcher=xgboost",
+        f"hydra.sweeper.n_trials={trials}",
+        "hydra.sweeper.n_jobs=1",
+    ]
     _step(bin_dir, "model", ["--multirun", *task_args, *sweep])
     best = sorted(model.glob("*/best_trial"))
     if not best:

@@ -130,8 +130,16 @@ def main(argv: list[str] | None = None) -> None:
         title=f"simulation engine, {args.model} model, {args.steps} local step(s) per round",
         title_justify="left",
     )
-    for c in ("sites", "aggregation", "round s", "checks", "ServerApp MiB",
-              f"x {args.sites[0]} sites", "engine MiB", f"x {args.sites[0]} sites"):  # fmt: skip
+    for c in (
+        "sites",
+        "aggregation",
+        "round s",
+        "checks",
+        "ServerApp MiB",
+        f"x {args.sites[0]} sites",
+        "engine MiB",
+        f"x {args.sites[0]} sites",
+    ):
         t.add_column(c, justify="right")
     for r in rows:
         b = first[r["streaming"]]

@@ -130,8 +130,10 @@ def main() -> None:
             rate = f"{rows / sec:,.0f}" if name != "fit" else "-"
             print(f"{name:38} {sec:8.2f} {rate:>12} {mib:9.0f} {sec / floor:7.2f}")
         meds_rows = results["MEDS export (read+check+export)"][2]
-        print(f"(rows/s: input rows over seconds; the export wrote {meds_rows:,} MEDS rows, "
-              "every stay's events)")  # fmt: skip
+        print(
+            f"(rows/s: input rows over seconds; the export wrote {meds_rows:,} MEDS rows, "
+            "every stay's events)"
+        )
 
 
 def _export(site: Path, work: Path) -> int:

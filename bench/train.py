@@ -130,8 +130,9 @@ OBJECTIVE_SETS = {
 }
 
 
-def _objective_rates(tokens: Path, size: str, context: int, batch: int, steps: int,
-                     only: list[str]) -> dict:  # fmt: skip
+def _objective_rates(
+    tokens: Path, size: str, context: int, batch: int, steps: int, only: list[str]
+) -> dict:
     """Real (non-padding) input tokens per second of a training step, per objective set
     (next-token alone and the sets adding an objective in `only`)."""
     import torch
@@ -162,8 +163,13 @@ def _objective_rates(tokens: Path, size: str, context: int, batch: int, steps: i
             ds = st.examples(data, "train", cfg)
         loss_fn = st.loss_for(ds)
         opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
-        loader = DataLoader(ds, batch_size=batch, shuffle=True, collate_fn=st.collate(model),
-                            generator=torch.Generator().manual_seed(0))  # fmt: skip
+        loader = DataLoader(
+            ds,
+            batch_size=batch,
+            shuffle=True,
+            collate_fn=st.collate(model),
+            generator=torch.Generator().manual_seed(0),
+        )
         pad, n, t0 = model.lm.config.pad_token_id, 0, None
         for i, b in enumerate(loader):
             if i == 1:  # the first step warms up
@@ -224,8 +230,13 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=3, help="timed steps per run")
     ap.add_argument("--repeats", type=int, default=3)
     every = [n[2:] for n in OBJECTIVE_SETS if n.startswith("+ ")]
-    ap.add_argument("--objectives", nargs="*", default=every, choices=every,
-                    help="objectives whose cost section 3 measures (default: all)")  # fmt: skip
+    ap.add_argument(
+        "--objectives",
+        nargs="*",
+        default=every,
+        choices=every,
+        help="objectives whose cost section 3 measures (default: all)",
+    )
     ap.add_argument(
         "--step-tokens", type=int, default=8192, help="tokens per step in the comparison"
     )
@@ -296,10 +307,14 @@ def main() -> None:
             print(f"   {ctx:7d} {mr:13,.0f} {lr:12,.0f} {mr / lr:6.2f}  {mp_:20,.0f} {lp:19,.0f}")
         print(f"   parameters: mamba2 {mn:,}, llama {ln:,}")
 
-        runs = [_objective_rates(tokens, args.size, ctx0, batch0, args.steps + 2, args.objectives)
-                for _ in range(args.repeats)]  # fmt: skip
-        print(f"\n3. pretraining objectives ({args.size} mamba2, context {ctx0}, batch "
-              f"{batch0}; real input tokens/s, median of {args.repeats})")  # fmt: skip
+        runs = [
+            _objective_rates(tokens, args.size, ctx0, batch0, args.steps + 2, args.objectives)
+            for _ in range(args.repeats)
+        ]
+        print(
+            f"\n3. pretraining objectives ({args.size} mamba2, context {ctx0}, batch "
+            f"{batch0}; real input tokens/s, median of {args.repeats})"
+        )
         base = statistics.median(r["next_token (packed blocks)"] for r in runs)
         views = statistics.median(r["next_token (stay views)"] for r in runs)
         print(f"   {'objectives':<28} {'tokens/s':>10} {'vs packed':>10} {'vs stay views':>14}")

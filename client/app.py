@@ -52,6 +52,7 @@ from fedclif.shared.federation import (
     METRICS,
     PROBES,
     STATS,
+    WEIGHT_KEY,
     WITHHELD,
     SiteRefusal,
     from_record,
@@ -319,20 +320,32 @@ def train(msg: Message, context: Context) -> Message:
     if check_dp(cfg, stage, patients, node.policy):
         # Charged before training, for good: a round that dies midway spent something.
         limit = float(node.policy.policy.dp.max_epsilon_lifetime)
-        entry = ledger.reserve(context.run_id, stage, int(c["round"]), float(cfg.dp.epsilon),
-                               float(cfg.dp.delta), limit)  # fmt: skip
+        entry = ledger.reserve(
+            context.run_id,
+            stage,
+            int(c["round"]),
+            float(cfg.dp.epsilon),
+            float(cfg.dp.delta),
+            limit,
+        )
     mu = float(c.get("proximal-mu", 0.0))
     from fedclif.client.local import train_round
 
     t0 = time.perf_counter()
-    res = train_round(model, data, cfg, stage, seed=int(c["seed"]), proximal_mu=mu,
-                      progress=(float(c.get("progress", 0.0)),
-                                float(c.get("progress_end", 1.0))))  # fmt: skip
+    res = train_round(
+        model,
+        data,
+        cfg,
+        stage,
+        seed=int(c["seed"]),
+        proximal_mu=mu,
+        progress=(float(c.get("progress", 0.0)), float(c.get("progress_end", 1.0))),
+    )
     n = coarse_count(res.metrics["num_examples"], "training examples", node.policy)
     metrics = {
-        **res.metrics,
-        "num-examples": n,  # FedAvg's weight
-        "num_examples": n,
+        # The exact count stays here: it leaves once, rounded, as FedAvg's weight.
+        **{k: v for k, v in res.metrics.items() if k != "num_examples"},
+        WEIGHT_KEY: n,
         # Where a round's time goes (data and model, then training); the rest is the
         # protocol's, the engine's and process start-up.
         "load_seconds": t_load,
@@ -364,7 +377,7 @@ def _metrics_reply(msg: Message, m: dict, node: Node, tasks: list[str]) -> Messa
         # baseline) are scored on the same stays, with their exact sizes
         m["num_examples"] = rounded(m["num_examples"], node.policy)
     m = {
-        "num-examples": m["num_examples"],
+        WEIGHT_KEY: m.pop("num_examples"),
         **{k: v if isinstance(v, list) else float(v) for k, v in m.items()},
     }
     records = {METRICS: MetricRecord(m)}

@@ -93,8 +93,16 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
     t = Table()
     t.add_column("")
     t.add_column("value", justify="right")
-    rows = {k: m[k] for k in ("train_tokens", "steps", "unigram_entropy", "best_val_loss",
-                              "best_val_perplexity")}  # fmt: skip
+    rows = {
+        k: m[k]
+        for k in (
+            "train_tokens",
+            "steps",
+            "unigram_entropy",
+            "best_val_loss",
+            "best_val_perplexity",
+        )
+    }
     rows |= {f"val {k} loss": v for k, v in m["val_losses"].items()}
     for k, v in rows.items():
         if v is not None:
@@ -182,8 +190,15 @@ def cmd_serve(args: argparse.Namespace) -> int:
     """Check the site's policy and data, then become its SuperNode (the site daemon)."""
     name = args.name or Path(args.data).resolve().name
     policy = load_policy(args.policy)
-    cmd = supernode_command(Path(args.data), args.superlink, Path(args.ca), Path(args.key),
-                            name, Path(args.policy), args.port)  # fmt: skip
+    cmd = supernode_command(
+        Path(args.data),
+        args.superlink,
+        Path(args.ca),
+        Path(args.key),
+        name,
+        Path(args.policy),
+        args.port,
+    )
     with step(f"checking {args.data}"):
         load_site(args.data, policy.site)  # a broken export fails here, not mid-run
     work = work_dir(policy, name)
@@ -241,8 +256,9 @@ def cmd_policy_review(args: argparse.Namespace) -> int:
         {**r, "screen": screen_rule(r["answer"]), "leaves": r["answer"] in allowed}
         for r in shown.iter_rows(named=True)
     ]
-    t = Table(title=f"free-text answers of {floor} or more patients at {args.data}",
-              title_justify="left")  # fmt: skip
+    t = Table(
+        title=f"free-text answers of {floor} or more patients at {args.data}", title_justify="left"
+    )
     for c in ("assessment", "answer", "patients", "reads like", "leaves"):
         t.add_column(c, justify="right" if c == "patients" else "left")
     for r in rows:
@@ -270,8 +286,15 @@ def cmd_ledger(args: argparse.Namespace) -> int:
         t.add_column(c, justify="right" if c in ("round", "epsilon", "delta") else "left")
     for e in ledger.entries():
         when = time.strftime("%Y-%m-%d %H:%M", time.localtime(e["time"]))
-        t.add_row(str(e["run"]), e["stage"], str(e["round"]), f"{e['epsilon']:.4g}",
-                  f"{e['delta']:.2g}", e["status"], when)  # fmt: skip
+        t.add_row(
+            str(e["run"]),
+            e["stage"],
+            str(e["round"]),
+            f"{e['epsilon']:.4g}",
+            f"{e['delta']:.2g}",
+            e["status"],
+            when,
+        )
     out.print(t)
     limit = float(policy.policy.dp.max_epsilon_lifetime)
     out.print(
@@ -323,8 +346,12 @@ def register(sub, groups: dict, add: Callable) -> None:
     p.add_argument("--port", type=int, default=9094, help="local SuperNode API port")
 
     def common(p: argparse.ArgumentParser) -> None:
-        add_arguments(p, ("train", "model"), "train.finetune.peft=lora train.dp.epsilon=2 "
-                      "model.size=small (model: pretraining only)")  # fmt: skip
+        add_arguments(
+            p,
+            ("train", "model"),
+            "train.finetune.peft=lora train.dp.epsilon=2 "
+            "model.size=small (model: pretraining only)",
+        )
 
     tr = add(sub, "train", None, "train at one site: pretrain, finetune, probe")
     tsub = tr.add_subparsers(dest="train_command", required=True)

@@ -31,9 +31,14 @@ def supernode_command(
     )
     return [
         executable("flower-supernode"),
-        "--root-certificates", str(ca),
-        "--superlink", superlink,
-        "--auth-supernode-private-key", str(key),
-        "--node-config", node_config,
-        "--port", str(port),
-    ]  # fmt: skip
+        "--root-certificates",
+        str(ca),
+        "--superlink",
+        superlink,
+        "--auth-supernode-private-key",
+        str(key),
+        "--node-config",
+        node_config,
+        "--port",
+        str(port),
+    ]

@@ -49,8 +49,9 @@ class Ledger:
             os.fsync(f.fileno())
         tmp.replace(self.path)
 
-    def reserve(self, run: int, stage: str, rnd: int, epsilon: float, delta: float,
-                limit: float) -> int:  # fmt: skip
+    def reserve(
+        self, run: int, stage: str, rnd: int, epsilon: float, delta: float, limit: float
+    ) -> int:
         """Charge `epsilon` for one round before it trains; refused past `limit`. Returns
         the entry's index (for `settle`)."""
         with self._locked():
@@ -61,8 +62,17 @@ class Ledger:
                     "dp_budget_exhausted",
                     f"policy: dp.max_epsilon_lifetime: this round would pass {limit:.3g}",
                 )
-            entries.append({"run": run, "stage": stage, "round": rnd, "epsilon": epsilon,
-                            "delta": delta, "status": "reserved", "time": time.time()})  # fmt: skip
+            entries.append(
+                {
+                    "run": run,
+                    "stage": stage,
+                    "round": rnd,
+                    "epsilon": epsilon,
+                    "delta": delta,
+                    "status": "reserved",
+                    "time": time.time(),
+                }
+            )
             self._write(entries)
             return len(entries) - 1
 

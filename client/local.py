@@ -61,8 +61,17 @@ def train_round(
         if proximal_mu > 0:
             loss = _proximal(loss, model, proximal_mu)
         c = piece_config(cfg[stage], share, len(ds)) if len(parts) > 1 else cfg[stage]
-        res = fit(model, loss, ds, st.collate(model), c, device, seed=seed, dp=dp,
-                  workers=int(cfg.workers))  # fmt: skip
+        res = fit(
+            model,
+            loss,
+            ds,
+            st.collate(model),
+            c,
+            device,
+            seed=seed,
+            dp=dp,
+            workers=int(cfg.workers),
+        )
         steps += res.state.step
     metrics = {
         "num_examples": len(ds),

@@ -73,8 +73,9 @@ def pretrain(
     tokens = int((blocks.tensors[0] != pad).sum())
     history, runs = [], []
     for i, (at, share) in enumerate(plan):
-        train = first if i == 0 else st.examples(data, "train", cfg, dp is not None,
-                                                 int(cfg.seed), at)  # fmt: skip
+        train = (
+            first if i == 0 else st.examples(data, "train", cfg, dp is not None, int(cfg.seed), at)
+        )
         val = st.examples(data, "val", cfg, progress=at)
         weights = weights_at(c, at)
         sc = piece_config(c, share, len(train)) if len(plan) > 1 else c

@@ -31,8 +31,15 @@ class Pretrain:
 
     name = "pretrain"
 
-    def examples(self, data: SiteData, split: str, cfg: DictConfig, private: bool = False,
-                 seed: int = 0, progress: float = 0.0) -> Dataset:  # fmt: skip
+    def examples(
+        self,
+        data: SiteData,
+        split: str,
+        cfg: DictConfig,
+        private: bool = False,
+        seed: int = 0,
+        progress: float = 0.0,
+    ) -> Dataset:
         c = cfg.pretrain
         if heads_needed(c):
             if private:
@@ -54,8 +61,9 @@ class Pretrain:
         return lambda model, batch: model(batch)
 
     @torch.no_grad()
-    def held_out_parts(self, model: EHRModel, ds: Dataset, device: torch.device,
-                       bs: int) -> dict[str, float]:  # fmt: skip
+    def held_out_parts(
+        self, model: EHRModel, ds: Dataset, device: torch.device, bs: int
+    ) -> dict[str, float]:
         """Held-out loss of each objective (next-token: token-weighted over blocks;
         objectives over stay views: example-weighted)."""
         parts: dict[str, float] = {}
@@ -86,8 +94,15 @@ class Finetune:
 
     name = "finetune"
 
-    def examples(self, data: SiteData, split: str, cfg: DictConfig, private: bool = False,
-                 seed: int = 0, progress: float = 0.0) -> Dataset:  # fmt: skip
+    def examples(
+        self,
+        data: SiteData,
+        split: str,
+        cfg: DictConfig,
+        private: bool = False,
+        seed: int = 0,
+        progress: float = 0.0,
+    ) -> Dataset:
         """`progress` is Pretrain's (stages); finetuning has one."""
         c = cfg.finetune
         return Prompted(data, split, list(c.tasks), int(c.context), private, seed)

@@ -70,8 +70,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     if not ok:
         log = out_dir / f"run-{run_id}.log"
         error = save_run_log(run_id, env, log) or "no error in the log"
-        out.print(f"run {run_id} failed: {error}\nthe ServerApp's whole log: {log}",
-                  soft_wrap=True)  # fmt: skip
+        out.print(f"run {run_id} failed: {error}\nthe ServerApp's whole log: {log}", soft_wrap=True)
         return 1
     out.print(f"run {run_id}: completed")
     if (out_dir / "results.json").is_file():

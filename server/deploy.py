@@ -44,15 +44,21 @@ def superlink_command(pki: Path, host: str, port: int) -> list[str]:
             raise FedclifError(f"{pki / f} missing: run `fedclif coordinator init` first")
     return [
         executable("flower-superlink"),
-        "--ssl-ca-certfile", str(pki / "ca.crt"),
-        "--ssl-certfile", str(pki / "server.crt"),
-        "--ssl-keyfile", str(pki / "server.key"),
+        "--ssl-ca-certfile",
+        str(pki / "ca.crt"),
+        "--ssl-certfile",
+        str(pki / "server.crt"),
+        "--ssl-keyfile",
+        str(pki / "server.key"),
         "--enable-supernode-auth",
-        "--database", str(pki / "superlink.db"),
+        "--database",
+        str(pki / "superlink.db"),
         "--disable-runtime-dependency-installation",
-        "--host", host,
-        "--port", str(port),
-    ]  # fmt: skip
+        "--host",
+        host,
+        "--port",
+        str(port),
+    ]
 
 
 def coordinator(pki: Path, host: str, port: int, control_port: int) -> int:

@@ -47,8 +47,13 @@ class Loopback(Processes):
         self.fedclif("coordinator", "init", "--out", str(self.root / "pki"))
         for s in [*self.sites, *extra_sites]:
             self.fedclif("site", "keygen", "--out", str(self.site_dir(s)))
-            self.fedclif("site", "policy", "init", str(self.site_dir(s)),
-                         f"policy.work_dir={self.root / f'work-{s}'}")  # fmt: skip
+            self.fedclif(
+                "site",
+                "policy",
+                "init",
+                str(self.site_dir(s)),
+                f"policy.work_dir={self.root / f'work-{s}'}",
+            )
 
     def site_dir(self, site: str) -> Path:
         return self.root / f"site-{site}"
@@ -65,15 +70,40 @@ class Loopback(Processes):
 
     def register(self, site: str) -> None:
         key = str(self.site_dir(site) / "site.pub")
-        self.fedclif("site", "register", "--key", key, "--name", site,
-                     "--superlink", self.control, "--ca", self.ca)  # fmt: skip
+        self.fedclif(
+            "site",
+            "register",
+            "--key",
+            key,
+            "--name",
+            site,
+            "--superlink",
+            self.control,
+            "--ca",
+            self.ca,
+        )
 
     def serve(self, site: str, data: Path, wait: bool = True) -> subprocess.Popen:
-        p = self.start(f"node-{site}", [
-            *FEDCLIF, "site", "serve", "--data", str(data), "--superlink", self.link,
-            "--ca", self.ca, "--key", str(self.site_dir(site) / "site.key"),
-            "--policy", str(self.site_dir(site) / "policy.yaml"), "--port", str(free_port()),
-        ])  # fmt: skip
+        p = self.start(
+            f"node-{site}",
+            [
+                *FEDCLIF,
+                "site",
+                "serve",
+                "--data",
+                str(data),
+                "--superlink",
+                self.link,
+                "--ca",
+                self.ca,
+                "--key",
+                str(self.site_dir(site) / "site.key"),
+                "--policy",
+                str(self.site_dir(site) / "policy.yaml"),
+                "--port",
+                str(free_port()),
+            ],
+        )
         if wait:
             wait_for(lambda: "SuperNode ID" in self.log(f"node-{site}"), 60, f"site {site}")
         return p
@@ -90,9 +120,21 @@ class Loopback(Processes):
     def wait_run(self, run_id: int, timeout: float = 600) -> None:
         """Until the SuperLink logs that the run's ServerApp finished (read from its log:
         polling `flwr ls` costs seconds of CPU a call)."""
-        wait_for(lambda: re.search(rf"Finished task \d+ of run {run_id}\b", self.log("superlink")),
-                 timeout, f"run {run_id} to finish")  # fmt: skip
+        wait_for(
+            lambda: re.search(rf"Finished task \d+ of run {run_id}\b", self.log("superlink")),
+            timeout,
+            f"run {run_id} to finish",
+        )
 
     def run(self, out: Path, *overrides: str, extra: tuple[str, ...] = ()) -> None:
-        self.fedclif("run", "--superlink", self.control, "--ca", self.ca, "--out", str(out),
-                     *extra, *overrides)  # fmt: skip
+        self.fedclif(
+            "run",
+            "--superlink",
+            self.control,
+            "--ca",
+            self.ca,
+            "--out",
+            str(out),
+            *extra,
+            *overrides,
+        )

@@ -125,15 +125,22 @@ class FederatedRun:
     ):
         self.grid, self.config, self.out = grid, config, Path(out)
         self.out.mkdir(parents=True, exist_ok=True)
-        self.fed, self.cfg, self.model_cfg = config.federation, config.train, config.model
+        self.federation_cfg, self.train_cfg, self.model_cfg = (
+            config.federation,
+            config.train,
+            config.model,
+        )
         self.sites: dict[int, str] = {}
         # Nodes left out of the run (a second node under a site's name), and why.
         self.excluded: dict[int, str] = {}
         self._names: dict[int, str] = {}  # registered names, by node id (`_registered`)
         self.state: dict = {"phase": "statistics", "round": 0, "history": [], "sites": {}}
         self.resume = resume
-        self.timeout = float(self.fed.timeout_s)
-        self.streaming = bool(self.fed.strategy.streaming) and self.fed.strategy.name in STREAMING
+        self.timeout = float(self.federation_cfg.timeout_s)
+        self.streaming = (
+            bool(self.federation_cfg.strategy.streaming)
+            and self.federation_cfg.strategy.name in STREAMING
+        )
         # Every reply's records are written here when set: what left the sites, to inspect.
         self.audit = Path(audit) if audit else None
         self._n_audit = 0
@@ -145,12 +152,12 @@ class FederatedRun:
         t0 = time.monotonic()
         while True:
             nodes = sorted(n for n in self.grid.get_node_ids() if n not in self.excluded)
-            if len(nodes) >= int(self.fed.min_sites):
+            if len(nodes) >= int(self.federation_cfg.min_sites):
                 return nodes
             if time.monotonic() - t0 > self.timeout:
                 raise FedclifError(
                     f"only {len(nodes)} site(s) connected after {self.timeout:.0f} s; "
-                    f"the run needs min_sites={self.fed.min_sites}"
+                    f"the run needs min_sites={self.federation_cfg.min_sites}"
                 )
             time.sleep(1.0)
 
@@ -278,11 +285,11 @@ class FederatedRun:
 
     def _enough(self, ok: list | int, what: str) -> None:
         n = ok if isinstance(ok, int) else len(ok)
-        if n < int(self.fed.min_sites):
+        if n < int(self.federation_cfg.min_sites):
             raise FedclifError(
                 f"{what}: {n} valid repl{'y' if n == 1 else 'ies'}, fewer than "
-                f"min_sites={self.fed.min_sites}; the checkpoint of the last round is kept "
-                "(resume when the sites are back)"
+                f"min_sites={self.federation_cfg.min_sites}; the checkpoint of the last round is "
+                "kept (resume when the sites are back)"
             )
 
     def _messages(self, kind: str, content: RecordDict) -> list[Message]:
@@ -306,7 +313,7 @@ class FederatedRun:
             {CONFIG: ConfigRecord({"tokenizer": json.dumps(OmegaConf.to_container(tok_cfg))})}
         )
         stats, left_out = {}, []
-        sig, most = int(tok_cfg.stats.sig_figs), int(self.fed.checks.max_codes_per_site)
+        sig, most = int(tok_cfg.stats.sig_figs), int(self.federation_cfg.checks.max_codes_per_site)
         for r in self._query(QUERY_STATS, content):
             node = r.metadata.src_node_id
             try:
@@ -358,8 +365,8 @@ class FederatedRun:
 
     def statistics(self) -> Tokenizer:
         """Every site's mergeable statistics -> one tokenizer -> every site tokenizes."""
-        if self.fed.statistics:
-            checks = self.fed.checks
+        if self.federation_cfg.statistics:
+            checks = self.federation_cfg.checks
             stats, trimmed = shared_codes(
                 self.collect_stats(), checks.min_sites_per_code, float(checks.max_code_share)
             )
@@ -373,7 +380,7 @@ class FederatedRun:
                 )
             tok = fit_tokenizer(merge_stats(list(stats.values())), self.config.tokenizer)
         else:
-            tok = Tokenizer.load(self.fed.tokenizer)
+            tok = Tokenizer.load(self.federation_cfg.tokenizer)
         tok.save(self.out / "tokenizer.json")
         self.tokenize(tok)
         return tok
@@ -385,10 +392,10 @@ class FederatedRun:
                 "round": rnd,
                 # The part of its phase the round is: picks a staged pretraining's
                 # objectives (a one-round run spans every stage).
-                "progress": max(rnd - 1, 0) / max(int(self.fed.rounds[stage]), 1),
-                "progress_end": max(rnd, 1) / max(int(self.fed.rounds[stage]), 1),
-                "seed": int(self.fed.seed) * 100_003 + len(self.state["history"]),
-                "train": OmegaConf.to_yaml(self.cfg),
+                "progress": max(rnd - 1, 0) / max(int(self.federation_cfg.rounds[stage]), 1),
+                "progress_end": max(rnd, 1) / max(int(self.federation_cfg.rounds[stage]), 1),
+                "seed": int(self.federation_cfg.seed) * 100_003 + len(self.state["history"]),
+                "train": OmegaConf.to_yaml(self.train_cfg),
                 "model": json.dumps(OmegaConf.to_container(self.model_cfg)),
                 "tokenizer_hash": tok.hash,
                 "base_id": weights_id(base) if base is not None else "",
@@ -425,14 +432,19 @@ class FederatedRun:
         running = RunningMean() if self.streaming else None
         kept, rejected, failed, sites, received, checking = [], [], [], {}, 0, 0.0
         fold = kept.append if running is None else lambda r: running.add(r.content)
-        bounded = HeaviestHeld(self.fed.checks.max_weight_ratio, fold)
-        dp = float(self.cfg.dp.epsilon) > 0
+        bounded = HeaviestHeld(self.federation_cfg.checks.max_weight_ratio, fold)
+        dp = float(self.train_cfg.dp.epsilon) > 0
         for r in self._replies(msgs, replies, what, failed):
             site = self._site(r.metadata.src_node_id)
             received += _bytes(r.content.array_records.values())
             t0 = time.perf_counter()
-            why = train_reply_problem(r.content, current, dp, self.max_examples(site, stage),
-                                      float(self.fed.checks.max_update_ratio))  # fmt: skip
+            why = train_reply_problem(
+                r.content,
+                current,
+                dp,
+                self.max_examples(site, stage),
+                float(self.federation_cfg.checks.max_update_ratio),
+            )
             checking += time.perf_counter() - t0
             if why:
                 rejected.append({"site": site, "reason": why})
@@ -483,8 +495,12 @@ class FederatedRun:
         save_checkpoint(self.out, self._state(pending.tok), weights, strategy, pending.base)
         log.info(
             "%s round %d/%d: %d site(s), loss %.3f",
-            stage, rnd, n, len(sites), dict(metrics or {}).get("train_loss", float("nan")),
-        )  # fmt: skip
+            stage,
+            rnd,
+            n,
+            len(sites),
+            dict(metrics or {}).get("train_loss", float("nan")),
+        )
         return weights
 
     def max_examples(self, site: str, stage: str) -> float:
@@ -494,8 +510,8 @@ class FederatedRun:
         a = self.state["sites"].get(site, {})
         stays, tokens = float(a.get("stays", 0)), float(a.get("tokens", 0))
         if stage == "finetune":  # a (stay, task) pair each; under DP a patient each
-            return 2 * stays * len(self.cfg.finetune.tasks)
-        blocks = (tokens + stays) / int(self.cfg.pretrain.context) + 1
+            return 2 * stays * len(self.train_cfg.finetune.tasks)
+        blocks = (tokens + stays) / int(self.train_cfg.pretrain.context) + 1
         return max(blocks, 2 * stays)  # packed blocks; under DP a patient each
 
     def rounds(
@@ -509,11 +525,18 @@ class FederatedRun:
         strategy=None,
     ):
         """Rounds start+1..n of `stage`; returns the final global weights."""
-        strategy = strategy or make_strategy(self.fed)
+        strategy = strategy or make_strategy(self.federation_cfg)
         for rnd in range(start + 1, n + 1):
             # The LoRA base goes once per server process: sites keep it on disk.
-            pending = self.begin_round(stage, rnd, tok, weights, base, strategy,
-                                       send_base=base is not None and rnd == start + 1)  # fmt: skip
+            pending = self.begin_round(
+                stage,
+                rnd,
+                tok,
+                weights,
+                base,
+                strategy,
+                send_base=base is not None and rnd == start + 1,
+            )
             weights = self.end_round(pending, self._stream(pending), n)
         return weights
 
@@ -528,7 +551,10 @@ class FederatedRun:
     def end_probes(self, pending: Pending, replies: list[Message]) -> dict[str, dict]:
         """Each site's probes (arrays for `begin_evaluate(probes=...)`), by site name."""
         ok, _ = self.sort_replies(pending.msgs, replies, TRAIN_PROBE)
-        tasks, shape = list(self.cfg.finetune.tasks), self.model_cfg.shapes[self.model_cfg.arch]
+        tasks, shape = (
+            list(self.train_cfg.finetune.tasks),
+            self.model_cfg.shapes[self.model_cfg.arch],
+        )
         probes = {}
         for r in ok:
             site = self._site(r.metadata.src_node_id)
@@ -551,7 +577,7 @@ class FederatedRun:
         """Ask every site to evaluate `weights` on its `split` ("all": every stay, for a
         model that never saw the site's data); with `probes`, those linear probes on the
         pretrained `weights` instead of the finetuned model (then `end_evaluate`)."""
-        strategy = make_strategy(self.fed)
+        strategy = make_strategy(self.federation_cfg)
         config = self._config(stage, 0, tok, base)
         config["eval_split"] = split
         if probes is None:
@@ -618,7 +644,13 @@ class FederatedRun:
         """The stage's model: seeded fresh weights, then the pretrained base (finetuning),
         then `weights` when given."""
         return stage_model(
-            self.model_cfg, tok, self.cfg, stage, base, weights, seed=int(self.fed.seed)
+            self.model_cfg,
+            tok,
+            self.train_cfg,
+            stage,
+            base,
+            weights,
+            seed=int(self.federation_cfg.seed),
         )
 
     def _save_final(self, tok: Tokenizer, stage: str, base: dict | None, weights: dict) -> None:
@@ -626,32 +658,35 @@ class FederatedRun:
         on the pretrained base in OUT/model-base), ready for `fedclif train finetune
         --from` or `train probe --model` at any site."""
         model = self.model(tok, stage, base, weights)
-        lora = stage == "finetune" and self.cfg.finetune.peft == "lora"
+        lora = stage == "finetune" and self.train_cfg.finetune.peft == "lora"
         if lora:
-            save_model(self.model(tok, "pretrain", None, base), self.out / "model-base", tok,
-                       "pretrain")  # fmt: skip
-        save_model(model, self.out / "model", tok, stage,
-                   base=self.out / "model-base" if lora else None)  # fmt: skip
+            save_model(
+                self.model(tok, "pretrain", None, base), self.out / "model-base", tok, "pretrain"
+            )
+        save_model(
+            model, self.out / "model", tok, stage, base=self.out / "model-base" if lora else None
+        )
 
     # --- the run -----------------------------------------------------------------------
 
     def run(self) -> dict:
         write_resolved(self.config, self.out)
         phases = [
-            ("pretrain", int(self.fed.rounds.pretrain)),
-            ("finetune", int(self.fed.rounds.finetune)),
+            ("pretrain", int(self.federation_cfg.rounds.pretrain)),
+            ("finetune", int(self.federation_cfg.rounds.finetune)),
         ]
         weights, base, start, strategy = None, None, 0, None
         if self.resume:
             saved, weights, strat_state, base = load_checkpoint(self.out)
-            self.state = {k: saved.get(k) for k in ("phase", "round", "history", "sites",
-                                                    "statistics")}  # fmt: skip
+            self.state = {
+                k: saved.get(k) for k in ("phase", "round", "history", "sites", "statistics")
+            }
             self.sites = {int(k): v for k, v in saved["site_names"].items()}
             tok = Tokenizer.load(self.out / "tokenizer.json")
             if why := resume_problem(saved, OmegaConf.to_container(self.config), tok.hash):
                 raise FedclifError(f"cannot resume {self.out}: {why}")
             start = int(saved["round"])
-            strategy = make_strategy(self.fed)
+            strategy = make_strategy(self.federation_cfg)
             restore_strategy(strategy, strat_state)
             log.info("resuming after %s round %d", saved["phase"], start)
             # Sites may be back under new node ids (a restarted simulation): this names
@@ -674,16 +709,19 @@ class FederatedRun:
                 start, strategy = 0, None
             weights = self.rounds(stage, n, tok, weights, base, start, strategy)
             done_phase = None
-        last = "finetune" if int(self.fed.rounds.finetune) else "pretrain"
+        last = "finetune" if int(self.federation_cfg.rounds.finetune) else "pretrain"
         results = {
             "tokenizer_hash": tok.hash,
             # Which aggregate made the model, and whether it streamed (server/aggregate.py).
-            "strategy": {"name": str(self.fed.strategy.name), "streaming": self.streaming},
+            "strategy": {
+                "name": str(self.federation_cfg.strategy.name),
+                "streaming": self.streaming,
+            },
             "statistics": self.state.get("statistics"),
             "sites": self.state["sites"],
             "rounds": self.state["history"],
         }
-        if self.fed.evaluate and weights is not None:
+        if self.federation_cfg.evaluate and weights is not None:
             results["evaluation"] = self.evaluate(last, tok, weights, base)
         write_json(results, self.out / "results.json")
         if weights is not None:

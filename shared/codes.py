@@ -18,8 +18,9 @@ from fedclif.shared.events import UNK
 TARGET_PREFIXES = ("DX", "DRUG")
 
 
-def admission_codes(site: Site, st: pl.DataFrame, cfg: DictConfig | dict,
-                    events: pl.DataFrame) -> pl.DataFrame:  # fmt: skip
+def admission_codes(
+    site: Site, st: pl.DataFrame, cfg: DictConfig | dict, events: pl.DataFrame
+) -> pl.DataFrame:
     """Distinct (stay, code) pairs of the stays in `st`: diagnoses from the site's table,
     drugs from the stays' own events (`events`: shared/events.py `stay_events`, collected;
     so only what was given within the stay's window). `cfg` is the tokenizer config's

@@ -306,8 +306,11 @@ def cmd_export_meds(args: argparse.Namespace) -> int:
             bar.update(task, completed=done, total=total)
 
         res = export_meds(site, dest, cfg["train"].split, update)
-    t = Table(title=f"MEDS dataset {dest} ({res['subjects']:,} subjects, {res['stays']:,} stays, "
-                    f"{res['shards']} shard(s))", title_justify="left")  # fmt: skip
+    t = Table(
+        title=f"MEDS dataset {dest} ({res['subjects']:,} subjects, {res['stays']:,} stays, "
+        f"{res['shards']} shard(s))",
+        title_justify="left",
+    )
     t.add_column("namespace")
     t.add_column("rows", justify="right")
     for k, v in sorted(res["rows"].items()):

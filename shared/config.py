@@ -108,8 +108,11 @@ def load_tree(
     packaged = [_load_yaml(CONFIG_DIR / f"{name}.yaml") for name in layers]
     user = [_load_yaml(Path(path))] if path else []
     given = _dotlist(overrides)
-    for what, layer in [*zip(layers, packaged, strict=True), *((str(path), u) for u in user),
-                        ("the command line", given)]:  # fmt: skip
+    for what, layer in [
+        *zip(layers, packaged, strict=True),
+        *((str(path), u) for u in user),
+        ("the command line", given),
+    ]:
         unknown = [str(k) for k in layer if k not in sections]
         if unknown:
             raise FedclifError(

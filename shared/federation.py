@@ -28,8 +28,12 @@ TRAIN_PROBE, EVALUATE_PROBE = "train.probe", "evaluate.probe"
 # WEIGHT_KEY weighs the site's update in FedAvg and its kin.
 WEIGHT_KEY = "num-examples"
 TRAIN_METRICS = (
-    WEIGHT_KEY, "num_examples", "train_loss", "steps", "load_seconds", "train_seconds",
-)  # fmt: skip
+    WEIGHT_KEY,
+    "train_loss",
+    "steps",
+    "load_seconds",
+    "train_seconds",
+)
 DP_TRAIN_METRICS = (*(m for m in TRAIN_METRICS if m != "train_loss"), "epsilon")
 
 # Error codes a site may send (above Flower's own, 0-8). Anything unexpected is INTERNAL,

@@ -109,8 +109,9 @@ def shard(site: Site, part: pl.DataFrame, units: pl.DataFrame) -> pa.Table:
     subject and time, validated by `meds.DataSchema`."""
     sub = site.restrict(part)
     ev = stay_events(sub, part).collect()
-    ev = ev.join(part.select("stay", "hospitalization_id", "patient_id", "admission_dttm"),
-                 on="stay")  # fmt: skip
+    ev = ev.join(
+        part.select("stay", "hospitalization_id", "patient_id", "admission_dttm"), on="stay"
+    )
     when = pl.col("admission_dttm") + pl.duration(microseconds=(pl.col("hours") * 3.6e9).round())
     static = pl.col("code").str.split("_").list.first().is_in(list(STATIC))
     rows = ev.with_columns(
@@ -239,8 +240,12 @@ def export_meds(
         if on_chunk:
             on_chunk(done, st.height)
     _write_metadata(site, out, sorted(codes), subjects, split)
-    return {"rows": counts, "subjects": sum(s.height for s in subjects), "shards": n + 1,
-            "stays": st.height}  # fmt: skip
+    return {
+        "rows": counts,
+        "subjects": sum(s.height for s in subjects),
+        "shards": n + 1,
+        "stays": st.height,
+    }
 
 
 def _write_metadata(site: Site, out: Path, codes: list[str], subjects: list, split) -> None:
@@ -253,8 +258,9 @@ def _write_metadata(site: Site, out: Path, codes: list[str], subjects: list, spl
         },
         schema={"code": pl.String, "description": pl.String, "parent_codes": pl.List(pl.String)},
     )
-    pq.write_table(meds.CodeMetadataSchema.align(table.to_arrow()),
-                   out / meds.code_metadata_filepath)  # fmt: skip
+    pq.write_table(
+        meds.CodeMetadataSchema.align(table.to_arrow()), out / meds.code_metadata_filepath
+    )
     sub = (
         pl.concat(subjects)
         if subjects
@@ -264,8 +270,9 @@ def _write_metadata(site: Site, out: Path, codes: list[str], subjects: list, spl
     splits = sub.select("subject_id").with_columns(
         pl.Series("split", [SPLITS.get(x, x) for x in names], pl.String)
     )
-    pq.write_table(meds.SubjectSplitSchema.align(splits.to_arrow()),
-                   out / meds.subject_splits_filepath)  # fmt: skip
+    pq.write_table(
+        meds.SubjectSplitSchema.align(splits.to_arrow()), out / meds.subject_splits_filepath
+    )
     dataset = {
         "dataset_name": Path(site.path).name,
         "dataset_version": "",
@@ -294,8 +301,11 @@ def export_labels(site: Site, out: str | Path, tasks: list[str]) -> dict[str, in
         labels, on="hospitalization_id", how="left", maintain_order="left"
     )
     ids = base.get_column("patient_id").unique()
-    base = base.join(pl.DataFrame({"patient_id": ids, "subject_id": subject_ids(ids)}),
-                     on="patient_id", maintain_order="left")  # fmt: skip
+    base = base.join(
+        pl.DataFrame({"patient_id": ids, "subject_id": subject_ids(ids)}),
+        on="patient_id",
+        maintain_order="left",
+    )
     cut = pl.duration(minutes=60 * float(site.cfg.input_hours))
     written = {}
     for task in tasks:

@@ -115,8 +115,9 @@ def clif_tables(events: pl.DataFrame) -> dict[str, pl.DataFrame]:
         space = space.when(pl.col("code").str.starts_with(name + "//")).then(pl.lit(name))
     ev = ev.with_columns(space.otherwise(None).alias("space"))
     parts = pl.col("code").str.slice(pl.col("space").str.len_chars() + 2).str.splitn("//", 2)
-    ev = ev.with_columns(parts.struct.field("field_0").alias("category"),
-                         parts.struct.field("field_1").alias("unit"))  # fmt: skip
+    ev = ev.with_columns(
+        parts.struct.field("field_0").alias("category"), parts.struct.field("field_1").alias("unit")
+    )
     ev = ev.with_columns(
         pl.when(pl.col("code") == "AGE").then(pl.lit("AGE")).otherwise("space").alias("space")
     )
@@ -137,10 +138,16 @@ def clif_tables(events: pl.DataFrame) -> dict[str, pl.DataFrame]:
     patient = ev.select("patient_id").unique().sort("patient_id")
     for _col, df in static.items():
         patient = patient.join(df, on="patient_id", how="left")
-    adm = of("HOSPITAL_ADMISSION").select(
-        STAY, "patient_id", pl.col("time").alias("admission_dttm"),
-        pl.col("category").alias("admission_type_category"),
-    ).unique(STAY)  # fmt: skip
+    adm = (
+        of("HOSPITAL_ADMISSION")
+        .select(
+            STAY,
+            "patient_id",
+            pl.col("time").alias("admission_dttm"),
+            pl.col("category").alias("admission_type_category"),
+        )
+        .unique(STAY)
+    )
     dis = (
         of("HOSPITAL_DISCHARGE")
         .select(
@@ -164,10 +171,13 @@ def clif_tables(events: pl.DataFrame) -> dict[str, pl.DataFrame]:
     tables["vitals"] = events_of("VITAL", "recorded_dttm", "vital_category", "vital_value")
     labs = of("LAB")
     tables["labs"] = labs.select(
-        STAY, pl.col("time").alias("lab_result_dttm"), pl.col("category").alias("lab_category"),
+        STAY,
+        pl.col("time").alias("lab_result_dttm"),
+        pl.col("category").alias("lab_category"),
         pl.col("value").cast(pl.String).alias("lab_value"),
-        pl.col("value").alias("lab_value_numeric"), pl.col("unit").alias("reference_unit"),
-    )  # fmt: skip
+        pl.col("value").alias("lab_value_numeric"),
+        pl.col("unit").alias("reference_unit"),
+    )
     resp = pl.concat(
         [
             of("RESP//device").select(STAY, "time", pl.col("category").alias("device_category")),
@@ -207,16 +217,22 @@ def clif_tables(events: pl.DataFrame) -> dict[str, pl.DataFrame]:
     tables["medication_admin_intermittent"] = events_of("MED_INT", "admin_dttm", "med_category")
     asmt = of("ASSESSMENT").with_columns(pl.col("category").str.splitn("=", 2).alias("qa"))
     tables["patient_assessments"] = asmt.select(
-        STAY, pl.col("time").alias("recorded_dttm"),
+        STAY,
+        pl.col("time").alias("recorded_dttm"),
         pl.col("qa").struct.field("field_0").alias("assessment_category"),
         pl.col("qa").struct.field("field_1").alias("categorical_value"),
         pl.col("value").alias("numerical_value"),
-    )  # fmt: skip
+    )
     tables["position"] = events_of("POSITION", "recorded_dttm", "position_category")
-    tables["code_status"] = of("CODE_STATUS").select(
-        "patient_id", pl.col("time").alias("start_dttm"),
-        pl.col("category").alias("code_status_category"),
-    ).unique(maintain_order=True)  # fmt: skip
+    tables["code_status"] = (
+        of("CODE_STATUS")
+        .select(
+            "patient_id",
+            pl.col("time").alias("start_dttm"),
+            pl.col("category").alias("code_status_category"),
+        )
+        .unique(maintain_order=True)
+    )
     tables["crrt_therapy"] = events_of("CRRT", "recorded_dttm", "crrt_mode_category")
     dx = ev.filter(pl.col("code").str.starts_with("DIAGNOSIS//"))
     parts = dx.get_column("code").str.splitn("//", 3).struct.unnest()

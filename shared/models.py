@@ -192,13 +192,15 @@ def quiet_transformers() -> None:
         logging.set_verbosity_error()
 
 
-def build_model(cfg: DictConfig, tok: Tokenizer, pretrain: DictConfig | None = None) -> EHRModel:
+def build_model(
+    model_cfg: DictConfig, tok: Tokenizer, pretrain: DictConfig | None = None
+) -> EHRModel:
     """A freshly initialised model for this tokenizer's vocabulary, with heads for the
     objectives of `pretrain` (a `pretrain` section of the training config) when given."""
-    arch = str(cfg.arch)
+    arch = str(model_cfg.arch)
     if arch not in ARCHS:
         raise FedclifError(f"unknown model.arch {arch!r}; choose from {', '.join(ARCHS)}")
-    shape = OmegaConf.to_container(cfg.shapes[arch])
+    shape = OmegaConf.to_container(model_cfg.shapes[arch])
     if (
         arch == "mamba2"
         and shape["num_heads"] * shape["head_dim"] != shape["expand"] * shape["hidden_size"]
@@ -221,8 +223,8 @@ def build_model(cfg: DictConfig, tok: Tokenizer, pretrain: DictConfig | None = N
     config = EHRConfig(
         arch=arch,
         backbone=backbone,
-        ehr_embeddings=bool(cfg.ehr_embeddings),
-        spec=OmegaConf.to_container(cfg),
+        ehr_embeddings=bool(model_cfg.ehr_embeddings),
+        spec=OmegaConf.to_container(model_cfg),
         tokenizer_hash=tok.hash,
         objectives=list(heads),
         n_series=len(variables(tok)) if heads else 0,
@@ -241,15 +243,15 @@ LORA_TARGETS = {
 }
 
 
-def add_lora(model: EHRModel, cfg: DictConfig) -> None:
+def add_lora(model: EHRModel, lora_cfg: DictConfig) -> None:
     """Inject LoRA adapters (peft) into the backbone; only they and the head train."""
     from peft import LoraConfig, get_peft_model
 
-    targets = list(cfg.target_modules or LORA_TARGETS[model.spec["arch"]])
+    targets = list(lora_cfg.target_modules or LORA_TARGETS[model.spec["arch"]])
     lora = LoraConfig(
-        r=int(cfg.r),
-        lora_alpha=int(cfg.alpha),
-        lora_dropout=float(cfg.dropout),
+        r=int(lora_cfg.r),
+        lora_alpha=int(lora_cfg.alpha),
+        lora_dropout=float(lora_cfg.dropout),
         target_modules=targets,
     )
     _set_peft(model, get_peft_model(model.lm, lora))
@@ -342,8 +344,13 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[EH
     if not (path / META).is_file():
         model = EHRModel.from_pretrained(path)
         c = model.config
-        meta = {"model": c.spec, "tokenizer_hash": c.tokenizer_hash, "stage": c.stage,
-                "base": None, **c.training}  # fmt: skip
+        meta = {
+            "model": c.spec,
+            "tokenizer_hash": c.tokenizer_hash,
+            "stage": c.stage,
+            "base": None,
+            **c.training,
+        }
         return model.to(device), meta
     meta = read_json(path / META, FORMAT, VERSION, "LoRA checkpoint")
     if not is_checkpoint(meta["base"]):
@@ -393,13 +400,13 @@ def set_weights(model: EHRModel, weights: dict[str, np.ndarray]) -> None:
             p.copy_(torch.from_numpy(np.asarray(weights[n])))
 
 
-def uses_lora(cfg: DictConfig) -> bool:
-    if cfg.finetune.peft not in (None, "lora"):
-        raise FedclifError(f"finetune.peft must be null or lora, got {cfg.finetune.peft!r}")
-    return cfg.finetune.peft == "lora"
+def uses_lora(train_cfg: DictConfig) -> bool:
+    if train_cfg.finetune.peft not in (None, "lora"):
+        raise FedclifError(f"finetune.peft must be null or lora, got {train_cfg.finetune.peft!r}")
+    return train_cfg.finetune.peft == "lora"
 
 
-def setup(model: EHRModel, cfg: DictConfig, stage: str) -> None:
+def setup(model: EHRModel, train_cfg: DictConfig, stage: str) -> None:
     """Fix which parameters train in `stage` (call before `get_weights`/`set_weights`):
     pretraining trains all but the task head (objective heads included); finetuning
     trains LoRA adapters and the head (`finetune.peft: lora`) or every weight the task
@@ -410,9 +417,9 @@ def setup(model: EHRModel, cfg: DictConfig, stage: str) -> None:
         model.requires_grad_(True)
         model.head.requires_grad_(False)
         return
-    if uses_lora(cfg):
+    if uses_lora(train_cfg):
         if getattr(model, "peft", None) is None:
-            add_lora(model, cfg.lora)
+            add_lora(model, train_cfg.lora)
     else:
         model.requires_grad_(True)
         out = model.lm.get_output_embeddings()
@@ -428,7 +435,7 @@ def setup(model: EHRModel, cfg: DictConfig, stage: str) -> None:
 def stage_model(
     model_cfg: DictConfig,
     tok: Tokenizer,
-    cfg: DictConfig,
+    train_cfg: DictConfig,
     stage: str,
     base: dict | None = None,
     weights: dict | None = None,
@@ -439,11 +446,11 @@ def stage_model(
     `weights` (this stage's layout) when given."""
     if seed is not None:
         seed_everything(seed)
-    model = build_model(model_cfg, tok, cfg.pretrain)
+    model = build_model(model_cfg, tok, train_cfg.pretrain)
     if base is not None:
-        setup(model, cfg, "pretrain")
+        setup(model, train_cfg, "pretrain")
         set_weights(model, base)
-    setup(model, cfg, stage)
+    setup(model, train_cfg, stage)
     if weights is not None:
         set_weights(model, weights)
     return model

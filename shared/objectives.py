@@ -71,8 +71,15 @@ class Spec:
                 f"pretrain.ts.stay_hours ({ts.stay_hours}) must not exceed pretrain.ts.hours "
                 f"({ts.hours}), the hours of the grid read per stay"
             )
-        return cls(dict(weights), int(ts.patch_hours), float(ts.tau), int(ts.stay_hours),
-                   float(ts.mask_rate), float(ts.contrast_tau), private)  # fmt: skip
+        return cls(
+            dict(weights),
+            int(ts.patch_hours),
+            float(ts.tau),
+            int(ts.stay_hours),
+            float(ts.mask_rate),
+            float(ts.contrast_tau),
+            private,
+        )
 
 
 def _weights(raw, where: str) -> dict[str, float]:
@@ -151,8 +158,15 @@ class ObjectiveHeads(nn.Module):
     patch encoder (values and mask of an hour, plus its time, to the hidden size),
     projections, reconstruction and code heads. Linear and LayerNorm only (opacus)."""
 
-    def __init__(self, hidden: int, n_series: int, n_targets: int, stay_hours: int,
-                 names: tuple[str, ...], n_freq: int = 16):  # fmt: skip
+    def __init__(
+        self,
+        hidden: int,
+        n_series: int,
+        n_targets: int,
+        stay_hours: int,
+        names: tuple[str, ...],
+        n_freq: int = 16,
+    ):
         super().__init__()
         if (set(names) & set(TS_OBJECTIVES) or "stay_recon" in names) and n_series == 0:
             raise FedclifError(
@@ -280,8 +294,9 @@ def losses(model, batch: dict[str, torch.Tensor], spec: Spec) -> dict[str, torch
     rep = h[torch.arange(h.shape[0], device=h.device), batch["lengths"] - 1]
     values, mask = batch["grid"], batch["grid_mask"]
     if "ts_align" in w or "ts_recon" in w:
-        hts = model.lm.base_model(inputs_embeds=heads.encode_series(values, mask),
-                                  use_cache=False)[0]  # fmt: skip
+        hts = model.lm.base_model(inputs_embeds=heads.encode_series(values, mask), use_cache=False)[
+            0
+        ]
     if "ts_align" in w:
         n = values.shape[1] // spec.patch_hours
         hour = torch.arange(values.shape[1], device=h.device).expand(values.shape[:2])
@@ -314,8 +329,9 @@ def losses(model, batch: dict[str, torch.Tensor], spec: Spec) -> dict[str, torch
         if int(has.sum()) >= 2:
             c = codes[has]
             bag = heads.code_in(c / c.sum(1, keepdim=True))
-            out["code_contrast"] = info_nce(heads.stay_proj(rep[has]), heads.code_proj(bag),
-                                            spec.contrast_tau)  # fmt: skip
+            out["code_contrast"] = info_nce(
+                heads.stay_proj(rep[has]), heads.code_proj(bag), spec.contrast_tau
+            )
         else:  # nothing to contrast: a zero that still reaches the heads
             out["code_contrast"] = rep.sum() * 0.0
     if spec.private:

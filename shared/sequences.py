@@ -155,9 +155,11 @@ class PatientBlocks(torch.utils.data.Dataset):
     def __init__(self, data: SiteData, split: str, context: int, seed: int = 0):
         rows = data.rows(split)
         order = np.lexsort(
-            (data.stays.get_column("hosp_index").to_numpy()[rows],
-             data.stays.get_column("patient_id").to_numpy()[rows])
-        )  # fmt: skip
+            (
+                data.stays.get_column("hosp_index").to_numpy()[rows],
+                data.stays.get_column("patient_id").to_numpy()[rows],
+            )
+        )
         rows = rows[order]
         self.seqs = Ragged.of(data, rows, window=False)
         self.groups = _groups(data.stays.get_column("patient_id").to_numpy()[rows])
@@ -277,8 +279,16 @@ class StayViews(torch.utils.data.Dataset):
     examples are for. `one_per_patient`: each patient one example, one of their stays
     drawn with `seed` each time it is read (the unit DP-SGD protects)."""
 
-    def __init__(self, data: SiteData, split: str, context: int, hours: int, spec,
-                 one_per_patient: bool = False, seed: int = 0):  # fmt: skip
+    def __init__(
+        self,
+        data: SiteData,
+        split: str,
+        context: int,
+        hours: int,
+        spec,
+        one_per_patient: bool = False,
+        seed: int = 0,
+    ):
         rows = data.rows(split)
         if not (data.path / TIMESERIES).is_file():
             raise FedclifError(

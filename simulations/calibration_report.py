@@ -96,17 +96,22 @@ def reliability_png(
                     continue
                 x = np.mean([r[f"reliability_predicted{sfx}"] for r in curves], 0)
                 y = np.mean([r[f"reliability_observed{sfx}"] for r in curves], 0)
-                ax.plot(x, y, ls=ls, marker=".", color=f"C{i}",
-                        label=label if not sfx else None)  # fmt: skip
+                ax.plot(x, y, ls=ls, marker=".", color=f"C{i}", label=label if not sfx else None)
                 drawn = True
         ax.plot([0, 1], [0, 1], color="grey", lw=0.8, ls=":")
-        ax.set(xlabel="mean predicted probability", ylabel="observed rate", title=t,
-               xlim=(0, 1), ylim=(0, 1))  # fmt: skip
+        ax.set(
+            xlabel="mean predicted probability",
+            ylabel="observed rate",
+            title=t,
+            xlim=(0, 1),
+            ylim=(0, 1),
+        )
     if not drawn:
         plt.close(fig)
         return None
-    axes[0][0].legend(fontsize=7, title="solid: as predicted\ndashed: recalibrated",
-                      title_fontsize=7)  # fmt: skip
+    axes[0][0].legend(
+        fontsize=7, title="solid: as predicted\ndashed: recalibrated", title_fontsize=7
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

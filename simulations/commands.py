@@ -58,12 +58,12 @@ def run_study(cfg: DictConfig, out_dir: Path, cache: Path = CACHE) -> dict:
         (out_dir / f).unlink(missing_ok=True)
     write_resolved(cfg, out_dir)
     e = cfg.study.engine
-    engine = SimulationEngine(out_dir / "engine", len(sites), int(e.cpus_per_site),
-                              float(e.gpus_per_site), e.ray_address)  # fmt: skip
+    engine = SimulationEngine(
+        out_dir / "engine", len(sites), int(e.cpus_per_site), float(e.gpus_per_site), e.ray_address
+    )
     config = {"study": OmegaConf.to_yaml(cfg), "out-dir": str(out_dir.resolve())}
     with engine, progress() as bar:
-        run_id = engine.submit(config, sites, work,
-                               app_files(STUDY_SERVERAPP, STUDY_RUN_CONFIG))  # fmt: skip
+        run_id = engine.submit(config, sites, work, app_files(STUDY_SERVERAPP, STUDY_RUN_CONFIG))
         task = bar.add_task("starting the simulation engine", total=None)
         while (status := run_status(run_id, engine.env)).startswith(
             ("pending", "starting", "running")
@@ -71,8 +71,9 @@ def run_study(cfg: DictConfig, out_dir: Path, cache: Path = CACHE) -> dict:
             p = out_dir / "progress.json"
             if p.is_file():
                 prog = json.loads(p.read_text())
-                bar.update(task, completed=prog["done"], total=prog["total"],
-                           description=prog["what"])  # fmt: skip
+                bar.update(
+                    task, completed=prog["done"], total=prog["total"], description=prog["what"]
+                )
             time.sleep(1)
         if not status.endswith("completed") or not (out_dir / "results.json").is_file():
             raise FedclifError(

@@ -37,17 +37,37 @@ class SimulationEngine(Processes):
     def __enter__(self) -> "SimulationEngine":
         exe = executable("flower-superlink")
         host, port = self.link.split(":")
-        self.start("superlink", [
-            exe, "--simulation", "--insecure", "--disable-runtime-dependency-installation",
-            "--host", host, "--port", port,
-        ])  # fmt: skip
+        self.start(
+            "superlink",
+            [
+                exe,
+                "--simulation",
+                "--insecure",
+                "--disable-runtime-dependency-installation",
+                "--host",
+                host,
+                "--port",
+                port,
+            ],
+        )
         wait_for(lambda: "Uvicorn running" in self.log("superlink"), 60, "the SuperLink")
         self.env = connect(self.link, None, self.root / "flwr")
         # flwr 1.41 ignores num-supernodes in config.toml: set it on the SuperLink.
-        flwr(["federation", "simulation-config", "@none/default", CONNECTION,
-              "--num-supernodes", str(self.n_sites),
-              "--client-resources-num-cpus", str(self.cpus),
-              "--client-resources-num-gpus", str(self.gpus)], self.env)  # fmt: skip
+        flwr(
+            [
+                "federation",
+                "simulation-config",
+                "@none/default",
+                CONNECTION,
+                "--num-supernodes",
+                str(self.n_sites),
+                "--client-resources-num-cpus",
+                str(self.cpus),
+                "--client-resources-num-gpus",
+                str(self.gpus),
+            ],
+            self.env,
+        )
         return self
 
     def __exit__(self, *exc) -> None:

@@ -36,8 +36,17 @@ def gbm_rows(cfg: DictConfig, work: Path, source_tokenizer: str) -> list[dict]:
         if np.unique(y[train]).size < 2:
             continue
         model = make_model("gbm", 0).fit(features(ds[SOURCE].X[idx[train]], "gbm"), y[train])
-        rows.append(_row(task, SOURCE, "in_distribution", "test", y[test],
-                         _score(model, ds[SOURCE], idx[test]), n_boot))  # fmt: skip
+        rows.append(
+            _row(
+                task,
+                SOURCE,
+                "in_distribution",
+                "test",
+                y[test],
+                _score(model, ds[SOURCE], idx[test]),
+                n_boot,
+            )
+        )
         for site in others:
             ti, ty = target(ds[site], TASKS[task])
             p = _score(model, ds[site], ti)

@@ -106,8 +106,9 @@ def _gap(means: Callable, i: int, sets: list, t: str) -> dict:
     """In-distribution minus zero-shot AUROC of set i's source model, with the interval
     of the difference of two sites' bootstraps (independent stays: b's shuffled)."""
     arm = arm_name("source_only", i, sets)
-    ma, mb, b, a = means(_sel(arm, "in_distribution", SOURCE), _sel(arm, "zero_shot", TARGET),
-                         [t], "auroc")  # fmt: skip
+    ma, mb, b, a = means(
+        _sel(arm, "in_distribution", SOURCE), _sel(arm, "zero_shot", TARGET), [t], "auroc"
+    )
     if ma is None:
         return {"verdict": "not measured"}
     return paired_difference(ma, mb, a, np.random.default_rng(0).permutation(b))
@@ -116,8 +117,9 @@ def _gap(means: Callable, i: int, sets: list, t: str) -> dict:
 def _versus(means, i, sets, arm, setting, site, t, frac) -> dict:
     """Set i's cell minus the first set's, paired on the same stays and resamples."""
     f = frac if setting == "local_finetune" else 1.0
-    ma, mb, b, a = means(_sel(arm_name(arm, i, sets), setting, site, f),
-                         _sel(arm, setting, site, f), [t], "auroc")  # fmt: skip
+    ma, mb, b, a = means(
+        _sel(arm_name(arm, i, sets), setting, site, f), _sel(arm, setting, site, f), [t], "auroc"
+    )
     return {"verdict": "not measured"} if ma is None else paired_difference(ma, mb, a, b)
 
 
@@ -125,10 +127,15 @@ def _gap_change(means: Callable, i: int, sets: list, t: str) -> dict:
     """Set i's gap minus the first set's: (in-dist_i - in-dist_0) - (zero-shot_i -
     zero-shot_0), each pair paired on its site's resamples, the two sites independent."""
     arm = arm_name("source_only", i, sets)
-    ind = means(_sel(arm, "in_distribution", SOURCE),
-                _sel("source_only", "in_distribution", SOURCE), [t], "auroc")  # fmt: skip
-    zs = means(_sel(arm, "zero_shot", TARGET), _sel("source_only", "zero_shot", TARGET),
-               [t], "auroc")  # fmt: skip
+    ind = means(
+        _sel(arm, "in_distribution", SOURCE),
+        _sel("source_only", "in_distribution", SOURCE),
+        [t],
+        "auroc",
+    )
+    zs = means(
+        _sel(arm, "zero_shot", TARGET), _sel("source_only", "zero_shot", TARGET), [t], "auroc"
+    )
     if ind[0] is None or zs[0] is None:
         return {"verdict": "not measured"}
     d_ind, d_zs = ind[3] - ind[2], zs[3] - zs[2]
@@ -164,8 +171,10 @@ def ablation_markdown(ab: dict, cfg: dict) -> list[str]:
         what = _describe(s)
         for t, v in ab[s["name"]].items():
             cells = " | ".join(_fmt(v["cells"][label]) for label, *_ in CELLS)
-            lines.append(f"| {s['name']} | {what} | {t} | {cells} | "
-                         f"{difference_text(v['gap'], verdict=False)} |")  # fmt: skip
+            lines.append(
+                f"| {s['name']} | {what} | {t} | {cells} | "
+                f"{difference_text(v['gap'], verdict=False)} |"
+            )
     lines += [
         "",
         f'Against `{first}` (paired bootstrap on the same stays; "beats" only when the '
@@ -178,21 +187,27 @@ def ablation_markdown(ab: dict, cfg: dict) -> list[str]:
     for s in sets[1:]:
         for t, v in ab[s["name"]].items():
             vs = v["vs_first"]
-            cols = [difference_text(vs[k]) for k in ("in-distribution", "zero-shot",
-                                                          "finetune at target")]  # fmt: skip
+            cols = [
+                difference_text(vs[k])
+                for k in ("in-distribution", "zero-shot", "finetune at target")
+            ]
             cols.append(difference_text(v["gap_change"], GAP_WORDS))
             lines.append(f"| {s['name']} | {t} | " + " | ".join(cols) + " |")
             gap = v["gap_change"]
             if gap.get("verdict") in ("beats", "worse"):
                 word = "narrows" if gap["verdict"] == "worse" else "widens"
-                findings.append(f"`{s['name']}` {word} the zero-shot gap on {t} "
-                                f"({difference_text(gap, verdict=False)})")  # fmt: skip
+                findings.append(
+                    f"`{s['name']}` {word} the zero-shot gap on {t} "
+                    f"({difference_text(gap, verdict=False)})"
+                )
             for label in ("in-distribution", "zero-shot", "finetune at target"):
                 verdict = vs[label].get("verdict")
                 if verdict in ("beats", "worse"):
                     word = "helps" if verdict == "beats" else "hurts"
-                    findings.append(f"`{s['name']}` {word} {label} AUROC on {t} "
-                                    f"({difference_text(vs[label], verdict=False)})")  # fmt: skip
+                    findings.append(
+                        f"`{s['name']}` {word} {label} AUROC on {t} "
+                        f"({difference_text(vs[label], verdict=False)})"
+                    )
     # Each comparison is a 95% interval: among n of them about n/20 exclude 0 by chance.
     n = 4 * sum(len(ab[s["name"]]) for s in sets[1:])
     lines += [
@@ -231,8 +246,9 @@ def ablation_png(ab: dict, cfg: dict, out: Path) -> str | None:
         g = [ab[n][t]["gap"] for t in tasks]
         x = np.arange(len(tasks)) + (k - (len(names) - 1) / 2) * width
         y = np.array([d.get("difference", np.nan) for d in g])
-        err = np.array([[y[j] - d.get("low", y[j]), d.get("high", y[j]) - y[j]]
-                        for j, d in enumerate(g)]).T  # fmt: skip
+        err = np.array(
+            [[y[j] - d.get("low", y[j]), d.get("high", y[j]) - y[j]] for j, d in enumerate(g)]
+        ).T
         ax.bar(x, y, width, yerr=err, capsize=3, label=n)
     ax.axhline(0, color="k", lw=0.8)
     ax.set_xticks(np.arange(len(tasks)), tasks)

@@ -61,8 +61,12 @@ def federated_share(means: Callable, tasks: list[str], top: float) -> dict:
     `top`) as a percentage of the pooled model, both scored on the target's test stays:
     {metric: {percent, low, high}} from the paired replicates' ratio. `means` is the
     report's `_means(rows, a, b, tasks, metric)` bound to the rows."""
-    fed = {"arm": "federated_finetuned", "setting": "local_finetune", "eval_site": TARGET,
-           "fraction": top}  # fmt: skip
+    fed = {
+        "arm": "federated_finetuned",
+        "setting": "local_finetune",
+        "eval_site": TARGET,
+        "fraction": top,
+    }
     pooled = {"arm": "pooled", "setting": "pooled", "eval_site": TARGET}
     out = {}
     for metric in ("auroc", "auprc"):

@@ -113,10 +113,9 @@ def _means(rows: list[dict], a: dict, b: dict, tasks: list[str], metric: str) ->
         return {
             (r["seed"], r["task"]): r
             for r in rows
-            if r["task"] in tasks and all(
-                abs(r[k] - v) < 1e-9 if k == "fraction" else r[k] == v for k, v in sel.items()
-            )
-        }  # fmt: skip
+            if r["task"] in tasks
+            and all(abs(r[k] - v) < 1e-9 if k == "fraction" else r[k] == v for k, v in sel.items())
+        }
 
     ca, cb = cells(a), cells(b)
     keys = sorted(ca.keys() & cb.keys())
@@ -292,8 +291,12 @@ def pretraining_curve(curves: dict[str, list[dict]]) -> dict:
     n = min(len(v) for v in by_seed.values())
     mean = np.nanmean([v[:n] for v in by_seed.values()], 0)
     within = int(np.flatnonzero(mean <= mean[-1] * 1.01)[0]) + 1
-    return {"rounds": list(range(1, n + 1)), "mean": [float(x) for x in mean],
-            "seeds": by_seed, "within_1pct_of_last": within}  # fmt: skip
+    return {
+        "rounds": list(range(1, n + 1)),
+        "mean": [float(x) for x in mean],
+        "seeds": by_seed,
+        "within_1pct_of_last": within,
+    }
 
 
 def profile(results: dict) -> list[str]:
@@ -398,8 +401,14 @@ def _plots(summary: dict, results: dict, out: Path) -> list[str]:
         zs = summary["table"][t]["zero-shot"].get("auroc", np.nan)
         ax.axhline(zs, color="k", ls=":", lw=1, label="zero-shot")
         # Limits set, not derived: a task a site's policy withheld has no points to scale by.
-        ax.set(xscale="log", xlim=(min(fracs) / 1.5, max(fracs) * 1.5), ylim=(0.3, 1.0),
-               xlabel="share of target training data", ylabel="AUROC", title=t)  # fmt: skip
+        ax.set(
+            xscale="log",
+            xlim=(min(fracs) / 1.5, max(fracs) * 1.5),
+            ylim=(0.3, 1.0),
+            xlabel="share of target training data",
+            ylabel="AUROC",
+            title=t,
+        )
     axes[0][0].legend(fontsize=7)
     files.append(_save(fig, out / "recovery.png"))
     # ROC curves, mean over seeds.
@@ -444,13 +453,28 @@ def _plots(summary: dict, results: dict, out: Path) -> list[str]:
     if curve := summary["pretraining"]:
         fig, ax = plt.subplots(figsize=(4.5, 3.5))
         for seed, v in curve["seeds"].items():
-            ax.plot(range(1, len(v) + 1), v, color="grey", lw=0.8, alpha=0.6,
-                    label="one seed" if seed == next(iter(curve["seeds"])) else None)  # fmt: skip
+            ax.plot(
+                range(1, len(v) + 1),
+                v,
+                color="grey",
+                lw=0.8,
+                alpha=0.6,
+                label="one seed" if seed == next(iter(curve["seeds"])) else None,
+            )
         ax.plot(curve["rounds"], curve["mean"], marker="o", color="C0", label="mean")
-        ax.axvline(curve["within_1pct_of_last"], color="C1", ls="--", lw=1,
-                   label="within 1% of the last round")  # fmt: skip
-        ax.set(xlabel="round", ylabel="validation loss (nats/token)", xticks=curve["rounds"],
-               title="federated pretraining:\nthe global model on validation splits")  # fmt: skip
+        ax.axvline(
+            curve["within_1pct_of_last"],
+            color="C1",
+            ls="--",
+            lw=1,
+            label="within 1% of the last round",
+        )
+        ax.set(
+            xlabel="round",
+            ylabel="validation loss (nats/token)",
+            xticks=curve["rounds"],
+            title="federated pretraining:\nthe global model on validation splits",
+        )
         ax.legend(fontsize=7)
         files.append(_save(fig, out / "pretraining_loss.png"))
     top = max(fracs)
@@ -567,8 +591,9 @@ def _markdown(summary: dict, results: dict, files: list[str]) -> str:
             f"of {len(curve['rounds'])} (`pretraining_loss.png`).",
         ]
     lines += ["", *calibration_markdown(summary["calibration"])]
-    lines += published_markdown(summary["penalty"], summary["federated_share"],
-                                ch["tasks_with_enough_target_events"])  # fmt: skip
+    lines += published_markdown(
+        summary["penalty"], summary["federated_share"], ch["tasks_with_enough_target_events"]
+    )
     lines += ablation_markdown(summary.get("objectives", {}), cfg)
     lines += profile(results)
     lines += ["## Figures", ""] + [f"![{f}]({f})" for f in files]

@@ -93,8 +93,12 @@ def shifts_png(table: dict, path: Path) -> str:
         x = np.arange(len(presets)) + (i - len(tasks) / 2 + 0.5) * w
         ax.bar(x, y, w, yerr=[lo, hi], capsize=2, label=task)
     ax.axhline(0, color="grey", lw=0.8)
-    ax.set(xticks=range(len(presets)), xticklabels=presets, title="zero-shot gap by shift",
-           ylabel="in-distribution - zero-shot AUROC")  # fmt: skip
+    ax.set(
+        xticks=range(len(presets)),
+        xticklabels=presets,
+        title="zero-shot gap by shift",
+        ylabel="in-distribution - zero-shot AUROC",
+    )
     ax.tick_params(axis="x", labelrotation=20)
     ax.legend(fontsize=7)
     fig.tight_layout()

@@ -65,7 +65,7 @@ class Study:
     section, and the `federation`, `tokenizer`, `train` and `model` every job starts from)."""
 
     def __init__(self, grid: Grid, cfg: DictConfig, out: str | Path):
-        self.grid, self.cfg, self.out = grid, cfg, Path(out)
+        self.grid, self.config, self.out = grid, cfg, Path(out)
         check_sets(cfg.study)
         # The first objective set is the one every arm pretrains with; the others only
         # the objectives question's source-only lanes (`_lane(objectives=...)`).
@@ -97,7 +97,7 @@ class Study:
         """One job's config tree (the study's `federation`, `train` and `model` with this
         job's seed, rounds, sites, tasks, share, steps and objective set); with `sites`
         alone, that of a query which trains nothing (names, statistics, tokenizing)."""
-        c = self.cfg.study
+        c = self.config.study
         pretrain = pretrain_override(c.objectives[objectives]) if objectives else {}
         return OmegaConf.merge(
             self.run_config,
@@ -164,7 +164,7 @@ class Study:
         msgs = [m for _, pending in batches for m in pending.msgs]
         ids = list(self.grid.push_messages(msgs))
         pending, got = set(ids), {}
-        end = time.monotonic() + float(self.cfg.study.timeout_s)
+        end = time.monotonic() + float(self.config.study.timeout_s)
         done = self.done
         while pending and time.monotonic() < end:
             for r in self.grid.pull_messages(list(pending)):
@@ -187,7 +187,7 @@ class Study:
     def _discover(self) -> dict[str, dict]:
         """Wait for every virtual site and learn its name (data directory); the real
         sites' statistics (the pooled site's would merge to the same)."""
-        names = site_roles(self.cfg.study)
+        names = site_roles(self.config.study)
         probe = FederatedRun(self.grid, self._fed(names), self.out / "runs")
         self.nodes = {name: node for node, name in probe.name_sites().items()}
         missing = set(names) - set(self.nodes)
@@ -200,7 +200,7 @@ class Study:
         """Each arm's tokenizer: the source's own (source-only and its transfer), the
         target's own (target from scratch), all real sites' (federated and pooled: merged
         statistics fit the pooled data's tokenizer)."""
-        tok_cfg = self.cfg.tokenizer
+        tok_cfg = self.config.tokenizer
         real = [s for s in (SOURCE, TARGET, THIRD) if s in self.nodes]
         toks = {
             SOURCE: fit_tokenizer(merge_stats([stats[SOURCE]]), tok_cfg),
@@ -226,7 +226,7 @@ class Study:
         """Every lane's rounds, lanes side by side: round r of all lanes in one send, with
         the validation loss of round r - 1's global model of the lanes that keep a curve."""
         for lane in lanes:
-            lane.strategy = make_strategy(lane.run.fed)
+            lane.strategy = make_strategy(lane.run.federation_cfg)
         for r in range(1, max(lane.rounds for lane in lanes) + 2):
             live = [lane for lane in lanes if r <= lane.rounds]
             batches: list[tuple[object, Pending]] = [
@@ -247,8 +247,9 @@ class Study:
                 break
             replies = self._send(batches, f"{what}, round {r}" if live else what)
             for lane in live:
-                lane.weights = lane.run.end_round(dict(batches)[id(lane)], replies[id(lane)],
-                                                  lane.rounds)  # fmt: skip
+                lane.weights = lane.run.end_round(
+                    dict(batches)[id(lane)], replies[id(lane)], lane.rounds
+                )
                 self._account(what, lane.run.state["history"][-1]["sites"])
             for ln in curves:
                 key = ("val", id(ln))
@@ -280,7 +281,7 @@ class Study:
                 raise FedclifError(f"evaluation of {lane.arm} at {f['site']} failed: {f['error']}")
             for site, metrics in sorted(res["sites"].items()):  # not in the replies' order
                 self.rows += _rows(
-                    lane, site, setting, metrics, list(self.cfg.study.tasks), split[i]
+                    lane, site, setting, metrics, list(self.config.study.tasks), split[i]
                 )
 
     def _lane(
@@ -298,7 +299,7 @@ class Study:
     ) -> Lane:
         """A lane whose model starts from `init` (pretrained weights) or from scratch;
         `objectives`: the index of its objective set (its arm is named after it)."""
-        c = self.cfg.study
+        c = self.config.study
         if steps is None:
             steps = int(c.finetune_steps)
         fed = self._fed(sites, seed, stage, steps, rounds, fraction, objectives)
@@ -323,7 +324,7 @@ class Study:
     # --- the study ---------------------------------------------------------------------
 
     def run(self) -> dict:
-        c = self.cfg.study
+        c = self.config.study
         seeds, fractions = [int(s) for s in c.seeds], [float(f) for f in c.fractions]
         real = [SOURCE, TARGET] + ([THIRD] if c.sites.third else [])
         n_rounds, spr = int(c.pretrain.rounds), int(c.pretrain.steps_per_round)
@@ -357,8 +358,16 @@ class Study:
         asked = objective_seeds(c)
         for s in asked:
             for k in sets:
-                pre[s][k] = self._lane("source_only", [SOURCE], s, toks[SOURCE], "pretrain",
-                                       None, steps=n_rounds * spr, objectives=k)  # fmt: skip
+                pre[s][k] = self._lane(
+                    "source_only",
+                    [SOURCE],
+                    s,
+                    toks[SOURCE],
+                    "pretrain",
+                    None,
+                    steps=n_rounds * spr,
+                    objectives=k,
+                )
         self._train([lane for p in pre.values() for lane in p.values()], "pretraining")
         self._phase("pretraining")
         probes = self._probes([pre[s][k] for s in seeds for k in ("source", *sets) if k in pre[s]])
@@ -409,11 +418,20 @@ class Study:
             if s == seeds[0]:  # the cross-site matrix, once: n_sites^2 evaluations
                 evals += [(fed_at[site], real, "cross_site") for site in real]
             for k in sets if s in asked else ():  # at the source, and a share at target
-                at_src = self._lane("source_only", [SOURCE], s, toks[SOURCE], "finetune",
-                                    p[k].weights, objectives=k)  # fmt: skip
+                at_src = self._lane(
+                    "source_only", [SOURCE], s, toks[SOURCE], "finetune", p[k].weights, objectives=k
+                )
                 share = float(c.ablation_fraction)
-                at_tgt = self._lane("source_finetuned", [TARGET], s, toks[SOURCE], "finetune",
-                                    p[k].weights, share, objectives=k)  # fmt: skip
+                at_tgt = self._lane(
+                    "source_finetuned",
+                    [TARGET],
+                    s,
+                    toks[SOURCE],
+                    "finetune",
+                    p[k].weights,
+                    share,
+                    objectives=k,
+                )
                 ft += [at_src, at_tgt]
                 evals += [
                     (at_src, [SOURCE], "in_distribution"),
@@ -426,7 +444,7 @@ class Study:
         self._phase("evaluation")
 
         results = {
-            "config": OmegaConf.to_container(self.cfg),
+            "config": OmegaConf.to_container(self.config),
             "sites": {k: {**v} for k, v in self.tokenized["federated"].items()},
             "tokenizers": {k: t.hash for k, t in toks.items()},
             "rows": self.rows,

@@ -230,9 +230,12 @@ def _draw_stays(
     w_resp = np.where(resp, float(out.respiratory_death_weight), 0.1)
     organ_peak = peak + w_resp * off["resp"] + (1 - w_resp) * off["cardio"]
     p_death = _sigmoid(
-        out.death_intercept + out.death_severity * organ_peak + 0.03 * (age - 63) + 0.2 * comorb
+        out.death_intercept
+        + out.death_severity * organ_peak
+        + 0.03 * (age - 63)
+        + 0.2 * comorb
         + float(d.death_logit) * det
-    )  # fmt: skip
+    )
     died = rng.random(n) < p_death
     # Only a patient's last stay can end in death.
     last = np.r_[patient[1:] != patient[:-1], True]
@@ -258,9 +261,23 @@ def _draw_stays(
     admit_us = start * 1e6 + u[base] * room[base] + offset
     died &= last
     return _Stays(
-        n, patient, age, comorb, resp, s0, slope, off, los, admit_us.astype(np.int64), died,
-        jump, det_start, det_end, facility, ready,
-    )  # fmt: skip
+        n,
+        patient,
+        age,
+        comorb,
+        resp,
+        s0,
+        slope,
+        off,
+        los,
+        admit_us.astype(np.int64),
+        died,
+        jump,
+        det_start,
+        det_end,
+        facility,
+        ready,
+    )
 
 
 def _grid(
@@ -409,8 +426,9 @@ class _Chunk:
         discharge = np.empty(n, dtype=object)
         for group, rows in ((is_fac, st.facility), (~is_fac, ~st.facility)):
             cdf = np.cumsum(np.where(group, shares, 0.0))
-            discharge[rows] = keys[np.minimum(cdf.searchsorted(u[rows] * cdf[-1], "right"),
-                                              len(keys) - 1)]  # fmt: skip
+            discharge[rows] = keys[
+                np.minimum(cdf.searchsorted(u[rows] * cdf[-1], "right"), len(keys) - 1)
+            ]
         # Dying patients discharged to hospice are mostly the old (comfort care); a site
         # that does this records their deaths as "Hospice", not "Expired".
         logit = _logit(float(cfg.outcomes.hospice_share))

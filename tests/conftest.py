@@ -89,8 +89,17 @@ def run_tokenize(data: Path, tokenizer: Path, out: Path) -> Path:
 def assert_same_tokens(a: Path, b: Path) -> None:
     """Two `site tokenize` outputs hold the same timelines, labels and hourly grid (the
     grid's standardized values to float rounding: summation order)."""
-    cols = ["hospitalization_id", "tokens", "hours", "types", "tokens_24h", "hours_24h",
-            "age", "hosp_index", "codes"]  # fmt: skip
+    cols = [
+        "hospitalization_id",
+        "tokens",
+        "hours",
+        "types",
+        "tokens_24h",
+        "hours_24h",
+        "age",
+        "hosp_index",
+        "codes",
+    ]
     ta, tb = (
         pl.read_parquet(d / TIMELINES, columns=cols).sort("hospitalization_id") for d in (a, b)
     )

@@ -82,8 +82,7 @@ def federation(tmp_path_factory):
 @pytest.fixture(scope="module")
 def finished_run(federation):
     out, audit = federation.root / "run", federation.root / "audit"
-    federation.run(out, "federation.rounds.pretrain=2", *RUN,
-                   extra=("--audit", str(audit)))  # fmt: skip
+    federation.run(out, "federation.rounds.pretrain=2", *RUN, extra=("--audit", str(audit)))
     return out, audit
 
 
@@ -176,8 +175,11 @@ def test_site_messages_carry_no_identifier_or_raw_value(federation, finished_run
             assert measured | set(withheld) == tasks and not measured & set(withheld)
             assert all(why.startswith("policy: metrics.") for why in withheld.values())
         # Sizes (stays, tokens, training examples) leave as multiples of the minimum cell.
-        sizes = {k: v for k, v in rec["metrics"].get("metrics", {}).items()
-                 if k in ("stays", "tokens", "num-examples", "num_examples")}  # fmt: skip
+        sizes = {
+            k: v
+            for k, v in rec["metrics"].get("metrics", {}).items()
+            if k in ("stays", "tokens", "num-examples", "num_examples")
+        }
         assert all(v % 10 == 0 for v in sizes.values()), sizes
     assert evaluations == 2  # one from each site
     stats = [
@@ -244,9 +246,19 @@ def test_each_site_launches_through_its_own_gate(federation):
 
 
 def test_a_taken_site_name_is_refused_at_registration(federation):
-    r = federation.fedclif("site", "register", "--key", str(federation.site_dir("c") / "site.pub"),
-                           "--name", "a", "--superlink", federation.control, "--ca", federation.ca,
-                           check=False)  # fmt: skip
+    r = federation.fedclif(
+        "site",
+        "register",
+        "--key",
+        str(federation.site_dir("c") / "site.pub"),
+        "--name",
+        "a",
+        "--superlink",
+        federation.control,
+        "--ca",
+        federation.ca,
+        check=False,
+    )
     assert r.returncode == 1
     assert "site name 'a' is already registered" in " ".join(r.stderr.split())
 
@@ -254,8 +266,11 @@ def test_a_taken_site_name_is_refused_at_registration(federation):
 def test_unregistered_site_is_refused(federation):
     p = federation.serve("c", federation.root / "data" / "a", wait=False)
     try:
-        wait_for(lambda: p.poll() is not None or "SuperNode ID" in federation.log("node-c"),
-                 60, "site c to be refused")  # fmt: skip
+        wait_for(
+            lambda: p.poll() is not None or "SuperNode ID" in federation.log("node-c"),
+            60,
+            "site c to be refused",
+        )
         assert "SuperNode ID" not in federation.log("node-c")
         assert p.poll() not in (None, 0)
     finally:
@@ -268,9 +283,19 @@ def test_a_run_asking_for_finer_statistics_is_refused_by_every_site(federation):
     lb = federation
     before = {s: sorted(p.name for p in (lb.root / f"work-{s}").iterdir()) for s in "ab"}
     out = lb.root / "hostile"
-    r = lb.fedclif("run", "--superlink", lb.control, "--ca", lb.ca, "--out", str(out),
-                   "tokenizer.stats.min_cell_count=1", "tokenizer.stats.sig_figs=15",
-                   "federation.timeout_s=120", check=False)  # fmt: skip
+    r = lb.fedclif(
+        "run",
+        "--superlink",
+        lb.control,
+        "--ca",
+        lb.ca,
+        "--out",
+        str(out),
+        "tokenizer.stats.min_cell_count=1",
+        "tokenizer.stats.sig_figs=15",
+        "federation.timeout_s=120",
+        check=False,
+    )
     assert r.returncode == 1
     # The coordinator is told why, and where the ServerApp's whole log is.
     said = " ".join(r.stdout.split())  # as printed, unwrapped
@@ -323,22 +348,34 @@ def test_a_site_answers_statistics_once_per_export(federation, finished_run):
 # a noise seed) share one path, shown on these processes by the test above; each rule's
 # exact refusal is tests/client/test_policy.py's.
 HOSTILE = {
-    "tiny test split": (["train.split.test=0.001"],
-                        "policy: splits.min_test: asked < 0.1", "policy"),
-    "no DP where required": (["train.dp.epsilon=0"],
-                             "policy: dp.required: asked pretrain without DP-SGD",
-                             "policy"),
+    "tiny test split": (
+        ["train.split.test=0.001"],
+        "policy: splits.min_test: asked < 0.1",
+        "policy",
+    ),
+    "no DP where required": (
+        ["train.dp.epsilon=0"],
+        "policy: dp.required: asked pretrain without DP-SGD",
+        "policy",
+    ),
     # The site spent 1 in an earlier run (its ledger says so); the coordinator resumes a
     # finished run for a third, DP, round: a resume is one more run to the ledger.
     "a resume past the lifetime budget": (
         ["federation.rounds.pretrain=3", "train.dp.epsilon=1", "train.dp.delta=1e-5"],
-        "policy: dp.max_epsilon_lifetime: this round would pass 1.5", "dp_budget_exhausted"),
+        "policy: dp.max_epsilon_lifetime: this round would pass 1.5",
+        "dp_budget_exhausted",
+    ),
     # The site's cap is the run's tiny model; this one is over 100 times its size.
-    "model 100x the cap": (["model.shapes.mamba2.hidden_size=1024",
-                            "model.shapes.mamba2.num_heads=64",
-                            "model.shapes.mamba2.num_hidden_layers=8"],
-                           "policy: model.max_parameters: asked > {cap}", "policy"),
-}  # fmt: skip
+    "model 100x the cap": (
+        [
+            "model.shapes.mamba2.hidden_size=1024",
+            "model.shapes.mamba2.num_heads=64",
+            "model.shapes.mamba2.num_hidden_layers=8",
+        ],
+        "policy: model.max_parameters: asked > {cap}",
+        "policy",
+    ),
+}
 HOSTILE_POLICY = {"policy.dp.required": True, "policy.dp.max_epsilon_lifetime": 1.5}
 
 
@@ -475,12 +512,25 @@ def test_a_resumed_run_goes_on_without_a_site_killed_between_rounds(federation, 
     app = write_app(lb.root / "gated-app", files)
     for s in "ab":
         policy = str(lb.site_dir(s) / "policy.yaml")
-        lb.fedclif("site", "approve", fab_hash(files), "--policy", policy,
-                   "--note", "the test's gated coordinator")  # fmt: skip
+        lb.fedclif(
+            "site",
+            "approve",
+            fab_hash(files),
+            "--policy",
+            policy,
+            "--note",
+            "the test's gated coordinator",
+        )
     # The round timeout stays long (a loaded machine starts a ClientApp slowly): the
     # SuperLink answers for a lost site well before it.
-    config = load_federation(overrides=["federation.rounds.pretrain=4", "federation.min_sites=1",
-                                        "federation.evaluate=false", *RUN])  # fmt: skip
+    config = load_federation(
+        overrides=[
+            "federation.rounds.pretrain=4",
+            "federation.min_sites=1",
+            "federation.evaluate=false",
+            *RUN,
+        ]
+    )
     conf = lb.root / "resilient.toml"
     conf.write_text(tomli_w.dumps({**run_config(config, out, True), "pause-after-round": 3}))
     env = connect(lb.control, Path(lb.ca), lb.root / "flwr")

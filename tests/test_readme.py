@@ -1,6 +1,7 @@
-"""The README against the code, so it cannot drift: every `fedclif` command line in its
-code blocks names real subcommands and options, every `section.key=value` it quotes is a
-real setting, and the defaults it quotes are the configs' defaults."""
+"""The README and docs/ against the code, so they cannot drift: every `fedclif` command
+line in their code blocks names real subcommands and options, every `section.key=value`
+they quote is a real setting, the defaults they quote are the configs' defaults, every
+link between them resolves, and the README stays a front page with the two commands."""
 
 import argparse
 import re
@@ -16,7 +17,11 @@ from fedclif.shared.tokenizer import TIME_BUCKETS
 from fedclif.simulations.commands import STUDY_SECTIONS, load_study
 from fedclif.simulations.synth import load_preset
 
-README = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+ROOT = Path(__file__).resolve().parent.parent
+FRONT = (ROOT / "README.md").read_text()
+DOCS = {p: p.read_text() for p in sorted((ROOT / "docs").glob("*.md"))}
+# What the checks below read: the front page and every page behind it.
+README = "\n".join([FRONT, *DOCS.values()])
 
 
 def command_lines() -> list[str]:
@@ -93,3 +98,40 @@ def test_the_defaults_the_readme_quotes_are_the_configs():
         assert str(node) == value or float(node) == pytest.approx(float(value)), key
     # The time-gap tokens the README lists are the tokenizer's first and last.
     assert f"(`{TIME_BUCKETS[0][1]}` ... `{TIME_BUCKETS[-1][1]}`)" in README
+
+
+def test_the_readme_is_a_front_page_with_the_two_commands():
+    """At most ~250 lines; its bash blocks hold exactly the two commands a newcomer runs
+    (set up and run the main job; set up and pass the tests), and CI runs the second."""
+    assert len(FRONT.splitlines()) <= 250
+    blocks = [b.strip() for b in re.findall(r"```bash\n(.*?)```", FRONT, re.S)]
+    main_job = "pip install torch==2.13.0 -e . && fedclif simulate"
+    tests = 'pip install torch==2.13.0 -e ".[dev]" && pytest'
+    assert blocks == [main_job, tests]
+    ci = (ROOT / ".ci" / "run").read_text()
+    assert 'pip install torch==2.13.0 -e ".[dev]"\n' in ci and ci.rstrip().endswith("pytest")
+    assert len(DOCS) >= 7 and all(f"(docs/{p.name})" in FRONT for p in DOCS)  # each linked
+
+
+def _anchors(text: str) -> set[str]:
+    """GitHub's anchors of a page's headings."""
+    heads = re.findall(r"^#+ (.+)$", text, re.M)
+    return {re.sub(r"[^\w\- ]", "", h.lower()).replace(" ", "-") for h in heads}
+
+
+def test_every_link_between_the_pages_resolves():
+    """Each relative link of the README and docs/ names a file that exists and, with an
+    anchor, a heading of that page."""
+    pages = {ROOT / "README.md": FRONT, **DOCS}
+    links = 0
+    for page, text in pages.items():
+        for target in re.findall(r"\]\(([^)#\s]*)(#[^)\s]*)?\)", text):
+            path, anchor = target
+            if path.startswith(("http://", "https://")):
+                continue
+            f = (page.parent / path).resolve() if path else page
+            assert f.exists(), f"{page.name}: link to {path}"
+            if anchor:
+                assert anchor[1:] in _anchors(f.read_text()), f"{page.name}: {path}{anchor}"
+            links += 1
+    assert links >= 10

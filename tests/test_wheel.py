@@ -34,8 +34,21 @@ def _run(args: list, cwd: Path, env: dict | None = None) -> str:
 def test_wheel_installs_and_runs_unactivated(tmp_path):
     src = tmp_path / "src"
     shutil.copytree(ROOT, src, ignore=SKIP)
-    _run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
-          "-w", tmp_path / "dist", src], tmp_path)  # fmt: skip
+    _run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--no-deps",
+            "--no-build-isolation",
+            "-q",
+            "-w",
+            tmp_path / "dist",
+            src,
+        ],
+        tmp_path,
+    )
     (wheel,) = (tmp_path / "dist").glob("fedclif-*.whl")
     names = set(zipfile.ZipFile(wheel).namelist())
     # One namespace in site-packages, configs shipped as package data.
@@ -54,8 +67,20 @@ def test_wheel_installs_and_runs_unactivated(tmp_path):
     (purelib / "dev-environment.pth").write_text("\n".join(site.getsitepackages()))
     # The dependencies come from the dev environment; flwr again, so that its console
     # scripts (and the Flower processes they start) are this environment's.
-    _run([py, "-m", "pip", "install", "-q", "--no-deps", "--ignore-installed",
-          f"flwr=={_version('flwr')}", wheel], tmp_path)  # fmt: skip
+    _run(
+        [
+            py,
+            "-m",
+            "pip",
+            "install",
+            "-q",
+            "--no-deps",
+            "--ignore-installed",
+            f"flwr=={_version('flwr')}",
+            wheel,
+        ],
+        tmp_path,
+    )
 
     work = tmp_path / "elsewhere"
     work.mkdir()
@@ -70,18 +95,50 @@ def test_wheel_installs_and_runs_unactivated(tmp_path):
     _run([fedclif, "demo-data", "demo"], work, env)
     _run([fedclif, "site", "validate", "demo"], work, env)
     _run([fedclif, "tokenizer", "fit", "--data", "demo", "--out", "tokenizer.json"], work, env)
-    _run([fedclif, "site", "tokenize", "demo", "--tokenizer", "tokenizer.json", "--out", "tokens"],
-         work, env)  # fmt: skip
-    _run([fedclif, "train", "pretrain", "--data", "tokens", "--out", "model",
-          "train.pretrain.max_steps=5", "train.pretrain.context=64"], work, env)  # fmt: skip
+    _run(
+        [fedclif, "site", "tokenize", "demo", "--tokenizer", "tokenizer.json", "--out", "tokens"],
+        work,
+        env,
+    )
+    _run(
+        [
+            fedclif,
+            "train",
+            "pretrain",
+            "--data",
+            "tokens",
+            "--out",
+            "model",
+            "train.pretrain.max_steps=5",
+            "train.pretrain.context=64",
+        ],
+        work,
+        env,
+    )
     assert json.loads((work / "model" / "metrics.json").read_text())["steps"] == 5
 
     for name, preset, seed in (("a", "mimic-like", 1), ("b", "ucmc-like", 2)):
-        _run([fedclif, "synth", "--preset", preset, "--stays", "120", "--seed", seed,
-              "--out", name], work, env)  # fmt: skip
-    _run([fedclif, "run", "--sites", "a,b", "--out", "fed", "federation.rounds.pretrain=1",
-          "federation.evaluate=false", "train.pretrain.max_steps=2", "train.pretrain.context=64"],
-         work, env)  # fmt: skip
+        _run(
+            [fedclif, "synth", "--preset", preset, "--stays", "120", "--seed", seed, "--out", name],
+            work,
+            env,
+        )
+    _run(
+        [
+            fedclif,
+            "run",
+            "--sites",
+            "a,b",
+            "--out",
+            "fed",
+            "federation.rounds.pretrain=1",
+            "federation.evaluate=false",
+            "train.pretrain.max_steps=2",
+            "train.pretrain.context=64",
+        ],
+        work,
+        env,
+    )
     r = json.loads((work / "fed" / "results.json").read_text())
     assert [h["round"] for h in r["rounds"]] == [1] and set(r["rounds"][0]["sites"]) == {"a", "b"}
     assert (work / "fed" / "model" / "config.json").is_file()

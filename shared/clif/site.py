@@ -341,12 +341,18 @@ def _normalise_categories(df: pl.DataFrame, col: Column, checker: _Checker) -> p
     rest = [v for v in unknown.to_list() if v not in fix]
     terms = vocabulary_terms(checker.schema.name, col.name) or frozenset()
     outcomes = (
-        ("category-version", [v for v in rest if v in terms],
-         f"not CLIF {checker.version} permissible values but terms of another CLIF version; "
-         "kept as those terms"),
-        ("unknown-category", [v for v in rest if v not in terms],
-         "not CLIF permissible values; they become the table's unknown token"),
-    )  # fmt: skip
+        (
+            "category-version",
+            [v for v in rest if v in terms],
+            f"not CLIF {checker.version} permissible values but terms of another CLIF version; "
+            "kept as those terms",
+        ),
+        (
+            "unknown-category",
+            [v for v in rest if v not in terms],
+            "not CLIF permissible values; they become the table's unknown token",
+        ),
+    )
     for kind, values, says in outcomes:
         if values:
             n = df.filter(pl.col(col.name).is_in(values)).height

@@ -34,7 +34,9 @@ from fedclif.client.policy import coarse_sizes, write_policy
 from fedclif.shared.config import load_config, load_tree
 from fedclif.shared.federation import (
     CONFIG,
+    DP_TRAIN_METRICS,
     ERROR_CODE,
+    TRAIN_METRICS,
     load_federation,
     received_config,
     to_record,
@@ -339,6 +341,41 @@ def test_a_deployed_site_trains_and_evaluates_on_its_own_split(tmp_path, demo_to
     assert reply.error.reason == "policy: metrics.eval_split: asked for none of test, val"
 
 
+@pytest.mark.parametrize("dp", [False, True])
+def test_a_training_reply_carries_the_protocols_metrics_alone(tmp_path, demo_tokens, dp):
+    """A round's reply: its arrays and exactly the protocol's metrics (under DP-SGD no
+    loss, and the epsilon spent), its weight (`num-examples`, once) a multiple of the
+    minimum cell."""
+    policy = write_policy(tmp_path / "site", [f"policy.work_dir={tmp_path / 'work'}"])
+    tok = Tokenizer.load(demo_tokens / "tokenizer.json")
+    asked = ["train.pretrain.max_steps=1", "train.pretrain.context=64"]
+    asked += ["train.dp.epsilon=1", "train.dp.delta=1e-4"] if dp else []
+    fed = load_federation(overrides=asked)
+    weights = get_weights(stage_model(fed.model, tok, fed.train, "pretrain"))
+    config = {
+        "stage": "pretrain",
+        "train": OmegaConf.to_yaml(fed.train),
+        "round": 1,
+        "seed": 0,
+        "model": json.dumps(OmegaConf.to_container(fed.model)),
+        "tokenizer_hash": tok.hash,
+        "base_id": "",
+    }
+    meta = Metadata(1, "m1", 0, 1, "", "", time.time(), 3600.0, "train")
+    msg = Message(
+        RecordDict({CONFIG: ConfigRecord(config), "arrays": to_record(weights)}), metadata=meta
+    )
+    context = Context(
+        1, 1, {"data-path": str(tmp_path), "policy-path": str(policy)}, RecordDict(), {}
+    )
+    shutil.copytree(demo_tokens, Node(context).tokens(tok.hash))
+    reply = train_handler(msg, context)
+    assert not reply.has_error(), reply.error
+    metrics = dict(reply.content["metrics"])
+    assert set(metrics) == set(DP_TRAIN_METRICS if dp else TRAIN_METRICS)
+    assert metrics["num-examples"] > 0 and metrics["num-examples"] % 10 == 0
+
+
 def test_the_statistics_handler_refuses_finer_cells_and_writes_nothing(tmp_path, demo_dir):
     policy = write_policy(tmp_path / "site", [f"policy.work_dir={tmp_path / 'work'}"])
     context = Context(
@@ -373,7 +410,7 @@ def test_an_evaluation_reply_withholds_and_rounds(tmp_path):
     sent = dict(reply.content["metrics"])
     assert dict(reply.content["withheld"]) == {"imv": "policy: metrics.min_events (fewer than 10)"}
     assert not any(k.startswith("imv_") for k in sent)
-    assert sent["death_n"] == 130 and sent["num-examples"] == sent["num_examples"] == 130
+    assert sent["death_n"] == 130 and sent["num-examples"] == 130 and "num_examples" not in sent
     assert sent["death_prevalence"] == 20 / 130
 
 

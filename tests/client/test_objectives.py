@@ -151,10 +151,13 @@ def test_reconstruction_scores_observed_entries_only_and_pooling_skips_the_absen
 def test_objective_sets_and_stages_are_checked():
     c = cfg_with("ts_align").pretrain
     assert stages(c) == [({"next_token": 1.0, "ts_align": 1.0}, 1.0)]
-    staged = load_config("train", overrides=[
-        "pretrain.stages=[{objectives: {stay_recon: 1}, share: 0.25},"
-        "{objectives: {next_token: 1, masked_codes: 1}, share: 0.75}]"
-    ]).pretrain  # fmt: skip
+    staged = load_config(
+        "train",
+        overrides=[
+            "pretrain.stages=[{objectives: {stay_recon: 1}, share: 0.25},"
+            "{objectives: {next_token: 1, masked_codes: 1}, share: 0.75}]"
+        ],
+    ).pretrain
     assert weights_at(staged, 0.0) == {"stay_recon": 1.0}
     assert weights_at(staged, 0.5) == {"next_token": 1.0, "masked_codes": 1.0}
     # A one-round run trains each stage in turn; a round inside a stage trains that one.
@@ -305,8 +308,11 @@ def test_staged_pretraining_saves_heads_that_load_and_stay_out_of_finetuning(sit
     model = AutoModel.from_pretrained(out)
     assert model.config.objectives == ["stay_recon", "masked_codes", "code_contrast"]
     again, _ = load_model(out)
-    for (n, a), (_, b) in zip(model.pretrain_heads.named_parameters(),
-                              again.pretrain_heads.named_parameters(), strict=True):  # fmt: skip
+    for (n, a), (_, b) in zip(
+        model.pretrain_heads.named_parameters(),
+        again.pretrain_heads.named_parameters(),
+        strict=True,
+    ):
         assert torch.equal(a, b), n
     cfg = load_config("train", overrides=[o.removeprefix("train.") for o in (staged, *over)])
     setup(model, cfg, "pretrain")
@@ -322,8 +328,11 @@ def test_staged_pretraining_saves_heads_that_load_and_stay_out_of_finetuning(sit
     args += ["train.finetune.max_steps=2", "train.finetune.tasks=[death]"]
     assert main(args) == 0
     tuned, _ = load_model(ft)
-    for (n, a), (_, b) in zip(tuned.pretrain_heads.named_parameters(),
-                              again.pretrain_heads.named_parameters(), strict=True):  # fmt: skip
+    for (n, a), (_, b) in zip(
+        tuned.pretrain_heads.named_parameters(),
+        again.pretrain_heads.named_parameters(),
+        strict=True,
+    ):
         assert torch.equal(a, b), n
 
 

@@ -148,11 +148,17 @@ def test_metrics_on_too_few_stays_or_events_are_withheld():
     policy = load_policy()
     flat = {
         "num_examples": 215.0,
-        "death_n": 15.0, "death_prevalence": 0.4, "death_auroc": 0.7,  # 15 stays < 20
-        "imv_n": 100.0, "imv_prevalence": 0.05, "imv_auroc": 0.9,  # 5 events < 10
-        "long_los_n": 100.0, "long_los_prevalence": 0.3, "long_los_auroc": 0.8,
+        "death_n": 15.0,
+        "death_prevalence": 0.4,
+        "death_auroc": 0.7,  # 15 stays < 20
+        "imv_n": 100.0,
+        "imv_prevalence": 0.05,
+        "imv_auroc": 0.9,  # 5 events < 10
+        "long_los_n": 100.0,
+        "long_los_prevalence": 0.3,
+        "long_los_auroc": 0.8,
         "long_los_roc": [0.0, 0.5, 1.0],
-    }  # fmt: skip
+    }
     kept, why = withhold(flat, ["death", "imv", "long_los"], policy)
     assert why == {
         "death": "policy: metrics.min_test_stays (fewer than 20)",
@@ -170,12 +176,17 @@ def test_a_reliability_curve_leaves_only_with_bins_of_at_least_the_minimum_cell(
     curve = {"reliability_predicted": [0.1] * 10, "reliability_observed": [0.1] * 10}
     flat = {
         "num_examples": 300.0,
-        "death_n": 200.0, "death_prevalence": 0.2, "death_calibration_n": 99, "death_brier": 0.1,
+        "death_n": 200.0,
+        "death_prevalence": 0.2,
+        "death_calibration_n": 99,
+        "death_brier": 0.1,
         **{f"death_{k}": v for k, v in curve.items()},
-        "imv_n": 100.0, "imv_prevalence": 0.2, "imv_calibration_n": 100,
+        "imv_n": 100.0,
+        "imv_prevalence": 0.2,
+        "imv_calibration_n": 100,
         "imv_calibration_n_recal": 100,
         **{f"imv_{k}{s}": v for k, v in curve.items() for s in ("", "_recal")},
-    }  # fmt: skip
+    }
     kept, why = withhold(flat, ["death", "imv"], policy)
     assert why == {}
     assert kept["death_brier"] == 0.1 and not any("death_reliability" in k for k in kept)
@@ -254,8 +265,9 @@ def _rows_of_patients(site_dir: Path, n: int, category: str) -> pl.DataFrame:
     a = pl.read_parquet(site_dir / "clif_patient_assessments.parquet")
     who = pl.read_parquet(site_dir / "clif_hospitalization.parquet")
     answered = pl.col("categorical_value").is_not_null() & pl.col("numerical_value").is_null()
-    rows = a.filter(answered).join(who.select("hospitalization_id", "patient_id"),
-                                   on="hospitalization_id")  # fmt: skip
+    rows = a.filter(answered).join(
+        who.select("hospitalization_id", "patient_id"), on="hospitalization_id"
+    )
     rows = rows.unique("patient_id", keep="first", maintain_order=True).head(n)
     assert rows.height == n
     return rows.drop("patient_id").with_columns(pl.lit(category).alias("assessment_category"))

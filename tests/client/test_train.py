@@ -202,11 +202,36 @@ def synthetic_site(tmp_path_factory):
         main(["tokenizer", "fit", "--data", str(root / "clif"), "--out", str(root / "tok.json")])
         == 0
     )
-    assert main(["site", "tokenize", str(root / "clif"), "--tokenizer", str(root / "tok.json"),
-                 "--out", str(root / "tokens")]) == 0  # fmt: skip
+    assert (
+        main(
+            [
+                "site",
+                "tokenize",
+                str(root / "clif"),
+                "--tokenizer",
+                str(root / "tok.json"),
+                "--out",
+                str(root / "tokens"),
+            ]
+        )
+        == 0
+    )
     steps = ["train.pretrain.max_steps=30", "train.pretrain.eval_every=30"]
-    assert main(["train", "pretrain", "--data", str(root / "tokens"), "--out", str(root / "pt"),
-                 *SYNTHETIC, *steps]) == 0  # fmt: skip
+    assert (
+        main(
+            [
+                "train",
+                "pretrain",
+                "--data",
+                str(root / "tokens"),
+                "--out",
+                str(root / "pt"),
+                *SYNTHETIC,
+                *steps,
+            ]
+        )
+        == 0
+    )
     return root
 
 
@@ -220,8 +245,13 @@ def test_finetune_learns_the_tasks_and_writes_their_metrics(synthetic_site, caps
     the prevalence, and F1 at the threshold chosen on val."""
     root, out = synthetic_site, synthetic_site / "ft"
     args = ["train", "finetune", "--data", str(root / "tokens"), "--from", str(root / "pt")]
-    settings = [*SYNTHETIC, "train.finetune.tasks=[death,long_los]", "train.finetune.context=64",
-                "train.finetune.max_steps=60", "train.finetune.n_boot=200"]  # fmt: skip
+    settings = [
+        *SYNTHETIC,
+        "train.finetune.tasks=[death,long_los]",
+        "train.finetune.context=64",
+        "train.finetune.max_steps=60",
+        "train.finetune.n_boot=200",
+    ]
     assert main([*args, "--out", str(out), *settings]) == 0
     m = json.loads((out / "metrics.json").read_text())
     assert set(m["tasks"]) == {"death", "long_los"}
@@ -280,8 +310,9 @@ def test_dp_finetune_reports_spent_epsilon(demo_tokens, pretrained, tmp_path):
 
 
 @pytest.mark.parametrize("arch", ["mamba2", "llama"])
-@pytest.mark.parametrize("stage,peft", [("pretrain", None), ("finetune", None),
-                                        ("finetune", "lora")])  # fmt: skip
+@pytest.mark.parametrize(
+    "stage,peft", [("pretrain", None), ("finetune", None), ("finetune", "lora")]
+)
 def test_opacus_gives_every_trainable_parameter_its_exact_per_sample_gradient(
     demo_tokens, arch, stage, peft
 ):
@@ -331,12 +362,26 @@ def test_probe_writes_results_and_plot(demo_tokens, pretrained, tmp_path):
     other = tmp_path / "other"
     write_site(load_preset("mimic-like"), 300, 4, other / "clif")
     tok = demo_tokens / "tokenizer.json"
-    assert main(["site", "tokenize", str(other / "clif"), "--tokenizer", str(tok),
-                 "--out", str(other / "tokens")]) == 0  # fmt: skip
+    assert (
+        main(
+            [
+                "site",
+                "tokenize",
+                str(other / "clif"),
+                "--tokenizer",
+                str(tok),
+                "--out",
+                str(other / "tokens"),
+            ]
+        )
+        == 0
+    )
     out = tmp_path / "probe"
     args = ["train", "probe", "--model", str(pretrained), "--train", str(demo_tokens)]
-    assert main([*args, "--test", str(other / "tokens"), "--test-split", "all",
-                 "--out", str(out)]) == 0  # fmt: skip
+    assert (
+        main([*args, "--test", str(other / "tokens"), "--test-split", "all", "--out", str(out)])
+        == 0
+    )
     r = json.loads((out / "probe.json").read_text())
     assert (out / "probe.png").stat().st_size > 10_000
     by_site = {}
@@ -380,8 +425,10 @@ def test_forecast_prints_generated_and_actual_events(demo_tokens, pretrained, tm
     assert after[0] in text and "forecast" in text
     gen = runs["a"]["forecast"]
     assert len(gen) == 12 and runs["b"]["forecast"] == gen and runs["c"]["forecast"] != gen
-    assert all(t in data.tok.index and t not in ("PAD", "TL_START") and not t.startswith("TASK_")
-               for t, _ in gen)  # fmt: skip
+    assert all(
+        t in data.tok.index and t not in ("PAD", "TL_START") and not t.startswith("TASK_")
+        for t, _ in gen
+    )
     hours = [h for _, h in gen]
     assert hours[0] >= 24 - 1e-6 and np.all(np.diff(hours) >= 0)
     assert [t for t, _ in runs["a"]["actual"]] == after[: len(runs["a"]["actual"])]

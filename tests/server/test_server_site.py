@@ -98,8 +98,9 @@ class _Learning:
             TaskIdentity._node_id = n
             w = from_record(m.content[ARRAYS])["w"]
             update = {"w": (w - 0.3 * (w - self.targets[n])).astype(np.float32)}
-            out.append(Message(RecordDict({ARRAYS: to_record(update), METRICS: _metrics()}),
-                               reply_to=m))  # fmt: skip
+            out.append(
+                Message(RecordDict({ARRAYS: to_record(update), METRICS: _metrics()}), reply_to=m)
+            )
         return out
 
 
@@ -111,8 +112,13 @@ def test_a_fedadam_run_resumed_after_round_two_ends_where_an_uninterrupted_one_d
     resume that lost the moments does not get there."""
     for attr, v in (("_run_id", 1), ("_node_id", 0), ("_task_id", 1)):
         monkeypatch.setattr(TaskIdentity, attr, v)
-    fed = load_federation(overrides=["federation.strategy.name=fedadam", "federation.min_sites=2",
-                                     "train.pretrain.context=10"])  # fmt: skip
+    fed = load_federation(
+        overrides=[
+            "federation.strategy.name=fedadam",
+            "federation.min_sites=2",
+            "train.pretrain.context=10",
+        ]
+    )
     tok, w0 = SimpleNamespace(hash="abc"), {"w": np.full((3, 2), 0.2, np.float32)}
 
     def run(out: Path) -> FederatedRun:
@@ -155,8 +161,13 @@ class _Nodes:
 
 
 def _metrics(n=100, **extra) -> MetricRecord:
-    honest = {"num-examples": n, "num_examples": n, "train_loss": 2.0, "steps": 20,
-              "load_seconds": 0.5, "train_seconds": 1.5}  # fmt: skip
+    honest = {
+        "num-examples": n,
+        "train_loss": 2.0,
+        "steps": 20,
+        "load_seconds": 0.5,
+        "train_seconds": 1.5,
+    }
     return MetricRecord({**honest, **extra})
 
 
@@ -173,32 +184,56 @@ def _rogue_replies(w: np.ndarray) -> dict[str, tuple[RecordDict, str]]:
     del missing["num-examples"]
     return {
         "no arrays": (RecordDict({METRICS: _metrics()}), "missing_arrays"),
-        "float64": (RecordDict({ARRAYS: arrays(w.astype(np.float64)), METRICS: _metrics()}),
-                    "dtype float64 != float32 for w"),
-        "complex": (RecordDict({ARRAYS: arrays(w.astype(np.complex64)), METRICS: _metrics()}),
-                    "dtype complex64 != float32 for w"),
-        "wrong shape": (RecordDict({ARRAYS: arrays(w[:2]), METRICS: _metrics()}),
-                        "shape (2, 3) != (4, 3) for w"),
-        "wrong keys": (RecordDict({ARRAYS: to_record({"v": w}), METRICS: _metrics()}),
-                       "keys: missing ['w'], unexpected ['v']"),
-        "NaN": (RecordDict({ARRAYS: arrays(np.full_like(w, np.nan)), METRICS: _metrics()}),
-                "non-finite values in w"),
-        "scaled 1e6": (RecordDict({ARRAYS: arrays(w * 1e6), METRICS: _metrics()}),
-                       "update norm 1e+06 x the global weights' > 1"),
-        "just above the bound": (RecordDict({ARRAYS: arrays(just_above), METRICS: _metrics()}),
-                                 "update norm 1.01 x the global weights' > 1"),
-        "huge num-examples": (RecordDict({ARRAYS: arrays(w), METRICS: _metrics(10**9)}),
-                              "num-examples 1e+09 outside (0, 910] (announced)"),
-        "zero num-examples": (RecordDict({ARRAYS: arrays(w), METRICS: _metrics(0)}),
-                              "num-examples 0 outside"),
-        "list num-examples": (RecordDict({ARRAYS: arrays(w), METRICS: listed}),
-                              "metric values: not finite numbers"),
-        "missing num-examples": (RecordDict({ARRAYS: arrays(w), METRICS: missing}),
-                                 "metric keys: missing ['num-examples'], extra []"),
-        "extra metric": (RecordDict({ARRAYS: arrays(w), METRICS: _metrics(x=1.0)}),
-                         "metric keys: missing [], extra ['x']"),
+        "float64": (
+            RecordDict({ARRAYS: arrays(w.astype(np.float64)), METRICS: _metrics()}),
+            "dtype float64 != float32 for w",
+        ),
+        "complex": (
+            RecordDict({ARRAYS: arrays(w.astype(np.complex64)), METRICS: _metrics()}),
+            "dtype complex64 != float32 for w",
+        ),
+        "wrong shape": (
+            RecordDict({ARRAYS: arrays(w[:2]), METRICS: _metrics()}),
+            "shape (2, 3) != (4, 3) for w",
+        ),
+        "wrong keys": (
+            RecordDict({ARRAYS: to_record({"v": w}), METRICS: _metrics()}),
+            "keys: missing ['w'], unexpected ['v']",
+        ),
+        "NaN": (
+            RecordDict({ARRAYS: arrays(np.full_like(w, np.nan)), METRICS: _metrics()}),
+            "non-finite values in w",
+        ),
+        "scaled 1e6": (
+            RecordDict({ARRAYS: arrays(w * 1e6), METRICS: _metrics()}),
+            "update norm 1e+06 x the global weights' > 1",
+        ),
+        "just above the bound": (
+            RecordDict({ARRAYS: arrays(just_above), METRICS: _metrics()}),
+            "update norm 1.01 x the global weights' > 1",
+        ),
+        "huge num-examples": (
+            RecordDict({ARRAYS: arrays(w), METRICS: _metrics(10**9)}),
+            "num-examples 1e+09 outside (0, 910] (announced)",
+        ),
+        "zero num-examples": (
+            RecordDict({ARRAYS: arrays(w), METRICS: _metrics(0)}),
+            "num-examples 0 outside",
+        ),
+        "list num-examples": (
+            RecordDict({ARRAYS: arrays(w), METRICS: listed}),
+            "metric values: not finite numbers",
+        ),
+        "missing num-examples": (
+            RecordDict({ARRAYS: arrays(w), METRICS: missing}),
+            "metric keys: missing ['num-examples'], extra []",
+        ),
+        "extra metric": (
+            RecordDict({ARRAYS: arrays(w), METRICS: _metrics(x=1.0)}),
+            "metric keys: missing [], extra ['x']",
+        ),
         "two ArrayRecords": (two, "records: ['arrays', 'extra', 'metrics']"),
-    }  # fmt: skip
+    }
 
 
 ROGUE_KINDS = list(_rogue_replies(np.ones((4, 3), np.float32)))
@@ -257,7 +292,6 @@ class _Steering(_Learning):
         return out
 
 
-@pytest.mark.parametrize("streaming", [True, False])
 def test_a_sites_examples_are_capped_near_what_it_announced(tmp_path):
     """A round's `num-examples` may not pass what the site's announced sizes allow: every
     (stay, task) pair of finetuning and every packed block of pretraining, with room for
@@ -271,6 +305,7 @@ def test_a_sites_examples_are_capped_near_what_it_announced(tmp_path):
     assert run.max_examples("unknown", "finetune") == 0  # nothing announced, no weight
 
 
+@pytest.mark.parametrize("streaming", [True, False])
 def test_a_site_announcing_a_billion_examples_counts_as_much_as_the_rest(
     tmp_path, monkeypatch, streaming
 ):
@@ -340,9 +375,12 @@ def _round_of(tmp_path, name: str, options: list[str], replies: dict[int, dict])
 
 @pytest.mark.parametrize(
     "name,options",
-    [("fedmedian", []), ("fedtrimmedavg", ["federation.strategy.options.beta=0.2"]),
-     ("krum", ["federation.strategy.options.num_malicious_nodes=1"])],
-)  # fmt: skip
+    [
+        ("fedmedian", []),
+        ("fedtrimmedavg", ["federation.strategy.options.beta=0.2"]),
+        ("krum", ["federation.strategy.options.num_malicious_nodes=1"]),
+    ],
+)
 def test_robust_aggregation_shrugs_off_one_outlier(tmp_path, monkeypatch, name, options):
     """Four honest sites near the global model and one pulling it 40% away (inside the
     update-norm check): FedAvg moves a fifth of the way; median, trimmed mean and Krum
@@ -408,8 +446,9 @@ def test_a_silent_site_is_waited_for_until_the_timeout_then_left_out(
     ends with the site that answered and names the silent one."""
     for attr, v in (("_run_id", 1), ("_node_id", 0), ("_task_id", 1)):
         monkeypatch.setattr(TaskIdentity, attr, v)
-    fed = load_federation(overrides=["federation.min_sites=1", "federation.timeout_s=1",
-                                     "train.pretrain.context=10"])  # fmt: skip
+    fed = load_federation(
+        overrides=["federation.min_sites=1", "federation.timeout_s=1", "train.pretrain.context=10"]
+    )
     current = {"w": np.ones((4, 3), np.float32)}
     honest = {"w": current["w"] + 0.01}
     run = FederatedRun(_Pushing(honest), fed, tmp_path)
@@ -444,26 +483,45 @@ def _stats_reply(name: str, stats) -> RecordDict:
     return RecordDict({STATS: ConfigRecord({"site": name, "json": text})})
 
 
-@pytest.mark.parametrize("kind,poison,rule", [
-    ("negative count", lambda s: s["codes"].update(x=-5), "code counts must be non-negative"),
-    ("negative cell", lambda s: next(iter(s["numeric"].values()))["counts"].__setitem__(0, -3),
-     "counts must be non-negative integers"),
-    ("negative suppressed", lambda s: next(iter(s["numeric"].values())).update(suppressed=-1),
-     "counts must be non-negative integers"),
-    ("float count", lambda s: s["codes"].update(x=1.5), "code counts must be non-negative"),
-    ("too many codes", lambda s: s["codes"].update({f"c{i}": 10 for i in range(60_000)}),
-     "statistics: 60,"),
-    ("NaN value", lambda s: next(iter(s["numeric"].values())).update(values=[float("nan")],
-                                                                     counts=[10]),
-     "values off the 3-digit grid"),
-    ("off the grid", lambda s: next(iter(s["numeric"].values())).update(values=[1.23456],
-                                                                        counts=[10]),
-     "values off the 3-digit grid"),
-    ("counts and values differ",
-     lambda s: next(iter(s["numeric"].values()))["counts"].append(10), "one count per value"),
-    ("huge n_stays", lambda s: s.update(n_stays=-1), "n_stays must be"),
-    ("not statistics", lambda s: s.clear(), "not a statistics record"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "kind,poison,rule",
+    [
+        ("negative count", lambda s: s["codes"].update(x=-5), "code counts must be non-negative"),
+        (
+            "negative cell",
+            lambda s: next(iter(s["numeric"].values()))["counts"].__setitem__(0, -3),
+            "counts must be non-negative integers",
+        ),
+        (
+            "negative suppressed",
+            lambda s: next(iter(s["numeric"].values())).update(suppressed=-1),
+            "counts must be non-negative integers",
+        ),
+        ("float count", lambda s: s["codes"].update(x=1.5), "code counts must be non-negative"),
+        (
+            "too many codes",
+            lambda s: s["codes"].update({f"c{i}": 10 for i in range(60_000)}),
+            "statistics: 60,",
+        ),
+        (
+            "NaN value",
+            lambda s: next(iter(s["numeric"].values())).update(values=[float("nan")], counts=[10]),
+            "values off the 3-digit grid",
+        ),
+        (
+            "off the grid",
+            lambda s: next(iter(s["numeric"].values())).update(values=[1.23456], counts=[10]),
+            "values off the 3-digit grid",
+        ),
+        (
+            "counts and values differ",
+            lambda s: next(iter(s["numeric"].values()))["counts"].append(10),
+            "one count per value",
+        ),
+        ("huge n_stays", lambda s: s.update(n_stays=-1), "n_stays must be"),
+        ("not statistics", lambda s: s.clear(), "not a statistics record"),
+    ],
+)
 def test_poisoned_statistics_are_left_out_of_the_tokenizer(
     tmp_path, site_dir, site_cfg, tok_cfg, monkeypatch, kind, poison, rule
 ):
@@ -654,7 +712,8 @@ def _evaluation(y_death, y_los, seed: int) -> RecordDict:
         for t, y in (("death", y_death), ("long_los", y_los))
     }
     flat = flat_metrics(per_task)
-    return RecordDict({METRICS: MetricRecord({"num-examples": flat["num_examples"], **flat})})
+    n = flat.pop("num_examples")
+    return RecordDict({METRICS: MetricRecord({"num-examples": n, **flat})})
 
 
 def test_a_small_site_and_a_rogue_evaluation_reply_do_not_stop_the_evaluation(
@@ -758,13 +817,23 @@ def test_streaming_aggregation_equals_flowers_on_the_same_replies(monkeypatch, n
     rng = np.random.default_rng(3)
     current = {"w": rng.normal(size=(30, 20)).astype(np.float32), "b": np.zeros(20, np.float32)}
     replies = [
-        Message(RecordDict({
-            ARRAYS: to_record({k: v + rng.normal(0, 0.1, v.shape).astype(np.float32)
-                               for k, v in current.items()}),
-            METRICS: _metrics(int(rng.integers(10, 500))),
-        }), dst_node_id=i, message_type="train")
+        Message(
+            RecordDict(
+                {
+                    ARRAYS: to_record(
+                        {
+                            k: v + rng.normal(0, 0.1, v.shape).astype(np.float32)
+                            for k, v in current.items()
+                        }
+                    ),
+                    METRICS: _metrics(int(rng.integers(10, 500))),
+                }
+            ),
+            dst_node_id=i,
+            message_type="train",
+        )
         for i in range(7)
-    ]  # fmt: skip
+    ]
     fed = load_federation(overrides=[f"federation.strategy.name={name}"]).federation
     whole, streamed = make_strategy(fed), make_strategy(fed)
     for s in (whole, streamed):  # as configure_train leaves a FedOpt strategy

@@ -61,8 +61,14 @@ def test_a_typo_in_a_file_names_the_file(tmp_path):
 
 
 def test_the_resolved_tree_comes_back_as_a_config(tmp_path):
-    cfg = load_federation(None, ["train.finetune.peft=lora", "federation.strategy.name=fedprox",
-                                 "federation.strategy.options.proximal_mu=0.1"])  # fmt: skip
+    cfg = load_federation(
+        None,
+        [
+            "train.finetune.peft=lora",
+            "federation.strategy.name=fedprox",
+            "federation.strategy.options.proximal_mu=0.1",
+        ],
+    )
     path = write_resolved(cfg, tmp_path)
     assert path.name == "resolved.yaml"
     assert load_federation(path) == cfg

@@ -138,8 +138,20 @@ def test_labels_agree_with_labels_parquet_stay_by_stay(demo_dir, demo_tokens, tm
 def test_an_export_never_mixes_with_old_files_and_bad_tasks_are_named(demo_dir, exported, capsys):
     assert main(["export", "meds", str(demo_dir), "--out", str(exported)]) == 1
     assert "is not empty" in capsys.readouterr().err
-    assert main(["export", "labels", str(demo_dir), "--out", str(exported.parent / "x"),
-                 "--tasks", "death,sepsis"]) == 1  # fmt: skip
+    assert (
+        main(
+            [
+                "export",
+                "labels",
+                str(demo_dir),
+                "--out",
+                str(exported.parent / "x"),
+                "--tasks",
+                "death,sepsis",
+            ]
+        )
+        == 1
+    )
     err = capsys.readouterr().err
     assert "unknown task 'sepsis'" in err and "long_los" in err
 

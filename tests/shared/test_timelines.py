@@ -288,8 +288,11 @@ def test_state_changes_are_tokenized_once_and_pre_admission_events_sit_at_admiss
     assert [t for t, _ in decoded(base)].count("RESP_device_Nasal Cannula") == 1
     devices = ["Nasal Cannula", "Nasal Cannula", "IMV", "Nasal Cannula"]
     changed = mine.with_columns(pl.Series("device_category", devices))
-    write(site_dir, "respiratory_support",
-          pl.concat([rs.filter(pl.col("hospitalization_id") != sid), changed]))  # fmt: skip
+    write(
+        site_dir,
+        "respiratory_support",
+        pl.concat([rs.filter(pl.col("hospitalization_id") != sid), changed]),
+    )
     adm = read(demo_dir, "hospitalization").filter(pl.col("hospitalization_id") == sid)
     adm = adm["admission_dttm"][0]
     v = read(site_dir, "vitals")

@@ -49,8 +49,10 @@ def train(msg: Message, context: Context) -> Message:
     if kind == "no-arrays":
         del reply.content["arrays"]
     elif kind in ("float64", "nan"):
-        bad = {k: v.astype(np.float64) if kind == "float64" else np.full_like(v, np.nan)
-               for k, v in arrays.items()}  # fmt: skip
+        bad = {
+            k: v.astype(np.float64) if kind == "float64" else np.full_like(v, np.nan)
+            for k, v in arrays.items()
+        }
         reply.content["arrays"] = ArrayRecord({k: Array(v) for k, v in bad.items()})
     elif kind == "huge-examples":
         reply.content["metrics"]["num-examples"] = 10**9

@@ -117,8 +117,11 @@ def test_interrupted_and_resumed_run_ends_with_the_same_weights(sites, tmp_path)
             np.testing.assert_allclose(a[k], b[k], rtol=1e-4, atol=1e-6, err_msg=k)
     r = json.loads((cut / "results.json").read_text())
     assert [(x["phase"], x["round"]) for x in r["rounds"]] == [
-        ("pretrain", 1), ("pretrain", 2), ("pretrain", 3), ("finetune", 1)
-    ]  # fmt: skip
+        ("pretrain", 1),
+        ("pretrain", 2),
+        ("pretrain", 3),
+        ("finetune", 1),
+    ]
     assert r["rounds"][0]["ended"] == round_one  # resumed, not run again from the start
     # LoRA rounds move adapters and the head only: a small fraction of the full weights.
     assert r["rounds"][3]["bytes_received"] < r["rounds"][0]["bytes_received"] / 5
@@ -139,11 +142,15 @@ def test_interrupted_and_resumed_run_ends_with_the_same_weights(sites, tmp_path)
 
 
 DP_RUN = [
-    "federation.rounds.pretrain=0", "federation.rounds.finetune=1",
-    "federation.evaluate=false", "federation.timeout_s=120",
-    "train.finetune.context=64", "train.finetune.max_steps=2",
-    "train.dp.epsilon=6", "train.dp.delta=1e-5",
-]  # fmt: skip
+    "federation.rounds.pretrain=0",
+    "federation.rounds.finetune=1",
+    "federation.evaluate=false",
+    "federation.timeout_s=120",
+    "train.finetune.context=64",
+    "train.finetune.max_steps=2",
+    "train.dp.epsilon=6",
+    "train.dp.delta=1e-5",
+]
 
 
 def test_the_dp_ledger_outlives_a_run(sites, tmp_path):
@@ -188,19 +195,30 @@ def test_a_rogue_site_neither_stops_nor_steers_the_run(sites, tmp_path):
     left out of the tokenizer, each reply is rejected by its rule, the run completes, and
     the global model is the honest site's update, as in a run without the rogue. The run
     pretrains with MedHMP's two stages and LLM4EHR's alignment: their heads travel too."""
-    fed = load_federation(None, [
-        "federation.rounds.pretrain=4", "federation.evaluate=false", "federation.min_sites=1",
-        "train.pretrain.context=64", "train.pretrain.batch_size=8", "train.pretrain.max_steps=2",
-        "federation.timeout_s=120", *STAGED,
-    ])  # fmt: skip
+    fed = load_federation(
+        None,
+        [
+            "federation.rounds.pretrain=4",
+            "federation.evaluate=false",
+            "federation.min_sites=1",
+            "train.pretrain.context=64",
+            "train.pretrain.batch_size=8",
+            "train.pretrain.max_steps=2",
+            "federation.timeout_s=120",
+            *STAGED,
+        ],
+    )
     files = app_files(SERVERAPP, {**RUN_CONFIG, "rogue-node": -1, "rogue-kinds": ""})
     pyproject = tomllib.loads(files["pyproject.toml"].decode())
     pyproject["tool"]["flwr"]["app"]["components"]["clientapp"] = "rogue_app:app"
     files["pyproject.toml"] = tomli_w.dumps(pyproject).encode()
     files["rogue_app.py"] = (Path(__file__).parent / "rogue_app.py").read_bytes()
     out, audit = tmp_path / "run", tmp_path / "audit"
-    config = {**run_config(fed, out, False, audit), "rogue-node": 1,
-              "rogue-kinds": ",".join(ROGUE_KINDS)}  # fmt: skip
+    config = {
+        **run_config(fed, out, False, audit),
+        "rogue-node": 1,
+        "rogue-kinds": ",".join(ROGUE_KINDS),
+    }
     with SimulationEngine(tmp_path / "engine", len(sites)) as engine:
         run_id = engine.submit(config, sites, tmp_path / "work", files)
         assert wait_run(run_id, engine.env), engine.save_log(run_id)
@@ -216,15 +234,21 @@ def test_a_rogue_site_neither_stops_nor_steers_the_run(sites, tmp_path):
         assert rejected["site"] == rogue and rejected["reason"].startswith(rule), rejected
     # The last round's honest update (read from the audit) is the global model.
     last = sorted(audit.glob("*-pretrain_round_4.json"))
-    (mine,) = [f for f in last if json.loads(f.read_text())["records"]["metrics"]["metrics"]
-               ["num-examples"] < 10**9]  # fmt: skip
+    (mine,) = [
+        f
+        for f in last
+        if json.loads(f.read_text())["records"]["metrics"]["metrics"]["num-examples"] < 10**9
+    ]
     sent = np.load(str(mine).replace(".json", "-arrays.npz"))
     final = load_file(str(out / "checkpoint" / "weights.safetensors"))
     assert final.keys() == set(sent.files)
     # The objectives' heads, both stages', are in the global model like every other array.
     assert {k.split(".")[1] for k in final if k.startswith("pretrain_heads.")} >= {
-        "proj_ts", "stay_out", "code_out", "code_proj"
-    }  # fmt: skip
+        "proj_ts",
+        "stay_out",
+        "code_out",
+        "code_proj",
+    }
     for k in final:
         np.testing.assert_array_equal(final[k], sent[k], err_msg=k)
 
@@ -233,13 +257,28 @@ def test_sigterm_stops_what_a_simulation_started(tmp_path):
     """`kill` (SIGTERM) on `fedclif simulate` unwinds like Ctrl-C: the command exits 130 and
     the SuperLink, ServerApp process and Ray it started are gone, not orphaned."""
     out = tmp_path / "out"
-    small = ["study.sites.source.stays=100", "study.sites.target.stays=100",
-             "study.sites.third=null", "study.seeds=[0]"]  # fmt: skip
+    small = [
+        "study.sites.source.stays=100",
+        "study.sites.target.stays=100",
+        "study.sites.third=null",
+        "study.seeds=[0]",
+    ]
     p = subprocess.Popen(
-        [*FEDCLIF, "simulate", "--profile", "quick", "--out", str(out),
-         "--cache", str(tmp_path / "cache"), *small],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
-    )  # fmt: skip
+        [
+            *FEDCLIF,
+            "simulate",
+            "--profile",
+            "quick",
+            "--out",
+            str(out),
+            "--cache",
+            str(tmp_path / "cache"),
+            *small,
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     try:
         wait_for(lambda: (out / "progress.json").is_file(), 180, "the study to start")
         started = psutil.Process(p.pid).children(recursive=True)

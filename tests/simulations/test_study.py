@@ -94,8 +94,14 @@ def test_the_study_shows_the_transfer_gap_and_its_recovery(study):
 
     def auroc(arm, setting, site, task, frac=1.0):
         """Mean over seeds, from the rows (not from the report's summary)."""
-        return np.mean([x["auroc"] for x in rows if (x["arm"], x["setting"], x["eval_site"],
-                        x["task"], x["fraction"]) == (arm, setting, site, task, frac)])  # fmt: skip
+        return np.mean(
+            [
+                x["auroc"]
+                for x in rows
+                if (x["arm"], x["setting"], x["eval_site"], x["task"], x["fraction"])
+                == (arm, setting, site, task, frac)
+            ]
+        )
 
     gap = {
         (site, t): auroc("source_only", "in_distribution", "source", t)
@@ -108,8 +114,9 @@ def test_the_study_shows_the_transfer_gap_and_its_recovery(study):
     for (site, t), g in gap.items():  # the report's differences are these
         d = checks["zero_shot_drop"][site][t]
         assert d["difference"] == pytest.approx(g) and d["low"] <= g <= d["high"]
-        assert d["verdict"] == ("beats" if d["low"] > 0 else "worse" if d["high"] < 0
-                                else "no clear difference")  # fmt: skip
+        assert d["verdict"] == (
+            "beats" if d["low"] > 0 else "worse" if d["high"] < 0 else "no clear difference"
+        )
     # shift-none third site (the control): no clear drop from in-distribution on any task
     # (the interval of in-distribution minus zero-shot does not lie above 0).
     assert all(checks["zero_shot_drop"]["third"][t]["low"] <= 0 for t in cfg.tasks)
@@ -120,8 +127,10 @@ def test_the_study_shows_the_transfer_gap_and_its_recovery(study):
     lo, hi = min(cfg.fractions), max(cfg.fractions)
     tasks = [t for t in cfg.tasks if checks["test_events"]["target"][t] >= MIN_EVENTS]
     for arm in ("source_finetuned", "target_only", "federated_finetuned"):
-        at = {f: np.mean([auroc(arm, "local_finetune", "target", t, f) for t in tasks])
-              for f in (lo, hi)}  # fmt: skip
+        at = {
+            f: np.mean([auroc(arm, "local_finetune", "target", t, f) for t in tasks])
+            for f in (lo, hi)
+        }
         assert at[hi] > at[lo], (arm, at)
     # The report says whether federated pretraining beat each single-site arm, per share,
     # from a paired bootstrap of the difference on the same stays (same resamples).
@@ -129,8 +138,11 @@ def test_the_study_shows_the_transfer_gap_and_its_recovery(study):
     assert set(fed) == {"0.05", "1"}
     at_target = [x for x in rows if x["setting"] == "local_finetune"]
     assert len({len(x["auroc_boot"]) for x in at_target if x["task"] == "death"}) == 1
-    arms = {"federated": "federated_finetuned", "source_only": "source_finetuned",
-            "target_only": "target_only"}  # fmt: skip
+    arms = {
+        "federated": "federated_finetuned",
+        "source_only": "source_finetuned",
+        "target_only": "target_only",
+    }
     for f, v in fed.items():
         for key, arm in arms.items():
             want = np.mean([auroc(arm, "local_finetune", "target", t, float(f)) for t in tasks])
@@ -166,24 +178,44 @@ def test_the_report_holds_calibration_the_published_comparisons_and_the_pretrain
         assert "brier_recal" in x and len(x["reliability_observed"]) == 10, x
     # Zero-shot at the ucmc-like target: the base rate moved, so recalibrating on the
     # target's validation stays lowers the calibration error (mean over seeds and tasks).
-    zs = [x for x in rows if x["arm"] == "source_only" and x["setting"] == "zero_shot"
-          and x["eval_site"] == "target"]  # fmt: skip
+    zs = [
+        x
+        for x in rows
+        if x["arm"] == "source_only" and x["setting"] == "zero_shot" and x["eval_site"] == "target"
+    ]
     assert np.mean([x["ece_recal"] for x in zs]) < np.mean([x["ece"] for x in zs])
     cal = summary["calibration"]["death"]["zero-shot"]
     assert cal["brier"] == pytest.approx(np.mean([x["brier"] for x in zs if x["task"] == "death"]))
     # The baseline, fitted once at the source, scored where the foundation model is.
     gbm = {(x["setting"], x["eval_site"], x["task"]) for x in rows if x["arm"] == "gbm"}
-    assert gbm == {(s, site, t) for t in cfg.tasks for s, site in
-                   [("in_distribution", "source"), ("zero_shot", "target"),
-                    ("zero_shot", "third")]}  # fmt: skip
+    assert gbm == {
+        (s, site, t)
+        for t in cfg.tasks
+        for s, site in [
+            ("in_distribution", "source"),
+            ("zero_shot", "target"),
+            ("zero_shot", "third"),
+        ]
+    }
     tasks = summary["checks"]["tasks_with_enough_target_events"]
 
     def mean(arm, setting, site, metric="auroc", frac=1.0):
-        return np.mean([
-            np.mean([x[metric] for x in rows if x["arm"] == arm and x["setting"] == setting
-                     and x["eval_site"] == site and x["task"] == t and x["fraction"] == frac])
-            for t in tasks
-        ])  # fmt: skip
+        return np.mean(
+            [
+                np.mean(
+                    [
+                        x[metric]
+                        for x in rows
+                        if x["arm"] == arm
+                        and x["setting"] == setting
+                        and x["eval_site"] == site
+                        and x["task"] == t
+                        and x["fraction"] == frac
+                    ]
+                )
+                for t in tasks
+            ]
+        )
 
     for label, arm in (("foundation model", "source_only"), ("gradient boosting", "gbm")):
         for site in ("target", "third"):
@@ -215,9 +247,10 @@ def test_the_report_holds_calibration_the_published_comparisons_and_the_pretrain
         assert c[-1]["val_loss"] < c[0]["val_loss"]
     last = np.mean([c[-1]["val_loss"] for c in curves.values()])
     first_within = min(
-        k + 1 for k in range(cfg.pretrain.rounds)
+        k + 1
+        for k in range(cfg.pretrain.rounds)
         if np.mean([c[k]["val_loss"] for c in curves.values()]) <= 1.01 * last
-    )  # fmt: skip
+    )
     assert summary["pretraining"]["within_1pct_of_last"] == first_within
     for png in ("reliability", "pretraining_loss"):
         assert (out / f"{png}.png").stat().st_size > 5000
@@ -234,8 +267,12 @@ def test_the_shifts_profile_runs_every_single_shift_target_and_ucmc(tmp_path, st
     interval (recomputed here)."""
     cfg = load_study(None, "shifts", [])
     assert list(cfg.study.targets) == [
-        "shift-case-mix", "shift-policy", "shift-measurement", "shift-documentation", "ucmc-like",
-    ]  # fmt: skip
+        "shift-case-mix",
+        "shift-policy",
+        "shift-measurement",
+        "shift-documentation",
+        "ucmc-like",
+    ]
     assert main(["simulate", "--out", str(tmp_path / "x"), "study.targets=[nowhere]"]) == 1
     assert "study.targets: unknown preset 'nowhere'" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
@@ -247,8 +284,11 @@ def test_the_shifts_profile_runs_every_single_shift_target_and_ucmc(tmp_path, st
         assert v["gap"] == summary["checks"]["zero_shot_drop"]["target"][task]
         low = summary["table"][task]["in-distribution"]["auroc_low"]
         for arm in ("source_finetuned", "federated_finetuned"):
-            reached = [f for f, c in zip(fracs, summary["recovery"][arm][task], strict=True)
-                       if c.get("auroc", 0) >= low]  # fmt: skip
+            reached = [
+                f
+                for f, c in zip(fracs, summary["recovery"][arm][task], strict=True)
+                if c.get("auroc", 0) >= low
+            ]
             assert v[arm] == (reached[0] if reached else None)
     text = write_shifts(tmp_path, {"ucmc-like": summary}, load_study(None, "quick", []))
     assert "| ucmc-like | death |" in text and (tmp_path / "shifts.png").stat().st_size > 5000
@@ -330,11 +370,25 @@ def test_the_objectives_question_compares_each_set_with_next_token_alone(study):
         assert all(x["fraction"] == frac for x in sel)
     # The lane pretrained with the objectives: their heads are in its weights; the
     # next-token lanes have none.
-    heads = load_file(str(out / "runs" / "source_only[ts]-pretrain-source-f1-s0" / "checkpoint"
-                          / "weights.safetensors"))  # fmt: skip
+    heads = load_file(
+        str(
+            out
+            / "runs"
+            / "source_only[ts]-pretrain-source-f1-s0"
+            / "checkpoint"
+            / "weights.safetensors"
+        )
+    )
     assert any(k.startswith("pretrain_heads.ts_in") for k in heads)
-    plain = load_file(str(out / "runs" / "source_only-pretrain-source-f1-s0" / "checkpoint"
-                          / "weights.safetensors"))  # fmt: skip
+    plain = load_file(
+        str(
+            out
+            / "runs"
+            / "source_only-pretrain-source-f1-s0"
+            / "checkpoint"
+            / "weights.safetensors"
+        )
+    )
     assert not any(k.startswith("pretrain_heads") for k in plain)
     ab = json.loads((out / "summary.json").read_text())["objectives"]
     assert set(ab) == {"next_token", "ts"}
@@ -342,8 +396,14 @@ def test_the_objectives_question_compares_each_set_with_next_token_alone(study):
         d = ab["ts"][t]["vs_first"]["zero-shot"]
 
         def reps(arm: str, t: str = t) -> np.ndarray:
-            sel = {x["seed"]: x for x in rows if x["arm"] == arm and x["task"] == t
-                   and x["setting"] == "zero_shot" and x["eval_site"] == "target"}  # fmt: skip
+            sel = {
+                x["seed"]: x
+                for x in rows
+                if x["arm"] == arm
+                and x["task"] == t
+                and x["setting"] == "zero_shot"
+                and x["eval_site"] == "target"
+            }
             return np.mean([sel[s]["auroc_boot"] for s in sorted(asked)], 0)  # seed by seed
 
         ref = paired_difference(0, 0, reps("source_only[ts]"), reps("source_only"))

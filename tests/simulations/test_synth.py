@@ -248,8 +248,9 @@ def test_late_deterioration_makes_the_late_icu_and_imv_events(tmp_path):
         ("hospitalization", ["admission_type_category", "age_at_admission"]),
     ):
         assert read(base, table).select(cols).equals(read(none, table).select(cols))
-    deaths = [(read(d, "hospitalization")["discharge_category"] == "Expired").sum()
-              for d in (none, base)]  # fmt: skip
+    deaths = [
+        (read(d, "hospitalization")["discharge_category"] == "Expired").sum() for d in (none, base)
+    ]
     assert deaths[1] > deaths[0]
 
 
@@ -269,9 +270,12 @@ def test_placement_delay_lengthens_facility_stays_only(tmp_path):
     a, b = los_days(base), los_days(delayed)
     assert a["discharge_category"].equals(b["discharge_category"])
     facility = a["discharge_category"].is_in(
-        ["Skilled Nursing Facility (SNF)", "Acute Inpatient Rehab Facility",
-         "Long Term Care Hospital (LTACH)"]
-    )  # fmt: skip
+        [
+            "Skilled Nursing Facility (SNF)",
+            "Acute Inpatient Rehab Facility",
+            "Long Term Care Hospital (LTACH)",
+        ]
+    )
     diff = (b["los"] - a["los"]).to_numpy()
     assert facility.sum() > 100
     np.testing.assert_allclose(diff[facility.to_numpy()], 7.0, atol=1 / 1440)
