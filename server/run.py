@@ -7,11 +7,10 @@ Flower Grid)."""
 import json
 import logging
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp import strategy as flwr_strategy
@@ -33,6 +32,7 @@ from fedclif.server.checks import (
     stats_problem,
     train_reply_problem,
 )
+from fedclif.server.messaging import Messenger
 from fedclif.shared.artifact import write_json
 from fedclif.shared.config import write_resolved
 from fedclif.shared.errors import FedclifError
@@ -40,9 +40,7 @@ from fedclif.shared.federation import (
     ARRAYS,
     BASE,
     CONFIG,
-    ERRORS,
     EVALUATE_PROBE,
-    FLOWER_ERRORS,
     METRICS,
     PROBES,
     QUERY_INFO,
@@ -92,18 +90,46 @@ def make_strategy(fed: DictConfig):
 
 @dataclass
 class Pending:
-    """Messages sent to the sites and what finishing them needs: `begin_*` returns one,
-    the caller sends `msgs` (alone, or batched with other runs' as the study does) and
-    passes the replies with it to the matching `end_*`."""
+    """Messages sent to the sites, waiting for their replies: `begin_*` returns one, the
+    caller sends `msgs` (alone, or batched with other runs' as the study does) and passes
+    the replies with it to the matching `end_*`. Tokenizing and probes need no more."""
 
     msgs: list[Message]
-    stage: str = ""
-    rnd: int = 0
-    tok: Tokenizer | None = None
-    base: dict | None = None
-    strategy: object = None
-    current: ArrayRecord | None = None
+
+
+@dataclass
+class RoundPending(Pending):
+    """A training round's: what checking, aggregating and checkpointing its replies need."""
+
+    stage: str
+    rnd: int
+    tok: Tokenizer
+    base: dict | None
+    strategy: object
+    current: ArrayRecord
     t0: float = field(default_factory=time.perf_counter)
+
+
+@dataclass
+class EvaluationPending(Pending):
+    """An evaluation's: the stage it scores and the strategy that weighs its metrics."""
+
+    stage: str
+    strategy: object
+
+
+@dataclass
+class RoundTally:
+    """A round's replies as checked: the valid ones kept for the strategy (or their
+    running mean), each site's metrics, and what failed, was rejected or capped."""
+
+    kept: list[Message] = field(default_factory=list)
+    sites: dict[str, dict] = field(default_factory=dict)
+    failed: list[dict] = field(default_factory=list)
+    rejected: list[dict] = field(default_factory=list)
+    capped: dict | None = None
+    received: int = 0
+    checking: float = 0.0
 
 
 def _bytes(records) -> int:
@@ -122,7 +148,12 @@ class FederatedRun:
         out: str | Path,
         resume: bool = False,
         audit: str | Path | None = None,
+        sites: dict[int, str] | None = None,
+        announced: dict[str, dict] | None = None,
     ):
+        """`sites` (node id -> name) and `announced` (site -> the sizes it announced when
+        it tokenized) are given when they are already known (a study's jobs); a whole run
+        learns them from the sites' answers."""
         self.grid, self.config, self.out = grid, config, Path(out)
         self.out.mkdir(parents=True, exist_ok=True)
         self.federation_cfg, self.train_cfg, self.model_cfg = (
@@ -130,158 +161,27 @@ class FederatedRun:
             config.train,
             config.model,
         )
-        self.sites: dict[int, str] = {}
-        # Nodes left out of the run (a second node under a site's name), and why.
-        self.excluded: dict[int, str] = {}
-        self._names: dict[int, str] = {}  # registered names, by node id (`_registered`)
-        self.state: dict = {"phase": "statistics", "round": 0, "history": [], "sites": {}}
+        self.link = Messenger(
+            grid, self.federation_cfg.timeout_s, self.federation_cfg.min_sites, audit, sites
+        )
+        self.state: dict = {
+            "phase": "statistics",
+            "round": 0,
+            "history": [],
+            "sites": dict(announced or {}),
+        }
         self.resume = resume
-        self.timeout = float(self.federation_cfg.timeout_s)
         self.streaming = (
             bool(self.federation_cfg.strategy.streaming)
             and self.federation_cfg.strategy.name in STREAMING
         )
-        # Every reply's records are written here when set: what left the sites, to inspect.
-        self.audit = Path(audit) if audit else None
-        self._n_audit = 0
 
-    # --- messaging ---------------------------------------------------------------------
+    @property
+    def sites(self) -> dict[int, str]:
+        """The run's sites: node id -> name."""
+        return self.link.sites
 
-    def _nodes(self) -> list[int]:
-        """Connected nodes, waiting (up to the timeout) until `min_sites` are there."""
-        t0 = time.monotonic()
-        while True:
-            nodes = sorted(n for n in self.grid.get_node_ids() if n not in self.excluded)
-            if len(nodes) >= int(self.federation_cfg.min_sites):
-                return nodes
-            if time.monotonic() - t0 > self.timeout:
-                raise FedclifError(
-                    f"only {len(nodes)} site(s) connected after {self.timeout:.0f} s; "
-                    f"the run needs min_sites={self.federation_cfg.min_sites}"
-                )
-            time.sleep(1.0)
-
-    def _site(self, node: int) -> str:
-        return self.sites.get(node, f"node-{node}")
-
-    def _registered(self, node: int) -> dict[int, str]:
-        """Node id -> the name it was registered under at the SuperLink (`fedclif site
-        register`; none in a simulation), asked again when `node` is not in it yet."""
-        if node not in self._names:
-            self._names = {n.node_id: n.name for n in self.grid.get_nodes() if n.name}
-        return self._names
-
-    def _claim(self, node: int, claimed: str) -> str | None:
-        """Name `node`. A registered node is named by its registration, bound to its key,
-        whatever it answers; an unregistered one (a simulation's) by its answer, unless
-        another node holds that name, registered or connected: the node is then left out
-        of the run, whoever came first (two sites under one name would overwrite each
-        other's records). A site back under a new node id (a resumed simulation) takes
-        its name back."""
-        registered = self._registered(node)
-        if node in registered:
-            name = registered[node]
-            if claimed != name:
-                log.info("node %d answers as %r; it is registered as %r", node, claimed, name)
-            holders = []
-        else:
-            name = claimed
-            holders = [n for n, v in self.sites.items() if n != node and v == name]
-            live = set(self.grid.get_node_ids()) if holders else set()
-            if name in registered.values() or any(n in live for n in holders):
-                self.excluded[node] = why = f"duplicate site name {name!r}"
-                log.warning("node %d left out of the run: %s", node, why)
-                return why
-        for n in holders:
-            del self.sites[n]
-        self.sites[node] = name
-        return None
-
-    def _included(self, msgs) -> list[Message]:
-        return [m for m in msgs if m.metadata.dst_node_id not in self.excluded]
-
-    def _send(self, pending: Pending) -> list[Message]:
-        """Send a request's messages and wait (up to the timeout) for the replies."""
-        return list(self.grid.send_and_receive(pending.msgs, timeout=self.timeout))
-
-    def _stream(self, pending: Pending, poll_s: float = 2.0) -> Iterator[Message]:
-        """Send a request's messages; the replies one at a time as they arrive (up to the
-        timeout), each pulled alone so that no more than one is held here."""
-        waiting = set(self.grid.push_messages(pending.msgs))  # now, not at the first next()
-
-        def replies() -> Iterator[Message]:
-            end = time.monotonic() + self.timeout
-            while waiting and time.monotonic() < end:
-                for mid in list(waiting):
-                    for r in self.grid.pull_messages([mid]):
-                        waiting.discard(r.metadata.reply_to_message_id)
-                        yield r
-                if waiting:
-                    time.sleep(poll_s)
-
-        return replies()
-
-    def _exchange(self, msgs: list[Message], what: str) -> tuple[list[Message], list[dict]]:
-        return self.sort_replies(msgs, self._send(Pending(msgs)), what)
-
-    def sort_replies(
-        self, msgs: list[Message], replies: Iterable[Message], what: str
-    ) -> tuple[list[Message], list[dict]]:
-        """The replies with content, and failures as (site, category), silent sites
-        included, each logged by name."""
-        failed: list[dict] = []
-        return list(self._replies(msgs, replies, what, failed)), failed
-
-    def _replies(
-        self, msgs: list[Message], replies: Iterable[Message], what: str, failed: list[dict]
-    ) -> Iterator[Message]:
-        """The replies with content, as they come; failures go to `failed` (the silent
-        sites' once the replies end), each logged by name."""
-        dst = {m.metadata.message_id: m.metadata.dst_node_id for m in msgs}
-        answered, n_failed = set(), len(failed)
-        for r in replies:
-            self._audit(r, what)
-            # Error replies the SuperLink makes for a lost site come from the SuperLink:
-            # name the site the message was for.
-            node = dst.get(r.metadata.reply_to_message_id, r.metadata.src_node_id)
-            answered.add(node)
-            if r.has_error():
-                code = r.error.code
-                name = ERRORS.get(code) or FLOWER_ERRORS.get(code, "internal")
-                failure = {"site": self._site(node), "error": name}
-                if name == "policy":  # the site names the rule its policy applied
-                    failure["reason"] = str(r.error.reason)
-                failed.append(failure)
-            else:
-                yield r
-        failed += [
-            {"site": self._site(m.metadata.dst_node_id), "error": "no_reply"}
-            for m in msgs
-            if m.metadata.dst_node_id not in answered
-        ]
-        for f in failed[n_failed:]:
-            log.warning("%s: site %s failed (%s)", what, f["site"], f.get("reason", f["error"]))
-
-    def _audit(self, reply: Message, what: str) -> None:
-        if self.audit is None:
-            return
-        self.audit.mkdir(parents=True, exist_ok=True)
-        self._n_audit += 1
-        base = self.audit / f"{self._n_audit:04d}-{what.replace(' ', '_')}"
-        records = {}
-        if not reply.has_error():
-            c = reply.content
-            records = {
-                "config": {k: dict(v) for k, v in c.config_records.items()},
-                "metrics": {k: dict(v) for k, v in c.metric_records.items()},
-                "arrays": {k: sorted(v.keys()) for k, v in c.array_records.items()},
-            }
-            for k, rec in c.array_records.items():
-                np.savez(f"{base}-{k}.npz", **from_record(rec))
-        error = (
-            {"code": reply.error.code, "reason": reply.error.reason} if reply.has_error() else None
-        )
-        Path(f"{base}.json").write_text(json.dumps({"records": records, "error": error}))
+    # --- rules -------------------------------------------------------------------------
 
     def _enough(self, ok: list | int, what: str) -> None:
         n = ok if isinstance(ok, int) else len(ok)
@@ -292,15 +192,9 @@ class FederatedRun:
                 "kept (resume when the sites are back)"
             )
 
-    def _messages(self, kind: str, content: RecordDict) -> list[Message]:
-        """One message of type `kind` with `content` to every site."""
-        return [
-            Message(content=content.copy(), dst_node_id=n, message_type=kind) for n in self._nodes()
-        ]
-
     def _query(self, kind: str, content: RecordDict) -> list[Message]:
-        msgs = self._messages(kind, content)
-        ok, _ = self._exchange(msgs, kind)
+        msgs = self.link.messages(kind, content)
+        ok, _ = self.link.sort(msgs, self.link.send(msgs), kind)
         self._enough(ok, kind)
         return ok
 
@@ -319,9 +213,9 @@ class FederatedRun:
             try:
                 name, s = str(r.content[STATS]["site"]), json.loads(str(r.content[STATS]["json"]))
             except Exception:  # a record that is not what a site sends
-                name, s = self._site(node), None
-            why = self._claim(node, name) or stats_problem(s, sig, most)
-            name = self.sites.get(node, name)  # a registered name, whatever it answered
+                name, s = self.link.site(node), None
+            why = self.link.claim(node, name) or stats_problem(s, sig, most)
+            name = self.link.sites.get(node, name)  # a registered name, whatever it answered
             if why:
                 left_out.append({"site": name, "node": node, "reason": why})
                 log.warning("statistics: site %s left out of the tokenizer: %s", name, why)
@@ -338,30 +232,32 @@ class FederatedRun:
             if name is None:
                 log.warning("info: node %d gave no site name: left unnamed", node)
                 continue
-            self._claim(node, name)
+            self.link.claim(node, name)
         return dict(self.sites)
 
     def begin_tokenize(self, tok: Tokenizer) -> Pending:
         """Ask every site to tokenize its data with `tok` (then `end_tokenize`)."""
         content = RecordDict({CONFIG: ConfigRecord({"tokenizer": json.dumps(tok.to_dict())})})
-        return Pending(self._messages(QUERY_TOKENIZE, content), tok=tok)
+        return Pending(self.link.messages(QUERY_TOKENIZE, content))
 
     def end_tokenize(self, pending: Pending, replies: list[Message]) -> None:
-        ok, _ = self.sort_replies(pending.msgs, replies, QUERY_TOKENIZE)
+        ok, _ = self.link.sort(pending.msgs, replies, QUERY_TOKENIZE)
         self._enough(ok, QUERY_TOKENIZE)
         for r in ok:
             node = r.metadata.src_node_id
-            if node not in self.sites and self._claim(node, site_name(r.content) or f"node-{node}"):
+            if node not in self.sites and self.link.claim(
+                node, site_name(r.content) or f"node-{node}"
+            ):
                 continue
             if why := sizes_problem(r.content):
                 log.warning("tokenize: site %s: %s: its updates will be refused", node, why)
                 continue  # its training replies are then refused by their size cap
-            self.state["sites"][self._site(node)] = dict(r.content[METRICS])
+            self.state["sites"][self.link.site(node)] = dict(r.content[METRICS])
 
     def tokenize(self, tok: Tokenizer) -> None:
         """Every site tokenizes its data with `tok` (cached there by tokenizer hash)."""
         pending = self.begin_tokenize(tok)
-        self.end_tokenize(pending, self._send(pending))
+        self.end_tokenize(pending, self.link.send(pending.msgs))
 
     def statistics(self) -> Tokenizer:
         """Every site's mergeable statistics -> one tokenizer -> every site tokenizes."""
@@ -411,97 +307,98 @@ class FederatedRun:
         base: dict | None,
         strategy,
         send_base: bool = False,
-    ) -> Pending:
+    ) -> RoundPending:
         """Round `rnd` (send its messages, then pass the replies to `end_round`)."""
         current = to_record(weights)
         config = self._config(stage, rnd, tok, base)
-        msgs = self._included(strategy.configure_train(rnd, current, config, self.grid))
+        msgs = self.link.included(strategy.configure_train(rnd, current, config, self.grid))
         if send_base:
             for m in msgs:
                 m.content[BASE] = to_record(base)
-        return Pending(msgs, stage, rnd, tok, base, strategy, current)
+        return RoundPending(msgs, stage, rnd, tok, base, strategy, current)
 
-    def end_round(self, pending: Pending, replies: Iterable[Message], n: int) -> dict:
+    def end_round(self, pending: RoundPending, replies: Iterable[Message], n: int) -> dict:
         """Check, aggregate and checkpoint the replies of a round (any iterable: a stream
         is folded in as it comes, see server/aggregate.py); returns the new global
         weights. Rejected and failed sites are logged; too few valid replies end the run
         (its last checkpoint stays)."""
-        stage, rnd, current, msgs = pending.stage, pending.rnd, pending.current, pending.msgs
-        strategy, what = pending.strategy, f"{stage} round {pending.rnd}"
-        sent = sum(_bytes(m.content.array_records.values()) for m in msgs)
+        what = f"{pending.stage} round {pending.rnd}"
+        tally = self._check_and_fold(pending, replies, what)
+        self._enough(len(tally.sites), what)
+        agg, metrics = pending.strategy.aggregate_train(pending.rnd, tally.kept)
+        # The model's own dtypes (FedOpt computes in float64): sites answer in them.
+        current = pending.current
+        weights = {k: v.astype(current[k].dtype, copy=False) for k, v in from_record(agg).items()}
+        self._record_round(pending, tally, dict(metrics) if metrics else {})
+        save_checkpoint(self.out, self._state(pending.tok), weights, pending.strategy, pending.base)
+        loss = dict(metrics or {}).get("train_loss", float("nan"))
+        log.info("%s/%d: %d site(s), loss %.3f", what, n, len(tally.sites), loss)
+        return weights
+
+    def _check_and_fold(
+        self, pending: RoundPending, replies: Iterable[Message], what: str
+    ) -> RoundTally:
+        """Check each reply as it comes and fold the valid ones into the round's mean
+        (streaming: each reply goes once folded) or keep them for the strategy."""
+        tally = RoundTally()
         running = RunningMean() if self.streaming else None
-        kept, rejected, failed, sites, received, checking = [], [], [], {}, 0, 0.0
-        fold = kept.append if running is None else lambda r: running.add(r.content)
+        fold = tally.kept.append if running is None else lambda r: running.add(r.content)
         bounded = HeaviestHeld(self.federation_cfg.checks.max_weight_ratio, fold)
         dp = float(self.train_cfg.dp.epsilon) > 0
-        for r in self._replies(msgs, replies, what, failed):
-            site = self._site(r.metadata.src_node_id)
-            received += _bytes(r.content.array_records.values())
+        max_ratio = float(self.federation_cfg.checks.max_update_ratio)
+        for r in self.link.replies(pending.msgs, replies, what, tally.failed):
+            site = self.link.site(r.metadata.src_node_id)
+            tally.received += _bytes(r.content.array_records.values())
             t0 = time.perf_counter()
-            why = train_reply_problem(
-                r.content,
-                current,
-                dp,
-                self.max_examples(site, stage),
-                float(self.federation_cfg.checks.max_update_ratio),
-            )
-            checking += time.perf_counter() - t0
+            cap = self.max_examples(site, pending.stage)
+            why = train_reply_problem(r.content, pending.current, dp, cap, max_ratio)
+            tally.checking += time.perf_counter() - t0
             if why:
-                rejected.append({"site": site, "reason": why})
+                tally.rejected.append({"site": site, "reason": why})
                 log.warning("%s: rejected site %s: %s", what, site, why)
                 continue
-            sites[site] = dict(r.content[METRICS])
+            tally.sites[site] = dict(r.content[METRICS])
             bounded.add(site, r)  # folded (streaming: and the reply goes), or kept
-        capped = bounded.finish()
-        if capped:
+        tally.capped = bounded.finish()
+        if tally.capped:
+            c = tally.capped
             log.warning(
                 "%s: site %s's weight %.3g capped at %.3g (max_weight_ratio)",
-                what,
-                capped["site"],
-                capped["announced"],
-                capped["counted"],
+                *(what, c["site"], c["announced"], c["counted"]),
             )
-        self._enough(len(sites), what)
-        if running is not None:  # the strategy aggregates the one reply of the mean
-            kept = [Message(running.result(), dst_node_id=0, message_type="train")]
-        agg, metrics = strategy.aggregate_train(rnd, kept)
-        # The model's own dtypes (FedOpt computes in float64): sites answer in them.
-        weights = {k: v.astype(current[k].dtype, copy=False) for k, v in from_record(agg).items()}
+        if running is not None and tally.sites:  # the strategy aggregates one reply: the mean
+            tally.kept = [Message(running.result(), dst_node_id=0, message_type="train")]
+        return tally
+
+    def _record_round(self, pending: RoundPending, tally: RoundTally, metrics: dict) -> None:
+        """The round in the run's history (results.json) and state."""
+        msgs = pending.msgs
         self.state["history"].append(
             {
-                "phase": stage,
-                "round": rnd,
+                "phase": pending.stage,
+                "round": pending.rnd,
                 "seconds": time.perf_counter() - pending.t0,
                 "ended": time.time(),  # wall clock, to line rounds up with other logs
-                "bytes_sent": sent,
-                "bytes_received": received,
-                "checks_seconds": checking,
+                "bytes_sent": sum(_bytes(m.content.array_records.values()) for m in msgs),
+                "bytes_received": tally.received,
+                "checks_seconds": tally.checking,
                 # This process's peak memory so far: flat in the number of sites when
                 # streaming (bench/simulate.py).
                 "server_peak_mib": peak_rss_mib(),
-                "sites": sites,
-                "failed": failed,
-                "rejected": rejected,
-                "capped": [capped] if capped else [],
+                "sites": tally.sites,
+                "failed": tally.failed,
+                "rejected": tally.rejected,
+                "capped": [tally.capped] if tally.capped else [],
                 # Sites of this run the round could not ask: gone from the SuperLink's
                 # nodes (a stopped daemon) before it started.
                 "absent": sorted(
-                    set(self.sites.values()) - {self._site(m.metadata.dst_node_id) for m in msgs}
+                    set(self.sites.values())
+                    - {self.link.site(m.metadata.dst_node_id) for m in msgs}
                 ),
-                "metrics": dict(metrics) if metrics else {},
+                "metrics": metrics,
             }
         )
-        self.state.update(phase=stage, round=rnd)
-        save_checkpoint(self.out, self._state(pending.tok), weights, strategy, pending.base)
-        log.info(
-            "%s round %d/%d: %d site(s), loss %.3f",
-            stage,
-            rnd,
-            n,
-            len(sites),
-            dict(metrics or {}).get("train_loss", float("nan")),
-        )
-        return weights
+        self.state.update(phase=pending.stage, round=pending.rnd)
 
     def max_examples(self, site: str, stage: str) -> float:
         """The most training examples `site` can have in a round of `stage`, from what it
@@ -537,7 +434,7 @@ class FederatedRun:
                 strategy,
                 send_base=base is not None and rnd == start + 1,
             )
-            weights = self.end_round(pending, self._stream(pending), n)
+            weights = self.end_round(pending, self.link.stream(pending.msgs), n)
         return weights
 
     def begin_probes(self, tok: Tokenizer, weights: dict) -> Pending:
@@ -546,18 +443,18 @@ class FederatedRun:
         content = RecordDict(
             {ARRAYS: to_record(weights), CONFIG: self._config("pretrain", 0, tok, None)}
         )
-        return Pending(self._messages(TRAIN_PROBE, content), "pretrain", tok=tok)
+        return Pending(self.link.messages(TRAIN_PROBE, content))
 
     def end_probes(self, pending: Pending, replies: list[Message]) -> dict[str, dict]:
         """Each site's probes (arrays for `begin_evaluate(probes=...)`), by site name."""
-        ok, _ = self.sort_replies(pending.msgs, replies, TRAIN_PROBE)
+        ok, _ = self.link.sort(pending.msgs, replies, TRAIN_PROBE)
         tasks, shape = (
             list(self.train_cfg.finetune.tasks),
             self.model_cfg.shapes[self.model_cfg.arch],
         )
         probes = {}
         for r in ok:
-            site = self._site(r.metadata.src_node_id)
+            site = self.link.site(r.metadata.src_node_id)
             if why := probe_reply_problem(r.content, tasks, int(shape.hidden_size)):
                 log.warning("%s: rejected site %s: %s", TRAIN_PROBE, site, why)
                 continue
@@ -573,7 +470,7 @@ class FederatedRun:
         base: dict | None,
         split: str = "test",
         probes: dict | None = None,
-    ) -> Pending:
+    ) -> EvaluationPending:
         """Ask every site to evaluate `weights` on its `split` ("all": every stay, for a
         model that never saw the site's data); with `probes`, those linear probes on the
         pretrained `weights` instead of the finetuned model (then `end_evaluate`)."""
@@ -582,28 +479,28 @@ class FederatedRun:
         config["eval_split"] = split
         if probes is None:
             msgs = strategy.configure_evaluate(0, to_record(weights), config, self.grid)
-            msgs = self._included(msgs)
+            msgs = self.link.included(msgs)
         else:
             content = {ARRAYS: to_record(weights), CONFIG: config, PROBES: to_record(probes)}
-            msgs = self._messages(EVALUATE_PROBE, RecordDict(content))
+            msgs = self.link.messages(EVALUATE_PROBE, RecordDict(content))
         for m in msgs:
             if base is not None:
                 m.content[BASE] = to_record(base)
-        return Pending(msgs, stage, tok=tok, base=base, strategy=strategy)
+        return EvaluationPending(msgs, stage, strategy)
 
-    def end_evaluate(self, pending: Pending, replies: list[Message]) -> dict:
+    def end_evaluate(self, pending: EvaluationPending, replies: list[Message]) -> dict:
         """Per-site and example-weighted metrics of an evaluation, and what each site's
         policy withheld (task -> reason)."""
-        ok, failed = self.sort_replies(pending.msgs, replies, "evaluation")
+        ok, failed = self.link.sort(pending.msgs, replies, "evaluation")
         rejected = []
         for r in list(ok):
             if why := evaluate_reply_problem(r.content):
-                rejected.append({"site": self._site(r.metadata.src_node_id), "reason": why})
+                rejected.append({"site": self.link.site(r.metadata.src_node_id), "reason": why})
                 log.warning("evaluation: rejected site %s: %s", rejected[-1]["site"], why)
                 ok.remove(r)
-        per_site = {self._site(r.metadata.src_node_id): dict(r.content[METRICS]) for r in ok}
+        per_site = {self.link.site(r.metadata.src_node_id): dict(r.content[METRICS]) for r in ok}
         withheld = {
-            self._site(r.metadata.src_node_id): dict(r.content[WITHHELD])
+            self.link.site(r.metadata.src_node_id): dict(r.content[WITHHELD])
             for r in ok
             if WITHHELD in r.content.config_records and len(r.content[WITHHELD])
         }
@@ -630,7 +527,7 @@ class FederatedRun:
 
     def evaluate(self, stage: str, tok: Tokenizer, weights: dict, base: dict | None) -> dict:
         pending = self.begin_evaluate(stage, tok, weights, base)
-        return self.end_evaluate(pending, self._send(pending))
+        return self.end_evaluate(pending, self.link.send(pending.msgs))
 
     def _state(self, tok: Tokenizer) -> dict:
         return {
@@ -681,7 +578,7 @@ class FederatedRun:
             self.state = {
                 k: saved.get(k) for k in ("phase", "round", "history", "sites", "statistics")
             }
-            self.sites = {int(k): v for k, v in saved["site_names"].items()}
+            self.link.remember({int(k): v for k, v in saved["site_names"].items()})
             tok = Tokenizer.load(self.out / "tokenizer.json")
             if why := resume_problem(saved, OmegaConf.to_container(self.config), tok.hash):
                 raise FedclifError(f"cannot resume {self.out}: {why}")

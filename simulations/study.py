@@ -14,6 +14,7 @@ from pathlib import Path
 from flwr.serverapp import Grid
 from omegaconf import DictConfig, OmegaConf
 
+from fedclif.server.messaging import stream_replies
 from fedclif.server.run import FederatedRun, Pending, make_strategy
 from fedclif.shared.artifact import write_json
 from fedclif.shared.errors import FedclifError
@@ -126,13 +127,14 @@ class Study:
         )
 
     def _run(self, name: str, sites: list[str], fed: DictConfig) -> FederatedRun:
-        run = FederatedRun(
-            SiteGrid(self.grid, [self.nodes[s] for s in sites]), fed, self.out / "runs" / name
+        return FederatedRun(
+            SiteGrid(self.grid, [self.nodes[s] for s in sites]),
+            fed,
+            self.out / "runs" / name,
+            sites={self.nodes[s]: s for s in sites},
+            # What each site announced when it tokenized: caps its examples in every job.
+            announced={s: self.announced[s] for s in sites if s in self.announced},
         )
-        run.sites = {self.nodes[s]: s for s in sites}
-        # What each site announced when it tokenized: caps its examples in every job.
-        run.state["sites"] = {s: self.announced[s] for s in sites if s in self.announced}
-        return run
 
     def _phase(self, name: str) -> None:
         now = time.monotonic()
@@ -162,25 +164,18 @@ class Study:
         """Send every request's messages at once and collect the replies as they come
         (progress per reply); the replies of each request, by its key."""
         msgs = [m for _, pending in batches for m in pending.msgs]
-        ids = list(self.grid.push_messages(msgs))
-        pending, got = set(ids), {}
-        end = time.monotonic() + float(self.config.study.timeout_s)
-        done = self.done
-        while pending and time.monotonic() < end:
-            for r in self.grid.pull_messages(list(pending)):
-                got[r.metadata.reply_to_message_id] = r
-            pending -= got.keys()
+        timeout = float(self.config.study.timeout_s)
+        done, got = self.done, {}
+        for r in stream_replies(self.grid, msgs, timeout, poll_s=0.2, one_at_a_time=False):
+            got[r.metadata.reply_to_message_id] = r
             self.done = done + len(got)
             self._progress(what)
-            if pending:
-                time.sleep(0.2)
         self.done = done + len(msgs)
-        out, i = {}, 0
-        for key, pending in batches:
-            n = len(pending.msgs)
-            out[key] = [got[mid] for mid in ids[i : i + n] if mid in got]
-            i += n
-        return out
+        # Pushing gave each message its id: the replies answer them by it.
+        return {
+            key: [got[m.metadata.message_id] for m in p.msgs if m.metadata.message_id in got]
+            for key, p in batches
+        }
 
     # --- steps -------------------------------------------------------------------------
 

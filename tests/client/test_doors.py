@@ -292,15 +292,9 @@ def test_one_statistics_answer_per_export(tmp_path, demo_dir):
     assert str(ask(coarser).content["stats"]["json"]) != str(first.content["stats"]["json"])
 
 
-def test_a_deployed_site_trains_and_evaluates_on_its_own_split(tmp_path, demo_tokens):
-    """Split fractions, salt and resamples are the policy's at a deployed site, whatever
-    the run asks (a coordinator stepping the test fraction could nest test sets and
-    difference their metrics); a simulation's site takes the run's. An evaluation of any
-    split but test or validation is refused before anything is read."""
-    policy = write_policy(tmp_path / "site", [f"policy.work_dir={tmp_path / 'work'}"])
-    tok = Tokenizer.load(demo_tokens / "tokenizer.json")
-    asked = ["train.split.test=0.23", "train.split.salt=nested", "train.finetune.n_boot=7"]
-    fed = load_federation(overrides=asked)
+def _round_message(fed, tok: Tokenizer, kind: str, **config) -> Message:
+    """A pretraining round's message (`kind`: train or evaluate) as the server sends it:
+    fresh weights of `fed`'s model, its settings, and `config` besides."""
     weights = get_weights(stage_model(fed.model, tok, fed.train, "pretrain"))
     config = {
         "stage": "pretrain",
@@ -309,12 +303,22 @@ def test_a_deployed_site_trains_and_evaluates_on_its_own_split(tmp_path, demo_to
         "model": json.dumps(OmegaConf.to_container(fed.model)),
         "tokenizer_hash": tok.hash,
         "base_id": "",
-        "eval_split": "all",
+        **config,
     }
-    meta = Metadata(1, "m1", 0, 1, "", "", time.time(), 3600.0, "evaluate")
-    msg = Message(
-        RecordDict({CONFIG: ConfigRecord(config), "arrays": to_record(weights)}), metadata=meta
-    )
+    meta = Metadata(1, "m1", 0, 1, "", "", time.time(), 3600.0, kind)
+    records = {CONFIG: ConfigRecord(config), "arrays": to_record(weights)}
+    return Message(RecordDict(records), metadata=meta)
+
+
+def test_a_deployed_site_trains_and_evaluates_on_its_own_split(tmp_path, demo_tokens):
+    """Split fractions, salt and resamples are the policy's at a deployed site, whatever
+    the run asks (a coordinator stepping the test fraction could nest test sets and
+    difference their metrics); a simulation's site takes the run's. An evaluation of any
+    split but test or validation is refused before anything is read."""
+    policy = write_policy(tmp_path / "site", [f"policy.work_dir={tmp_path / 'work'}"])
+    tok = Tokenizer.load(demo_tokens / "tokenizer.json")
+    asked = ["train.split.test=0.23", "train.split.salt=nested", "train.finetune.n_boot=7"]
+    msg = _round_message(load_federation(overrides=asked), tok, "evaluate", eval_split="all")
     deployed = Node(
         Context(1, 1, {"data-path": str(tmp_path), "policy-path": str(policy)}, RecordDict(), {})
     )
@@ -350,21 +354,7 @@ def test_a_training_reply_carries_the_protocols_metrics_alone(tmp_path, demo_tok
     tok = Tokenizer.load(demo_tokens / "tokenizer.json")
     asked = ["train.pretrain.max_steps=1", "train.pretrain.context=64"]
     asked += ["train.dp.epsilon=1", "train.dp.delta=1e-4"] if dp else []
-    fed = load_federation(overrides=asked)
-    weights = get_weights(stage_model(fed.model, tok, fed.train, "pretrain"))
-    config = {
-        "stage": "pretrain",
-        "train": OmegaConf.to_yaml(fed.train),
-        "round": 1,
-        "seed": 0,
-        "model": json.dumps(OmegaConf.to_container(fed.model)),
-        "tokenizer_hash": tok.hash,
-        "base_id": "",
-    }
-    meta = Metadata(1, "m1", 0, 1, "", "", time.time(), 3600.0, "train")
-    msg = Message(
-        RecordDict({CONFIG: ConfigRecord(config), "arrays": to_record(weights)}), metadata=meta
-    )
+    msg = _round_message(load_federation(overrides=asked), tok, "train", round=1, seed=0)
     context = Context(
         1, 1, {"data-path": str(tmp_path), "policy-path": str(policy)}, RecordDict(), {}
     )

@@ -122,9 +122,8 @@ def test_a_fedadam_run_resumed_after_round_two_ends_where_an_uninterrupted_one_d
     tok, w0 = SimpleNamespace(hash="abc"), {"w": np.full((3, 2), 0.2, np.float32)}
 
     def run(out: Path) -> FederatedRun:
-        r = FederatedRun(_Learning(), fed, out)
-        r.sites = {11: "a", 12: "b"}
-        r.state["sites"] = {s: {"stays": 90, "tokens": 9000} for s in ("a", "b")}
+        announced = {s: {"stays": 90, "tokens": 9000} for s in ("a", "b")}
+        r = FederatedRun(_Learning(), fed, out, sites={11: "a", 12: "b"}, announced=announced)
         return r
 
     whole = run(tmp_path / "whole").rounds("pretrain", 3, tok, w0, None)
@@ -250,10 +249,10 @@ def test_a_rogue_reply_is_rejected_by_its_rule_and_the_round_goes_on(
     for attr, v in (("_run_id", 1), ("_node_id", 0), ("_task_id", 1)):
         monkeypatch.setattr(TaskIdentity, attr, v)
     fed = load_federation(overrides=["federation.min_sites=1", "train.pretrain.context=10"])
-    run = FederatedRun(_Nodes(), fed, tmp_path)
-    run.sites = {11: "honest", 12: "rogue"}
     # What each announced when it tokenized: at most (tokens + stays) / context + 1 blocks.
-    run.state["sites"] = {s: {"stays": 90, "tokens": 9000} for s in ("honest", "rogue")}
+    announced = {s: {"stays": 90, "tokens": 9000} for s in ("honest", "rogue")}
+    sites = {11: "honest", 12: "rogue"}
+    run = FederatedRun(_Nodes(), fed, tmp_path, sites=sites, announced=announced)
     tok = Tokenizer.load(demo_tokens / "tokenizer.json")
     current = {"w": np.random.default_rng(0).normal(size=(4, 3)).astype(np.float32)}
     pending = run.begin_round("pretrain", 1, tok, current, None, make_strategy(fed.federation))
@@ -297,8 +296,7 @@ def test_a_sites_examples_are_capped_near_what_it_announced(tmp_path):
     (stay, task) pair of finetuning and every packed block of pretraining, with room for
     the announcement's rounding (stays rounded down by less than half) and no more."""
     fed = load_federation(overrides=["train.pretrain.context=100"])
-    run = FederatedRun(_Nodes(), fed, tmp_path)
-    run.state["sites"]["a"] = {"stays": 200, "tokens": 59_800}
+    run = FederatedRun(_Nodes(), fed, tmp_path, announced={"a": {"stays": 200, "tokens": 59_800}})
     pairs, blocks = 200 * len(fed.train.finetune.tasks), (59_800 + 200) / 100
     assert pairs <= run.max_examples("a", "finetune") <= 2 * pairs
     assert blocks <= run.max_examples("a", "pretrain") <= 2 * blocks
@@ -325,12 +323,12 @@ def test_a_site_announcing_a_billion_examples_counts_as_much_as_the_rest(
 
     def run(out: str, *overrides: str, rounds: int = 3) -> tuple[FederatedRun, dict]:
         fed = load_federation(overrides=[*settings, *overrides])
-        r = FederatedRun(_Steering(1e9), fed, tmp_path / out)
-        r.sites = {11: "honest", 12: "rogue"}
-        r.state["sites"] = {
+        announced = {
             "honest": {"stays": 90, "tokens": 9000},
             "rogue": {"stays": 10**9, "tokens": 10**9},
         }
+        sites = {11: "honest", 12: "rogue"}
+        r = FederatedRun(_Steering(1e9), fed, tmp_path / out, sites=sites, announced=announced)
         return r, r.rounds("pretrain", rounds, tok, w0, None)
 
     _, uncapped = run("uncapped", "federation.checks.max_weight_ratio=null", rounds=1)
@@ -357,9 +355,9 @@ def _round_of(tmp_path, name: str, options: list[str], replies: dict[int, dict])
     """One pretraining round of strategy `name` over sites 11-15 answering `replies`."""
     settings = ["federation.min_sites=5", "train.pretrain.context=10"]
     fed = load_federation(overrides=[f"federation.strategy.name={name}", *options, *settings])
-    run = FederatedRun(_Five(), fed, tmp_path / name)
-    run.sites = {n: f"site{n}" for n in replies}
-    run.state["sites"] = {f"site{n}": {"stays": 90, "tokens": 9000} for n in replies}
+    sites = {n: f"site{n}" for n in replies}
+    announced = {s: {"stays": 90, "tokens": 9000} for s in sites.values()}
+    run = FederatedRun(_Five(), fed, tmp_path / name, sites=sites, announced=announced)
     current = replies.pop("current")
     tok = SimpleNamespace(hash="abc")
     pending = run.begin_round("pretrain", 1, tok, current, None, make_strategy(fed.federation))
@@ -451,9 +449,9 @@ def test_a_silent_site_is_waited_for_until_the_timeout_then_left_out(
     )
     current = {"w": np.ones((4, 3), np.float32)}
     honest = {"w": current["w"] + 0.01}
-    run = FederatedRun(_Pushing(honest), fed, tmp_path)
-    run.sites = {11: "honest", 12: "silent"}
-    run.state["sites"] = {s: {"stays": 90, "tokens": 9000} for s in run.sites.values()}
+    sites = {11: "honest", 12: "silent"}
+    announced = {s: {"stays": 90, "tokens": 9000} for s in sites.values()}
+    run = FederatedRun(_Pushing(honest), fed, tmp_path, sites=sites, announced=announced)
     tok = Tokenizer.load(demo_tokens / "tokenizer.json")
     weights = run.rounds("pretrain", 1, tok, current, None)
     np.testing.assert_array_equal(weights["w"], honest["w"])
@@ -557,8 +555,8 @@ def test_a_second_site_under_a_taken_name_is_left_out_of_the_run(
     assert run.state["statistics"]["left_out"] == [
         {"site": "a", "node": 12, "reason": "duplicate site name 'a'"}
     ]
-    assert run._nodes() == [11]  # node 12 gets no further message
-    assert run.excluded == {12: "duplicate site name 'a'"}
+    assert run.link.nodes() == [11]  # node 12 gets no further message
+    assert run.link.excluded == {12: "duplicate site name 'a'"}
 
 
 class _Registered(_Replying):
@@ -593,11 +591,11 @@ def test_a_site_name_is_bound_to_its_registered_key(
     stats = run.collect_stats()
     if registered_as:
         assert sorted(stats) == ["a", "rogue"] and run.sites == {9: "rogue", 11: "a"}
-        assert run.state["statistics"]["left_out"] == [] and not run.excluded
+        assert run.state["statistics"]["left_out"] == [] and not run.link.excluded
     else:
         assert list(stats) == ["a"] and run.sites == {11: "a"}
-        assert run.excluded == {9: "duplicate site name 'a'"}
-        assert run._nodes() == [11]
+        assert run.link.excluded == {9: "duplicate site name 'a'"}
+        assert run.link.nodes() == [11]
         assert run.name_sites() == {11: "a"}  # asked again, still bound
 
 
@@ -682,8 +680,7 @@ def test_a_rogue_probe_reply_is_rejected_and_the_probes_go_on(tmp_path, monkeypa
         monkeypatch.setattr(TaskIdentity, attr, v)
     fed = load_federation(overrides=["federation.min_sites=1"])
     width = int(fed.model.shapes[fed.model.arch].hidden_size)
-    run = FederatedRun(_Nodes(), fed, tmp_path)
-    run.sites = {11: "honest", 12: "rogue"}
+    run = FederatedRun(_Nodes(), fed, tmp_path, sites={11: "honest", 12: "rogue"})
     pending = run.begin_probes(SimpleNamespace(hash="abc"), {"w": np.zeros(2, np.float32)})
     make, rule = ROGUE_PROBES[kind]
     bad = make(width)
@@ -730,8 +727,7 @@ def test_a_small_site_and_a_rogue_evaluation_reply_do_not_stop_the_evaluation(
     single = _evaluation([0, 1] * 15, [0] * 30, 1)  # no long stay at all
     rogue = RecordDict({METRICS: MetricRecord({"num-examples": [1.0], "death_auroc": 0.9})})
     for second, rejected in ((single, []), (rogue, ["num-examples: not a non-negative number"])):
-        run = FederatedRun(_Nodes(), fed, tmp_path)
-        run.sites = {11: "big", 12: "second"}
+        run = FederatedRun(_Nodes(), fed, tmp_path, sites={11: "big", 12: "second"})
         big = _evaluation([0, 1] * 30, [1, 0, 0] * 20, 0)
         pending = run.begin_evaluate("finetune", tok, weights, None)
         replies = []

@@ -40,23 +40,14 @@ def test_labels_match_an_independent_implementation(demo_dir, demo_tokens):
     assert (stays.los > timedelta(days=7)).sum() == got["long_length_of_stay"]
     assert stays.hospitalization_id.isin(icu).sum() == got["icu_admission"]
     assert stays.hospitalization_id.isin(imv).sum() == got["imv_event"]
-    first24 = adt.merge(h[["hospitalization_id", "admission_dttm"]])
-    icu24 = set(
-        first24.loc[
-            (first24.location_category == "icu")
-            & (first24.in_dttm < first24.admission_dttm + timedelta(hours=24)),
-            "hospitalization_id",
-        ]
-    )
+
+    def first_24h(events: pd.DataFrame, time: str) -> set:  # stays with an event in 24 h
+        e = events.merge(h[["hospitalization_id", "admission_dttm"]])
+        return set(e.loc[e[time] < e.admission_dttm + timedelta(hours=24), "hospitalization_id"])
+
+    icu24 = first_24h(adt[adt.location_category == "icu"], "in_dttm")
+    imv24 = first_24h(rs[rs.device_category == "IMV"], "recorded_dttm")
     assert stays.hospitalization_id.isin(icu24).sum() == got["icu_admission_24h"]
-    rs24 = rs.merge(h[["hospitalization_id", "admission_dttm"]])
-    imv24 = set(
-        rs24.loc[
-            (rs24.device_category == "IMV")
-            & (rs24.recorded_dttm < rs24.admission_dttm + timedelta(hours=24)),
-            "hospitalization_id",
-        ]
-    )
     assert stays.hospitalization_id.isin(imv24).sum() == got["imv_event_24h"]
     assert 0 < got["imv_event_24h"] < got["imv_event"]  # the window cuts: 24 h, not the stay
     readmit = 0
