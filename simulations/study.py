@@ -22,8 +22,9 @@ from fedclif.shared.federation import RUN_SECTIONS
 from fedclif.shared.models import get_weights
 from fedclif.shared.stats import merge_stats
 from fedclif.shared.tokenizer import Tokenizer, fit_tokenizer
-from fedclif.simulations.objectives_report import arm_name, check_sets, pretrain_override
-from fedclif.simulations.sites import POOLED, SOURCE, TARGET, THIRD, site_roles
+from fedclif.simulations.objectives_report import check_sets, pretrain_override
+from fedclif.simulations.plan import Job, Plan, make_plan
+from fedclif.simulations.sites import POOLED, SOURCE, TARGET, site_roles
 
 
 class SiteGrid:
@@ -191,19 +192,17 @@ class Study:
         real = [n for n in names if n != POOLED]
         return self._run("statistics", real, self._fed(real)).collect_stats()
 
-    def _tokenizers(self, stats: dict[str, dict]) -> dict[str, Tokenizer]:
+    def _tokenizers(self, stats: dict[str, dict], plan: Plan) -> dict[str, Tokenizer]:
         """Each arm's tokenizer: the source's own (source-only and its transfer), the
         target's own (target from scratch), all real sites' (federated and pooled: merged
-        statistics fit the pooled data's tokenizer)."""
+        statistics fit the pooled data's tokenizer), each sent where the plan uses it."""
         tok_cfg = self.config.tokenizer
-        real = [s for s in (SOURCE, TARGET, THIRD) if s in self.nodes]
         toks = {
             SOURCE: fit_tokenizer(merge_stats([stats[SOURCE]]), tok_cfg),
             TARGET: fit_tokenizer(merge_stats([stats[TARGET]]), tok_cfg),
-            "federated": fit_tokenizer(merge_stats([stats[s] for s in real]), tok_cfg),
+            "federated": fit_tokenizer(merge_stats([stats[s] for s in plan.sites]), tok_cfg),
         }
-        # The source's tokens at every real site: its model is tried zero-shot there.
-        uses = {SOURCE: real, TARGET: [TARGET], "federated": [*real, POOLED]}
+        uses = {k: list(v) for k, v in plan.tokenized().items()}
         runs = {key: self._run(f"tokenize-{key}", uses[key], self._fed(uses[key])) for key in toks}
         batches = [(key, runs[key].begin_tokenize(toks[key])) for key in toks]
         pending = dict(batches)
@@ -279,31 +278,35 @@ class Study:
                     lane, site, setting, metrics, list(self.config.study.tasks), split[i]
                 )
 
-    def _lane(
-        self,
-        arm: str,
-        sites: list[str],
-        seed: int,
-        tok: Tokenizer,
-        stage: str,
-        init: dict | None,
-        fraction: float = 1.0,
-        rounds: int = 1,
-        steps: int | None = None,
-        objectives: int = 0,
-    ) -> Lane:
-        """A lane whose model starts from `init` (pretrained weights) or from scratch;
-        `objectives`: the index of its objective set (its arm is named after it)."""
-        c = self.config.study
-        if steps is None:
-            steps = int(c.finetune_steps)
-        fed = self._fed(sites, seed, stage, steps, rounds, fraction, objectives)
-        arm = arm_name(arm, objectives, list(c.objectives))
-        name = f"{arm}-{stage}-{'+'.join(sites)}-f{fraction:g}-s{seed}"
-        run = self._run(name, sites, fed)
-        base = init if stage == "finetune" else None
-        weights = get_weights(run.model(tok, stage, base, None))
-        return Lane(arm, seed, run, tok, stage, weights, sites, rounds, fraction)
+    def _lane(self, job: Job, tok: Tokenizer, init: dict | None) -> Lane:
+        """Job `job` ready to train: its run, and its model's first weights (from `init`,
+        pretrained weights, or from scratch)."""
+        fed = self._fed(
+            list(job.sites),
+            job.seed,
+            job.stage,
+            job.steps,
+            job.rounds,
+            job.fraction,
+            job.objectives,
+        )
+        run = self._run(job.key, list(job.sites), fed)
+        base = init if job.stage == "finetune" else None
+        weights = get_weights(run.model(tok, job.stage, base, None))
+        lane = Lane(
+            job.arm,
+            job.seed,
+            run,
+            tok,
+            job.stage,
+            weights,
+            list(job.sites),
+            job.rounds,
+            job.fraction,
+        )
+        if job.curve:
+            lane.curve = []
+        return lane
 
     def _probes(self, lanes: list[Lane]) -> list[Lane]:
         """Linear probes of the tasks fitted on each pretrained lane's frozen model at its
@@ -319,131 +322,41 @@ class Study:
     # --- the study ---------------------------------------------------------------------
 
     def run(self) -> dict:
-        c = self.config.study
-        seeds, fractions = [int(s) for s in c.seeds], [float(f) for f in c.fractions]
-        real = [SOURCE, TARGET] + ([THIRD] if c.sites.third else [])
-        n_rounds, spr = int(c.pretrain.rounds), int(c.pretrain.steps_per_round)
-        self.total = planned_messages(c)
+        """Execute the study's plan (simulations/plan.py): names and statistics, the
+        tokenizers, pretraining, probes, finetuning, evaluation; writes results.json."""
+        plan = make_plan(self.config.study)
+        self.total = plan.messages()
         stats = self._discover()
-        self.done += len(self.nodes) + len(real)
-        toks = self._tokenizers(stats)
+        self.done += len(self.nodes) + len(plan.sites)
+        toks = self._tokenizers(stats, plan)
         self._phase("statistics and tokenizers")
 
-        fed_tok = toks["federated"]
-        pre = {}
-        for s in seeds:
-            pre[s] = {
-                "source": self._lane(
-                    "source_only", [SOURCE], s, toks[SOURCE], "pretrain", None, steps=n_rounds * spr
-                ),
-                # The validation curve of the first seed's: the seeds' curves lie within
-                # 0.05 of each other (default study), and each point costs an evaluation.
-                "federated": replace(
-                    self._lane(
-                        "federated", real, s, fed_tok, "pretrain", None, rounds=n_rounds, steps=spr
-                    ),
-                    curve=[] if s == seeds[0] else None,
-                ),
-                "pooled": self._lane(
-                    "pooled", [POOLED], s, fed_tok, "pretrain", None, steps=n_rounds * spr
-                ),
-            }
-        # The objectives question: the source-only model with each further objective set.
-        sets = range(1, len(c.objectives))
-        asked = objective_seeds(c)
-        for s in asked:
-            for k in sets:
-                pre[s][k] = self._lane(
-                    "source_only",
-                    [SOURCE],
-                    s,
-                    toks[SOURCE],
-                    "pretrain",
-                    None,
-                    steps=n_rounds * spr,
-                    objectives=k,
-                )
-        self._train([lane for p in pre.values() for lane in p.values()], "pretraining")
+        lanes = {j.key: self._lane(j, toks[j.tokenizer], None) for j in plan.pretrain}
+        self._train(list(lanes.values()), "pretraining")
         self._phase("pretraining")
-        probes = self._probes([pre[s][k] for s in seeds for k in ("source", *sets) if k in pre[s]])
+        probed = self._probes([lanes[k] for k in plan.probes])
+        probes = dict(zip(plan.probes, probed, strict=True))
         self._phase("probes")
 
-        ft, evals = [], []
-        for probe in probes:
-            # The objectives question is asked at the target: its lanes go nowhere else.
-            away = (
-                [r for r in real if r != SOURCE] if probe.arm == "source_only_probe" else [TARGET]
-            )
-            evals += [(probe, [SOURCE], "in_distribution"), (probe, away, "zero_shot")]
-        for s in seeds:
-            p = pre[s]
-            src = self._lane(
-                "source_only", [SOURCE], s, toks[SOURCE], "finetune", p["source"].weights
-            )
-            pooled = self._lane("pooled", [POOLED], s, fed_tok, "finetune", p["pooled"].weights)
-            ft += [src, pooled]
-            evals += [
-                (src, [SOURCE], "in_distribution"),
-                (src, [r for r in real if r != SOURCE], "zero_shot"),
-                (pooled, real, "pooled"),
-            ]
-            fed_at = {}
-            for f in fractions:
-                for arm, tok, init in (
-                    ("source_finetuned", toks[SOURCE], p["source"].weights),
-                    ("target_only", toks[TARGET], None),
-                    ("federated_finetuned", fed_tok, p["federated"].weights),
-                ):
-                    lane = self._lane(arm, [TARGET], s, tok, "finetune", init, f)
-                    ft.append(lane)
-                    evals.append((lane, [TARGET], "local_finetune"))
-                    if arm == "federated_finetuned" and f == 1.0:
-                        fed_at[TARGET] = lane
-            for site in real:  # every site finetunes the federated model on all its data
-                if site not in fed_at:
-                    fed_at[site] = self._lane(
-                        "federated_finetuned",
-                        [site],
-                        s,
-                        fed_tok,
-                        "finetune",
-                        p["federated"].weights,
-                    )
-                    ft.append(fed_at[site])
-            if s == seeds[0]:  # the cross-site matrix, once: n_sites^2 evaluations
-                evals += [(fed_at[site], real, "cross_site") for site in real]
-            for k in sets if s in asked else ():  # at the source, and a share at target
-                at_src = self._lane(
-                    "source_only", [SOURCE], s, toks[SOURCE], "finetune", p[k].weights, objectives=k
-                )
-                share = float(c.ablation_fraction)
-                at_tgt = self._lane(
-                    "source_finetuned",
-                    [TARGET],
-                    s,
-                    toks[SOURCE],
-                    "finetune",
-                    p[k].weights,
-                    share,
-                    objectives=k,
-                )
-                ft += [at_src, at_tgt]
-                evals += [
-                    (at_src, [SOURCE], "in_distribution"),
-                    (at_src, [TARGET], "zero_shot"),
-                    (at_tgt, [TARGET], "local_finetune"),
-                ]
-        self._train(ft, "finetuning")
+        for j in plan.finetune:
+            init = lanes[j.init].weights if j.init else None
+            lanes[j.key] = self._lane(j, toks[j.tokenizer], init)
+        self._train([lanes[j.key] for j in plan.finetune], "finetuning")
         self._phase("finetuning")
-        self._evaluate(evals, "evaluation")
+        jobs = [
+            ((probes if e.probe else lanes)[e.job], list(e.sites), e.setting)
+            for e in plan.evaluations
+        ]
+        self._evaluate(jobs, "evaluation")
         self._phase("evaluation")
 
+        first = next(j for j in plan.pretrain if j.curve)
         results = {
             "config": OmegaConf.to_container(self.config),
             "sites": {k: {**v} for k, v in self.tokenized["federated"].items()},
             "tokenizers": {k: t.hash for k, t in toks.items()},
             "rows": self.rows,
-            "pretraining_curves": {str(seeds[0]): pre[seeds[0]]["federated"].curve},
+            "pretraining_curves": {str(first.seed): lanes[first.key].curve},
             "seconds": time.monotonic() - self.t0,
             "phase_seconds": self.phases,
             "site_seconds": self.work,
@@ -452,39 +365,6 @@ class Study:
         write_json(results, self.out / "results.json")
         self._progress("done")
         return results
-
-
-def planned_messages(cfg: DictConfig) -> int:
-    """Messages the study (its `study` section: `cfg`) sends, its progress bar's total."""
-    real = 3 if cfg.sites.third else 2
-    n_frac, rounds = len(cfg.fractions), int(cfg.pretrain.rounds)
-    # names; statistics of the real sites; tokenizing with three tokenizers
-    setup = (real + 1) + real + (real + 1 + real + 1)
-    # source, federated and pooled pretraining; probes fitted at the source, evaluated
-    # at every real site
-    pretrain = 1 + rounds * real + 1 + 1 + real
-    # source and pooled; three arms per fraction; the federated model at the other sites
-    finetune = 2 + 3 * n_frac + real - (1 if 1.0 in [float(f) for f in cfg.fractions] else 0)
-    evaluate = real + real + 3 * n_frac  # source everywhere, pooled, the target's arms
-    curve = rounds * real  # the first seed's federated model on the sites' val splits
-    # Per further objective set: pretraining and probes at the source (evaluated there and
-    # at the target), finetuning at the source and on a share of the target, evaluated
-    # there and at the target.
-    ablation = (len(cfg.objectives) - 1) * (1 + 1 + 2 + 2 + 3) * len(objective_seeds(cfg))
-    return (
-        setup + len(cfg.seeds) * (pretrain + finetune + evaluate) + ablation + real * real + curve
-    )
-
-
-def objective_seeds(cfg: DictConfig) -> list[int]:
-    """The seeds the objectives question runs (`study.objectives_seeds`; null: all)."""
-    seeds = [int(s) for s in cfg.seeds]
-    if cfg.get("objectives_seeds") is None:
-        return seeds
-    asked = [int(s) for s in cfg.objectives_seeds]
-    if not set(asked) <= set(seeds):
-        raise FedclifError(f"study.objectives_seeds {asked} must be among study.seeds {seeds}")
-    return asked
 
 
 def _rows(

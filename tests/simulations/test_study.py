@@ -17,10 +17,11 @@ from fedclif.shared.metrics import paired_difference
 from fedclif.shared.stats import merge_stats, site_stats
 from fedclif.shared.tokenizer import fit_tokenizer
 from fedclif.simulations.commands import load_study
+from fedclif.simulations.plan import make_plan
 from fedclif.simulations.report import MIN_EVENTS, write_report
 from fedclif.simulations.shifts import shifts_table, write_shifts
 from fedclif.simulations.sites import study_sites
-from fedclif.simulations.study import Study, planned_messages
+from fedclif.simulations.study import Study
 
 
 @pytest.fixture(scope="module")
@@ -63,7 +64,7 @@ def test_results_hold_every_arm_task_seed_and_interval(study):
     local = [x for x in rows if x["setting"] == "local_finetune"]
     assert {x["fraction"] for x in local} == set(cfg.fractions)
     progress = json.loads((out / "progress.json").read_text())
-    assert progress["done"] == progress["total"] == planned_messages(cfg)
+    assert progress["done"] == progress["total"] == make_plan(cfg).messages()
     # Event counts come from each site's test split, where the AUROCs in the table are.
     checks = json.loads((out / "summary.json").read_text())["checks"]
     for x in rows:
