@@ -32,7 +32,7 @@ from bench.measure import measure, tokenized_demo
 
 def _tok(root: Path):
     """The demo's tokenizer (a real vocabulary size for the payloads)."""
-    from fedclif.shared.tokenizer import Tokenizer
+    from fedclif.shared.tokens.tokenizer import Tokenizer
 
     return Tokenizer.load(tokenized_demo(root / "demo") / "tokenizer.json")
 
@@ -40,8 +40,8 @@ def _tok(root: Path):
 def payload_bytes(root: Path) -> dict[str, int]:
     """Bytes of one round's arrays for full pretraining weights and for LoRA + head."""
     from fedclif.shared.config import load_config
-    from fedclif.shared.federation import to_record
-    from fedclif.shared.models import build_model, get_weights, setup
+    from fedclif.shared.model.models import build_model, get_weights, setup
+    from fedclif.shared.protocol.federation import to_record
 
     tok = _tok(root)
     out = {}
@@ -68,7 +68,7 @@ QUICK_MODEL = ["model.size=small"]
 
 def _big_weights(root: Path, model: list[str]) -> dict:
     from fedclif.shared.config import load_tree
-    from fedclif.shared.models import build_model, get_weights, setup
+    from fedclif.shared.model.models import build_model, get_weights, setup
 
     cfg = load_tree(("model", "train"), (), None, model)
     model = build_model(cfg.model, _tok(root))
@@ -80,7 +80,7 @@ def _reply(w: dict, i: int):
     import numpy as np
     from flwr.app import MetricRecord, RecordDict
 
-    from fedclif.shared.federation import to_record
+    from fedclif.shared.protocol.federation import to_record
 
     rng = np.random.default_rng(i)
     arrays = {k: v + rng.normal(0, 1e-3, v.shape).astype(v.dtype) for k, v in w.items()}
@@ -114,7 +114,7 @@ def check_cost(root: Path, model: list[str], reps: int = 5) -> tuple[float, floa
 
     from fedclif.server.aggregate import RunningMean
     from fedclif.server.checks import train_reply_problem
-    from fedclif.shared.federation import TRAIN_METRICS, to_record
+    from fedclif.shared.protocol.federation import TRAIN_METRICS, to_record
 
     w = _big_weights(root, model)
     current, reply = to_record(w), _reply(w, 0)
@@ -189,10 +189,10 @@ def check_costs(root: Path, reps: int) -> tuple[list[tuple[str, str, float]], di
     )
     from fedclif.shared.clif.site import load_site
     from fedclif.shared.config import load_config
-    from fedclif.shared.federation import load_federation
-    from fedclif.shared.models import count_parameters, stage_model
-    from fedclif.shared.sequences import load_site_data
-    from fedclif.shared.stats import site_stats
+    from fedclif.shared.model.models import count_parameters, stage_model
+    from fedclif.shared.model.sequences import load_site_data
+    from fedclif.shared.protocol.federation import load_federation
+    from fedclif.shared.tokens.stats import site_stats
 
     tokens = tokenized_demo(root / "demo")
     work = root / "checks-work"

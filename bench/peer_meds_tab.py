@@ -34,7 +34,7 @@ import polars as pl
 import pyarrow.parquet as pq
 
 from fedclif.cli import main as fedclif
-from fedclif.shared.metrics import binary_metrics
+from fedclif.shared.evaluation.metrics import binary_metrics
 from fedclif.simulations.commands import CACHE, load_study
 from fedclif.simulations.sites import SOURCE, TARGET, study_sites
 

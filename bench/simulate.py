@@ -52,7 +52,7 @@ def run_sites(root: Path, n: int, streaming: bool, args) -> dict:
     per round, ServerApp peak MiB, engine process-tree peak MiB."""
     from bench.federation import BIG_MODEL
     from fedclif.server.deploy import run_config
-    from fedclif.shared.federation import load_federation
+    from fedclif.shared.protocol.federation import load_federation
     from fedclif.simulations.engine import SimulationEngine
     from fedclif.simulations.synth import load_preset, write_site
 

@@ -66,7 +66,7 @@ def _load(site: Path):
 
 
 def _stats(site: Path, work: Path) -> int:
-    from fedclif.shared.stats import site_stats, write_stats
+    from fedclif.shared.tokens.stats import site_stats, write_stats
 
     s = site_stats(_load(site), load_config("tokenizer"))
     write_stats(s, work / "stats.json")
@@ -74,8 +74,8 @@ def _stats(site: Path, work: Path) -> int:
 
 
 def _fit(work: Path) -> int:
-    from fedclif.shared.stats import merge_stats, read_stats
-    from fedclif.shared.tokenizer import fit_tokenizer
+    from fedclif.shared.tokens.stats import merge_stats, read_stats
+    from fedclif.shared.tokens.tokenizer import fit_tokenizer
 
     tok = fit_tokenizer(merge_stats([read_stats(work / "stats.json")]), load_config("tokenizer"))
     tok.save(work / "tokenizer.json")
@@ -83,8 +83,8 @@ def _fit(work: Path) -> int:
 
 
 def _tokenize(site: Path, work: Path) -> int:
-    from fedclif.shared.timelines import tokenize_site
-    from fedclif.shared.tokenizer import Tokenizer
+    from fedclif.shared.tokens.timelines import tokenize_site
+    from fedclif.shared.tokens.tokenizer import Tokenizer
 
     return tokenize_site(_load(site), Tokenizer.load(work / "tokenizer.json"), work / "out")[
         "tokens"
@@ -139,7 +139,7 @@ def main() -> None:
 def _export(site: Path, work: Path) -> int:
     import shutil
 
-    from fedclif.shared.meds import export_meds
+    from fedclif.shared.meds.export import export_meds
 
     shutil.rmtree(work / "meds", ignore_errors=True)
     res = export_meds(_load(site), work / "meds", load_config("train").split)

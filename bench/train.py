@@ -9,7 +9,7 @@ Mamba-2 against Llama at equal parameter count as the context grows.
    at each context, the same tokens per step; each run in a fresh process, so its peak
    memory (RSS on CPU, allocated on CUDA) is its own. On CUDA with the `cuda` extra,
    transformers uses the mamba-ssm kernels.
-3. The pretraining objectives (shared/objectives.py): tokens/s of each objective added
+3. The pretraining objectives (shared/model/objectives.py): tokens/s of each objective added
    to next-token prediction on stay views, against next-token alone (packed blocks, and
    stay views), same model size, same process, alternated per repeat.
 
@@ -29,7 +29,7 @@ from bench.measure import measure, tokenized_demo
 
 def _model(arch: str, size: str, tok, llama_mlp: int | None = None):
     from fedclif.shared.config import load_config
-    from fedclif.shared.models import build_model, quiet_transformers
+    from fedclif.shared.model.models import build_model, quiet_transformers
 
     quiet_transformers()
     o = [f"arch={arch}"] + ([f"shapes.llama.intermediate_size={llama_mlp}"] if llama_mlp else [])
@@ -38,7 +38,7 @@ def _model(arch: str, size: str, tok, llama_mlp: int | None = None):
 
 def equal_llama_mlp(size: str, tok) -> int:
     """Llama MLP width giving Llama the parameter count of Mamba-2 (count is linear in it)."""
-    from fedclif.shared.models import n_params
+    from fedclif.shared.model.models import n_params
 
     target = n_params(_model("mamba2", size, tok))
     a, b = (n_params(_model("llama", size, tok, w)) for w in (64, 128))
@@ -69,8 +69,8 @@ def _bare_and_e2e(
     from fedclif.client.loop import fit, pick_device
     from fedclif.client.stage import STAGES
     from fedclif.shared.config import load_config
-    from fedclif.shared.models import seed_everything
-    from fedclif.shared.sequences import load_site_data
+    from fedclif.shared.model.models import seed_everything
+    from fedclif.shared.model.sequences import load_site_data
 
     cfg = load_config(
         "train",
@@ -140,9 +140,9 @@ def _objective_rates(
 
     from fedclif.client.stage import STAGES
     from fedclif.shared.config import load_config
-    from fedclif.shared.models import build_model, quiet_transformers, setup
-    from fedclif.shared.objectives import Spec
-    from fedclif.shared.sequences import StayViews, load_site_data
+    from fedclif.shared.model.models import build_model, quiet_transformers, setup
+    from fedclif.shared.model.objectives import Spec
+    from fedclif.shared.model.sequences import StayViews, load_site_data
 
     quiet_transformers()
     st, rates = STAGES["pretrain"], {}
@@ -192,8 +192,8 @@ def _arch_run(
     import torch
 
     from fedclif.client.loop import pick_device
-    from fedclif.shared.models import n_params
-    from fedclif.shared.tokenizer import Tokenizer
+    from fedclif.shared.model.models import n_params
+    from fedclif.shared.tokens.tokenizer import Tokenizer
 
     tok = Tokenizer.load(tokens / "tokenizer.json")
     device = pick_device("auto")
@@ -243,7 +243,7 @@ def main() -> None:
     args = ap.parse_args()
     import torch
 
-    from fedclif.shared.tokenizer import Tokenizer
+    from fedclif.shared.tokens.tokenizer import Tokenizer
 
     cuda = torch.cuda.is_available()
     kernels = "-"

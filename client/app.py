@@ -1,6 +1,6 @@
 """The Flower ClientApp: what a site does when the server asks. It reads its own CLIF
 data and tokenized timelines; only arrays, aggregate metrics and mergeable statistics
-leave. A failure leaves as an error category (shared/federation.py ERRORS); its details
+leave. A failure leaves as an error category (shared/protocol/federation.py ERRORS); its details
 stay in the site's work directory (`errors.log`).
 
 Node config (deployment: `flower-supernode --node-config`, written by `fedclif site
@@ -43,8 +43,7 @@ from fedclif.client.policy import (
 from fedclif.shared.artifact import write_json
 from fedclif.shared.clif.site import load_site
 from fedclif.shared.errors import FedclifError
-from fedclif.shared.events import OPEN_SEP
-from fedclif.shared.federation import (
+from fedclif.shared.protocol.federation import (
     ARRAYS,
     BASE,
     CONFIG,
@@ -60,9 +59,10 @@ from fedclif.shared.federation import (
     to_record,
     weights_id,
 )
-from fedclif.shared.stats import site_stats
-from fedclif.shared.timelines import MANIFEST, tokenize_site
-from fedclif.shared.tokenizer import Tokenizer
+from fedclif.shared.tokens.events import OPEN_SEP
+from fedclif.shared.tokens.stats import site_stats
+from fedclif.shared.tokens.timelines import MANIFEST, tokenize_site
+from fedclif.shared.tokens.tokenizer import Tokenizer
 
 app = ClientApp()
 BOOT_SEED = "boot-seed"
@@ -274,8 +274,13 @@ def _model(msg: Message, node: Node, full_data: bool):
         cfg = site_settings(cfg, node.policy)
     # Imported here: each message runs in a fresh process, and statistics, tokenizing and
     # refusals need none of torch, transformers or peft (seconds of imports per message).
-    from fedclif.shared.models import count_parameters, quiet_transformers, stage_model, uses_lora
-    from fedclif.shared.sequences import load_site_data
+    from fedclif.shared.model.models import (
+        count_parameters,
+        quiet_transformers,
+        stage_model,
+        uses_lora,
+    )
+    from fedclif.shared.model.sequences import load_site_data
 
     quiet_transformers()
     tokens = node.tokens(str(c["tokenizer_hash"]))
@@ -407,7 +412,7 @@ def _representations(msg: Message, node: Node, split: str):
     """The frozen pretrained model's last first-24 h state of every stay of `split`, those
     stays' outcomes, the run's tasks (name -> label column) and the training config."""
     from fedclif.client.probe import representations
-    from fedclif.shared.labels import TASKS
+    from fedclif.shared.tokens.labels import TASKS
 
     model, data, cfg, _ = _model(msg, node, full_data=False)
     rows = data.rows(split)
@@ -437,7 +442,7 @@ def fit_probe(msg: Message, context: Context) -> Message:
 def evaluate_probe(msg: Message, context: Context) -> Message:
     """Another site's probes (or this site's) scored on this site's `eval_split`."""
     from fedclif.client.probe import score_probes
-    from fedclif.shared.metrics import flat_metrics
+    from fedclif.shared.evaluation.metrics import flat_metrics
 
     node = Node(context)
     rep, labels, names, cfg = _representations(msg, node, _eval_split(msg, node))

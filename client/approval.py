@@ -2,7 +2,7 @@
 the bundle's hash is one it approved, and checks that before any of the bundle's code is
 installed or imported.
 
-Approved by default: the bundle of the fedclif release installed here (shared/flower.py
+Approved by default: the bundle of the fedclif release installed here (shared/protocol/flower.py
 `app_files`), so sites and a coordinator on one release work without a step. `fedclif
 site approve FAB_OR_HASH` adds another after review (APPROVED_FILE in the work directory).
 
@@ -31,8 +31,8 @@ from pathlib import Path
 from flwr.app import Error, Message
 
 from fedclif.shared.errors import FedclifError
-from fedclif.shared.federation import ERROR_CODE
-from fedclif.shared.flower import app_files, fab_hash
+from fedclif.shared.protocol.federation import ERROR_CODE
+from fedclif.shared.protocol.flower import app_files, fab_hash
 
 APPROVED_FILE = "approved-apps.json"
 # How `client_apps_only` hands a client app its task token.

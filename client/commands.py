@@ -20,17 +20,19 @@ from fedclif.client.policy import load_policy, work_dir, write_policy
 from fedclif.shared.clif.site import load_site
 from fedclif.shared.config import RESOLVED, add_arguments, load_config, load_tree, write_resolved
 from fedclif.shared.errors import FedclifError
-from fedclif.shared.events import OPEN_SEP
-from fedclif.shared.flower import flower_env
-from fedclif.shared.keys import write_site_keys
-from fedclif.shared.stats import open_answers, screen_rule
+from fedclif.shared.protocol.flower import flower_env
+from fedclif.shared.protocol.keys import write_site_keys
+from fedclif.shared.tokens.events import OPEN_SEP
+from fedclif.shared.tokens.stats import open_answers, screen_rule
 from fedclif.shared.ui import console, out, progress, step
 
 TRAIN_FILES = (RESOLVED, "fedclif.json", "train_state.pt", "metrics.json", "probe.json")
 
 
 def _quiet() -> None:
-    from fedclif.shared.models import quiet_transformers  # torch loads only for these commands
+    from fedclif.shared.model.models import (
+        quiet_transformers,  # torch loads only for these commands
+    )
 
     quiet_transformers()
 
@@ -66,7 +68,7 @@ def _bar(desc: str) -> tuple[object, Callable[[int, int, float], None]]:
 
 
 def _load(path: str, cfg: DictConfig, full: bool = False, ids: list[str] | None = None):
-    from fedclif.shared.sequences import load_site_data
+    from fedclif.shared.model.sequences import load_site_data
 
     with step(f"loading {path}"):
         return load_site_data(path, cfg.split, full=full, ids=ids)
@@ -74,7 +76,7 @@ def _load(path: str, cfg: DictConfig, full: bool = False, ids: list[str] | None 
 
 def cmd_pretrain(args: argparse.Namespace) -> int:
     from fedclif.client.pretrain import pretrain
-    from fedclif.shared.models import count_parameters
+    from fedclif.shared.model.models import count_parameters
 
     config = _configs(args, model=True)
     cfg, model_cfg = config.train, config.model
@@ -160,7 +162,7 @@ def cmd_probe(args: argparse.Namespace) -> int:
 
 def cmd_forecast(args: argparse.Namespace) -> int:
     from fedclif.client.forecast import forecast
-    from fedclif.shared.models import load_model
+    from fedclif.shared.model.models import load_model
 
     cfg = _configs(args).train
     _quiet()

@@ -4,7 +4,7 @@ coordinator's SuperLink, the site's authentication key and its data in the node 
 from pathlib import Path
 
 from fedclif.shared.errors import FedclifError
-from fedclif.shared.flower import executable
+from fedclif.shared.protocol.flower import executable
 
 
 def supernode_command(

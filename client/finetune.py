@@ -9,11 +9,11 @@ from omegaconf import DictConfig
 from fedclif.client.loop import dp_config, fit, pick_device
 from fedclif.client.stage import STAGES, predict
 from fedclif.shared.artifact import write_json
-from fedclif.shared.calibration import calibration, platt
 from fedclif.shared.errors import FedclifError
-from fedclif.shared.metrics import binary_metrics, f1_threshold
-from fedclif.shared.models import EHRModel, load_model, save_model, setup, uses_lora
-from fedclif.shared.sequences import Prompted, SiteData
+from fedclif.shared.evaluation.calibration import calibration, platt
+from fedclif.shared.evaluation.metrics import binary_metrics, f1_threshold
+from fedclif.shared.model.models import EHRModel, load_model, save_model, setup, uses_lora
+from fedclif.shared.model.sequences import Prompted, SiteData
 
 
 def evaluate_tasks(

@@ -5,10 +5,10 @@ import torch
 from omegaconf import DictConfig
 
 from fedclif.shared.errors import FedclifError
-from fedclif.shared.events import type_id
-from fedclif.shared.models import EHRModel
-from fedclif.shared.sequences import SiteData
-from fedclif.shared.tokenizer import END, PAD, START, TIME_BUCKETS
+from fedclif.shared.model.models import EHRModel
+from fedclif.shared.model.sequences import SiteData
+from fedclif.shared.tokens.events import type_id
+from fedclif.shared.tokens.tokenizer import END, PAD, START, TIME_BUCKETS
 
 
 @torch.no_grad()

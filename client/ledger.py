@@ -12,7 +12,7 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
-from fedclif.shared.federation import SiteRefusal
+from fedclif.shared.protocol.federation import SiteRefusal
 
 LEDGER_FILE = "dp-ledger.json"
 FORMAT, VERSION = "fedclif-dp-ledger", 1

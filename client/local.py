@@ -17,10 +17,10 @@ from fedclif.client.finetune import evaluate_tasks
 from fedclif.client.loop import dp_config, fit, pick_device, piece_config
 from fedclif.client.stage import stage as stage_of
 from fedclif.shared.errors import FedclifError
-from fedclif.shared.metrics import flat_metrics
-from fedclif.shared.models import EHRModel, get_weights, setup, trainable
-from fedclif.shared.objectives import pieces
-from fedclif.shared.sequences import SiteData
+from fedclif.shared.evaluation.metrics import flat_metrics
+from fedclif.shared.model.models import EHRModel, get_weights, setup, trainable
+from fedclif.shared.model.objectives import pieces
+from fedclif.shared.model.sequences import SiteData
 
 
 @dataclass

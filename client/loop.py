@@ -16,7 +16,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from transformers import get_scheduler
 
 from fedclif.shared.errors import FedclifError
-from fedclif.shared.models import seed_everything
+from fedclif.shared.model.models import seed_everything
 
 Batch = dict[str, torch.Tensor]
 

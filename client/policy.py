@@ -11,7 +11,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from fedclif.shared.config import CONFIG_DIR, load_tree
 from fedclif.shared.errors import FedclifError
-from fedclif.shared.federation import SiteRefusal
+from fedclif.shared.protocol.federation import SiteRefusal
 
 POLICY_FILE = "policy.yaml"
 SECTIONS = ("policy", "site")
@@ -118,7 +118,7 @@ def withhold(flat: dict, tasks: list[str], policy: DictConfig) -> tuple[dict, di
     # A reliability curve's bins hold calibration_n // BINS stays each: under the minimum
     # cell, a bin's observed rate comes close to a few patients' outcomes. (Imported here:
     # calibration brings scikit-learn, ~1 s, into every ClientApp process otherwise.)
-    from fedclif.shared.calibration import BINS
+    from fedclif.shared.evaluation.calibration import BINS
 
     cell = int(policy.policy.stats.min_cell_count)
     for t in tasks:

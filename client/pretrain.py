@@ -1,5 +1,5 @@
 """Pretraining on a site's full timelines: next-token prediction, and the objectives of
-shared/objectives.py when configured."""
+shared/model/objectives.py when configured."""
 
 import math
 from collections.abc import Callable
@@ -14,15 +14,15 @@ from fedclif.client.loop import dp_config, fit, pick_device, piece_config
 from fedclif.client.stage import STAGES
 from fedclif.shared.artifact import write_json
 from fedclif.shared.errors import FedclifError
-from fedclif.shared.models import (
+from fedclif.shared.model.models import (
     is_checkpoint,
     load_model,
     save_model,
     setup,
     stage_model,
 )
-from fedclif.shared.objectives import pieces, weights_at
-from fedclif.shared.sequences import SiteData, packed_blocks
+from fedclif.shared.model.objectives import pieces, weights_at
+from fedclif.shared.model.sequences import SiteData, packed_blocks
 
 STATE_FILE = "train_state.pt"
 

@@ -21,10 +21,10 @@ from torch.utils.data import DataLoader
 
 from fedclif.client.loop import autocast, pick_device, to_device
 from fedclif.shared.artifact import write_json
-from fedclif.shared.labels import LABELS, usable
-from fedclif.shared.metrics import binary_metrics
-from fedclif.shared.models import EHRModel, load_model
-from fedclif.shared.sequences import SiteData, Windows, load_site_data, pad_collate
+from fedclif.shared.evaluation.metrics import binary_metrics
+from fedclif.shared.model.models import EHRModel, load_model
+from fedclif.shared.model.sequences import SiteData, Windows, load_site_data, pad_collate
+from fedclif.shared.tokens.labels import LABELS, usable
 
 TRAJECTORY = ("path_length", "max_jump", "anomaly")
 

@@ -9,9 +9,9 @@ from torch.utils.data import DataLoader, Dataset
 
 from fedclif.client.loop import to_device
 from fedclif.shared.errors import FedclifError
-from fedclif.shared.models import EHRModel
-from fedclif.shared.objectives import Spec, check_private, heads_needed, total, weights_at
-from fedclif.shared.sequences import (
+from fedclif.shared.model.models import EHRModel
+from fedclif.shared.model.objectives import Spec, check_private, heads_needed, total, weights_at
+from fedclif.shared.model.sequences import (
     PatientBlocks,
     Prompted,
     SiteData,
@@ -25,7 +25,7 @@ from fedclif.shared.sequences import (
 class Pretrain:
     """Next-token prediction on full timelines packed into blocks of `pretrain.context`;
     with objectives beyond it (`pretrain.objectives`, `pretrain.stages`), one stay view
-    per example instead (shared/sequences.py `StayViews`), scored by the objectives'
+    per example instead (shared/model/sequences.py `StayViews`), scored by the objectives'
     weighted losses at `progress` through the run. `private`: one example per patient (the
     unit DP-SGD protects), drawn with `seed`."""
 

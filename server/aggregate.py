@@ -16,7 +16,7 @@ from flwr.app import Array, ArrayRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp.strategy.strategy_utils import aggregate_metricrecords
 
 from fedclif.shared.errors import FedclifError
-from fedclif.shared.federation import ARRAYS, METRICS, WEIGHT_KEY
+from fedclif.shared.protocol.federation import ARRAYS, METRICS, WEIGHT_KEY
 
 # The strategies (configs/federation/default.yaml names) whose aggregate is, or starts
 # from, the example-weighted mean of the replies.

@@ -1,5 +1,5 @@
 """The coordinator's Flower ServerApp: reads the run's config tree from the run config
-and drives it (server/run.py). Run config (shared/flower.py RUN_CONFIG): `config` (the
+and drives it (server/run.py). Run config (shared/protocol/flower.py RUN_CONFIG): `config` (the
 resolved tree, YAML, as `fedclif run` sends it), `out-dir` (where the coordinator keeps
 tokenizer, checkpoint, results), `resume`, and `audit-dir` (optional: every reply's
 records are written there for inspection)."""
@@ -9,8 +9,8 @@ from flwr.serverapp import Grid, ServerApp
 from omegaconf import OmegaConf
 
 from fedclif.server.run import FederatedRun
-from fedclif.shared.federation import load_federation
-from fedclif.shared.models import quiet_transformers
+from fedclif.shared.model.models import quiet_transformers
+from fedclif.shared.protocol.federation import load_federation
 from fedclif.shared.ui import setup_logging
 
 app = ServerApp()

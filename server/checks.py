@@ -9,7 +9,7 @@ import numpy as np
 from flwr.app import ArrayRecord, RecordDict
 
 from fedclif.shared.errors import FedclifError
-from fedclif.shared.federation import (
+from fedclif.shared.protocol.federation import (
     ARRAYS,
     CONFIG,
     DP_TRAIN_METRICS,
@@ -152,7 +152,7 @@ def _count(x) -> bool:
 
 def stats_problem(stats, sig_figs: int, max_codes: int) -> str | None:
     """Why a site's statistics must not enter the shared tokenizer, or None: the shape
-    shared/stats.py writes, counts that are non-negative integers, at most `max_codes`
+    shared/tokens/stats.py writes, counts that are non-negative integers, at most `max_codes`
     codes, histogram values finite and on the `sig_figs` grid, one count per value."""
     if not isinstance(stats, dict) or not {"codes", "numeric", "n_stays"} <= set(stats):
         return "statistics: not a statistics record"

@@ -16,7 +16,7 @@ from fedclif.server.deploy import (
 from fedclif.server.pki import init_pki
 from fedclif.shared.config import add_arguments
 from fedclif.shared.errors import FedclifError
-from fedclif.shared.federation import RUN_SECTIONS, load_federation
+from fedclif.shared.protocol.federation import RUN_SECTIONS, load_federation
 from fedclif.shared.ui import console, out
 
 

@@ -20,7 +20,7 @@ import tomli_w
 from omegaconf import DictConfig, OmegaConf
 
 from fedclif.shared.errors import FedclifError
-from fedclif.shared.flower import (
+from fedclif.shared.protocol.flower import (
     app_files,
     executable,
     flower_env,
@@ -156,7 +156,7 @@ def run_config(config: DictConfig, out: Path, resume: bool, audit: Path | None =
 
 def submit(config: dict, env: dict[str, str], files: dict[str, bytes] | None = None) -> int:
     """Start a run of the Flower app made of `files` (default: the coordinator's app of
-    this release, shared/flower.py `app_files`) with this run config; its run id."""
+    this release, shared/protocol/flower.py `app_files`) with this run config; its run id."""
     with tempfile.TemporaryDirectory(prefix="fedclif-app-") as tmp:
         app = write_app(Path(tmp), files or app_files())
         conf = Path(tmp) / "run-config.toml"

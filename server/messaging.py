@@ -14,7 +14,7 @@ from flwr.app import Message, RecordDict
 from flwr.serverapp import Grid
 
 from fedclif.shared.errors import FedclifError
-from fedclif.shared.federation import ERRORS, FLOWER_ERRORS, from_record
+from fedclif.shared.protocol.federation import ERRORS, FLOWER_ERRORS, from_record
 
 log = logging.getLogger(__name__)
 

@@ -13,7 +13,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from fedclif.shared.errors import FedclifError
-from fedclif.shared.keys import write_private, write_site_keys
+from fedclif.shared.protocol.keys import write_private, write_site_keys
 
 DAYS = 365
 

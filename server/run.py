@@ -36,7 +36,9 @@ from fedclif.server.messaging import Messenger
 from fedclif.shared.artifact import write_json
 from fedclif.shared.config import write_resolved
 from fedclif.shared.errors import FedclifError
-from fedclif.shared.federation import (
+from fedclif.shared.memory import peak_rss_mib
+from fedclif.shared.model.models import get_weights, save_model, stage_model
+from fedclif.shared.protocol.federation import (
     ARRAYS,
     BASE,
     CONFIG,
@@ -54,10 +56,8 @@ from fedclif.shared.federation import (
     to_record,
     weights_id,
 )
-from fedclif.shared.memory import peak_rss_mib
-from fedclif.shared.models import get_weights, save_model, stage_model
-from fedclif.shared.stats import merge_stats
-from fedclif.shared.tokenizer import Tokenizer, fit_tokenizer
+from fedclif.shared.tokens.stats import merge_stats
+from fedclif.shared.tokens.tokenizer import Tokenizer, fit_tokenizer
 
 STRATEGIES = {
     "fedavg": flwr_strategy.FedAvg,
@@ -137,7 +137,7 @@ def _bytes(records) -> int:
 
 
 class FederatedRun:
-    """Drives one run of `config` (the tree of shared/federation.py `load_federation`:
+    """Drives one run of `config` (the tree of shared/protocol/federation.py `load_federation`:
     its `federation`, `tokenizer`, `train` and `model` sections). `out` receives tokenizer.json,
     checkpoint/, results.json and, for a whole run, resolved.yaml."""
 

@@ -17,12 +17,12 @@ from fedclif.shared.clif.site import Site, SiteReport, load_site, read_site
 from fedclif.shared.clif.versions import VERSIONS, write_clif_3
 from fedclif.shared.config import add_arguments, load_tree
 from fedclif.shared.errors import FedclifError
-from fedclif.shared.events import TOKEN_TYPES
-from fedclif.shared.labels import LABELS, TASKS
-from fedclif.shared.stats import merge_stats, read_stats, site_stats, write_stats
-from fedclif.shared.timelines import LABELS as LABELS_FILE
-from fedclif.shared.timelines import read_timelines, tokenize_site
-from fedclif.shared.tokenizer import Tokenizer, fit_tokenizer
+from fedclif.shared.tokens.events import TOKEN_TYPES
+from fedclif.shared.tokens.labels import LABELS, TASKS
+from fedclif.shared.tokens.stats import merge_stats, read_stats, site_stats, write_stats
+from fedclif.shared.tokens.timelines import LABELS as LABELS_FILE
+from fedclif.shared.tokens.timelines import read_timelines, tokenize_site
+from fedclif.shared.tokens.tokenizer import Tokenizer, fit_tokenizer
 from fedclif.shared.ui import console, out, progress, step
 
 SECTIONS = ("site", "tokenizer")
@@ -261,7 +261,11 @@ def cmd_quickstart(args: argparse.Namespace) -> int:
 
 def cmd_baseline(args: argparse.Namespace) -> int:
     """Bag-of-tokens baseline trained at one tokenized site, evaluated at others."""
-    from fedclif.shared.baseline import MODELS, load_dataset, run_baseline  # scikit-learn
+    from fedclif.shared.evaluation.baseline import (  # scikit-learn
+        MODELS,
+        load_dataset,
+        run_baseline,
+    )
 
     labels = tuple(args.labels.split(",")) if args.labels else LABELS
     models = tuple(args.models.split(",")) if args.models else MODELS
@@ -293,8 +297,8 @@ def cmd_baseline(args: argparse.Namespace) -> int:
 
 
 def cmd_export_meds(args: argparse.Namespace) -> int:
-    """A CLIF site as a MEDS dataset (shared/meds.py)."""
-    from fedclif.shared.meds import export_meds
+    """A CLIF site as a MEDS dataset (shared/meds/export.py)."""
+    from fedclif.shared.meds.export import export_meds
 
     cfg = load_tree(EXPORT_SECTIONS, (), args.config, args.overrides)
     site = _read(args.dir, cfg["site"])
@@ -321,7 +325,7 @@ def cmd_export_meds(args: argparse.Namespace) -> int:
 
 def cmd_export_labels(args: argparse.Namespace) -> int:
     """Our tasks in the MEDS label schema, one file per task."""
-    from fedclif.shared.meds import export_labels
+    from fedclif.shared.meds.export import export_labels
 
     cfg = load_tree(EXPORT_SECTIONS, (), args.config, args.overrides)
     site = _read(args.dir, cfg["site"])

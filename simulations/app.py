@@ -8,7 +8,7 @@ from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 from omegaconf import OmegaConf
 
-from fedclif.shared.models import quiet_transformers
+from fedclif.shared.model.models import quiet_transformers
 from fedclif.shared.ui import setup_logging
 from fedclif.simulations.study import Study
 

@@ -11,7 +11,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import numpy as np
 
-# As predicted and after recalibration (shared/calibration.py `calibration` keys).
+# As predicted and after recalibration (shared/evaluation/calibration.py `calibration` keys).
 KEYS = [f"{m}{s}" for s in ("", "_recal") for m in ("brier", "ece")]
 KEYS += [f"brier{s}_{end}" for s in ("", "_recal") for end in ("low", "high")]
 

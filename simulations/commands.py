@@ -14,8 +14,8 @@ from fedclif.server.deploy import run_config, run_status
 from fedclif.shared.artifact import write_json
 from fedclif.shared.config import add_arguments, load_tree, write_resolved
 from fedclif.shared.errors import FedclifError
-from fedclif.shared.federation import OPEN_KEYS, RUN_LAYERS, RUN_SECTIONS, load_federation
-from fedclif.shared.flower import app_files
+from fedclif.shared.protocol.federation import OPEN_KEYS, RUN_LAYERS, RUN_SECTIONS, load_federation
+from fedclif.shared.protocol.flower import app_files
 from fedclif.shared.ui import console, out, progress
 from fedclif.simulations import synth
 from fedclif.simulations.engine import SimulationEngine

@@ -12,8 +12,8 @@ from omegaconf import DictConfig
 from rich.table import Table
 
 from fedclif.shared.clif.site import Site, load_site
-from fedclif.shared.events import stays
-from fedclif.shared.labels import outcome_labels
+from fedclif.shared.tokens.events import stays
+from fedclif.shared.tokens.labels import outcome_labels
 
 VITALS = ("heart_rate", "sbp", "map", "respiratory_rate", "spo2", "temp_c")
 LABS = (

@@ -9,7 +9,7 @@ from pathlib import Path
 from fedclif.server.deploy import CONNECTION, connect, flwr, save_run_log, submit, wait_run
 from fedclif.server.processes import Processes, free_port, wait_for
 from fedclif.shared.errors import FedclifError
-from fedclif.shared.flower import executable, flower_env
+from fedclif.shared.protocol.flower import executable, flower_env
 
 
 class SimulationEngine(Processes):

@@ -1,6 +1,7 @@
-"""The gradient-boosted bag-of-tokens baseline (shared/baseline.py) as an arm of the study:
-fitted on the source's train split (the split every arm uses), scored on the source's test
-split and zero-shot on every stay of the other real sites, as the foundation model is. Its
+"""The gradient-boosted bag-of-tokens baseline (shared/evaluation/baseline.py) as an arm of
+the study: fitted on the source's train split (the split every arm uses), scored on the
+source's test split and zero-shot on every stay of the other real sites, as the foundation
+model is. Its
 rows have the study's shape, so the report compares the two on the same stays.
 
 It runs after the engine, in this process, on the timelines the virtual sites wrote with
@@ -12,10 +13,10 @@ from pathlib import Path
 import numpy as np
 from omegaconf import DictConfig
 
-from fedclif.shared.baseline import Dataset, features, load_dataset, make_model, target
-from fedclif.shared.labels import TASKS
-from fedclif.shared.metrics import binary_metrics
-from fedclif.shared.splits import assign_splits
+from fedclif.shared.evaluation.baseline import Dataset, features, load_dataset, make_model, target
+from fedclif.shared.evaluation.metrics import binary_metrics
+from fedclif.shared.tokens.labels import TASKS
+from fedclif.shared.tokens.splits import assign_splits
 from fedclif.simulations.sites import SOURCE, TARGET, THIRD
 
 ARM = "gbm"

@@ -20,8 +20,8 @@ import numpy as np
 from omegaconf import DictConfig
 
 from fedclif.shared.errors import FedclifError
-from fedclif.shared.metrics import difference_text, paired_difference
-from fedclif.shared.objectives import OBJECTIVES
+from fedclif.shared.evaluation.metrics import difference_text, paired_difference
+from fedclif.shared.model.objectives import OBJECTIVES
 from fedclif.simulations.sites import SOURCE, TARGET
 
 # The ablation's cells: (label, arm of the source-only model, setting, evaluated at).

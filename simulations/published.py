@@ -6,13 +6,13 @@
 - the federated model as a share of the pooled (centralized) model's AUROC and AUPRC, as
   a MIMIC-IV study with five non-IID sites reports it.
 
-Each figure comes with a bootstrap 95% interval (shared/metrics.py replicates)."""
+Each figure comes with a bootstrap 95% interval (shared/evaluation/metrics.py replicates)."""
 
 from collections.abc import Callable
 
 import numpy as np
 
-from fedclif.shared.metrics import difference_text, paired_difference
+from fedclif.shared.evaluation.metrics import difference_text, paired_difference
 from fedclif.simulations.sites import SOURCE, TARGET
 
 # Published figures the report prints beside ours.

@@ -14,7 +14,12 @@ from rich.table import Table
 
 from fedclif.shared.artifact import write_json
 from fedclif.shared.config import RESOLVED
-from fedclif.shared.metrics import DROP_WORDS, FPR_GRID, difference_text, paired_difference
+from fedclif.shared.evaluation.metrics import (
+    DROP_WORDS,
+    FPR_GRID,
+    difference_text,
+    paired_difference,
+)
 from fedclif.simulations.calibration_report import (
     calibration_cells,
     calibration_markdown,
@@ -93,7 +98,7 @@ def _compare(
     `metric` (auroc or auprc) over seeds and `tasks`, a minus b, with the 95% interval of
     the bootstrap replicates' differences, replicate by replicate. On the same test stays
     (`paired`) the replicates share their resamples (a paired bootstrap,
-    shared/metrics.py). On two sites' stays they must be independent: resample k draws
+    shared/evaluation/metrics.py). On two sites' stays they must be independent: resample k draws
     the same relative positions at both sites (one seed), so b's replicates are shuffled
     first. Rows of seeds only one side has (a single-seed arm) are averaged as they are."""
     ma, mb, b_reps, a_reps = _means(rows, a, b, tasks, metric)
@@ -172,49 +177,9 @@ def summarize(results: dict) -> dict:
         arm: {t: [_cell(rows, arm, "local_finetune", TARGET, t, f) for f in fracs] for t in tasks}
         for arm in RECOVERY_ARMS
     }
-    sites = sorted({r["eval_site"] for r in rows if r["setting"] == "cross_site"})
-    matrix = [
-        [
-            float(
-                np.nanmean(
-                    [
-                        r["auroc"]
-                        for r in rows
-                        if r["setting"] == "cross_site"
-                        and r["train_sites"] == [a]
-                        and r["eval_site"] == b
-                    ]
-                )
-            )
-            for b in sites
-        ]
-        for a in sites
-    ]
-
-    key_tasks = [t for t in ("death", "long_los") if t in tasks]
+    sites, matrix = _cross_site_matrix(rows)
     # Zero-shot at every site the source model was taken to (the target, and the third).
     zero_sites = sorted({r["eval_site"] for r in rows if r["setting"] == "zero_shot"})
-    gaps, drops, no_drop = {}, {}, {}
-    ind_rows = {"arm": "source_only", "setting": "in_distribution", "eval_site": SOURCE}
-    for site in zero_sites:
-        gaps[site], drops[site], no_drop[site] = {}, {}, {}
-        zs_rows = {"arm": "source_only", "setting": "zero_shot", "eval_site": site}
-        for t in tasks:
-            ind = table[t]["in-distribution"]
-            zs = _cell(rows, "source_only", "zero_shot", site, t, 1.0)
-            gaps[site][t] = ind.get("auroc", np.nan) - zs.get("auroc", np.nan)
-            # In-distribution minus zero-shot, with the interval of the difference of the
-            # two sites' bootstraps: a drop when it lies above 0. A cell a site's policy
-            # withheld (too few events) is not measured, and counts as no clear drop.
-            drops[site][t] = d = _compare(rows, ind_rows, zs_rows, [t], paired=False)
-            no_drop[site][t] = d["verdict"] != "beats"
-
-    def mean_auroc(arm: str, f: float, ts: list[str] = tasks) -> float:
-        """Mean AUROC over tasks `ts` of `arm` at the target with share `f`."""
-        return float(
-            np.nanmean([recovery[arm][t][fracs.index(f)].get("auroc", np.nan) for t in ts])
-        )
-
     # Recovery and the federated comparison are judged on tasks with enough events in the
     # target's test split to measure them (a handful of deaths makes AUROC a coin toss).
     events = {
@@ -224,38 +189,16 @@ def summarize(results: dict) -> dict:
     measurable = [t for t in tasks if events[TARGET][t] >= MIN_EVENTS]
     # The penalty is measured at every site the source's model was taken to.
     measurable_all = [t for t in measurable if all(events[s][t] >= MIN_EVENTS for s in events)]
-    rises = {
-        arm: mean_auroc(arm, max(fracs), measurable) > mean_auroc(arm, min(fracs), measurable)
-        for arm in RECOVERY_ARMS
-    }
-    federated = {}
-    for f in fracs:
-        fed, src, tgt = (
-            mean_auroc(a, f, measurable)
-            for a in ("federated_finetuned", "source_finetuned", "target_only")
-        )
-        vs = {
-            other: _paired(rows, "federated_finetuned", arm, f, measurable)
-            for other, arm in (("source_only", "source_finetuned"), ("target_only", "target_only"))
-        }
-        federated[f"{f:g}"] = {
-            "federated": fed,
-            "source_only": src,
-            "target_only": tgt,
-            **{f"vs_{k}": v for k, v in vs.items()},
-            **{f"beats_{k}": v["verdict"] == "beats" for k, v in vs.items()},
-        }
     checks = {
-        "zero_shot_gap": gaps,
-        "zero_shot_drop_at_least_0.1": {
-            site: any(g[t] >= 0.1 for t in key_tasks) for site, g in gaps.items()
+        **_zero_shot_checks(rows, table, tasks, zero_sites),
+        "rises_with_target_fraction": {
+            arm: _mean_auroc(recovery, fracs, arm, top, measurable)
+            > _mean_auroc(recovery, fracs, arm, min(fracs), measurable)
+            for arm in RECOVERY_ARMS
         },
-        "zero_shot_drop": drops,
-        "zero_shot_no_clear_drop": no_drop,
-        "rises_with_target_fraction": rises,
         "test_events": events,
         "tasks_with_enough_target_events": measurable,
-        "federated_vs_single_site": federated,
+        "federated_vs_single_site": _federated_vs_single_site(rows, recovery, fracs, measurable),
     }
     return {
         "table": table,
@@ -280,6 +223,81 @@ def summarize(results: dict) -> dict:
             tasks,
         ),
     }
+
+
+def _cross_site_matrix(rows: list[dict]) -> tuple[list[str], list[list[float]]]:
+    """The sites of the cross-site matrix, and mean AUROC over tasks and seeds of the
+    federated model finetuned at each (rows), evaluated at each (columns)."""
+    sites = sorted({r["eval_site"] for r in rows if r["setting"] == "cross_site"})
+    cross = [r for r in rows if r["setting"] == "cross_site"]
+
+    def mean(a: str, b: str) -> float:
+        return float(
+            np.nanmean(
+                [r["auroc"] for r in cross if r["train_sites"] == [a] and r["eval_site"] == b]
+            )
+        )
+
+    return sites, [[mean(a, b) for b in sites] for a in sites]
+
+
+def _zero_shot_checks(
+    rows: list[dict], table: dict, tasks: list[str], zero_sites: list[str]
+) -> dict:
+    """In-distribution minus zero-shot AUROC at each site the source's model was taken to,
+    with the interval of the difference of the two sites' bootstraps: a drop when it lies
+    above 0. A cell a site's policy withheld (too few events) is not measured, and counts
+    as no clear drop."""
+    key_tasks = [t for t in ("death", "long_los") if t in tasks]
+    gaps, drops, no_drop = {}, {}, {}
+    ind_rows = {"arm": "source_only", "setting": "in_distribution", "eval_site": SOURCE}
+    for site in zero_sites:
+        gaps[site], drops[site], no_drop[site] = {}, {}, {}
+        zs_rows = {"arm": "source_only", "setting": "zero_shot", "eval_site": site}
+        for t in tasks:
+            ind = table[t]["in-distribution"]
+            zs = _cell(rows, "source_only", "zero_shot", site, t, 1.0)
+            gaps[site][t] = ind.get("auroc", np.nan) - zs.get("auroc", np.nan)
+            drops[site][t] = d = _compare(rows, ind_rows, zs_rows, [t], paired=False)
+            no_drop[site][t] = d["verdict"] != "beats"
+    return {
+        "zero_shot_gap": gaps,
+        "zero_shot_drop_at_least_0.1": {
+            site: any(g[t] >= 0.1 for t in key_tasks) for site, g in gaps.items()
+        },
+        "zero_shot_drop": drops,
+        "zero_shot_no_clear_drop": no_drop,
+    }
+
+
+def _mean_auroc(recovery: dict, fracs: list[float], arm: str, f: float, ts: list[str]) -> float:
+    """Mean AUROC over tasks `ts` of `arm` at the target with share `f`."""
+    return float(np.nanmean([recovery[arm][t][fracs.index(f)].get("auroc", np.nan) for t in ts]))
+
+
+def _federated_vs_single_site(
+    rows: list[dict], recovery: dict, fracs: list[float], tasks: list[str]
+) -> dict:
+    """At each share of the target's data: federated pretraining then finetuning beside
+    the source's model finetuned there and the target alone, with paired differences."""
+    out = {}
+    for f in fracs:
+        fed, src, tgt = (
+            _mean_auroc(recovery, fracs, a, f, tasks)
+            for a in ("federated_finetuned", "source_finetuned", "target_only")
+        )
+        vs = {
+            other: _paired(rows, "federated_finetuned", arm, f, tasks)
+            for other, arm in (("source_only", "source_finetuned"), ("target_only", "target_only"))
+        }
+        out[f"{f:g}"] = {
+            "federated": fed,
+            "source_only": src,
+            "target_only": tgt,
+            **{f"vs_{k}": v for k, v in vs.items()},
+            **{f"beats_{k}": v["verdict"] == "beats" for k, v in vs.items()},
+        }
+    return out
 
 
 def pretraining_curve(curves: dict[str, list[dict]]) -> dict:
@@ -359,10 +377,25 @@ def console_table(summary: dict, paper: dict) -> Table:
 
 
 def _plots(summary: dict, results: dict, out: Path) -> list[str]:
+    """Every figure of the report, each its own function; the files written."""
     cfg, rows = results["config"]["study"], results["rows"]
     tasks, fracs = list(cfg["tasks"]), [float(f) for f in cfg["fractions"]]
-    files = []
-    # AUROC by arm and task.
+    files = [
+        _auroc_by_arm(summary, tasks, out),
+        _recovery(summary, tasks, fracs, out),
+        _roc(rows, tasks, fracs, out),
+        _cross_site(summary, out),
+        _pretraining_loss(summary, out),
+    ]
+    # Four arms: six curves twice over make a panel nobody can read.
+    shown = [c for c in CALIBRATION_COLUMNS if c[0] not in ("target only", "pooled")]
+    files.append(reliability_png(rows, shown, tasks, max(fracs), out / "reliability.png"))
+    files.append(ablation_png(summary.get("objectives", {}), cfg, out))
+    return [f for f in files if f]
+
+
+def _auroc_by_arm(summary: dict, tasks: list[str], out: Path) -> str:
+    """AUROC by arm and task, with intervals."""
     fig, ax = plt.subplots(figsize=(1.8 + 1.6 * len(tasks), 4))
     w = 0.8 / len(COLUMNS)
     for i, (label, *_) in enumerate(COLUMNS):
@@ -370,14 +403,8 @@ def _plots(summary: dict, results: dict, out: Path) -> list[str]:
         y = np.array([c.get("auroc", np.nan) for c in cells])
         lo = y - np.array([c.get("auroc_low", np.nan) for c in cells])
         hi = np.array([c.get("auroc_high", np.nan) for c in cells]) - y
-        ax.bar(
-            np.arange(len(tasks)) + (i - len(COLUMNS) / 2 + 0.5) * w,
-            y,
-            w,
-            label=label,
-            yerr=[lo, hi],
-            capsize=2,
-        )
+        x = np.arange(len(tasks)) + (i - len(COLUMNS) / 2 + 0.5) * w
+        ax.bar(x, y, w, label=label, yerr=[lo, hi], capsize=2)
     ax.axhline(0.5, color="grey", lw=0.8, ls="--")
     ax.set(
         xticks=range(len(tasks)),
@@ -387,8 +414,11 @@ def _plots(summary: dict, results: dict, out: Path) -> list[str]:
         title="AUROC by arm (target unless in-distribution)",
     )
     ax.legend(fontsize=7, ncol=2)
-    files.append(_save(fig, out / "auroc_by_arm.png"))
-    # Recovery against the fraction of the target's training data.
+    return _save(fig, out / "auroc_by_arm.png")
+
+
+def _recovery(summary: dict, tasks: list[str], fracs: list[float], out: Path) -> str:
+    """AUROC at the target against the share of its training data, beside zero-shot."""
     fig, axes = plt.subplots(1, len(tasks), figsize=(4 * len(tasks), 3.5), squeeze=False)
     for ax, t in zip(axes[0], tasks, strict=True):
         for arm, label in RECOVERY_ARMS.items():
@@ -410,18 +440,18 @@ def _plots(summary: dict, results: dict, out: Path) -> list[str]:
             title=t,
         )
     axes[0][0].legend(fontsize=7)
-    files.append(_save(fig, out / "recovery.png"))
-    # ROC curves, mean over seeds.
+    return _save(fig, out / "recovery.png")
+
+
+def _roc(rows: list[dict], tasks: list[str], fracs: list[float], out: Path) -> str:
+    """ROC curves of the first arms, mean over seeds."""
     fig, axes = plt.subplots(1, len(tasks), figsize=(3.6 * len(tasks), 3.6), squeeze=False)
     for ax, t in zip(axes[0], tasks, strict=True):
         for label, arm, setting, site in COLUMNS[:3]:
             curves = [
                 r["tpr_at_fpr"]
                 for r in rows
-                if r["arm"] == arm
-                and r["task"] == t
-                and r["setting"] == setting
-                and r["eval_site"] == site
+                if (r["arm"], r["task"], r["setting"], r["eval_site"]) == (arm, t, setting, site)
                 and r["fraction"] in (1.0, max(fracs))
                 and "tpr_at_fpr" in r
             ]
@@ -430,61 +460,53 @@ def _plots(summary: dict, results: dict, out: Path) -> list[str]:
         ax.plot([0, 1], [0, 1], color="grey", lw=0.8, ls="--")
         ax.set(xlabel="false positive rate", ylabel="true positive rate", title=t)
     axes[0][0].legend(fontsize=7)
-    files.append(_save(fig, out / "roc.png"))
-    # Cross-site matrix.
+    return _save(fig, out / "roc.png")
+
+
+def _cross_site(summary: dict, out: Path) -> str | None:
+    """The federated model finetuned at each site, evaluated at each: mean AUROC."""
     sites, m = summary["sites"], np.array(summary["matrix"])
-    if sites:
-        fig, ax = plt.subplots(figsize=(1.5 + 1.2 * len(sites), 1.2 + 1.1 * len(sites)))
-        im = ax.imshow(m, vmin=0.5, vmax=1.0, cmap="viridis")
-        for i in range(len(sites)):
-            for j in range(len(sites)):
-                ax.text(j, i, f"{m[i, j]:.3f}", ha="center", va="center", color="w")
-        ax.set(
-            xticks=range(len(sites)),
-            xticklabels=sites,
-            yticks=range(len(sites)),
-            yticklabels=sites,
-            xlabel="evaluated at",
-            ylabel="finetuned at",
-            title="federated model finetuned locally:\nmean AUROC over tasks",
-        )
-        fig.colorbar(im, ax=ax)
-        files.append(_save(fig, out / "cross_site.png"))
-    if curve := summary["pretraining"]:
-        fig, ax = plt.subplots(figsize=(4.5, 3.5))
-        for seed, v in curve["seeds"].items():
-            ax.plot(
-                range(1, len(v) + 1),
-                v,
-                color="grey",
-                lw=0.8,
-                alpha=0.6,
-                label="one seed" if seed == next(iter(curve["seeds"])) else None,
-            )
-        ax.plot(curve["rounds"], curve["mean"], marker="o", color="C0", label="mean")
-        ax.axvline(
-            curve["within_1pct_of_last"],
-            color="C1",
-            ls="--",
-            lw=1,
-            label="within 1% of the last round",
-        )
-        ax.set(
-            xlabel="round",
-            ylabel="validation loss (nats/token)",
-            xticks=curve["rounds"],
-            title="federated pretraining:\nthe global model on validation splits",
-        )
-        ax.legend(fontsize=7)
-        files.append(_save(fig, out / "pretraining_loss.png"))
-    top = max(fracs)
-    # Four arms: six curves twice over make a panel nobody can read.
-    shown = [c for c in CALIBRATION_COLUMNS if c[0] not in ("target only", "pooled")]
-    if name := reliability_png(rows, shown, tasks, top, out / "reliability.png"):
-        files.append(name)
-    if name := ablation_png(summary.get("objectives", {}), cfg, out):
-        files.append(name)
-    return files
+    if not sites:
+        return None
+    fig, ax = plt.subplots(figsize=(1.5 + 1.2 * len(sites), 1.2 + 1.1 * len(sites)))
+    im = ax.imshow(m, vmin=0.5, vmax=1.0, cmap="viridis")
+    for i in range(len(sites)):
+        for j in range(len(sites)):
+            ax.text(j, i, f"{m[i, j]:.3f}", ha="center", va="center", color="w")
+    ax.set(
+        xticks=range(len(sites)),
+        xticklabels=sites,
+        yticks=range(len(sites)),
+        yticklabels=sites,
+        xlabel="evaluated at",
+        ylabel="finetuned at",
+        title="federated model finetuned locally:\nmean AUROC over tasks",
+    )
+    fig.colorbar(im, ax=ax)
+    return _save(fig, out / "cross_site.png")
+
+
+def _pretraining_loss(summary: dict, out: Path) -> str | None:
+    """The federated pretraining's validation loss, round by round."""
+    curve = summary["pretraining"]
+    if not curve:
+        return None
+    fig, ax = plt.subplots(figsize=(4.5, 3.5))
+    first = next(iter(curve["seeds"]))
+    for seed, v in curve["seeds"].items():
+        label = "one seed" if seed == first else None
+        ax.plot(range(1, len(v) + 1), v, color="grey", lw=0.8, alpha=0.6, label=label)
+    ax.plot(curve["rounds"], curve["mean"], marker="o", color="C0", label="mean")
+    last = curve["within_1pct_of_last"]
+    ax.axvline(last, color="C1", ls="--", lw=1, label="within 1% of the last round")
+    ax.set(
+        xlabel="round",
+        ylabel="validation loss (nats/token)",
+        xticks=curve["rounds"],
+        title="federated pretraining:\nthe global model on validation splits",
+    )
+    ax.legend(fontsize=7)
+    return _save(fig, out / "pretraining_loss.png")
 
 
 def _save(fig, path: Path) -> str:
@@ -495,10 +517,32 @@ def _save(fig, path: Path) -> str:
 
 
 def _markdown(summary: dict, results: dict, files: list[str]) -> str:
-    cfg, model = results["config"]["study"], results["config"]["model"]
-    paper = cfg["paper"]
-    s = cfg["sites"]
+    """report.md: the header, the AUROC and AUPRC tables, what the simulation shows, then
+    calibration, the published comparisons, the objectives question, the profile and the
+    figures."""
+    cfg, ch = results["config"]["study"], summary["checks"]
     lines = [
+        *_header(results),
+        *_tables(summary, cfg["paper"]),
+        *_findings(summary, cfg),
+        "",
+        *calibration_markdown(summary["calibration"]),
+        *published_markdown(
+            summary["penalty"], summary["federated_share"], ch["tasks_with_enough_target_events"]
+        ),
+        *ablation_markdown(summary.get("objectives", {}), cfg),
+        *profile(results),
+        "## Figures",
+        "",
+        *[f"![{f}]({f})" for f in files],
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def _header(results: dict) -> list[str]:
+    cfg, model = results["config"]["study"], results["config"]["model"]
+    s = cfg["sites"]
+    return [
         f"# Transfer study `{cfg['name']}`",
         "",
         f"Source `{s['source']['preset']}` ({s['source']['stays']} stays), target "
@@ -508,12 +552,21 @@ def _markdown(summary: dict, results: dict, files: list[str]) -> str:
         f"{results['seconds'] / 60:.1f} min on Flower's simulation engine. Every setting: "
         f"[`{RESOLVED}`]({RESOLVED}) (`fedclif simulate --config {RESOLVED}` runs it again).",
         "",
+    ]
+
+
+def _tables(summary: dict, paper: dict) -> list[str]:
+    """The AUROC table (with the paper's rows) and the AUPRC table, every arm a column."""
+    head = [
+        "| task | " + " | ".join(label for label, *_ in COLUMNS) + " |",
+        "|---" * (len(COLUMNS) + 1) + "|",
+    ]
+    lines = [
         "AUROC at the target unless in-distribution (mean over seeds, [mean bootstrap 95% "
         "interval]; test splits, zero-shot on every stay of the site the model never saw); "
         "`paper` rows: arXiv 2504.10422, MIMIC-IV -> UCMC.",
         "",
-        "| task | " + " | ".join(label for label, *_ in COLUMNS) + " |",
-        "|---" * (len(COLUMNS) + 1) + "|",
+        *head,
     ]
     for task, cells in summary["table"].items():
         lines.append(f"| {task} | " + " | ".join(_fmt(cells[c]) for c, *_ in COLUMNS) + " |")
@@ -527,16 +580,22 @@ def _markdown(summary: dict, results: dict, files: list[str]) -> str:
         "",
         "AUPRC, the same cells (a model without skill scores the task's prevalence):",
         "",
-        "| task | " + " | ".join(label for label, *_ in COLUMNS) + " |",
-        "|---" * (len(COLUMNS) + 1) + "|",
+        *head,
     ]
     for task, cells in summary["table"].items():
         lines.append(
             f"| {task} | " + " | ".join(_fmt(cells[c], "auprc") for c, *_ in COLUMNS) + " |"
         )
+    return lines
+
+
+def _findings(summary: dict, cfg: dict) -> list[str]:
+    """What the simulation shows: events per test split, the zero-shot drops, the
+    recovery with the target's data, federated against single-site, the pretraining
+    curve."""
     ch = summary["checks"]
-    presets = {k: v["preset"] for k, v in s.items() if v}
-    lines += [
+    presets = {k: v["preset"] for k, v in cfg["sites"].items() if v}
+    lines = [
         "",
         "Events in each test split (the smaller class; under "
         f"{MIN_EVENTS} an AUROC is mostly noise): "
@@ -583,21 +642,14 @@ def _markdown(summary: dict, results: dict, files: list[str]) -> str:
             f"| {difference_text(v['vs_source_only'])} | {difference_text(v['vs_target_only'])} |"
         )
     if curve := summary["pretraining"]:
-        lines += [
+        lines.append(
             "- Federated pretraining, validation loss of the global model after each round "
             "(example-weighted over the sites' validation splits, first seed): "
             + ", ".join(f"{x:.3f}" for x in curve["mean"])
             + f"; within 1% of its last round from round **{curve['within_1pct_of_last']}** "
-            f"of {len(curve['rounds'])} (`pretraining_loss.png`).",
-        ]
-    lines += ["", *calibration_markdown(summary["calibration"])]
-    lines += published_markdown(
-        summary["penalty"], summary["federated_share"], ch["tasks_with_enough_target_events"]
-    )
-    lines += ablation_markdown(summary.get("objectives", {}), cfg)
-    lines += profile(results)
-    lines += ["## Figures", ""] + [f"![{f}]({f})" for f in files]
-    return "\n".join(lines) + "\n"
+            f"of {len(curve['rounds'])} (`pretraining_loss.png`)."
+        )
+    return lines
 
 
 def write_report(out: Path, results: dict) -> dict:

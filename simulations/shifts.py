@@ -14,7 +14,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 
 from fedclif.shared.artifact import write_json
-from fedclif.shared.metrics import DROP_WORDS, difference_text
+from fedclif.shared.evaluation.metrics import DROP_WORDS, difference_text
 from fedclif.simulations.sites import SOURCE, TARGET
 
 ARMS = {"source_finetuned": "local finetune", "federated_finetuned": "federated + finetune"}

@@ -18,10 +18,10 @@ from fedclif.server.messaging import stream_replies
 from fedclif.server.run import FederatedRun, Pending, make_strategy
 from fedclif.shared.artifact import write_json
 from fedclif.shared.errors import FedclifError
-from fedclif.shared.federation import RUN_SECTIONS
-from fedclif.shared.models import get_weights
-from fedclif.shared.stats import merge_stats
-from fedclif.shared.tokenizer import Tokenizer, fit_tokenizer
+from fedclif.shared.model.models import get_weights
+from fedclif.shared.protocol.federation import RUN_SECTIONS
+from fedclif.shared.tokens.stats import merge_stats
+from fedclif.shared.tokens.tokenizer import Tokenizer, fit_tokenizer
 from fedclif.simulations.objectives_report import check_sets, pretrain_override
 from fedclif.simulations.plan import Job, Plan, make_plan
 from fedclif.simulations.sites import POOLED, SOURCE, TARGET, site_roles

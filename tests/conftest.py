@@ -13,7 +13,7 @@ import pytest
 
 from fedclif.cli import main
 from fedclif.shared.config import load_config
-from fedclif.shared.timelines import LABELS, TIMELINES, TIMESERIES
+from fedclif.shared.tokens.timelines import LABELS, TIMELINES, TIMESERIES
 
 # The demo holds 100 patients: at the default cell minimum (10, a site's privacy floor)
 # its histograms roll up so far that hand-checked deciles move; the tokenizer tests on it

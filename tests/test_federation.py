@@ -34,13 +34,13 @@ from fedclif.server.processes import wait_for
 from fedclif.shared.clif.site import load_site
 from fedclif.shared.clif.versions import write_clif_3
 from fedclif.shared.config import load_config
-from fedclif.shared.events import stay_events
-from fedclif.shared.federation import ERROR_CODE, ERRORS, load_federation
-from fedclif.shared.flower import RUN_CONFIG, app_files, fab_hash, write_app
-from fedclif.shared.labels import TASKS
-from fedclif.shared.models import count_parameters, load_model
-from fedclif.shared.stats import merge_stats, site_stats
-from fedclif.shared.tokenizer import Tokenizer, fit_tokenizer
+from fedclif.shared.model.models import count_parameters, load_model
+from fedclif.shared.protocol.federation import ERROR_CODE, ERRORS, load_federation
+from fedclif.shared.protocol.flower import RUN_CONFIG, app_files, fab_hash, write_app
+from fedclif.shared.tokens.events import stay_events
+from fedclif.shared.tokens.labels import TASKS
+from fedclif.shared.tokens.stats import merge_stats, site_stats
+from fedclif.shared.tokens.tokenizer import Tokenizer, fit_tokenizer
 from fedclif.simulations.synth import load_preset, write_site
 
 pytestmark = pytest.mark.slow  # real processes throughout

@@ -13,7 +13,7 @@ import pytest
 from fedclif.cli import build_parser
 from fedclif.client.policy import SECTIONS as POLICY_SECTIONS
 from fedclif.shared.config import load_tree
-from fedclif.shared.tokenizer import TIME_BUCKETS
+from fedclif.shared.tokens.tokenizer import TIME_BUCKETS
 from fedclif.simulations.commands import STUDY_SECTIONS, load_study
 from fedclif.simulations.synth import load_preset
 

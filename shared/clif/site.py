@@ -33,7 +33,7 @@ from fedclif.shared.clif.versions import (
     vocabulary_terms,
 )
 from fedclif.shared.errors import FedclifError
-from fedclif.shared.meds_input import is_meds, read_meds, write_clif
+from fedclif.shared.meds.read import is_meds, read_meds, write_clif
 
 Severity = Literal["fatal", "warning"]
 

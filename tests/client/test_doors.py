@@ -32,7 +32,9 @@ from fedclif.client.app import train as train_handler
 from fedclif.client.approval import client_apps_only
 from fedclif.client.policy import coarse_sizes, write_policy
 from fedclif.shared.config import load_config, load_tree
-from fedclif.shared.federation import (
+from fedclif.shared.evaluation.metrics import binary_metrics
+from fedclif.shared.model.models import get_weights, stage_model
+from fedclif.shared.protocol.federation import (
     CONFIG,
     DP_TRAIN_METRICS,
     ERROR_CODE,
@@ -41,9 +43,7 @@ from fedclif.shared.federation import (
     received_config,
     to_record,
 )
-from fedclif.shared.metrics import binary_metrics
-from fedclif.shared.models import get_weights, stage_model
-from fedclif.shared.tokenizer import Tokenizer
+from fedclif.shared.tokens.tokenizer import Tokenizer
 
 
 @pytest.fixture

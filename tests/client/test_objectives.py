@@ -1,4 +1,4 @@
-"""Pretraining objectives beyond next-token prediction (shared/objectives.py): the losses
+"""Pretraining objectives beyond next-token prediction (shared/model/objectives.py): the losses
 against loop-written references, their per-sample gradients under DP-SGD, each one
 learning on a small synthetic site, their heads' life cycle (save, load, federated
 arrays, left out of finetuning) and the admission codes that are targets, never inputs."""
@@ -20,8 +20,8 @@ from fedclif.client.loop import fit
 from fedclif.client.stage import STAGES
 from fedclif.shared.config import load_config
 from fedclif.shared.errors import FedclifError
-from fedclif.shared.models import build_model, get_weights, load_model, save_model, setup
-from fedclif.shared.objectives import (
+from fedclif.shared.model.models import build_model, get_weights, load_model, save_model, setup
+from fedclif.shared.model.objectives import (
     masked_mse,
     omega,
     omega_loss,
@@ -31,9 +31,9 @@ from fedclif.shared.objectives import (
     stages,
     weights_at,
 )
-from fedclif.shared.sequences import StayViews, load_site_data
-from fedclif.shared.timeseries import variables
-from fedclif.shared.tokenizer import Tokenizer
+from fedclif.shared.model.sequences import StayViews, load_site_data
+from fedclif.shared.tokens.timeseries import variables
+from fedclif.shared.tokens.tokenizer import Tokenizer
 from fedclif.simulations.synth import load_preset, write_site
 
 TS = [

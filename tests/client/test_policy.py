@@ -33,18 +33,18 @@ from fedclif.client.policy import (
 )
 from fedclif.shared.clif.site import load_site
 from fedclif.shared.config import load_config, load_tree
-from fedclif.shared.events import OPEN_SEP, stay_events
-from fedclif.shared.federation import SiteRefusal, load_federation
-from fedclif.shared.flower import app_files, fab_hash
-from fedclif.shared.models import count_parameters
-from fedclif.shared.stats import (
+from fedclif.shared.model.models import count_parameters
+from fedclif.shared.protocol.federation import SiteRefusal, load_federation
+from fedclif.shared.protocol.flower import app_files, fab_hash
+from fedclif.shared.tokens.events import OPEN_SEP, stay_events
+from fedclif.shared.tokens.stats import (
     IDENTIFYING,
     MAX_OPEN_LENGTH,
     merge_stats,
     screen_rule,
     site_stats,
 )
-from fedclif.shared.tokenizer import Tokenizer, fit_tokenizer
+from fedclif.shared.tokens.tokenizer import Tokenizer, fit_tokenizer
 from fedclif.simulations.synth import FREE_TEXT_ANSWERS, load_preset, write_site
 
 

@@ -17,7 +17,7 @@ from fedclif.client.pretrain import STATE_FILE
 from fedclif.client.stage import STAGES
 from fedclif.shared.config import load_config, load_tree
 from fedclif.shared.errors import FedclifError
-from fedclif.shared.models import (
+from fedclif.shared.model.models import (
     EHRModel,
     build_model,
     count_parameters,
@@ -28,7 +28,7 @@ from fedclif.shared.models import (
     set_weights,
     setup,
 )
-from fedclif.shared.sequences import Prompted, load_site_data, pad_collate
+from fedclif.shared.model.sequences import Prompted, load_site_data, pad_collate
 from fedclif.simulations.synth import load_preset, write_site
 
 # Small and short enough for CPU tests; the defaults in configs/train.yaml are for real runs.

@@ -28,7 +28,8 @@ from fedclif.server.checks import shared_codes, stats_problem
 from fedclif.server.run import STRATEGIES, FederatedRun, make_strategy
 from fedclif.shared.clif.site import load_site
 from fedclif.shared.errors import FedclifError
-from fedclif.shared.federation import (
+from fedclif.shared.evaluation.metrics import binary_metrics, flat_metrics
+from fedclif.shared.protocol.federation import (
     ARRAYS,
     CONFIG,
     ERRORS,
@@ -40,9 +41,8 @@ from fedclif.shared.federation import (
     load_federation,
     to_record,
 )
-from fedclif.shared.metrics import binary_metrics, flat_metrics
-from fedclif.shared.stats import merge_stats, site_stats
-from fedclif.shared.tokenizer import Tokenizer, fit_tokenizer
+from fedclif.shared.tokens.stats import merge_stats, site_stats
+from fedclif.shared.tokens.tokenizer import Tokenizer, fit_tokenizer
 
 
 @pytest.mark.parametrize("name", sorted(STRATEGIES))
@@ -702,7 +702,7 @@ def test_a_rogue_probe_reply_is_rejected_and_the_probes_go_on(tmp_path, monkeypa
 
 
 def _evaluation(y_death, y_los, seed: int) -> RecordDict:
-    """A site's evaluation reply as its ClientApp builds it (shared/metrics.py)."""
+    """A site's evaluation reply as its ClientApp builds it (shared/evaluation/metrics.py)."""
     rng = np.random.default_rng(seed)
     per_task = {
         t: binary_metrics(np.array(y), rng.random(len(y)), threshold=0.5, n_boot=20)

@@ -84,12 +84,12 @@ def test_baseline_refuses_mixed_tokenizers(two_sites, demo_dir, tmp_path, capsys
 @pytest.fixture(scope="module")
 def transfer(tmp_path_factory):
     """mimic-like, shift-none and ucmc-like sites sharing one tokenizer (small: seconds)."""
-    from fedclif.shared.baseline import load_dataset
     from fedclif.shared.clif.site import load_site
     from fedclif.shared.config import load_config
-    from fedclif.shared.stats import merge_stats, site_stats
-    from fedclif.shared.timelines import tokenize_site
-    from fedclif.shared.tokenizer import fit_tokenizer
+    from fedclif.shared.evaluation.baseline import load_dataset
+    from fedclif.shared.tokens.stats import merge_stats, site_stats
+    from fedclif.shared.tokens.timelines import tokenize_site
+    from fedclif.shared.tokens.tokenizer import fit_tokenizer
 
     root = tmp_path_factory.mktemp("transfer")
     names = ("mimic-like", "shift-none", "ucmc-like")
@@ -108,7 +108,7 @@ def test_transfer_ordering(transfer):
     """In-site death and long-stay AUROC are realistic (not trivially perfect); a site from
     the same distribution shows no clear difference (its interval overlaps the in-site
     one: each site's AUROC has its own sampling noise); ucmc-like scores lower."""
-    from fedclif.shared.baseline import run_baseline
+    from fedclif.shared.evaluation.baseline import run_baseline
 
     res = run_baseline(
         transfer["mimic-like"],

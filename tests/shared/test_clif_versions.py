@@ -20,8 +20,8 @@ from fedclif.shared.clif.versions import (
 )
 from fedclif.shared.config import load_config
 from fedclif.shared.errors import FedclifError
-from fedclif.shared.events import stay_events
-from fedclif.shared.tokenizer import Tokenizer
+from fedclif.shared.tokens.events import stay_events
+from fedclif.shared.tokens.tokenizer import Tokenizer
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,7 @@ from omegaconf import OmegaConf
 from fedclif.cli import main
 from fedclif.shared.config import load_tree, write_resolved
 from fedclif.shared.errors import FedclifError
-from fedclif.shared.federation import load_federation
+from fedclif.shared.protocol.federation import load_federation
 from fedclif.simulations.commands import load_study
 
 

@@ -1,4 +1,4 @@
-"""The MEDS export (shared/meds.py): the demo as a MEDS dataset that the `meds` package's
+"""The MEDS export (shared/meds/export.py): the demo as a MEDS dataset that the `meds` package's
 schemas accept, holding exactly the events fedclif keeps, sharded by patient, with our
 splits; and our tasks as MEDS labels that agree with labels.parquet stay by stay."""
 
@@ -15,10 +15,10 @@ from conftest import assert_same_tokens, run_tokenize
 from fedclif.cli import main
 from fedclif.shared.clif.site import load_site
 from fedclif.shared.config import load_config
-from fedclif.shared.events import stay_events, stays
-from fedclif.shared.meds import NAMESPACES, STATIC
-from fedclif.shared.splits import assign_splits
-from fedclif.shared.timelines import LABELS, TIMELINES
+from fedclif.shared.meds.export import NAMESPACES, STATIC
+from fedclif.shared.tokens.events import stay_events, stays
+from fedclif.shared.tokens.splits import assign_splits
+from fedclif.shared.tokens.timelines import LABELS, TIMELINES
 
 
 @pytest.fixture(scope="module")

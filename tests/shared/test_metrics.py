@@ -5,8 +5,8 @@ import pytest
 from scipy.special import expit
 from sklearn.metrics import average_precision_score, brier_score_loss, f1_score, roc_auc_score
 
-from fedclif.shared.calibration import calibration, ece, platt
-from fedclif.shared.metrics import (
+from fedclif.shared.evaluation.calibration import calibration, ece, platt
+from fedclif.shared.evaluation.metrics import (
     auprc_rows,
     auroc_rows,
     binary_metrics,

@@ -11,9 +11,9 @@ from fedclif.cli import main
 from fedclif.shared.clif.site import load_site
 from fedclif.shared.config import load_config
 from fedclif.shared.errors import FedclifError
-from fedclif.shared.events import stay_events
-from fedclif.shared.stats import merge_stats, read_stats, site_stats
-from fedclif.shared.tokenizer import Tokenizer, fit_tokenizer
+from fedclif.shared.tokens.events import stay_events
+from fedclif.shared.tokens.stats import merge_stats, read_stats, site_stats
+from fedclif.shared.tokens.tokenizer import Tokenizer, fit_tokenizer
 
 
 def _with_sbp(site_dir, values: np.ndarray) -> None:

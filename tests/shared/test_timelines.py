@@ -13,11 +13,11 @@ from omegaconf import OmegaConf
 from fedclif.cli import main
 from fedclif.shared.clif.site import load_site
 from fedclif.shared.errors import FedclifError
-from fedclif.shared.splits import SPLITS, assign_splits
-from fedclif.shared.stats import merge_stats, site_stats
-from fedclif.shared.timelines import read_timelines, tokenize_site
-from fedclif.shared.timeseries import read_grid, variables
-from fedclif.shared.tokenizer import Tokenizer, fit_tokenizer
+from fedclif.shared.tokens.splits import SPLITS, assign_splits
+from fedclif.shared.tokens.stats import merge_stats, site_stats
+from fedclif.shared.tokens.timelines import read_timelines, tokenize_site
+from fedclif.shared.tokens.timeseries import read_grid, variables
+from fedclif.shared.tokens.tokenizer import Tokenizer, fit_tokenizer
 
 
 def test_labels_match_an_independent_implementation(demo_dir, demo_tokens):
@@ -211,7 +211,7 @@ def test_console_script_quickstart(tmp_path):
 
 
 def test_chunked_tokenization_matches_one_pass(demo_dir, demo_tokens, site_cfg, tmp_path):
-    from fedclif.shared.tokenizer import Tokenizer
+    from fedclif.shared.tokens.tokenizer import Tokenizer
 
     site_cfg.chunk_stays = 50
     tok = Tokenizer.load(demo_tokens / "tokenizer.json")

@@ -20,10 +20,10 @@ from fedclif.server.deploy import run_config, wait_run
 from fedclif.server.loopback import FEDCLIF
 from fedclif.server.processes import wait_for
 from fedclif.server.run import FederatedRun
-from fedclif.shared.federation import load_federation
-from fedclif.shared.flower import RUN_CONFIG, SERVERAPP, app_files
-from fedclif.shared.models import get_weights, load_model
-from fedclif.shared.tokenizer import Tokenizer
+from fedclif.shared.model.models import get_weights, load_model
+from fedclif.shared.protocol.federation import load_federation
+from fedclif.shared.protocol.flower import RUN_CONFIG, SERVERAPP, app_files
+from fedclif.shared.tokens.tokenizer import Tokenizer
 from fedclif.simulations.engine import SimulationEngine
 from fedclif.simulations.synth import load_preset, write_site
 

@@ -13,9 +13,9 @@ from fedclif.shared.clif.schema import load_schemas
 from fedclif.shared.clif.site import load_site
 from fedclif.shared.config import load_config
 from fedclif.shared.errors import FedclifError
-from fedclif.shared.metrics import paired_difference
-from fedclif.shared.stats import merge_stats, site_stats
-from fedclif.shared.tokenizer import fit_tokenizer
+from fedclif.shared.evaluation.metrics import paired_difference
+from fedclif.shared.tokens.stats import merge_stats, site_stats
+from fedclif.shared.tokens.tokenizer import fit_tokenizer
 from fedclif.simulations.commands import load_study
 from fedclif.simulations.plan import make_plan
 from fedclif.simulations.report import MIN_EVENTS, write_report

@@ -10,8 +10,8 @@ from fedclif.cli import main
 from fedclif.shared.clif.site import load_site
 from fedclif.shared.config import load_config
 from fedclif.shared.errors import FedclifError
-from fedclif.shared.events import stays
-from fedclif.shared.labels import outcome_labels
+from fedclif.shared.tokens.events import stays
+from fedclif.shared.tokens.labels import outcome_labels
 from fedclif.simulations.synth import load_preset, preset_names, write_site
 
 N = 400

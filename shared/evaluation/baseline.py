@@ -14,10 +14,10 @@ from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import MaxAbsScaler
 
 from fedclif.shared.errors import FedclifError
-from fedclif.shared.labels import LABELS, usable
-from fedclif.shared.metrics import binary_metrics
-from fedclif.shared.timelines import LABELS as LABELS_FILE
-from fedclif.shared.timelines import read_timelines
+from fedclif.shared.evaluation.metrics import binary_metrics
+from fedclif.shared.tokens.labels import LABELS, usable
+from fedclif.shared.tokens.timelines import LABELS as LABELS_FILE
+from fedclif.shared.tokens.timelines import read_timelines
 
 MODELS = ("logreg", "gbm")
 

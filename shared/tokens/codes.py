@@ -13,7 +13,7 @@ import polars as pl
 from omegaconf import DictConfig
 
 from fedclif.shared.clif.site import Site
-from fedclif.shared.events import UNK
+from fedclif.shared.tokens.events import UNK
 
 TARGET_PREFIXES = ("DX", "DRUG")
 
@@ -22,7 +22,7 @@ def admission_codes(
     site: Site, st: pl.DataFrame, cfg: DictConfig | dict, events: pl.DataFrame
 ) -> pl.DataFrame:
     """Distinct (stay, code) pairs of the stays in `st`: diagnoses from the site's table,
-    drugs from the stays' own events (`events`: shared/events.py `stay_events`, collected;
+    drugs from the stays' own events (`events`: shared/tokens/events.py `stay_events`, collected;
     so only what was given within the stay's window). `cfg` is the tokenizer config's
     `codes` section (`diagnosis_format`, `diagnosis_chars`)."""
     drug = pl.col("code").str.extract(r"^MED[CI]_(.+)$")

@@ -6,8 +6,8 @@ import math
 import torch
 from torch import nn
 
-from fedclif.shared.events import TOKEN_TYPES
-from fedclif.shared.sequences import MAX_VISIT
+from fedclif.shared.model.sequences import MAX_VISIT
+from fedclif.shared.tokens.events import TOKEN_TYPES
 
 
 def sinusoids(x: torch.Tensor, top: float, n_freq: int) -> torch.Tensor:

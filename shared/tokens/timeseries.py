@@ -14,7 +14,7 @@ from statistics import NormalDist
 import numpy as np
 import polars as pl
 
-from fedclif.shared.tokenizer import Tokenizer
+from fedclif.shared.tokens.tokenizer import Tokenizer
 
 TIMESERIES = "timeseries.parquet"
 
@@ -41,7 +41,7 @@ def location_scale(cuts: tuple[float, ...]) -> tuple[float, float]:
 
 
 def hourly_grid(events: pl.DataFrame, st: pl.DataFrame, tok: Tokenizer) -> pl.DataFrame:
-    """Long grid of the stays in `st` from their events (shared/events.py `stay_events`,
+    """Long grid of the stays in `st` from their events (shared/tokens/events.py `stay_events`,
     collected): hospitalization_id, hour (since admission), variable, value (normalised).
     Stays of a chunk are a contiguous run of `stay` ids in `st` order (as `encode` reads
     them), so a stay's id is a gather, and sorting stays on integers."""

@@ -23,7 +23,7 @@ from flexible_schema.exceptions import SchemaValidationError, TableValidationErr
 from fedclif.shared.clif.schema import RESP_SETTINGS
 from fedclif.shared.errors import FedclifError
 
-# fedclif code prefix -> MEDS namespace (shared/meds.py writes them; read longest first).
+# fedclif code prefix -> MEDS namespace (shared/meds/export.py writes them; read longest first).
 NAMESPACES = (
     ("RESP_device", "RESP//device"),
     ("RESP_mode", "RESP//mode"),

@@ -16,13 +16,13 @@ import torch
 from omegaconf import DictConfig
 
 from fedclif.shared.errors import FedclifError
-from fedclif.shared.events import type_id
-from fedclif.shared.labels import TASKS, usable
-from fedclif.shared.splits import assign_splits
-from fedclif.shared.timelines import LABELS as LABELS_FILE
-from fedclif.shared.timelines import TIMELINES, read_timelines
-from fedclif.shared.timeseries import TIMESERIES, read_grid
-from fedclif.shared.tokenizer import PAD, Tokenizer
+from fedclif.shared.tokens.events import type_id
+from fedclif.shared.tokens.labels import TASKS, usable
+from fedclif.shared.tokens.splits import assign_splits
+from fedclif.shared.tokens.timelines import LABELS as LABELS_FILE
+from fedclif.shared.tokens.timelines import TIMELINES, read_timelines
+from fedclif.shared.tokens.timeseries import TIMESERIES, read_grid
+from fedclif.shared.tokens.tokenizer import PAD, Tokenizer
 
 _BASE = ["hospitalization_id", "patient_id", "age", "hosp_index"]
 _FULL = ["tokens", "hours", "types", "n_tokens"]
@@ -273,7 +273,7 @@ class Windows(torch.utils.data.Dataset):
 
 class StayViews(torch.utils.data.Dataset):
     """One pretraining example per stay, for objectives beyond next-token prediction
-    (shared/objectives.py): the stay's first `context` tokens from admission, its hourly
+    (shared/model/objectives.py): the stay's first `context` tokens from admission, its hourly
     grid over the first `hours` (values and observed mask) and its admission codes (a
     multi-hot over the tokenizer's targets). `spec` carries the objective weights the
     examples are for. `one_per_patient`: each patient one example, one of their stays

@@ -18,9 +18,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from fedclif.shared.clif.site import Site
-from fedclif.shared.codes import admission_codes, target_lists
 from fedclif.shared.errors import FedclifError
-from fedclif.shared.events import (
+from fedclif.shared.tokens.codes import admission_codes, target_lists
+from fedclif.shared.tokens.events import (
     PRIO_END,
     PRIO_START,
     TOKEN_TYPES,
@@ -29,9 +29,9 @@ from fedclif.shared.events import (
     stays,
     type_id,
 )
-from fedclif.shared.labels import outcome_labels
-from fedclif.shared.timeseries import TIMESERIES, hourly_grid, variables
-from fedclif.shared.tokenizer import END, START, TIME_BUCKETS, Tokenizer, bin_token
+from fedclif.shared.tokens.labels import outcome_labels
+from fedclif.shared.tokens.timeseries import TIMESERIES, hourly_grid, variables
+from fedclif.shared.tokens.tokenizer import END, START, TIME_BUCKETS, Tokenizer, bin_token
 
 TIMELINES, LABELS, MANIFEST, TOKENIZER = (
     "timelines.parquet",
@@ -231,7 +231,7 @@ def encode(
 def tokenize_site(
     site: Site, tok: Tokenizer, out: str | Path, on_chunk: Callable[[int, int], None] | None = None
 ) -> dict:
-    """Write timelines, their hourly time-series view (shared/timeseries.py), labels, the
+    """Write timelines, their hourly time-series view (shared/tokens/timeseries.py), labels, the
     tokenizer and a manifest to `out`; return the manifest.
 
     Stays are encoded `site.cfg.chunk_stays` at a time and written as one parquet row

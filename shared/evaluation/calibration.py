@@ -13,7 +13,7 @@ import numpy as np
 from scipy.special import expit, logit
 from sklearn.linear_model import LogisticRegression
 
-from fedclif.shared.metrics import resamples
+from fedclif.shared.evaluation.metrics import resamples
 
 BINS = 10
 
@@ -40,7 +40,8 @@ def ece(y: np.ndarray, p: np.ndarray, bins: int = BINS) -> float:
 
 
 def brier_rows(y: np.ndarray, p: np.ndarray) -> np.ndarray:
-    """Brier score of each row of [resamples, n] arrays (shared/metrics.py `resamples`)."""
+    """Brier score of each row of [resamples, n] arrays (shared/evaluation/metrics.py
+    `resamples`)."""
     return ((p - y) ** 2).mean(1)
 
 

@@ -1,7 +1,7 @@
 """A CLIF site as a MEDS dataset (the Medical Event Data Standard every neighbouring EHR
 foundation-model codebase reads), and our tasks as MEDS labels.
 
-The events are the ones fedclif itself encodes (shared/events.py `stay_events`: the
+The events are the ones fedclif itself encodes (shared/tokens/events.py `stay_events`: the
 tokenizable stays, their window, state changes only), so a MEDS export and the timelines
 describe the same data. Codes are hierarchical (`VITAL//heart_rate`,
 `LAB//sodium//mmol/L`, `ADT//icu`, `MED_CONT//norepinephrine//mcg/kg/min`): the namespace,
@@ -33,10 +33,10 @@ from omegaconf import DictConfig
 
 from fedclif.shared.clif.site import Site
 from fedclif.shared.errors import FedclifError
-from fedclif.shared.events import stay_events, stays
-from fedclif.shared.labels import TASKS, outcome_labels, usable
-from fedclif.shared.meds_input import EXACT, NAMESPACES
-from fedclif.shared.splits import assign_splits
+from fedclif.shared.meds.read import EXACT, NAMESPACES
+from fedclif.shared.tokens.events import stay_events, stays
+from fedclif.shared.tokens.labels import TASKS, outcome_labels, usable
+from fedclif.shared.tokens.splits import assign_splits
 
 STATIC = ("SEX", "RACE", "ETH")
 # Units appended to a namespace's codes: (table, category column, unit column).

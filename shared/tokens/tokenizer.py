@@ -11,10 +11,10 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 from fedclif.shared.artifact import read_json, write_json
-from fedclif.shared.codes import is_target
 from fedclif.shared.errors import FedclifError
-from fedclif.shared.events import PREFIX_TYPE, TOKEN_TYPES, UNK, prefix_of
-from fedclif.shared.stats import quantile_cuts
+from fedclif.shared.tokens.codes import is_target
+from fedclif.shared.tokens.events import PREFIX_TYPE, TOKEN_TYPES, UNK, prefix_of
+from fedclif.shared.tokens.stats import quantile_cuts
 
 FORMAT = "fedclif-tokenizer"
 VERSION = 1
@@ -52,7 +52,7 @@ class Tokenizer:
     cuts: dict[str, tuple[float, ...]]
     sites: int
     n_stays: int | None
-    # Admission codes (shared/codes.py): pretraining targets, never tokens of a timeline.
+    # Admission codes (shared/tokens/codes.py): pretraining targets, never tokens of a timeline.
     targets: tuple[str, ...] = ()
 
     @cached_property

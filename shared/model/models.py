@@ -33,11 +33,11 @@ from transformers import (
 )
 
 from fedclif.shared.artifact import read_json, write_json
-from fedclif.shared.embedding import EHREmbedding
 from fedclif.shared.errors import FedclifError
-from fedclif.shared.objectives import ObjectiveHeads, Spec, heads_needed, losses
-from fedclif.shared.timeseries import variables
-from fedclif.shared.tokenizer import END, PAD, START, Tokenizer
+from fedclif.shared.model.embedding import EHREmbedding
+from fedclif.shared.model.objectives import ObjectiveHeads, Spec, heads_needed, losses
+from fedclif.shared.tokens.timeseries import variables
+from fedclif.shared.tokens.tokenizer import END, PAD, START, Tokenizer
 
 ARCHS = {
     "mamba2": (Mamba2Config, Mamba2ForCausalLM),
@@ -61,7 +61,7 @@ class EHRConfig(PretrainedConfig):
     the tokenizer whose ids it reads, the training `stage` it was saved after, what
     training recorded (`training`: step, validation loss, tasks) and the pretraining
     objectives it has heads for (`objectives`, with the grid's `n_series`, the tokenizer's
-    `n_targets` and `stay_hours`: shared/objectives.py)."""
+    `n_targets` and `stay_hours`: shared/model/objectives.py)."""
 
     model_type = "fedclif-ehr"
 
@@ -150,7 +150,7 @@ class EHRModel(PreTrainedModel):
         self, batch: dict[str, torch.Tensor], head: str = "lm", spec: Spec | None = None
     ) -> torch.Tensor | dict[str, torch.Tensor]:
         """`lm`: next-token loss; `task`: one logit per row; `objectives`: each weighted
-        pretraining objective's loss on stay views (shared/objectives.py). One entry
+        pretraining objective's loss on stay views (shared/model/objectives.py). One entry
         point, so that wrappers which hook `forward` (opacus) see every training step."""
         if head == "objectives":
             return losses(self, batch, spec)

@@ -24,9 +24,9 @@ from omegaconf import DictConfig, OmegaConf
 from fedclif.shared.artifact import read_json, write_json
 from fedclif.shared.clif.site import Site
 from fedclif.shared.clif.versions import VOCABULARY_VERSION
-from fedclif.shared.codes import admission_codes
 from fedclif.shared.errors import FedclifError
-from fedclif.shared.events import OPEN_SEP, stay_chunks, stay_events
+from fedclif.shared.tokens.codes import admission_codes
+from fedclif.shared.tokens.events import OPEN_SEP, stay_chunks, stay_events
 
 FORMAT = "fedclif-site-stats"
 VERSION = 1

@@ -1,6 +1,6 @@
 """Pretraining objectives beyond next-token prediction, as weighted losses of the one model.
 
-- `ts_align` (LLM4EHR): a stay's hourly time series (shared/timeseries.py) and its event
+- `ts_align` (LLM4EHR): a stay's hourly time series (shared/tokens/timeseries.py) and its event
   tokens both pass through the backbone; their hidden states are averaged into
   non-overlapping patches of `patch_hours`; a patch-wise InfoNCE pulls each TS patch
   towards the EHR patch of the same hours (negatives: the stay's other patches, so the
@@ -12,7 +12,7 @@
   last token) reconstructs its first `stay_hours` of the grid and its age (MSE, observed
   entries only).
 - `masked_codes` (MedHMP, admission level): half of the stay's admission codes
-  (shared/codes.py) are hidden; from the visible ones and the stay's representation the
+  (shared/tokens/codes.py) are hidden; from the visible ones and the stay's representation the
   model predicts the rest (binary cross-entropy over the hidden and absent codes).
 - `code_contrast` (MedHMP, admission level): InfoNCE between a stay's representation and
   the representation of its admission's code set, the batch's other stays as negatives.
@@ -31,8 +31,8 @@ import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from fedclif.shared.embedding import sinusoids
 from fedclif.shared.errors import FedclifError
+from fedclif.shared.model.embedding import sinusoids
 
 OBJECTIVES = ("next_token", "ts_align", "ts_recon", "stay_recon", "masked_codes", "code_contrast")
 # Objectives whose loss couples the examples of a batch (in-batch negatives).
@@ -281,7 +281,7 @@ def info_nce(a: torch.Tensor, b: torch.Tensor, tau: float) -> torch.Tensor:
 
 
 def losses(model, batch: dict[str, torch.Tensor], spec: Spec) -> dict[str, torch.Tensor]:
-    """Each weighted objective's loss on a batch of stay views (shared/sequences.py
+    """Each weighted objective's loss on a batch of stay views (shared/model/sequences.py
     `StayViews`): one backbone pass over the tokens, one over the series when needed."""
     heads, w = model.pretrain_heads, spec.weights
     h = model.hidden(batch)

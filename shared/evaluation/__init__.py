@@ -1,0 +1,1 @@
+"""Metrics with bootstrap intervals, calibration, the bag-of-tokens baseline."""

@@ -1,0 +1,1 @@
+"""The model: EHRModel (a PreTrainedModel), its embeddings, pretraining objectives, model inputs."""
