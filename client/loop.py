@@ -79,11 +79,15 @@ class LoopResult:
 def piece_config(c: DictConfig, share: float, n_examples: int) -> DictConfig:
     """Stage section `c` for `share` of its run's steps over `n_examples` (as `fit`
     counts them): a pretraining stage's piece of a run or of a round."""
-    per_epoch = max(math.ceil(n_examples / int(c.batch_size)) // int(c.grad_accum), 1)
-    total = per_epoch * int(c.epochs)
-    if int(c.max_steps) > 0:
-        total = min(total, int(c.max_steps))
+    total = total_steps(math.ceil(n_examples / int(c.batch_size)), c)
     return OmegaConf.merge(c, {"max_steps": max(1, round(share * total))})
+
+
+def total_steps(n_batches: int, c: DictConfig) -> int:
+    """Optimizer steps of stage section `c` over `n_batches` batches an epoch: its epochs
+    (at least one step each), at most `max_steps` when that is set."""
+    total = max(n_batches // int(c.grad_accum), 1) * int(c.epochs)
+    return min(total, int(c.max_steps)) if int(c.max_steps) > 0 else total
 
 
 def dp_config(cfg: DictConfig) -> DictConfig | None:
@@ -129,35 +133,11 @@ def fit(
         pin_memory=device.type == "cuda",
     )
     accum = int(cfg.grad_accum)
-    per_epoch = max(len(loader) // accum, 1)
-    total = per_epoch * int(cfg.epochs)
-    if int(cfg.max_steps) > 0:
-        total = min(total, int(cfg.max_steps))
+    total = total_steps(len(loader), cfg)
     engine = None
     if dp is not None:
-        if resume:
-            raise FedclifError("resuming a DP-SGD run is not supported: start it again")
-        if accum != 1:
-            raise FedclifError("DP-SGD runs take grad_accum=1 (raise batch_size instead)")
-        from opacus import PrivacyEngine
-
-        engine = PrivacyEngine(accountant="rdp")
-        model, opt, loader = engine.make_private_with_epsilon(
-            module=model,
-            optimizer=opt,
-            data_loader=loader,
-            target_epsilon=float(dp.epsilon),
-            target_delta=float(dp.delta),
-            epochs=int(cfg.epochs),
-            max_grad_norm=float(dp.max_grad_norm),
-            grad_sample_mode="hooks",
-        )
-    try:
-        sched = get_scheduler(str(cfg.schedule), opt, min(int(cfg.warmup_steps), total // 2), total)
-    except ValueError as e:
-        raise FedclifError(
-            f"schedule={cfg.schedule!r}: use cosine, linear or constant_with_warmup"
-        ) from e
+        engine, model, opt, loader = _private(model, opt, loader, cfg, dp, resume)
+    sched = _scheduler(cfg, opt, total)
     st = LoopState()
     if resume:
         st = _load_state(state_file, model, opt, sched)
@@ -225,6 +205,40 @@ def fit(
     recent = losses[-max(len(losses) // 10, 1) :] if losses else [float("nan")]
     noise = float(opt.noise_multiplier) if engine is not None else None
     return LoopResult(st, float(np.mean(recent)), seen, eps, noise)
+
+
+def _private(model, opt, loader, cfg: DictConfig, dp: DictConfig, resume: bool):
+    """Opacus's DP-SGD around the model, optimizer and loader (Poisson sampling, per-sample
+    clipping, noise for `dp.epsilon` over the stage's epochs): (engine, model, opt,
+    loader)."""
+    if resume:
+        raise FedclifError("resuming a DP-SGD run is not supported: start it again")
+    if int(cfg.grad_accum) != 1:
+        raise FedclifError("DP-SGD runs take grad_accum=1 (raise batch_size instead)")
+    from opacus import PrivacyEngine
+
+    engine = PrivacyEngine(accountant="rdp")
+    model, opt, loader = engine.make_private_with_epsilon(
+        module=model,
+        optimizer=opt,
+        data_loader=loader,
+        target_epsilon=float(dp.epsilon),
+        target_delta=float(dp.delta),
+        epochs=int(cfg.epochs),
+        max_grad_norm=float(dp.max_grad_norm),
+        grad_sample_mode="hooks",
+    )
+    return engine, model, opt, loader
+
+
+def _scheduler(cfg: DictConfig, opt, total: int):
+    """The learning-rate schedule over `total` steps (warmup at most half of them)."""
+    try:
+        return get_scheduler(str(cfg.schedule), opt, min(int(cfg.warmup_steps), total // 2), total)
+    except ValueError as e:
+        raise FedclifError(
+            f"schedule={cfg.schedule!r}: use cosine, linear or constant_with_warmup"
+        ) from e
 
 
 def _save_state(path: Path, st: LoopState, model, opt, sched) -> None:

@@ -102,6 +102,21 @@ def read_meds(root: str | Path) -> pl.DataFrame:
 
 def clif_tables(events: pl.DataFrame) -> dict[str, pl.DataFrame]:
     """CLIF tables (UTC timestamps) from MEDS events (`read_meds`)."""
+    ev = _namespaced(events)
+    by = {k: g for (k,), g in ev.filter(pl.col("space").is_not_null()).group_by("space")}
+    empty = ev.head(0)
+
+    def of(name: str) -> pl.DataFrame:  # the events of one namespace
+        return by.get(name, empty)
+
+    tables = {**_patients_and_stays(ev, of), **_event_tables(ev, of)}
+    required = ("patient", "hospitalization", "adt", "vitals", "labs")
+    return {k: v for k, v in tables.items() if v.height or k in required}
+
+
+def _namespaced(events: pl.DataFrame) -> pl.DataFrame:
+    """MEDS events with each code split into its namespace (`space`), `category` and
+    `unit`, the patient as CLIF names it, UTC times and one `value`."""
     f32 = pl.col("numeric_value").cast(pl.Float64).round_sig_figs(7)
     ev = events.with_columns(
         pl.col("subject_id").cast(pl.String).alias("patient_id"),
@@ -118,15 +133,14 @@ def clif_tables(events: pl.DataFrame) -> dict[str, pl.DataFrame]:
     ev = ev.with_columns(
         parts.struct.field("field_0").alias("category"), parts.struct.field("field_1").alias("unit")
     )
-    ev = ev.with_columns(
+    return ev.with_columns(
         pl.when(pl.col("code") == "AGE").then(pl.lit("AGE")).otherwise("space").alias("space")
     )
-    by = {k: g for (k,), g in ev.filter(pl.col("space").is_not_null()).group_by("space")}
-    empty = ev.head(0)
 
-    def of(name: str) -> pl.DataFrame:
-        return by.get(name, empty)
 
+def _patients_and_stays(ev: pl.DataFrame, of) -> dict[str, pl.DataFrame]:
+    """The patient table (its static codes) and the hospitalization table (admission,
+    discharge, age)."""
     static = {
         col: of(name).select("patient_id", pl.col("category").alias(col)).unique("patient_id")
         for name, col in (
@@ -159,7 +173,13 @@ def clif_tables(events: pl.DataFrame) -> dict[str, pl.DataFrame]:
     )
     age = of("AGE").select(STAY, pl.col("value").alias("age_at_admission")).unique(STAY)
     hosp = adm.join(dis, on=STAY, how="left").join(age, on=STAY, how="left")
-    tables = {"patient": patient, "hospitalization": hosp}
+    return {"patient": patient, "hospitalization": hosp}
+
+
+def _event_tables(ev: pl.DataFrame, of) -> dict[str, pl.DataFrame]:
+    """The CLIF tables of timed events: ADT, vitals, labs, respiratory support,
+    medications, assessments, position, code status, CRRT, diagnoses."""
+    tables = {}
 
     def events_of(name: str, time: str, category: str, value: str | None = None) -> pl.DataFrame:
         cols = [STAY, pl.col("time").alias(time), pl.col("category").alias(category)]
@@ -240,8 +260,7 @@ def clif_tables(events: pl.DataFrame) -> dict[str, pl.DataFrame]:
         parts.get_column("field_2").alias("diagnosis_code"),
         parts.get_column("field_1").alias("diagnosis_code_format"),
     )
-    required = ("patient", "hospitalization", "adt", "vitals", "labs")
-    return {k: v for k, v in tables.items() if v.height or k in required}
+    return tables
 
 
 def write_clif(events: pl.DataFrame, out: str | Path) -> Path:
