@@ -562,7 +562,31 @@ def _checker_for(site: Site, schemas: dict[str, TableSchema], name: str) -> _Che
 
 
 def _cross_checks(site: Site, schemas: dict[str, TableSchema]) -> None:
-    """Keys, references between tables and impossible values."""
+    """Keys, references between tables and impossible values; the usable stays."""
+    _unique_keys(site, schemas)
+    if site.report.fatal:
+        return
+    patients = site.tables["patient"].get_column("patient_id").implode()
+    h = _check_stays(site, schemas, patients)
+    stays = site.tables["hospitalization"].get_column("hospitalization_id").implode()
+    for name in list(site.tables):
+        _check_rows(site, schemas, name, patients, stays)
+    hours = float(site.cfg.min_stay_hours)
+    long_enough = site.tables["hospitalization"].filter(
+        pl.col("discharge_dttm") - pl.col("admission_dttm") >= pl.duration(minutes=60 * hours)
+    )
+    site.report.usable_stays = long_enough.height
+    if long_enough.is_empty():
+        h.add(
+            "fatal",
+            "discharge_dttm",
+            "no-stays",
+            f"no hospitalization lasts at least {hours:g} h: nothing to tokenize",
+        )
+
+
+def _unique_keys(site: Site, schemas: dict[str, TableSchema]) -> None:
+    """Each table's primary key unique (a duplicate is fatal)."""
     for name, key in PRIMARY_KEYS.items():
         c = _checker_for(site, schemas, name)
         dup = c.df.filter(pl.col(key).is_duplicated())
@@ -576,10 +600,10 @@ def _cross_checks(site: Site, schemas: dict[str, TableSchema]) -> None:
                 dup.height,
                 [repr(v) for v in dup.get_column(key).unique().sort().head(int(site.cfg.examples))],
             )
-    if site.report.fatal:
-        return
 
-    patients = site.tables["patient"].get_column("patient_id").implode()
+
+def _check_stays(site: Site, schemas: dict[str, TableSchema], patients: pl.Series) -> _Checker:
+    """Hospitalizations of known patients, discharged after admission, of a possible age."""
     h = _checker_for(site, schemas, "hospitalization")
     h.rows(
         ~pl.col("patient_id").is_in(patients),
@@ -603,58 +627,48 @@ def _cross_checks(site: Site, schemas: dict[str, TableSchema]) -> None:
         "null",
     )
     site.tables["hospitalization"] = h.df
+    return h
 
-    stays = site.tables["hospitalization"].get_column("hospitalization_id").implode()
-    for name, df in list(site.tables.items()):
-        c = _checker_for(site, schemas, name)
-        if name == "labs":
-            _lab_values(c)
-        if name == "vitals":
-            _check_ranges(c, "vital_category", "vital_value")
-        elif name == "labs":
-            _check_ranges(c, "lab_category", "lab_value_numeric")
-        if name == "adt" and "out_dttm" in c.df.columns:  # an optional column
-            c.rows(
-                pl.col("out_dttm") < pl.col("in_dttm"),
-                "out_dttm",
-                "impossible",
-                "transfer out before transfer in",
-                "keep",
-            )
-        if name == "code_status":
-            c.rows(
-                ~pl.col("patient_id").is_in(patients),
-                "patient_id",
-                "orphan",
-                "rows for patients not in clif_patient",
-                "drop",
-            )
-        elif name not in ("patient", "hospitalization") and "hospitalization_id" in df.columns:
-            c.rows(
-                ~pl.col("hospitalization_id").is_in(stays),
-                "hospitalization_id",
-                "orphan",
-                "rows for hospitalizations not in clif_hospitalization",
-                "drop",
-            )
-        site.tables[name] = c.df
-        if "hospitalization_id" in c.df.columns:
-            site.report.tables[name].hospitalizations = c.df.get_column(
-                "hospitalization_id"
-            ).n_unique()
 
-    hours = float(site.cfg.min_stay_hours)
-    long_enough = site.tables["hospitalization"].filter(
-        pl.col("discharge_dttm") - pl.col("admission_dttm") >= pl.duration(minutes=60 * hours)
-    )
-    site.report.usable_stays = long_enough.height
-    if long_enough.is_empty():
-        h.add(
-            "fatal",
-            "discharge_dttm",
-            "no-stays",
-            f"no hospitalization lasts at least {hours:g} h: nothing to tokenize",
+def _check_rows(
+    site: Site, schemas: dict[str, TableSchema], name: str, patients: pl.Series, stays: pl.Series
+) -> None:
+    """Table `name`'s values in range, and its rows of known patients and stays."""
+    df = site.tables[name]
+    c = _checker_for(site, schemas, name)
+    if name == "labs":
+        _lab_values(c)
+    if name == "vitals":
+        _check_ranges(c, "vital_category", "vital_value")
+    elif name == "labs":
+        _check_ranges(c, "lab_category", "lab_value_numeric")
+    if name == "adt" and "out_dttm" in c.df.columns:  # an optional column
+        c.rows(
+            pl.col("out_dttm") < pl.col("in_dttm"),
+            "out_dttm",
+            "impossible",
+            "transfer out before transfer in",
+            "keep",
         )
+    if name == "code_status":
+        c.rows(
+            ~pl.col("patient_id").is_in(patients),
+            "patient_id",
+            "orphan",
+            "rows for patients not in clif_patient",
+            "drop",
+        )
+    elif name not in ("patient", "hospitalization") and "hospitalization_id" in df.columns:
+        c.rows(
+            ~pl.col("hospitalization_id").is_in(stays),
+            "hospitalization_id",
+            "orphan",
+            "rows for hospitalizations not in clif_hospitalization",
+            "drop",
+        )
+    site.tables[name] = c.df
+    if "hospitalization_id" in c.df.columns:
+        site.report.tables[name].hospitalizations = c.df.get_column("hospitalization_id").n_unique()
 
 
 def load_site(
