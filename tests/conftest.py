@@ -130,3 +130,9 @@ def decile_error(cuts, values: np.ndarray) -> float:
         )
         worst = max(worst, near)
     return worst
+
+
+def quick_study(out: Path, cache: Path, *settings: str) -> list[str]:
+    """`fedclif simulate` arguments: the quick profile into `out`, its sites cached in
+    `cache`, with `settings`."""
+    return ["simulate", "--profile", "quick", "--out", str(out), "--cache", str(cache), *settings]

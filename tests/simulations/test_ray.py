@@ -10,6 +10,7 @@ import tempfile
 from pathlib import Path
 
 import pytest
+from conftest import quick_study
 
 from fedclif.cli import main
 from fedclif.server.processes import Processes, free_port, wait_for
@@ -80,18 +81,7 @@ def test_a_study_on_a_ray_cluster_equals_the_embedded_engine(tmp_path):
             ("cluster", [f"study.engine.ray_address=127.0.0.1:{ports['gcs']}"]),
         ):
             out = tmp_path / engine
-            args = [
-                "simulate",
-                "--profile",
-                "quick",
-                "--out",
-                str(out),
-                "--cache",
-                str(tmp_path / "cache"),
-                *TINY,
-                *extra,
-            ]
-            assert main(args) == 0
+            assert main(quick_study(out, tmp_path / "cache", *TINY, *extra)) == 0
             rows[engine] = json.loads((out / "results.json").read_text())["rows"]
             # Which Ray the run used: a driver that joins the head leaves its log there. (The
             # embedded engine sets RAY_ADDRESS=local: a head started with Ray's default temp

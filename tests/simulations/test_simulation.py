@@ -13,6 +13,7 @@ import numpy as np
 import psutil
 import pytest
 import tomli_w
+from conftest import quick_study
 from safetensors.numpy import load_file
 
 from fedclif.client.ledger import Ledger
@@ -264,17 +265,7 @@ def test_sigterm_stops_what_a_simulation_started(tmp_path):
         "study.seeds=[0]",
     ]
     p = subprocess.Popen(
-        [
-            *FEDCLIF,
-            "simulate",
-            "--profile",
-            "quick",
-            "--out",
-            str(out),
-            "--cache",
-            str(tmp_path / "cache"),
-            *small,
-        ],
+        [*FEDCLIF, *quick_study(out, tmp_path / "cache", *small)],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
         start_new_session=True,
