@@ -57,12 +57,7 @@ def pretrain(
             "pretrain.stages: a staged run can neither resume nor run under DP-SGD (each "
             "stage would spend the whole epsilon); run the stages as separate commands"
         )
-    if resume and is_checkpoint(out):
-        model, _ = load_model(out)
-        model.check_data(data.tok.hash, data.path, out)
-        setup(model, cfg, "pretrain")  # the task head is unused here: not trained
-    else:  # the same seed, the same initial weights
-        model = stage_model(model_cfg, data.tok, cfg, "pretrain", seed=int(cfg.seed))
+    model = _first_model(data, model_cfg, cfg, out, resume)
     first = st.examples(data, "train", cfg, dp is not None, int(cfg.seed), plan[0][0])
     # The training tokens' statistics read packed blocks: next-token runs train on them.
     blocks = (
@@ -102,16 +97,41 @@ def pretrain(
         )
         runs.append((res, train, val, weights))
         history += [{**h, "objectives": weights} for h in res.state.history]
+    seen = {"train_tokens": tokens, "unigram_entropy": unigram, "history": history}
+    metrics = _metrics(data, cfg, out, device, runs, plan, seen)
+    write_json(metrics, out / "metrics.json")
+    return metrics
+
+
+def _first_model(data: SiteData, model_cfg: DictConfig, cfg: DictConfig, out: Path, resume: bool):
+    """The model a run starts from: the checkpoint in `out` (resume), else fresh weights
+    of the run's seed (the same seed, the same initial weights)."""
+    if resume and is_checkpoint(out):
+        model, _ = load_model(out)
+        model.check_data(data.tok.hash, data.path, out)
+        setup(model, cfg, "pretrain")  # the task head is unused here: not trained
+        return model
+    return stage_model(model_cfg, data.tok, cfg, "pretrain", seed=int(cfg.seed))
+
+
+def _metrics(
+    data: SiteData, cfg: DictConfig, out: Path, device, runs: list, plan: list, seen: dict
+) -> dict:
+    """The run's metrics: its kept checkpoint's held-out losses, its last stage's
+    training, steps over every stage, what DP-SGD spent, and `seen` (the training tokens'
+    count and unigram entropy, the evaluation history)."""
+    c, st = cfg.pretrain, STAGES["pretrain"]
+    dp = dp_config(cfg)
     res, train, val, weights = runs[-1]
     final, _ = load_model(out)
     parts = st.held_out_parts(final.to(device), val, device, int(c.batch_size))
-    metrics = {
+    return {
         "site": data.name,
         "objectives": [weights_at(c, at) for at, _ in plan] if len(plan) > 1 else weights,
-        "train_tokens": tokens,
+        "train_tokens": seen["train_tokens"],
         "train_examples": len(train),
         "val_examples": len(val),
-        "unigram_entropy": unigram,
+        "unigram_entropy": seen["unigram_entropy"],
         "best_val_loss": res.state.best,
         # The kept checkpoint's held-out loss per objective (next-token in nats).
         "val_losses": parts,
@@ -126,7 +146,5 @@ def pretrain(
             "delta": float(dp.delta),
             "noise_multiplier": res.noise_multiplier,
         },
-        "history": history,
+        "history": seen["history"],
     }
-    write_json(metrics, out / "metrics.json")
-    return metrics
