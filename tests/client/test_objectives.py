@@ -308,12 +308,7 @@ def test_staged_pretraining_saves_heads_that_load_and_stay_out_of_finetuning(sit
     model = AutoModel.from_pretrained(out)
     assert model.config.objectives == ["stay_recon", "masked_codes", "code_contrast"]
     again, _ = load_model(out)
-    for (n, a), (_, b) in zip(
-        model.pretrain_heads.named_parameters(),
-        again.pretrain_heads.named_parameters(),
-        strict=True,
-    ):
-        assert torch.equal(a, b), n
+    _same_heads(model, again)
     cfg = load_config("train", overrides=[o.removeprefix("train.") for o in (staged, *over)])
     setup(model, cfg, "pretrain")
     assert any(k.startswith("pretrain_heads.stay_out") for k in get_weights(model))
@@ -328,12 +323,16 @@ def test_staged_pretraining_saves_heads_that_load_and_stay_out_of_finetuning(sit
     args += ["train.finetune.max_steps=2", "train.finetune.tasks=[death]"]
     assert main(args) == 0
     tuned, _ = load_model(ft)
-    for (n, a), (_, b) in zip(
-        tuned.pretrain_heads.named_parameters(),
-        again.pretrain_heads.named_parameters(),
-        strict=True,
-    ):
-        assert torch.equal(a, b), n
+    _same_heads(tuned, again)
+
+
+def _same_heads(a, b) -> None:
+    """Two models' objective heads hold equal weights."""
+    pairs = zip(
+        a.pretrain_heads.named_parameters(), b.pretrain_heads.named_parameters(), strict=True
+    )
+    for (name, x), (_, y) in pairs:
+        assert torch.equal(x, y), name
 
 
 def test_the_default_objective_builds_the_model_it_always_did(site):
