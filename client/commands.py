@@ -30,9 +30,8 @@ TRAIN_FILES = (RESOLVED, "fedclif.json", "train_state.pt", "metrics.json", "prob
 
 
 def _quiet() -> None:
-    from fedclif.shared.model.models import (
-        quiet_transformers,  # torch loads only for these commands
-    )
+    # Imported here: torch loads only for these commands.
+    from fedclif.shared.model.models import quiet_transformers
 
     quiet_transformers()
 

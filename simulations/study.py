@@ -293,7 +293,7 @@ class Study:
         run = self._run(job.key, list(job.sites), fed)
         base = init if job.stage == "finetune" else None
         weights = get_weights(run.model(tok, job.stage, base, None))
-        lane = Lane(
+        return Lane(
             job.arm,
             job.seed,
             run,
@@ -303,10 +303,8 @@ class Study:
             list(job.sites),
             job.rounds,
             job.fraction,
+            curve=[] if job.curve else None,
         )
-        if job.curve:
-            lane.curve = []
-        return lane
 
     def _probes(self, lanes: list[Lane]) -> list[Lane]:
         """Linear probes of the tasks fitted on each pretrained lane's frozen model at its

@@ -105,11 +105,13 @@ def _patients(frame: pl.DataFrame, part: pl.DataFrame) -> pl.DataFrame:
     return frame.join(part.select("stay", pl.col("patient_id").alias("patient")), on="stay")
 
 
-def _patient_counts(site: Site, cfg: DictConfig) -> tuple[pl.DataFrame, pl.DataFrame]:
-    """Per code its patients (code, n), and per code, value (rounded to the statistics'
-    significant digits) and patient that patient's readings (code, value, patient, n).
-    Counted chunk by chunk of stays: memory follows the chunk size, and what is kept per
-    chunk is one row per patient, code and cell."""
+def _patient_counts(
+    site: Site, cfg: DictConfig, cells: bool = True
+) -> tuple[pl.DataFrame, pl.DataFrame | None]:
+    """Per code its patients (code, n), and (with `cells`) per code, value (rounded to the
+    statistics' significant digits) and patient that patient's readings (code, value,
+    patient, n). Counted chunk by chunk of stays: memory follows the chunk size, and what
+    is kept per chunk is one row per patient, code and cell."""
     sig = int(cfg.stats.sig_figs)
     code_parts, cell_parts = [], []
     for sub, part in stay_chunks(site):
@@ -117,6 +119,8 @@ def _patient_counts(site: Site, cfg: DictConfig) -> tuple[pl.DataFrame, pl.DataF
         # Admission codes are a stay's (diagnoses, drugs given), counted like events.
         pairs = pl.concat([ev.select("stay", "code"), admission_codes(sub, part, cfg.codes, ev)])
         code_parts.append(_patients(pairs, part).select("code", "patient").unique())
+        if not cells:
+            continue
         cell_parts.append(
             _patients(ev.filter(pl.col("value").is_not_null()), part)
             .group_by("code", pl.col("value").round_sig_figs(sig), "patient")
@@ -124,8 +128,10 @@ def _patient_counts(site: Site, cfg: DictConfig) -> tuple[pl.DataFrame, pl.DataF
         )
     # A patient's stays may fall in two chunks: distinct again over the whole site.
     codes = pl.concat(code_parts).unique().group_by("code").agg(pl.len().cast(pl.Int64).alias("n"))
-    cells = pl.concat(cell_parts).group_by("code", "value", "patient").agg(pl.col("n").sum())
-    return codes, cells
+    if not cells:
+        return codes, None
+    per_cell = pl.concat(cell_parts).group_by("code", "value", "patient").agg(pl.col("n").sum())
+    return codes, per_cell
 
 
 def _open_answer() -> pl.Expr:
@@ -136,7 +142,7 @@ def _open_answer() -> pl.Expr:
 def open_answers(site: Site, cfg: DictConfig) -> pl.DataFrame:
     """The site's free-text answers (code, answer, patients), most patients first: what a
     reviewer chooses the policy's allow-list from. Stays at the site."""
-    codes, _ = _patient_counts(site, cfg)
+    codes, _ = _patient_counts(site, cfg, cells=False)
     return (
         codes.filter(_open_answer().is_not_null())
         .select("code", _open_answer().alias("answer"), pl.col("n").alias("patients"))
