@@ -23,7 +23,7 @@ from fedclif.shared.errors import FedclifError
 from fedclif.shared.protocol.flower import flower_env
 from fedclif.shared.protocol.keys import write_site_keys
 from fedclif.shared.tokens.events import OPEN_SEP
-from fedclif.shared.tokens.stats import open_answers, screen_rule
+from fedclif.shared.tokens.stats import open_answers, open_floor, screen_rule
 from fedclif.shared.ui import console, out, progress, step
 
 TRAIN_FILES = (RESOLVED, "fedclif.json", "train_state.pt", "metrics.json", "probe.json")
@@ -248,7 +248,7 @@ def cmd_policy_review(args: argparse.Namespace) -> int:
     says. Nothing leaves: this runs at the site, for its reviewer."""
     policy = load_policy(args.policy, args.overrides)
     rules = policy.policy.stats
-    floor = max(int(rules.min_cell_count), int(rules.min_open_code_count))
+    floor = open_floor(rules)
     with step(f"reading {args.data}"):
         answers = open_answers(load_site(args.data, policy.site), load_config("tokenizer"))
     allowed = set(rules.allow_open)

@@ -139,6 +139,12 @@ def _open_answer() -> pl.Expr:
     return pl.col("code").str.splitn(OPEN_SEP, 2).struct.field("field_1")
 
 
+def open_floor(stats: DictConfig) -> int:
+    """The fewest patients a free-text answer needs to leave: the minimum cell, and its
+    own count rule (`stats` of the tokenizer's config or the site's policy)."""
+    return max(int(stats.min_cell_count), int(stats.min_open_code_count))
+
+
 def open_answers(site: Site, cfg: DictConfig) -> pl.DataFrame:
     """The site's free-text answers (code, answer, patients), most patients first: what a
     reviewer chooses the policy's allow-list from. Stays at the site."""
@@ -167,10 +173,8 @@ def site_stats(site: Site, cfg: DictConfig, allow_open: Collection[str] = ()) ->
     codes, cells = _patient_counts(site, cfg)
     answer = _open_answer()
     min_cell = int(s.min_cell_count)
-    # A code's floor: the minimum cell, and a free-text answer's own count rule too.
-    floor = pl.max_horizontal(
-        pl.lit(min_cell), pl.when(answer.is_null()).then(0).otherwise(int(s.min_open_code_count))
-    )
+    # A code's floor: the minimum cell; a free-text answer's own count rule too.
+    floor = pl.when(answer.is_null()).then(min_cell).otherwise(open_floor(s))
     codes = codes.filter(
         (pl.col("n") >= floor) & (answer.is_null() | answer.is_in(sorted(allow_open)))
     )
