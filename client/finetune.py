@@ -1,5 +1,5 @@
-"""Multitask prompted finetuning on the first-24 h view: one copy of each stay per task,
-closed by the task token; one binary head reads it. Optional LoRA (peft) and DP-SGD."""
+"""Multitask prompted finetuning on the first-24 h view closed by every task's token;
+one binary head reads each. Optional LoRA (peft) and DP-SGD."""
 
 from collections.abc import Callable
 from pathlib import Path

@@ -88,9 +88,9 @@ class Pretrain:
 
 
 class Finetune:
-    """Multitask prompted finetuning: the first-24 h view closed by a task token (the last
-    `finetune.context` tokens), one binary head. `private`: one example per patient (the
-    unit DP-SGD protects), its stay and task drawn with `seed`."""
+    """Multitask prompted finetuning: the first-24 h view closed by every task's token (the
+    last `finetune.context` tokens), one binary head reading each. `private`: one example
+    per patient (the unit DP-SGD protects), its stay drawn with `seed`."""
 
     name = "finetune"
 
@@ -114,9 +114,14 @@ class Finetune:
         return self.loss
 
     def loss(self, model: torch.nn.Module, batch: dict) -> torch.Tensor:
-        # Per-row mean: opacus computes per-sample gradients of a batch-mean loss.
+        # Each row's tasks that count, summed over the number of tasks (every (stay, task)
+        # weighs the same), then the batch mean: opacus computes per-sample gradients of a
+        # batch-mean loss.
         logits = model(batch, "task")
-        return torch.nn.functional.binary_cross_entropy_with_logits(logits, batch["y"])
+        per = torch.nn.functional.binary_cross_entropy_with_logits(
+            logits, batch["y"], reduction="none"
+        )
+        return (per * batch["task_mask"]).sum(1).div(logits.shape[1]).mean()
 
     def held_out(self, model: EHRModel, ds: Dataset, device: torch.device, bs: int) -> float:
         """Mean binary cross-entropy of the task predictions."""
@@ -142,14 +147,16 @@ def _block_collate(items: list) -> dict:
 def predict(
     model: EHRModel, ds: Prompted, device: torch.device, batch_size: int
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(probabilities, outcomes, task index) of every example of `ds`, in order."""
+    """(probability, outcome, task index) of every (stay, task) that counts in `ds`, in
+    the order of `ds.pairs`."""
     model.eval()
     p, y, k = [], [], []
     pad = model.lm.config.pad_token_id
     for batch in DataLoader(ds, batch_size=batch_size, collate_fn=pad_collate(pad)):
-        p.append(torch.sigmoid(model(to_device(batch, device), "task").float()).cpu())
-        y.append(batch["y"])
-        k.append(batch["task"])
+        m = batch["task_mask"]
+        p.append(torch.sigmoid(model(to_device(batch, device), "task").float()).cpu()[m])
+        y.append(batch["y"][m])
+        k.append(m.nonzero()[:, 1])
     if not p:
         return np.zeros(0), np.zeros(0), np.zeros(0, int)
     return torch.cat(p).numpy(), torch.cat(y).numpy(), torch.cat(k).numpy()

@@ -19,7 +19,8 @@ from fedclif.shared.protocol.flower import app_files
 from fedclif.shared.ui import console, out, progress
 from fedclif.simulations import synth
 from fedclif.simulations.engine import SimulationEngine
-from fedclif.simulations.sites import study_sites
+from fedclif.simulations.sites import POOLED, site_roles, study_sites
+from fedclif.simulations.truth import write_truth
 
 CACHE = Path("runs/sim-cache")
 # The study's own Flower app (simulations/app.py) and the run-config keys it reads.
@@ -81,12 +82,15 @@ def run_study(cfg: DictConfig, out_dir: Path, cache: Path = CACHE) -> dict:
                 f"errors: {work}/<site>/errors.log"
             )
     results = json.loads((out_dir / "results.json").read_text())
-    from fedclif.simulations.gbm_arm import gbm_rows  # scikit-learn: only here
+    from fedclif.simulations.reference_arms import ceiling_rows, gbm_rows  # scikit-learn
 
     t0 = time.monotonic()
-    with console.status("fitting the gradient-boosting baseline at the source"):
-        results["rows"] += gbm_rows(cfg, work, results["tokenizers"]["source"])
+    tok = results["tokenizers"]["source"]
+    with console.status("fitting the gradient-boosting baseline at the source and target"):
+        results["rows"] += gbm_rows(cfg, work, tok)
     results["phase_seconds"]["gradient-boosting baseline"] = time.monotonic() - t0
+    real = {r: d for r, d in zip(site_roles(cfg.study), sites, strict=True) if r != POOLED}
+    results["rows"] += ceiling_rows(cfg, real, work, tok)
     write_json(results, out_dir / "results.json")
     return results
 
@@ -165,11 +169,13 @@ def cmd_synth(args: argparse.Namespace) -> int:
             args.out,
             on_chunk=lambda d, n: bar.update(task, completed=d),
         )
+    truth = write_truth(cfg, args.stays, args.seed, args.out)
     sec = time.perf_counter() - t0
     out.print(
         f"wrote {cfg.name} ({args.stays:,} stays, seed {args.seed}) to {args.out} in "
         f"{sec:.1f} s: " + ", ".join(f"{k} {v:,}" for k, v in rows.items())
     )
+    out.print(f"each stay's ceiling (for studies; no site code reads it): {truth}")
     return 0
 
 

@@ -30,7 +30,7 @@ PUBLISHED = {
     },
 }
 # The arms whose penalty the report compares: the source's finetuned model and the
-# gradient-boosting baseline fitted on the same source train split (simulations/gbm_arm.py).
+# gradient-boosting baseline fitted on the same source train split (simulations/reference_arms.py).
 PENALTY_ARMS = {"foundation model": "source_only", "gradient boosting": "gbm"}
 
 

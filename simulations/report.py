@@ -26,6 +26,7 @@ from fedclif.simulations.calibration_report import (
     reliability_png,
     select,
 )
+from fedclif.simulations.ceiling_report import ceiling_markdown, gap_split, share_of_ceiling
 from fedclif.simulations.objectives_report import ablation, ablation_markdown, ablation_png
 from fedclif.simulations.published import federated_share, penalty, published_markdown
 from fedclif.simulations.sites import SOURCE, TARGET
@@ -41,14 +42,21 @@ COLUMNS = [
     ("target only", "target_only", "local_finetune", TARGET),
     ("federated + finetune", "federated_finetuned", "local_finetune", TARGET),
     ("pooled", "pooled", "pooled", TARGET),
+    # The bar for the arms finetuned at the target: the tree fitted on the target's own
+    # train split, scored on its test split (simulations/reference_arms.py).
+    ("GBM in-site", "gbm", "in_site", TARGET),
+    # The best any model could do on those stays (simulations/truth.py).
+    ("ceiling", "ceiling", "in_site", TARGET),
 ]
 PAPER = {
     "in-distribution": "in_distribution",
     "zero-shot": "zero_shot",
     "local finetune": "local_finetune",
 }
-# Calibration: the arms that are the model itself (a probe is a logistic regression).
-CALIBRATION_COLUMNS = [c for c in COLUMNS if "probe" not in c[0]]
+# Calibration: the arms that are the foundation model itself (a probe is a logistic
+# regression; the tree's and the ceiling's rows carry no calibration).
+REFERENCE_ARMS = ("gbm", "ceiling")
+CALIBRATION_COLUMNS = [c for c in COLUMNS if "probe" not in c[0] and c[1] not in REFERENCE_ARMS]
 # Fewest positives (and negatives) in the target's test split for a task to count in the
 # recovery check.
 MIN_EVENTS = 10
@@ -215,6 +223,12 @@ def summarize(results: dict) -> dict:
         ),
         "federated_share": federated_share(
             lambda a, b, ts, metric: _means(rows, a, b, ts, metric), measurable, top
+        ),
+        "share_of_ceiling": share_of_ceiling(
+            rows, COLUMNS, tasks, top, lambda a, b, ts: _means(rows, a, b, ts, "auroc")
+        ),
+        "gap_split": gap_split(
+            lambda a, b, ts, paired: _compare(rows, a, b, ts, paired), tasks, zero_sites
         ),
         "objectives": ablation(
             cfg,
@@ -526,6 +540,7 @@ def _markdown(summary: dict, results: dict, files: list[str]) -> str:
         *_tables(summary, cfg["paper"]),
         *_findings(summary, cfg),
         "",
+        *ceiling_markdown(summary),
         *calibration_markdown(summary["calibration"]),
         *published_markdown(
             summary["penalty"], summary["federated_share"], ch["tasks_with_enough_target_events"]

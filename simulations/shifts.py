@@ -2,8 +2,10 @@
 (`study.targets`, the `shifts` profile: one single-shift preset each, plus `ucmc-like`
 where they all come together), each with its own report, and `shifts.md` / `shifts.json`
 / `shifts.png` beside them: by kind of shift and task, the zero-shot gap (in-distribution
-minus zero-shot AUROC, with its interval) and the smallest target share at which local
-finetuning, and federated pretraining then finetuning, recover it."""
+minus zero-shot AUROC, with its interval), its parts (the target's ceiling lower than the
+source's, the model below the target's ceiling: simulations/ceiling_report.py) and the
+smallest target share at which local finetuning, and federated pretraining then
+finetuning, recover it."""
 
 from pathlib import Path
 
@@ -18,6 +20,10 @@ from fedclif.shared.evaluation.metrics import DROP_WORDS, difference_text
 from fedclif.simulations.sites import SOURCE, TARGET
 
 ARMS = {"source_finetuned": "local finetune", "federated_finetuned": "federated + finetune"}
+GAP_PARTS = {
+    "ceiling_difference": "ceiling difference (harder target)",
+    "transfer_gap": "transfer gap (ceiling - zero-shot)",
+}
 
 
 def recovered_at(summary: dict, arm: str, task: str, fractions: list[float]) -> float | None:
@@ -39,9 +45,13 @@ def shifts_table(summaries: dict[str, dict], fractions: list[float]) -> dict:
     out = {}
     for preset, s in summaries.items():
         drops = s["checks"]["zero_shot_drop"].get(TARGET, {})
+        split = s.get("gap_split", {}).get(TARGET, {})
+        none = {"verdict": "not measured"}
         out[preset] = {
             task: {
-                "gap": drops.get(task, {"verdict": "not measured"}),
+                "gap": drops.get(task, none),
+                # The gap's parts (simulations/ceiling_report.py): a harder target, or the move.
+                **{part: split.get(task, {}).get(part, none) for part in GAP_PARTS},
                 **{arm: recovered_at(s, arm, task, fractions) for arm in ARMS},
             }
             for task in s["table"]
@@ -62,18 +72,23 @@ def shifts_markdown(table: dict, source: str, fractions: list[float]) -> str:
         "target, with the 95% interval of the difference (drop / level / rise). Recovered "
         "at: the smallest share of the target's training data (of "
         f"{', '.join(f'{f:g}' for f in fractions)}) whose AUROC at the target reaches the "
-        "lower end of the source's in-distribution interval.",
+        "lower end of the source's in-distribution interval. The gap's parts: the source's "
+        "ceiling minus the target's (a harder target) and the target's ceiling minus "
+        "zero-shot (the move), each with its interval.",
         "",
         "| target | task | zero-shot gap | "
+        + " | ".join(GAP_PARTS.values())
+        + " | "
         + " | ".join(f"{label}: recovered at" for label in ARMS.values())
         + " |",
-        "|---|---|---|" + "---|" * len(ARMS),
+        "|---|---|---|" + "---|" * (len(GAP_PARTS) + len(ARMS)),
     ]
     for preset, tasks in table.items():
         for task, v in tasks.items():
+            parts = [difference_text(v[p], verdict=False) for p in GAP_PARTS]
             lines.append(
                 f"| {preset} | {task} | {difference_text(v['gap'], DROP_WORDS)} | "
-                + " | ".join(_share(v[arm]) for arm in ARMS)
+                + " | ".join([*parts, *(_share(v[arm]) for arm in ARMS)])
                 + " |"
             )
     return "\n".join(lines) + "\n"

@@ -18,6 +18,7 @@ from fedclif.shared.clif.versions import (
 from fedclif.shared.errors import FedclifError
 from fedclif.shared.ui import console
 from fedclif.simulations.synth import load_preset, write_site
+from fedclif.simulations.truth import truth_path, write_truth
 
 # Virtual sites: the study's data directories carry these names.
 SOURCE, TARGET, THIRD, POOLED = "source", "target", "third", "pooled"
@@ -53,6 +54,9 @@ def study_sites(cfg: DictConfig, cache: Path) -> tuple[list[Path], Path]:
             if clif[role] == "3.0":  # a hospital that moved to CLIF 3.0: a mixed federation
                 write_clif_3(dirs[role], dirs[role])
             (dirs[role] / ".complete").touch()
+        # Each stay's ceiling, beside the site (also for a site cached before truth files).
+        if not truth_path(dirs[role]).is_file():
+            write_truth(load_preset(str(spec.preset)), int(spec.stays), int(spec.seed), dirs[role])
     root = Path(cache) / _digest("\n".join(keys.values()))
     pooled = dirs[POOLED] = root / POOLED
     if not (pooled / ".complete").is_file():

@@ -144,7 +144,8 @@ def _span(a: tuple, b: tuple) -> tuple:
 
 @dataclass
 class _Stays:
-    """Per-stay draws of one chunk (arrays of length n)."""
+    """Per-stay draws of one chunk (arrays of length n): the first day's, then (set by
+    `after_first_day`) the course after it, then the admission times."""
 
     n: int
     patient: np.ndarray
@@ -154,17 +155,19 @@ class _Stays:
     s0: np.ndarray
     slope: np.ndarray
     off: dict[str, np.ndarray]
-    los: np.ndarray  # days
-    admit_us: np.ndarray  # admission time, microseconds since epoch
-    died: np.ndarray
+    # The patient's last stay (only it can end in death).
+    last: np.ndarray
+    los: np.ndarray = None  # days
+    died: np.ndarray = None
     # Late deterioration: severity + `jump` over [det_start, det_end] days (0: none).
-    jump: np.ndarray
-    det_start: np.ndarray
-    det_end: np.ndarray
+    jump: np.ndarray = None
+    det_start: np.ndarray = None
+    det_end: np.ndarray = None
     # Survivors bound for a facility (SNF, rehab, LTACH): where they are discharged to.
-    facility: np.ndarray
+    facility: np.ndarray = None
     # Days until medically ready for discharge (los less any wait for a facility bed).
-    ready: np.ndarray
+    ready: np.ndarray = None
+    admit_us: np.ndarray = None  # admission time, microseconds since epoch
 
     def organ(self, name: str, idx: np.ndarray, t: np.ndarray) -> np.ndarray:
         """Severity of an organ system for events of stays `idx` at times `t` (days).
@@ -180,12 +183,20 @@ def _logit(share: float) -> float:
     return float(np.log(share / (1 - share))) if 0 < share < 1 else np.inf * (share - 0.5)
 
 
+def chunk_stays(
+    cfg: DictConfig, seed: int, index: int, n: int
+) -> tuple[_Stays, np.random.Generator]:
+    """Chunk `index`'s n stays, and its generator (the chunk's tables draw on from it)."""
+    rng = np.random.default_rng([seed, index])
+    return _draw_stays(cfg, rng, n, np.random.default_rng([seed, index, 2])), rng
+
+
 def _draw_stays(
     cfg: DictConfig, rng: np.random.Generator, n: int, late: np.random.Generator
 ) -> _Stays:
     """The latent draws of n stays; `late` (its own stream) draws the late deterioration
     and the discharge destination, so those knobs move no other draw."""
-    cm, out = cfg.case_mix, cfg.outcomes
+    cm = cfg.case_mix
     per_patient = 1 + rng.poisson(float(cm.readmissions_per_patient), n)
     patient = np.repeat(np.arange(n), per_patient)[:n]
     first = np.r_[True, patient[1:] != patient[:-1]]
@@ -201,56 +212,15 @@ def _draw_stays(
         "renal": 0.2 * comorb + rng.normal(0, 0.6, n),
         "infect": 0.4 * resp + rng.normal(0, 0.6, n),
     }
-    # Length of stay: sicker and slower-recovering patients stay longer (the slope is
-    # barely visible in the first 24 h, which keeps the task hard).
-    log_los = (
-        np.log(out.los_median_days)
-        + 0.5 * s0
-        + 0.2 * np.maximum(off["cardio"], off["resp"])
-        - 1.2 * (slope + 0.25)
-        + rng.normal(0, 0.45, n)
-    )
-    los = np.clip(np.exp(log_los) + resp * float(out.respiratory_extra_days), 0.25, 60.0)
-    # Late deterioration (hospital-acquired infection, a failing lung): likelier with
-    # infection, respiratory and admission severity, all visible in the first 24 h; from
-    # `onset` (after the first day) for `days`, every organ's severity is `jump` higher,
-    # and the stay lasts until some days after it.
-    d = cm.deterioration
-    u_det, u_gap, u_len, u_rec, u_fac = (late.random(n) for _ in range(5))
-    risk = _logit(float(d.share)) + 0.8 * off["infect"] + 0.6 * off["resp"] + 0.4 * s0
-    det = u_det < _sigmoid(risk)
-    det_start = np.where(det, 1.0 + float(d.onset_days) * -np.log1p(-u_gap), np.inf)
-    lo, hi = (float(x) for x in d.episode_days)
-    det_end = det_start + lo + (hi - lo) * u_len
-    jump = np.where(det, float(d.jump), 0.0)
-    los = np.where(det, np.maximum(los, np.minimum(det_end + 1 + 3 * u_rec, 60.0)), los)
-    # Death follows the worst point of the course through the failing organ system: the
-    # lungs in the respiratory phenotype, the circulation otherwise.
-    peak = np.maximum(s0, s0 + slope * los)
-    w_resp = np.where(resp, float(out.respiratory_death_weight), 0.1)
-    organ_peak = peak + w_resp * off["resp"] + (1 - w_resp) * off["cardio"]
-    p_death = _sigmoid(
-        out.death_intercept
-        + out.death_severity * organ_peak
-        + 0.03 * (age - 63)
-        + 0.2 * comorb
-        + float(d.death_logit) * det
-    )
-    died = rng.random(n) < p_death
     # Only a patient's last stay can end in death.
     last = np.r_[patient[1:] != patient[:-1], True]
-    # Survivors go to a facility (SNF, rehab, LTACH) more often when old; where beds are
-    # scarce they wait `placement_delay_days` for one, medically ready, on the ward.
-    facility_share = sum(float(_SURVIVOR_DISCHARGE[k]) for k in _FACILITIES)
-    p_fac = _sigmoid(_logit(facility_share) + float(out.facility_age_slope) * (age - 65))
-    facility = (u_fac < p_fac) & ~(died & last)
-    ready = los
-    los = los + float(out.placement_delay_days) * facility
+    st = _Stays(n, patient, age, comorb, resp, s0, slope, off, last=last)
+    after_first_day(cfg, st, *after_first_day_draws(rng, late, n))
     start = datetime(int(cfg.era.start_year), 1, 1, tzinfo=UTC).timestamp()
     end = datetime(int(cfg.era.end_year), 12, 1, tzinfo=UTC).timestamp()
     u = rng.uniform(0, 1, n)
     gap_days = np.where(rng.random(n) < 0.55, rng.uniform(1, 30, n), 30 + rng.exponential(150, n))
-    step = np.where(first, 0.0, gap_days) + np.r_[0.0, los[:-1]]
+    step = np.where(first, 0.0, gap_days) + np.r_[0.0, st.los[:-1]]
     cum = np.cumsum(step * _US_PER_DAY)
     offset = cum - cum[base]
     # A patient's stays follow one another (gaps of days to months); the first admission is
@@ -258,26 +228,114 @@ def _draw_stays(
     starts = np.flatnonzero(first)
     span = np.repeat(np.maximum.reduceat(offset, starts), np.diff(np.r_[starts, n]))
     room = np.maximum((end - start) * 1e6 - span, 0)
-    admit_us = start * 1e6 + u[base] * room[base] + offset
-    died &= last
-    return _Stays(
-        n,
-        patient,
-        age,
-        comorb,
-        resp,
-        s0,
-        slope,
-        off,
-        los,
-        admit_us.astype(np.int64),
-        died,
-        jump,
-        det_start,
-        det_end,
-        facility,
-        ready,
+    st.admit_us = (start * 1e6 + u[base] * room[base] + offset).astype(np.int64)
+    return st
+
+
+def after_first_day_draws(
+    rng: np.random.Generator, late: np.random.Generator, n: int
+) -> tuple[np.ndarray, list[np.ndarray], np.ndarray]:
+    """What is drawn after the first day, in the generator's order (`late`: the stream of
+    the deterioration and the discharge destination): length-of-stay noise, five late
+    uniforms, the death uniform. The truth file redraws them (simulations/truth.py)."""
+    los_noise = rng.normal(0, 0.45, n)
+    return los_noise, [late.random(n) for _ in range(5)], rng.random(n)
+
+
+def hospice_probability(cfg: DictConfig, age: np.ndarray) -> np.ndarray:
+    """A dying patient's chance of a hospice discharge, recorded as "Hospice" rather than
+    "Expired": mostly the old (comfort care)."""
+    logit = _logit(float(cfg.outcomes.hospice_share))
+    return _sigmoid(logit + float(cfg.outcomes.hospice_age_slope) * (age - 70))
+
+
+def stay_ids(cfg: DictConfig, first: int, n: int, kind: str = "H") -> pl.Series:
+    """The ids of a chunk's stays ("H") or patients ("P") from stay `first` on."""
+    return pl.Series([f"{cfg.hospital_id}-{kind}{first + i:08d}" for i in range(n)])
+
+
+def after_first_day(
+    cfg: DictConfig,
+    st: _Stays,
+    los_noise: np.ndarray,
+    u_late: list[np.ndarray],
+    u_death: np.ndarray,
+) -> None:
+    """The course of stays `st` after their first day, from its draws: length of stay, late
+    deterioration, death, discharge to a facility (sets them on `st`). The generator calls
+    it once; the truth file (simulations/truth.py) many times, each with fresh draws and the
+    first day held fixed."""
+    out, age, s0, slope, off = cfg.outcomes, st.age, st.s0, st.slope, st.off
+    # Length of stay: sicker and slower-recovering patients stay longer (the slope is
+    # barely visible in the first 24 h, which keeps the task hard).
+    log_los = (
+        np.log(out.los_median_days)
+        + 0.5 * s0
+        + 0.2 * np.maximum(off["cardio"], off["resp"])
+        - 1.2 * (slope + 0.25)
+        + los_noise
     )
+    los = np.clip(np.exp(log_los) + st.resp_pheno * float(out.respiratory_extra_days), 0.25, 60.0)
+    # Late deterioration (hospital-acquired infection, a failing lung): likelier with
+    # infection, respiratory and admission severity, all visible in the first 24 h; from
+    # `onset` (after the first day) for `days`, every organ's severity is `jump` higher,
+    # and the stay lasts until some days after it.
+    d = cfg.case_mix.deterioration
+    u_det, u_gap, u_len, u_rec, u_fac = u_late
+    risk = _logit(float(d.share)) + 0.8 * off["infect"] + 0.6 * off["resp"] + 0.4 * s0
+    det = u_det < _sigmoid(risk)
+    st.det_start = np.where(det, 1.0 + float(d.onset_days) * -np.log1p(-u_gap), np.inf)
+    lo, hi = (float(x) for x in d.episode_days)
+    st.det_end = st.det_start + lo + (hi - lo) * u_len
+    st.jump = np.where(det, float(d.jump), 0.0)
+    los = np.where(det, np.maximum(los, np.minimum(st.det_end + 1 + 3 * u_rec, 60.0)), los)
+    # Death follows the worst point of the course through the failing organ system: the
+    # lungs in the respiratory phenotype, the circulation otherwise.
+    peak = np.maximum(s0, s0 + slope * los)
+    w_resp = np.where(st.resp_pheno, float(out.respiratory_death_weight), 0.1)
+    organ_peak = peak + w_resp * off["resp"] + (1 - w_resp) * off["cardio"]
+    p_death = _sigmoid(
+        out.death_intercept
+        + out.death_severity * organ_peak
+        + 0.03 * (age - 63)
+        + 0.2 * st.comorb
+        + float(d.death_logit) * det
+    )
+    died = u_death < p_death
+    # Survivors go to a facility (SNF, rehab, LTACH) more often when old; where beds are
+    # scarce they wait `placement_delay_days` for one, medically ready, on the ward.
+    facility_share = sum(float(_SURVIVOR_DISCHARGE[k]) for k in _FACILITIES)
+    p_fac = _sigmoid(_logit(facility_share) + float(out.facility_age_slope) * (age - 65))
+    st.facility = (u_fac < p_fac) & ~(died & st.last)
+    st.ready = los
+    st.los = los + float(out.placement_delay_days) * st.facility
+    st.died = died & st.last
+
+
+def courses(st: _Stays, policy: DictConfig) -> dict[str, tuple]:
+    """Each stay's ICU, ventilation and vasopressor interval (start, end, any; days), from
+    its severity path; ventilation lengthens the stay by 1.5 days (sets `st.los`,
+    `st.ready`)."""
+    acuity = st.s0 + 0.5 * np.maximum(st.off["cardio"], st.off["resp"])
+    icu = _course(st, acuity, float(policy.icu_threshold))
+    imv = _course(st, st.s0 + st.off["resp"], float(policy.imv_threshold))
+    vaso = _course(st, st.s0 + st.off["cardio"], float(policy.vasopressor_threshold))
+    # Ventilation and pressors happen in the ICU: the ICU stay covers them.
+    for other in (imv, vaso):
+        icu = _span(icu, other)
+    # Intubated stays last longer (the intervals above end where they did).
+    st.los = st.los + np.where(imv[2], 1.5, 0.0)
+    st.ready = st.ready + np.where(imv[2], 1.5, 0.0)
+    return {"icu": icu, "imv": imv, "vaso": vaso}
+
+
+def _course(st: _Stays, a0: np.ndarray, thr: float) -> tuple:
+    """Where severity path `a0 + slope * t` (plus a late deterioration's jump during its
+    episode) exceeds `thr`: one interval, the span of both when there are two (a patient
+    who deteriorates again stays where they were)."""
+    s2, e2, _ = _interval(a0 + st.jump, st.slope, thr, st.ready)
+    s2, e2 = np.maximum(s2, st.det_start), np.minimum(e2, st.det_end)
+    return _span(_interval(a0, st.slope, thr, st.ready), (s2, e2, e2 > s2))
 
 
 def _grid(
@@ -338,36 +396,16 @@ class _Chunk:
 
     def __init__(self, cfg: DictConfig, seed: int, index: int, first: int, n: int):
         self.cfg = cfg
-        self.rng = np.random.default_rng([seed, index])
         # Its own stream: free text (documentation.free_text_share) moves no other draws.
         self.text_rng = np.random.default_rng([seed, index, 1])
         self.first = first
-        self.st = _draw_stays(cfg, self.rng, n, np.random.default_rng([seed, index, 2]))
-        st, pol = self.st, cfg.policy
-        acuity = st.s0 + 0.5 * np.maximum(st.off["cardio"], st.off["resp"])
-        self.icu = self._course(acuity, float(pol.icu_threshold))
-        self.imv = self._course(st.s0 + st.off["resp"], float(pol.imv_threshold))
-        self.vaso = self._course(st.s0 + st.off["cardio"], float(pol.vasopressor_threshold))
-        # Ventilation and pressors happen in the ICU: the ICU stay covers them.
-        for other in (self.imv, self.vaso):
-            self.icu = _span(self.icu, other)
+        self.st, self.rng = chunk_stays(cfg, seed, index, n)
+        c = courses(self.st, cfg.policy)
+        self.icu, self.imv, self.vaso = c["icu"], c["imv"], c["vaso"]
         self._hosp_ids, self._patient_ids = self._ids("H"), self._ids("P")
-        # Intubated stays last longer (the intervals above end where they did).
-        self.st.los = st.los + np.where(self.imv[2], 1.5, 0.0)
-        self.st.ready = st.ready + np.where(self.imv[2], 1.5, 0.0)
-
-    def _course(self, a0: np.ndarray, thr: float):
-        """Where severity path `a0 + slope * t` (plus a late deterioration's jump during
-        its episode) exceeds `thr`: one interval, the span of both when there are two
-        (a patient who deteriorates again stays where they were)."""
-        st = self.st
-        s2, e2, _ = _interval(a0 + st.jump, st.slope, thr, st.ready)
-        s2, e2 = np.maximum(s2, st.det_start), np.minimum(e2, st.det_end)
-        return _span(_interval(a0, st.slope, thr, st.ready), (s2, e2, e2 > s2))
 
     def _ids(self, kind: str) -> pl.Series:
-        n = self.st.n
-        return pl.Series([f"{self.cfg.hospital_id}-{kind}{self.first + i:08d}" for i in range(n)])
+        return stay_ids(self.cfg, self.first, self.st.n, kind)
 
     def hosp_id(self, idx: np.ndarray) -> pl.Series:
         return self._hosp_ids.gather(idx)
@@ -429,11 +467,8 @@ class _Chunk:
             discharge[rows] = keys[
                 np.minimum(cdf.searchsorted(u[rows] * cdf[-1], "right"), len(keys) - 1)
             ]
-        # Dying patients discharged to hospice are mostly the old (comfort care); a site
-        # that does this records their deaths as "Hospice", not "Expired".
-        logit = _logit(float(cfg.outcomes.hospice_share))
-        slope = float(cfg.outcomes.hospice_age_slope)
-        p_hospice = _sigmoid(logit + slope * (st.age[st.died] - 70))
+        # A site that discharges the dying to hospice records their deaths as "Hospice".
+        p_hospice = hospice_probability(cfg, st.age[st.died])
         u_hospice = rng.random(n)  # one per stay: how many die moves no later draw
         discharge[st.died] = np.where(u_hospice[st.died] < p_hospice, "Hospice", "Expired")
         missing = (rng.random(n) < cfg.documentation.missing_discharge) & ~st.died
@@ -822,9 +857,15 @@ def _lab_units() -> dict[str, str]:
 
 def generate(cfg: DictConfig, stays: int, seed: int) -> Iterator[dict[str, pl.DataFrame]]:
     """The site's tables, one chunk of stays at a time."""
+    for k, first, n in chunks(cfg, stays):
+        yield _Chunk(cfg, seed, k, first, n).tables()
+
+
+def chunks(cfg: DictConfig, stays: int) -> Iterator[tuple[int, int, int]]:
+    """(index, first stay, stays) of each chunk a site of `stays` is drawn in."""
     size = max(1, int(cfg.chunk_stays))
     for k, first in enumerate(range(0, stays, size)):
-        yield _Chunk(cfg, seed, k, first, min(size, stays - first)).tables()
+        yield k, first, min(size, stays - first)
 
 
 def write_site(

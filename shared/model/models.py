@@ -91,7 +91,7 @@ class EHRConfig(PretrainedConfig):
 
 class EHRModel(PreTrainedModel):
     """A causal LM backbone, optional EHR embeddings, one binary head that reads the
-    hidden state at the task token closing each prompted sequence, and the heads of the
+    hidden state at each task token closing a prompted sequence, and the heads of the
     pretraining objectives beyond next-token prediction (`pretrain_heads`, when any)."""
 
     config_class = EHRConfig
@@ -149,7 +149,7 @@ class EHRModel(PreTrainedModel):
     def forward(
         self, batch: dict[str, torch.Tensor], head: str = "lm", spec: Spec | None = None
     ) -> torch.Tensor | dict[str, torch.Tensor]:
-        """`lm`: next-token loss; `task`: one logit per row; `objectives`: each weighted
+        """`lm`: next-token loss; `task`: one logit per row and task; `objectives`: each weighted
         pretraining objective's loss on stay views (shared/model/objectives.py). One entry
         point, so that wrappers which hook `forward` (opacus) see every training step."""
         if head == "objectives":
@@ -174,12 +174,13 @@ class EHRModel(PreTrainedModel):
         """Last-layer hidden states [batch, length, hidden] (after the final norm)."""
         return self.lm.base_model(inputs_embeds=self.embed(batch), use_cache=False)[0]
 
-    def last_hidden(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        h = self.hidden(batch)
-        return h[torch.arange(h.shape[0], device=h.device), batch["lengths"] - 1]
-
     def task_logit(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        return self.head(self.last_hidden(batch)).squeeze(-1)
+        """[batch, tasks]: the head at each of the task tokens closing every row (as many as
+        `task_mask` has columns; shared/model/sequences.py `Prompted`)."""
+        h = self.hidden(batch)
+        n = batch["task_mask"].shape[1]
+        at = batch["lengths"][:, None] - n + torch.arange(n, device=h.device)
+        return self.head(h[torch.arange(h.shape[0], device=h.device)[:, None], at]).squeeze(-1)
 
 
 def quiet_transformers() -> None:

@@ -1,5 +1,5 @@
 """A tokenized site as model inputs: packed blocks of full timelines for pretraining,
-the first-24 h view closed by a task token for finetuning, the plain 24 h view for probes.
+the first-24 h view closed by the task tokens for finetuning, the plain 24 h view for probes.
 
 Every batch is a dict of [batch, length] tensors: `input_ids`, `types`, `hours` (since
 admission), `age`, `visit` (hospitalization index), plus `lengths` and, for prompted
@@ -28,7 +28,7 @@ _BASE = ["hospitalization_id", "patient_id", "age", "hosp_index"]
 _FULL = ["tokens", "hours", "types", "n_tokens"]
 _WINDOW = ["tokens_24h", "hours_24h", "types_24h", "n_tokens_24h"]
 # Per-example tensors of a fixed shape (stacked, not padded): StayViews' grid and codes.
-_FIXED = ("grid", "grid_mask", "codes")
+_FIXED = ("grid", "grid_mask", "codes", "y", "task_mask")
 # Visits beyond this index share the last embedding.
 MAX_VISIT = 31
 
@@ -193,12 +193,16 @@ def block_batch(tensors: list[torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 class Prompted(torch.utils.data.Dataset):
-    """First-24 h views closed by a task token, with that task's 0/1 outcome.
+    """First-24 h views closed by every task's token, with each task's 0/1 outcome and
+    whether it counts (`task_mask`).
 
-    A stay is an example of a task only where `labels.usable` says its outcome can be
-    evaluated (the 24 h leakage rule for ICU and ventilation). `one_per_patient` makes
-    each patient a single example, one of their (stay, task) pairs drawn at random each
-    time it is read: the unit DP-SGD protects is then the patient.
+    One pass reads a stay for all its tasks: the head reads the hidden state at each task
+    token (each sees the stay and the task tokens before it), so a step costs the same for
+    one task or four; a copy of the stay per task would cost a pass per task. A task counts
+    for a stay only where `labels.usable` says its outcome can be evaluated (the 24 h
+    leakage rule for ICU and ventilation); a stay where none counts is no example.
+    `one_per_patient` makes each patient a single example, one of their stays drawn at
+    random each time it is read: the unit DP-SGD protects is then the patient.
     """
 
     def __init__(
@@ -216,44 +220,56 @@ class Prompted(torch.utils.data.Dataset):
                 f"unknown task(s) {unknown}: the tokenizer of {data.path} has "
                 f"{', '.join(t[5:] for t in data.tok.vocab if t.startswith('TASK_'))}"
             )
+        if context <= len(tasks):
+            raise FedclifError(
+                f"finetune.context={context} leaves no room for a stay before the "
+                f"{len(tasks)} task tokens"
+            )
         rows = data.rows(split)
         self.seqs = Ragged.of(data, rows, window=True)
         self.context = context
         self.tasks = list(tasks)
-        self.task_ids = [data.tok.index[f"TASK_{t}"] for t in tasks]
+        self.task_ids = np.array([data.tok.index[f"TASK_{t}"] for t in tasks], self.seqs.ids.dtype)
         self.task_type = type_id("TASK_")
         lab = data.labels[rows]
-        pairs = []
+        n = (lab.height, 0)
+        self.mask = (
+            np.stack([usable(lab, TASKS[t]) for t in tasks], 1) if tasks else np.zeros(n, bool)
+        )
+        self.y = np.zeros(self.mask.shape, np.float32)
         for k, t in enumerate(tasks):
-            i = np.flatnonzero(usable(lab, TASKS[t]))
-            y = lab.get_column(TASKS[t]).to_numpy()[i].astype(np.int64)
-            pairs.append(np.c_[i, np.full(i.size, k), y])
-        self.pairs = np.concatenate(pairs) if pairs else np.zeros((0, 3), np.int64)
+            self.y[:, k] = lab.get_column(TASKS[t]).fill_null(False).to_numpy()
+        self.examples = np.flatnonzero(self.mask.any(axis=1))
+        # Every (stay row, task index, outcome) that counts, stay by stay: the order in
+        # which `predict` returns its scores.
+        r, k = np.nonzero(self.mask[self.examples])
+        r = self.examples[r]
+        self.pairs = np.c_[r, k, self.y[r, k]].astype(np.int64)
         self.stay_ids = data.stays.get_column("hospitalization_id").to_numpy()[rows]
         self.one_per_patient = one_per_patient
         if one_per_patient:
-            patients = data.stays.get_column("patient_id").to_numpy()[rows][self.pairs[:, 0]]
+            patients = data.stays.get_column("patient_id").to_numpy()[rows][self.examples]
             self.groups = _groups(patients)
             self.rng = np.random.default_rng(seed)
 
     def __len__(self) -> int:
-        return len(self.groups) if self.one_per_patient else len(self.pairs)
+        return len(self.groups) if self.one_per_patient else len(self.examples)
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
         j = self.rng.choice(self.groups[i]) if self.one_per_patient else i
-        row, k, y = self.pairs[j]
-        x = self.seqs.item(row, self.context - 1)
+        row, n = self.examples[j], len(self.tasks)
+        x = self.seqs.item(row, self.context - n)
         end = x["hours"][-1] if x["hours"].size else 0.0
         x = {
-            "input_ids": np.r_[x["input_ids"], self.task_ids[k]],
-            "types": np.r_[x["types"], self.task_type],
-            "hours": np.r_[x["hours"], np.float32(end)],
-            "age": np.r_[x["age"], self.seqs.age[row]],
-            "visit": np.r_[x["visit"], self.seqs.visit[row]],
+            "input_ids": np.r_[x["input_ids"], self.task_ids],
+            "types": np.r_[x["types"], np.full(n, self.task_type, x["types"].dtype)],
+            "hours": np.r_[x["hours"], np.full(n, end, np.float32)],
+            "age": np.r_[x["age"], np.full(n, self.seqs.age[row], x["age"].dtype)],
+            "visit": np.r_[x["visit"], np.full(n, self.seqs.visit[row], x["visit"].dtype)],
         }
         item = {key: torch.from_numpy(np.ascontiguousarray(v)) for key, v in x.items()}
-        item["task"] = torch.tensor(k)
-        item["y"] = torch.tensor(y, dtype=torch.float32)
+        item["y"] = torch.from_numpy(self.y[row])
+        item["task_mask"] = torch.from_numpy(self.mask[row])
         return item
 
 

@@ -187,9 +187,16 @@ def test_prompted_examples_follow_the_24h_leakage_rule(demo_tokens):
                     assert at.size == 0, (t, row)
                 seen["positive" if examples[row] else "negative"] += 1
         assert min(seen.values()) > 0, (t, seen)  # the demo has all three kinds
-    item = ds[0]
-    assert item["input_ids"][-1] == ids[f"TASK_{tasks[item['task']]}"]
-    assert len(item["input_ids"]) <= 64
+    # One example per stay, closed by every task's token in order; its mask and outcomes
+    # are the (stay, task) pairs above.
+    for i in range(len(ds)):
+        item, row = ds[i], ds.examples[i]
+        assert item["input_ids"][-3:].tolist() == [ids[f"TASK_{t}"] for t in tasks]
+        assert len(item["input_ids"]) <= 64
+        mine = ds.pairs[ds.pairs[:, 0] == row]
+        assert item["task_mask"].nonzero().flatten().tolist() == mine[:, 1].tolist()
+        assert item["y"][mine[:, 1]].tolist() == mine[:, 2].tolist()
+    assert len(ds) == np.unique(ds.pairs[:, 0]).size < len(ds.pairs)
 
 
 @pytest.fixture(scope="module")

@@ -18,6 +18,7 @@ from fedclif.shared.tokens.stats import merge_stats, site_stats
 from fedclif.shared.tokens.tokenizer import fit_tokenizer
 from fedclif.simulations.commands import load_study
 from fedclif.simulations.plan import make_plan
+from fedclif.simulations.reference_arms import CEILING_EVALUATIONS
 from fedclif.simulations.report import MIN_EVENTS, write_report
 from fedclif.simulations.shifts import shifts_table, write_shifts
 from fedclif.simulations.sites import study_sites
@@ -164,6 +165,36 @@ def test_the_study_shows_the_transfer_gap_and_its_recovery(study):
 
 
 @pytest.mark.slow  # the quick study, once per module
+def test_the_recipe_sweep_holds_the_tree_to_the_studys_own_rows(study, tmp_path, capsys):
+    """bench/recipe.py on the quick study's sites: its tree is the study's gbm arm (the same
+    fit on the same split gives the same AUROC, at the source, zero-shot and in-site at the
+    target), and a setting's foundation model is scored on every split the table names."""
+    from bench.recipe import main as recipe
+
+    out, _ = study
+    cache = out.parent / "cache"
+    args = ["--study", str(out), "--cache", str(cache), "--only", "base", "--seeds", "0"]
+    recipe([*args, "--out", str(tmp_path)])
+    got = json.loads((tmp_path / "recipe.json").read_text())
+    rows = json.loads((out / "results.json").read_text())["rows"]
+    where = {"in_distribution": "source", "zero_shot": "target", "in_site": "target"}
+    gbm = {
+        (x["setting"], x["task"]): x["auroc"]
+        for x in rows
+        if x["arm"] == "gbm" and x["eval_site"] == where[x["setting"]]
+    }
+    cols = {"in_distribution": "source test", "zero_shot": "zero-shot", "in_site": "target test"}
+    for task in ("death", "long_los"):
+        for setting, col in cols.items():
+            assert got["tree (GBM)"][f"{task} {col}"] == pytest.approx(gbm[setting, task])
+        for col in ("source val", "source test", "zero-shot", "target test"):
+            assert 0 < got["base"][f"{task} {col}"] < 1
+    assert got["base"]["pretrain_s"] > 0 and got["base"]["finetune_s"] > 0
+    printed = capsys.readouterr().out
+    assert "| tree (GBM) |" in printed and "| base |" in printed
+
+
+@pytest.mark.slow  # the quick study, once per module
 def test_the_report_holds_calibration_the_published_comparisons_and_the_pretraining_curve(
     study,
 ):
@@ -173,7 +204,9 @@ def test_the_report_holds_calibration_the_published_comparisons_and_the_pretrain
     out, cfg = study
     r = json.loads((out / "results.json").read_text())
     rows, summary = r["rows"], json.loads((out / "summary.json").read_text())
-    model_rows = [x for x in rows if not x["arm"].endswith("_probe") and x["arm"] != "gbm"]
+    model_rows = [
+        x for x in rows if not x["arm"].endswith("_probe") and x["arm"] not in ("gbm", "ceiling")
+    ]
     for x in model_rows:
         assert x["brier_low"] <= x["brier"] <= x["brier_high"] and 0 <= x["ece"] <= 1, x
         assert "brier_recal" in x and len(x["reliability_observed"]) == 10, x
@@ -187,7 +220,8 @@ def test_the_report_holds_calibration_the_published_comparisons_and_the_pretrain
     assert np.mean([x["ece_recal"] for x in zs]) < np.mean([x["ece"] for x in zs])
     cal = summary["calibration"]["death"]["zero-shot"]
     assert cal["brier"] == pytest.approx(np.mean([x["brier"] for x in zs if x["task"] == "death"]))
-    # The baseline, fitted once at the source, scored where the foundation model is.
+    # The baseline, fitted at the source and scored where the foundation model is; and
+    # fitted at the target on its own train split, scored on its test split: the bar.
     gbm = {(x["setting"], x["eval_site"], x["task"]) for x in rows if x["arm"] == "gbm"}
     assert gbm == {
         (s, site, t)
@@ -196,8 +230,46 @@ def test_the_report_holds_calibration_the_published_comparisons_and_the_pretrain
             ("in_distribution", "source"),
             ("zero_shot", "target"),
             ("zero_shot", "third"),
+            ("in_site", "target"),
         ]
     }
+    for x in rows:
+        if x["arm"] == "gbm":
+            assert x["train_sites"] == ["target" if x["setting"] == "in_site" else "source"]
+            if x["setting"] == "in_site":
+                assert x["eval_split"] == "test"
+                assert summary["table"][x["task"]]["GBM in-site"]["auroc"] == x["auroc"]
+    # Each hospital's ceiling where the arms are scored, one copy per seed; every arm a
+    # share of it on the same stays; the zero-shot gap's parts add up to the gap.
+    ceiling = {
+        (x["eval_site"], x["setting"], x["eval_split"], x["task"], x["seed"])
+        for x in rows
+        if x["arm"] == "ceiling"
+    }
+    assert ceiling == {
+        (site, setting, split, t, seed)
+        for site, setting, split in CEILING_EVALUATIONS
+        for t in cfg.tasks
+        for seed in cfg.seeds
+    }
+    for t in cfg.tasks:
+        cells = summary["table"][t]
+        assert cells["ceiling"]["auroc"] > cells["GBM in-site"]["auroc"], t
+        share = summary["share_of_ceiling"][t]["local finetune"]
+        assert share["percent"] == pytest.approx(
+            100 * cells["local finetune"]["auroc"] / cells["ceiling"]["auroc"]
+        )
+        assert share["low"] <= share["percent"] <= share["high"]
+        for site in ("target", "third"):
+            parts = summary["gap_split"][site][t]
+            drop = summary["checks"]["zero_shot_drop"][site][t]["difference"]
+            total = (
+                parts["ceiling_difference"]["difference"]
+                + parts["transfer_gap"]["difference"]
+                - parts["home_shortfall"]["difference"]
+            )
+            assert total == pytest.approx(drop), (site, t)
+    assert "## Each hospital's ceiling" in (out / "report.md").read_text()
     tasks = summary["checks"]["tasks_with_enough_target_events"]
 
     def mean(arm, setting, site, metric="auroc", frac=1.0):
@@ -272,6 +344,7 @@ def test_the_shifts_profile_runs_every_single_shift_target_and_ucmc(tmp_path, st
         "shift-policy",
         "shift-measurement",
         "shift-documentation",
+        "shift-labels",
         "ucmc-like",
     ]
     assert main(["simulate", "--out", str(tmp_path / "x"), "study.targets=[nowhere]"]) == 1
@@ -283,6 +356,8 @@ def test_the_shifts_profile_runs_every_single_shift_target_and_ucmc(tmp_path, st
     table = shifts_table({"ucmc-like": summary}, fracs)
     for task, v in table["ucmc-like"].items():
         assert v["gap"] == summary["checks"]["zero_shot_drop"]["target"][task]
+        for part in ("ceiling_difference", "transfer_gap"):
+            assert v[part] == summary["gap_split"]["target"][task][part]
         low = summary["table"][task]["in-distribution"]["auroc_low"]
         for arm in ("source_finetuned", "federated_finetuned"):
             reached = [

@@ -1,10 +1,12 @@
 """The synthetic site generator: determinism, validity of every preset, knobs, label rates."""
 
 import hashlib
+from pathlib import Path
 
 import numpy as np
 import polars as pl
 import pytest
+from sklearn.metrics import roc_auc_score
 
 from fedclif.cli import main
 from fedclif.shared.clif.site import load_site
@@ -13,6 +15,8 @@ from fedclif.shared.errors import FedclifError
 from fedclif.shared.tokens.events import stays
 from fedclif.shared.tokens.labels import outcome_labels
 from fedclif.simulations.synth import load_preset, preset_names, write_site
+from fedclif.simulations.truth import LABELS as TRUTH_LABELS
+from fedclif.simulations.truth import stay_truth, truth_path
 
 N = 400
 VITALS = ("heart_rate", "spo2")
@@ -296,3 +300,61 @@ def test_older_survivors_go_to_facilities_more_often(tmp_path):
 
     assert abs(old_vs_young(flat)) < 0.08
     assert old_vs_young(steep) > 0.3
+
+
+# --- the truth file: each stay's ceiling ---------------------------------------------------
+
+
+def truth_and_labels(d, name: str, n: int, seed: int) -> pl.DataFrame:
+    """The site's labels (as tokenization computes them) beside its truth."""
+    site = load_site(d, load_config("site"))
+    lab = outcome_labels(site, stays(site))
+    return lab.join(stay_truth(load_preset(name), n, seed), on="hospitalization_id", how="left")
+
+
+def test_the_truth_file_lies_beside_the_site_and_no_site_code_reads_it(tmp_path, capsys):
+    out = tmp_path / "a"
+    assert (
+        main(["synth", "--preset", "ucmc-like", "--stays", "150", "--seed", "4", "--out", str(out)])
+        == 0
+    )
+    truth = truth_path(out)
+    assert truth == tmp_path / "a.truth.parquet"
+    assert str(truth) in capsys.readouterr().out.replace("\n", "")
+    assert truth.is_file() and not list(out.glob("*truth*"))  # outside the site's directory
+    got = pl.read_parquet(truth)
+    ids = read(out, "hospitalization").get_column("hospitalization_id")
+    assert got.get_column("hospitalization_id").to_list() == ids.to_list()
+    assert got.columns == ["hospitalization_id", *(f"p_{label}" for label in TRUTH_LABELS)]
+    assert all(got[f"p_{label}"].is_between(0, 1).all() for label in TRUTH_LABELS)
+    # Site code cannot import the simulations (tests/test_floors.py), and no module but
+    # the truth's own names the file.
+    root = Path(__file__).resolve().parents[2]
+    naming = {
+        p.relative_to(root).as_posix()
+        for p in root.rglob("*.py")
+        if ".truth.parquet" in p.read_text()
+        and "tests" not in p.parts
+        and ".venv" not in p.parts[0]
+    }
+    assert naming == {"simulations/truth.py"}
+
+
+def test_the_truth_is_reproducible_from_the_seed_and_calibrated_to_the_recorded_labels(tmp_path):
+    a = stay_truth(load_preset("ucmc-like"), 500, 7)
+    assert a.equals(stay_truth(load_preset("ucmc-like"), 500, 7))
+    assert not a.equals(stay_truth(load_preset("ucmc-like"), 500, 8))
+    # Chunking moves nothing: the chunks are the generator's.
+    chunked = stay_truth(load_preset("ucmc-like", ["chunk_stays=200"]), 500, 7)
+    assert chunked.get_column("hospitalization_id").equals(a.get_column("hospitalization_id"))
+    # Calibrated to the recorded outcomes (hospice recorded for death at ucmc-like), and
+    # better than any model could be: the first day's latents, not its records.
+    for name in ("mimic-like", "ucmc-like"):
+        j = truth_and_labels(gen(tmp_path, name, n=2000, seed=5), name, 2000, 5)
+        for label in ("same_admission_death", "long_length_of_stay"):
+            y, p = j[label].to_numpy(), j[f"p_{label}"].to_numpy()
+            known = ~np.isnan(y.astype(float))
+            y, p = y[known].astype(float), p[known]
+            assert abs(p.mean() - y.mean()) < 0.02, (name, label, p.mean(), y.mean())
+            assert roc_auc_score(y, p) > 0.7, (name, label)
+            assert np.mean((p - y) ** 2) < np.mean((y.mean() - y) ** 2)  # beats the prevalence

@@ -1,0 +1,112 @@
+"""Each hospital's ceiling in the report (simulations/truth.py, reference_arms.py): the
+ceiling's AUROC where each arm is scored, every arm as a share of it, and the zero-shot
+gap split into the ceiling difference (the target is harder) and the transfer gap (the
+target's ceiling minus the source model there: what shift costs), each with its interval.
+
+`compare(a, b, tasks, paired)` and `means(a, b, tasks)` are the report's `_compare` and
+`_means` bound to the rows (AUROC): the ceiling's rows pair with every seed's."""
+
+from collections.abc import Callable
+
+import numpy as np
+
+from fedclif.shared.evaluation.metrics import difference_text
+from fedclif.simulations.reference_arms import CEILING
+from fedclif.simulations.sites import SOURCE
+
+# The zero-shot gap's parts, as the report names them: gap = ceiling difference +
+# transfer gap - home shortfall.
+PARTS = {
+    "ceiling_difference": "ceiling difference (the source's ceiling - this site's: it is harder)",
+    "transfer_gap": "transfer gap (this site's ceiling - zero-shot: what the move costs)",
+    "home_shortfall": "home shortfall (the source's ceiling - in-distribution)",
+}
+
+
+def _ceiling_of(arm_row: dict) -> dict:
+    """The ceiling's selector for the stays an arm's rows are scored on."""
+    return {"arm": CEILING, "eval_site": arm_row["eval_site"], "eval_split": arm_row["eval_split"]}
+
+
+def share_of_ceiling(
+    rows: list[dict], columns: list[tuple], tasks: list[str], top: float, means: Callable
+) -> dict:
+    """{task: {column label: {percent, low, high}}}: each column's mean AUROC over seeds as
+    a percentage of the ceiling's on the same stays, with the 95% interval of the paired
+    replicates' ratio."""
+    out: dict[str, dict] = {t: {} for t in tasks}
+    for label, arm, setting, site in columns:
+        if arm == CEILING:
+            continue
+        frac = top if setting == "local_finetune" else 1.0
+        sel = {"arm": arm, "setting": setting, "eval_site": site, "fraction": frac}
+        some = [r for r in rows if all(r.get(k) == v for k, v in sel.items() if k != "fraction")]
+        if not some:
+            continue
+        for t in tasks:
+            a, b, b_reps, a_reps = means(sel, _ceiling_of(some[0]), [t])
+            if a is None:
+                continue
+            ratio = 100 * np.asarray(a_reps) / np.asarray(b_reps)
+            lo, hi = np.percentile(ratio, [2.5, 97.5])
+            out[t][label] = {"percent": float(100 * a / b), "low": float(lo), "high": float(hi)}
+    return out
+
+
+def gap_split(compare: Callable, tasks: list[str], sites: list[str]) -> dict:
+    """{site: {task: {part: difference with its interval}}} at every site the source model
+    was taken to zero-shot (PARTS): the sites' ceilings on independent stays (unpaired),
+    a ceiling and the model on the same stays (paired)."""
+    home = {"arm": CEILING, "setting": "in_distribution", "eval_site": SOURCE}
+    at_home = {"arm": "source_only", "setting": "in_distribution", "eval_site": SOURCE}
+    out = {}
+    for site in sites:
+        there = {"arm": CEILING, "setting": "zero_shot", "eval_site": site}
+        model = {"arm": "source_only", "setting": "zero_shot", "eval_site": site}
+        out[site] = {
+            t: {
+                "ceiling_difference": compare(home, there, [t], False),
+                "transfer_gap": compare(there, model, [t], True),
+                "home_shortfall": compare(home, at_home, [t], True),
+            }
+            for t in tasks
+        }
+    return out
+
+
+def ceiling_markdown(summary: dict) -> list[str]:
+    """The ceiling section: the shares table and the gap split."""
+    shares, split = summary["share_of_ceiling"], summary["gap_split"]
+    tasks = list(shares)
+    labels = list(dict.fromkeys(label for t in tasks for label in shares[t]))
+    lines = [
+        "## Each hospital's ceiling",
+        "",
+        "The ceiling scores every stay by the probability of its recorded outcome given "
+        "everything that exists by hour 24 (the generator's own latents, Monte Carlo over "
+        "what happens after: simulations/truth.py); no model can beat it on average. Each "
+        "arm's AUROC as a share of the ceiling's on the same stays [95% interval of the "
+        "paired replicates' ratio]:",
+        "",
+        "| arm | " + " | ".join(tasks) + " |",
+        "|---" * (len(tasks) + 1) + "|",
+    ]
+    for label in labels:
+        cells = []
+        for t in tasks:
+            c = shares[t].get(label)
+            cells.append(f"{c['percent']:.0f}% [{c['low']:.0f}, {c['high']:.0f}]" if c else "-")
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    lines += [
+        "",
+        "The zero-shot gap (in-distribution minus zero-shot AUROC) = ceiling difference + "
+        "transfer gap - home shortfall, each with its 95% interval:",
+        "",
+    ]
+    for site, by_task in split.items():
+        for part, name in PARTS.items():
+            text = ", ".join(
+                f"{t} {difference_text(d[part], verdict=False)}" for t, d in by_task.items()
+            )
+            lines.append(f"- {site}, {name}: {text}")
+    return [*lines, ""]
