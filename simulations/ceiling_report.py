@@ -12,8 +12,11 @@ import numpy as np
 
 from fedclif.shared.evaluation.metrics import difference_text
 from fedclif.simulations.reference_arms import CEILING
-from fedclif.simulations.sites import SOURCE
+from fedclif.simulations.sites import SOURCE, TARGET
 
+# An arm has recovered when its AUROC at the target comes within this share of the
+# target's ceiling on the same stays (the interval's upper end reaching it).
+NEIGHBOURHOOD = 95.0
 # The zero-shot gap's parts, as the report names them: gap = ceiling difference +
 # transfer gap - home shortfall.
 PARTS = {
@@ -74,6 +77,73 @@ def gap_split(compare: Callable, tasks: list[str], sites: list[str]) -> dict:
     return out
 
 
+def recovery_to_ceiling(
+    arms: list[str], tasks: list[str], fractions: list[float], means: Callable, tree: dict
+) -> dict:
+    """{arm: {task: {"shares": [{percent, low, high} per fraction], "ceiling_at",
+    "tree_at"}}}: each arm finetuned at the target as a share of the target's ceiling on
+    the same test stays at each share of its data; the smallest share whose interval
+    reaches NEIGHBOURHOOD% of the ceiling, and the smallest whose AUROC reaches the lower
+    end of the tree's in-site interval (`tree`: task -> its table cell); None: none did."""
+    ceiling = {"arm": CEILING, "eval_site": TARGET, "eval_split": "test"}
+    out: dict[str, dict] = {}
+    for arm in arms:
+        out[arm] = {}
+        for t in tasks:
+            shares, ceiling_at, tree_at = [], None, None
+            for f in fractions:
+                sel = {"arm": arm, "setting": "local_finetune", "eval_site": TARGET, "fraction": f}
+                a, b, b_reps, a_reps = means(sel, ceiling, [t])
+                if a is None:
+                    shares.append({})
+                    continue
+                ratio = 100 * np.asarray(a_reps) / np.asarray(b_reps)
+                lo, hi = (float(x) for x in np.percentile(ratio, [2.5, 97.5]))
+                shares.append({"percent": float(100 * a / b), "low": lo, "high": hi})
+                if ceiling_at is None and hi >= NEIGHBOURHOOD:
+                    ceiling_at = f
+                if tree_at is None and a >= tree.get(t, {}).get("auroc_low", np.inf):
+                    tree_at = f
+            out[arm][t] = {"shares": shares, "ceiling_at": ceiling_at, "tree_at": tree_at}
+    return out
+
+
+def headline(summary: dict, arms: dict[str, str], tasks: list[str]) -> str:
+    """Which half of the transfer paper the study reproduced, and by how much: the zero-shot
+    drop at the target, and the recovery of the best arm against the tree and the ceiling."""
+    drops = summary["checks"]["zero_shot_drop"].get(TARGET, {})
+    dropped = [t for t in tasks if drops.get(t, {}).get("verdict") == "beats"]
+    first = (
+        "the drop: **reproduced** ("
+        + ", ".join(f"{t} {difference_text(drops[t], verdict=False)}" for t in dropped)
+        + ")"
+        if dropped
+        else "the drop: **not reproduced** (no task falls clearly zero-shot)"
+    )
+    rec = summary["recovery_to_ceiling"]
+    parts = []
+    for t in tasks:
+        tree = {a: rec[a][t]["tree_at"] for a in arms if rec[a][t]["tree_at"] is not None}
+        ceil = {a: rec[a][t]["ceiling_at"] for a in arms if rec[a][t]["ceiling_at"] is not None}
+        text = (
+            f"{t}: the tree's in-site interval at {min(tree.values()):g} of the target's data "
+            f"({', '.join(arms[a] for a, f in tree.items() if f == min(tree.values()))})"
+            if tree
+            else f"{t}: not the tree's in-site interval"
+        )
+        text += (
+            f", {NEIGHBOURHOOD:g}% of the ceiling at {min(ceil.values()):g}"
+            if ceil
+            else f", not {NEIGHBOURHOOD:g}% of the ceiling"
+        )
+        parts.append(text)
+    return (
+        "**Which half of the paper** (arXiv 2504.10422: a model loses at another hospital "
+        f"zero-shot, and finetuning there recovers it): {first}; the recovery, finetuned at "
+        "the target: " + "; ".join(parts) + "."
+    )
+
+
 def ceiling_markdown(summary: dict) -> list[str]:
     """The ceiling section: the shares table and the gap split."""
     shares, split = summary["share_of_ceiling"], summary["gap_split"]
@@ -97,6 +167,27 @@ def ceiling_markdown(summary: dict) -> list[str]:
             c = shares[t].get(label)
             cells.append(f"{c['percent']:.0f}% [{c['low']:.0f}, {c['high']:.0f}]" if c else "-")
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    rec = summary.get("recovery_to_ceiling", {})
+    if rec:
+        lines += [
+            "",
+            f"Finetuned at the target, as a share of its ceiling at each share of its data "
+            f"[95% interval]; reaches: the smallest share whose interval reaches "
+            f"{NEIGHBOURHOOD:g}% of the ceiling, and whose AUROC reaches the lower end of the "
+            "tree's in-site interval:",
+            "",
+            "| arm | task | by share of the target's data | "
+            f"{NEIGHBOURHOOD:g}% of the ceiling at | the tree at |",
+            "|---|---|---|---|---|",
+        ]
+        for arm, by_task in rec.items():
+            for t, v in by_task.items():
+                cells = " / ".join(
+                    f"{c['percent']:.0f}% [{c['low']:.0f}, {c['high']:.0f}]" if c else "-"
+                    for c in v["shares"]
+                )
+                at = [("-" if x is None else f"{x:g}") for x in (v["ceiling_at"], v["tree_at"])]
+                lines.append(f"| {arm} | {t} | {cells} | {at[0]} | {at[1]} |")
     lines += [
         "",
         "The zero-shot gap (in-distribution minus zero-shot AUROC) = ceiling difference + "

@@ -26,7 +26,13 @@ from fedclif.simulations.calibration_report import (
     reliability_png,
     select,
 )
-from fedclif.simulations.ceiling_report import ceiling_markdown, gap_split, share_of_ceiling
+from fedclif.simulations.ceiling_report import (
+    ceiling_markdown,
+    gap_split,
+    headline,
+    recovery_to_ceiling,
+    share_of_ceiling,
+)
 from fedclif.simulations.objectives_report import ablation, ablation_markdown, ablation_png
 from fedclif.simulations.published import federated_share, penalty, published_markdown
 from fedclif.simulations.sites import SOURCE, TARGET
@@ -229,6 +235,13 @@ def summarize(results: dict) -> dict:
         ),
         "gap_split": gap_split(
             lambda a, b, ts, paired: _compare(rows, a, b, ts, paired), tasks, zero_sites
+        ),
+        "recovery_to_ceiling": recovery_to_ceiling(
+            list(RECOVERY_ARMS),
+            tasks,
+            fracs,
+            lambda a, b, ts: _means(rows, a, b, ts, "auroc"),
+            {t: table[t]["GBM in-site"] for t in tasks},
         ),
         "objectives": ablation(
             cfg,
@@ -621,6 +634,8 @@ def _findings(summary: dict, cfg: dict) -> list[str]:
         + ".",
         "",
         "## What the simulation shows",
+        "",
+        headline(summary, RECOVERY_ARMS, [t for t in ("death", "long_los") if t in cfg["tasks"]]),
         "",
     ]
     for site, d in ch["zero_shot_drop"].items():

@@ -133,7 +133,9 @@ def test_server_tokenizer_equals_the_pooled_fit(federation, finished_run, tmp_pa
     missing = [t for t in pooled_tok.vocab if t not in set(fed_tok.vocab)]
     assert set(fed_tok.vocab) <= set(pooled_tok.vocab)
     assert all(max(r.get(t, 0) for r in raw) < tok_cfg.stats.min_cell_count for t in missing)
-    assert len(missing) <= 2, missing
+    # A few at these 600-stay sites (measured: 3 since ucmc-like records no hospice deaths,
+    # which made DSCG_Hospice rare there; 2 before).
+    assert len(missing) <= 3, missing
     assert fed_tok.cuts.keys() == pooled_tok.cuts.keys()
     # The bins: each site's histogram cells stand on at least 10 of its own patients, so a
     # site rolls a value seen in fewer up to coarser rounding where the pooled data would

@@ -270,6 +270,22 @@ def test_the_report_holds_calibration_the_published_comparisons_and_the_pretrain
             )
             assert total == pytest.approx(drop), (site, t)
     assert "## Each hospital's ceiling" in (out / "report.md").read_text()
+    # The recovery against the ceiling and the tree (recomputed from the table's cells):
+    # the smallest share reaching the tree's in-site interval; the headline says it.
+    fracs = [float(f) for f in cfg.fractions]
+    for arm, by_task in summary["recovery_to_ceiling"].items():
+        for t, v in by_task.items():
+            assert len(v["shares"]) == len(fracs)
+            low = summary["table"][t]["GBM in-site"]["auroc_low"]
+            cells = summary["recovery"][arm][t]
+            reached = [f for f, c in zip(fracs, cells, strict=True) if c["auroc"] >= low]
+            assert v["tree_at"] == (reached[0] if reached else None), (arm, t)
+            top = v["shares"][-1]
+            assert top["percent"] == pytest.approx(
+                100 * cells[-1]["auroc"] / summary["table"][t]["ceiling"]["auroc"]
+            )
+            assert top["low"] <= top["percent"] <= top["high"]
+    assert "**Which half of the paper**" in (out / "report.md").read_text()
     tasks = summary["checks"]["tasks_with_enough_target_events"]
 
     def mean(arm, setting, site, metric="auroc", frac=1.0):

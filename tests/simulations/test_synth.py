@@ -305,11 +305,12 @@ def test_older_survivors_go_to_facilities_more_often(tmp_path):
 # --- the truth file: each stay's ceiling ---------------------------------------------------
 
 
-def truth_and_labels(d, name: str, n: int, seed: int) -> pl.DataFrame:
+def truth_and_labels(d, name: str, n: int, seed: int, overrides=()) -> pl.DataFrame:
     """The site's labels (as tokenization computes them) beside its truth."""
     site = load_site(d, load_config("site"))
     lab = outcome_labels(site, stays(site))
-    return lab.join(stay_truth(load_preset(name), n, seed), on="hospitalization_id", how="left")
+    truth = stay_truth(load_preset(name, list(overrides)), n, seed)
+    return lab.join(truth, on="hospitalization_id", how="left")
 
 
 def test_the_truth_file_lies_beside_the_site_and_no_site_code_reads_it(tmp_path, capsys):
@@ -347,14 +348,21 @@ def test_the_truth_is_reproducible_from_the_seed_and_calibrated_to_the_recorded_
     # Chunking moves nothing: the chunks are the generator's.
     chunked = stay_truth(load_preset("ucmc-like", ["chunk_stays=200"]), 500, 7)
     assert chunked.get_column("hospitalization_id").equals(a.get_column("hospitalization_id"))
-    # Calibrated to the recorded outcomes (hospice recorded for death at ucmc-like), and
-    # better than any model could be: the first day's latents, not its records.
-    for name in ("mimic-like", "ucmc-like"):
-        j = truth_and_labels(gen(tmp_path, name, n=2000, seed=5), name, 2000, 5)
+    # Calibrated to the recorded outcomes (at shift-labels most deaths of the old are
+    # recorded as hospice; where a day is a long stay, the truth counts only the futures in
+    # which the stay lasted the day hour 24 shows), and better than any model could be:
+    # the first day's latents, not its records.
+    for name, o in (
+        ("mimic-like", []),
+        ("shift-labels", []),
+        ("mimic-like", ["outcomes.los_median_days=1.0"]),
+    ):
+        j = truth_and_labels(gen(tmp_path, name, o, n=3000, seed=5), name, 3000, 5, o)
         for label in ("same_admission_death", "long_length_of_stay"):
             y, p = j[label].to_numpy(), j[f"p_{label}"].to_numpy()
             known = ~np.isnan(y.astype(float))
             y, p = y[known].astype(float), p[known]
-            assert abs(p.mean() - y.mean()) < 0.02, (name, label, p.mean(), y.mean())
-            assert roc_auc_score(y, p) > 0.7, (name, label)
+            # Within three standard errors of the recorded rate.
+            assert abs(p.mean() - y.mean()) < 3 * np.sqrt(y.var() / y.size), (name, label)
+            assert roc_auc_score(y, p) > 0.65, (name, label)
             assert np.mean((p - y) ** 2) < np.mean((y.mean() - y) ** 2)  # beats the prevalence
