@@ -406,8 +406,8 @@ class FederatedRun:
         minimum cell, which is at most its stays): caps its weight in the aggregate."""
         a = self.state["sites"].get(site, {})
         stays, tokens = float(a.get("stays", 0)), float(a.get("tokens", 0))
-        if stage == "finetune":  # a (stay, task) pair each; under DP a patient each
-            return 2 * stays * len(self.train_cfg.finetune.tasks)
+        if stage == "finetune":  # a stay each (all its tasks in one); under DP a patient each
+            return 2 * stays
         blocks = (tokens + stays) / int(self.train_cfg.pretrain.context) + 1
         return max(blocks, 2 * stays)  # packed blocks; under DP a patient each
 

@@ -293,12 +293,13 @@ class _Steering(_Learning):
 
 def test_a_sites_examples_are_capped_near_what_it_announced(tmp_path):
     """A round's `num-examples` may not pass what the site's announced sizes allow: every
-    (stay, task) pair of finetuning and every packed block of pretraining, with room for
-    the announcement's rounding (stays rounded down by less than half) and no more."""
+    stay of finetuning (one example closes all its tasks) and every packed block of
+    pretraining, with room for the announcement's rounding (stays rounded down by less
+    than half) and no more."""
     fed = load_federation(overrides=["train.pretrain.context=100"])
     run = FederatedRun(_Nodes(), fed, tmp_path, announced={"a": {"stays": 200, "tokens": 59_800}})
-    pairs, blocks = 200 * len(fed.train.finetune.tasks), (59_800 + 200) / 100
-    assert pairs <= run.max_examples("a", "finetune") <= 2 * pairs
+    stays, blocks = 200, (59_800 + 200) / 100
+    assert stays <= run.max_examples("a", "finetune") <= 2 * stays
     assert blocks <= run.max_examples("a", "pretrain") <= 2 * blocks
     assert run.max_examples("unknown", "finetune") == 0  # nothing announced, no weight
 
