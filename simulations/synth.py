@@ -143,7 +143,7 @@ def _span(a: tuple, b: tuple) -> tuple:
 
 
 @dataclass
-class _Stays:
+class Stays:
     """Per-stay draws of one chunk (arrays of length n): the first day's, then (set by
     `after_first_day`) the course after it, then the admission times."""
 
@@ -185,7 +185,7 @@ def _logit(share: float) -> float:
 
 def chunk_stays(
     cfg: DictConfig, seed: int, index: int, n: int
-) -> tuple[_Stays, np.random.Generator]:
+) -> tuple[Stays, np.random.Generator]:
     """Chunk `index`'s n stays, and its generator (the chunk's tables draw on from it)."""
     rng = np.random.default_rng([seed, index])
     return _draw_stays(cfg, rng, n, np.random.default_rng([seed, index, 2])), rng
@@ -193,7 +193,7 @@ def chunk_stays(
 
 def _draw_stays(
     cfg: DictConfig, rng: np.random.Generator, n: int, late: np.random.Generator
-) -> _Stays:
+) -> Stays:
     """The latent draws of n stays; `late` (its own stream) draws the late deterioration
     and the discharge destination, so those knobs move no other draw."""
     cm = cfg.case_mix
@@ -214,7 +214,7 @@ def _draw_stays(
     }
     # Only a patient's last stay can end in death.
     last = np.r_[patient[1:] != patient[:-1], True]
-    st = _Stays(n, patient, age, comorb, resp, s0, slope, off, last=last)
+    st = Stays(n, patient, age, comorb, resp, s0, slope, off, last=last)
     after_first_day(cfg, st, *after_first_day_draws(rng, late, n))
     start = datetime(int(cfg.era.start_year), 1, 1, tzinfo=UTC).timestamp()
     end = datetime(int(cfg.era.end_year), 12, 1, tzinfo=UTC).timestamp()
@@ -256,7 +256,7 @@ def stay_ids(cfg: DictConfig, first: int, n: int, kind: str = "H") -> pl.Series:
 
 def after_first_day(
     cfg: DictConfig,
-    st: _Stays,
+    st: Stays,
     los_noise: np.ndarray,
     u_late: list[np.ndarray],
     u_death: np.ndarray,
@@ -312,7 +312,7 @@ def after_first_day(
     st.died = died & st.last
 
 
-def courses(st: _Stays, policy: DictConfig) -> dict[str, tuple]:
+def courses(st: Stays, policy: DictConfig) -> dict[str, tuple]:
     """Each stay's ICU, ventilation and vasopressor interval (start, end, any; days), from
     its severity path; ventilation lengthens the stay by 1.5 days (sets `st.los`,
     `st.ready`)."""
@@ -329,7 +329,7 @@ def courses(st: _Stays, policy: DictConfig) -> dict[str, tuple]:
     return {"icu": icu, "imv": imv, "vaso": vaso}
 
 
-def _course(st: _Stays, a0: np.ndarray, thr: float) -> tuple:
+def _course(st: Stays, a0: np.ndarray, thr: float) -> tuple:
     """Where severity path `a0 + slope * t` (plus a late deterioration's jump during its
     episode) exceeds `thr`: one interval, the span of both when there are two (a patient
     who deteriorates again stays where they were)."""
@@ -339,7 +339,7 @@ def _course(st: _Stays, a0: np.ndarray, thr: float) -> tuple:
 
 
 def _grid(
-    st: _Stays,
+    st: Stays,
     every_h: np.ndarray,
     start: np.ndarray | None = None,
     stop: np.ndarray | None = None,
@@ -386,7 +386,7 @@ def _complete(name: str, df: pl.DataFrame) -> pl.DataFrame:
     )
 
 
-def _ts(st: _Stays, idx: np.ndarray, t_days: np.ndarray) -> pl.Series:
+def _ts(st: Stays, idx: np.ndarray, t_days: np.ndarray) -> pl.Series:
     us = st.admit_us[idx] + np.round(t_days * _US_PER_DAY / 60e6).astype(np.int64) * 60_000_000
     return pl.Series(us).cast(pl.Datetime("us", "UTC"))
 

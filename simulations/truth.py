@@ -15,6 +15,7 @@ that task); ventilation is dated by its interval rather than by the charting tim
 record it.
 """
 
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -22,7 +23,6 @@ import polars as pl
 from omegaconf import DictConfig
 
 from fedclif.simulations.synth import (
-    _Stays,
     after_first_day,
     after_first_day_draws,
     chunk_stays,
@@ -63,9 +63,7 @@ def stay_truth(cfg: DictConfig, stays: int, seed: int, draws: int = DRAWS) -> pl
         num = {label: np.zeros(n) for label in LABELS}
         den = {label: np.zeros(n) for label in LABELS}
         for _ in range(draws):
-            s = _Stays(
-                n, st.patient, st.age, st.comorb, st.resp_pheno, st.s0, st.slope, st.off, st.last
-            )
+            s = replace(st)  # the first day's draws; the rest is redrawn below
             after_first_day(cfg, s, *after_first_day_draws(mc, mc, n))
             c = courses(s, cfg.policy)
             # Hour 24 shows the patient still there: only draws of a stay that lasts a
