@@ -10,7 +10,7 @@ from collections.abc import Callable
 
 import numpy as np
 
-from fedclif.shared.evaluation.metrics import difference_text
+from fedclif.shared.evaluation.metrics import difference_text, paired_ratio
 from fedclif.simulations.reference_arms import CEILING
 from fedclif.simulations.sites import SOURCE, TARGET
 
@@ -48,11 +48,8 @@ def share_of_ceiling(
             continue
         for t in tasks:
             a, b, b_reps, a_reps = means(sel, _ceiling_of(some[0]), [t])
-            if a is None:
-                continue
-            ratio = 100 * np.asarray(a_reps) / np.asarray(b_reps)
-            lo, hi = np.percentile(ratio, [2.5, 97.5])
-            out[t][label] = {"percent": float(100 * a / b), "low": float(lo), "high": float(hi)}
+            if a is not None:
+                out[t][label] = paired_ratio(a, b, a_reps, b_reps)
     return out
 
 
@@ -97,10 +94,8 @@ def recovery_to_ceiling(
                 if a is None:
                     shares.append({})
                     continue
-                ratio = 100 * np.asarray(a_reps) / np.asarray(b_reps)
-                lo, hi = (float(x) for x in np.percentile(ratio, [2.5, 97.5]))
-                shares.append({"percent": float(100 * a / b), "low": lo, "high": hi})
-                if ceiling_at is None and hi >= NEIGHBOURHOOD:
+                shares.append(paired_ratio(a, b, a_reps, b_reps))
+                if ceiling_at is None and shares[-1]["high"] >= NEIGHBOURHOOD:
                     ceiling_at = f
                 if tree_at is None and a >= tree.get(t, {}).get("auroc_low", np.inf):
                     tree_at = f
@@ -144,6 +139,10 @@ def headline(summary: dict, arms: dict[str, str], tasks: list[str]) -> str:
     )
 
 
+def _percent(c: dict | None) -> str:
+    return f"{c['percent']:.0f}% [{c['low']:.0f}, {c['high']:.0f}]" if c else "-"
+
+
 def ceiling_markdown(summary: dict) -> list[str]:
     """The ceiling section: the shares table and the gap split."""
     shares, split = summary["share_of_ceiling"], summary["gap_split"]
@@ -165,7 +164,7 @@ def ceiling_markdown(summary: dict) -> list[str]:
         cells = []
         for t in tasks:
             c = shares[t].get(label)
-            cells.append(f"{c['percent']:.0f}% [{c['low']:.0f}, {c['high']:.0f}]" if c else "-")
+            cells.append(_percent(c))
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
     rec = summary.get("recovery_to_ceiling", {})
     if rec:
@@ -182,10 +181,7 @@ def ceiling_markdown(summary: dict) -> list[str]:
         ]
         for arm, by_task in rec.items():
             for t, v in by_task.items():
-                cells = " / ".join(
-                    f"{c['percent']:.0f}% [{c['low']:.0f}, {c['high']:.0f}]" if c else "-"
-                    for c in v["shares"]
-                )
+                cells = " / ".join(_percent(c) for c in v["shares"])
                 at = [("-" if x is None else f"{x:g}") for x in (v["ceiling_at"], v["tree_at"])]
                 lines.append(f"| {arm} | {t} | {cells} | {at[0]} | {at[1]} |")
     lines += [

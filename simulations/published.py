@@ -10,9 +10,7 @@ Each figure comes with a bootstrap 95% interval (shared/evaluation/metrics.py re
 
 from collections.abc import Callable
 
-import numpy as np
-
-from fedclif.shared.evaluation.metrics import difference_text, paired_difference
+from fedclif.shared.evaluation.metrics import difference_text, paired_difference, paired_ratio
 from fedclif.simulations.sites import SOURCE, TARGET
 
 # Published figures the report prints beside ours.
@@ -74,13 +72,8 @@ def federated_share(means: Callable, tasks: list[str], top: float) -> dict:
         if a is None:
             out[metric] = {"verdict": "not measured"}
             continue
-        ratio = 100 * np.asarray(a_reps) / np.asarray(b_reps)
-        lo, hi = np.percentile(ratio, [2.5, 97.5])
-        out[metric] = {
-            "percent": float(100 * a / b),
-            "low": float(lo),
-            "high": float(hi),
-            "difference": paired_difference(a, b, a_reps, b_reps),
+        out[metric] = paired_ratio(a, b, a_reps, b_reps) | {
+            "difference": paired_difference(a, b, a_reps, b_reps)
         }
     return out
 

@@ -86,13 +86,17 @@ def ceiling_rows(
     truth file beside it), `work` and `source_tokenizer` as for `gbm_rows`."""
     c, rows = cfg.study, []
     n_boot = int(cfg.train.finetune.n_boot)
+    loaded = {}  # each site read once (the target is scored on two splits)
     for site, setting, split in CEILING_EVALUATIONS:
         if site not in sites:
             continue
-        data = load_site_data(work / site / f"tokens-{source_tokenizer[:16]}", cfg.train.split)
-        truth = data.stays.select("hospitalization_id").join(
-            pl.read_parquet(truth_path(sites[site])), on="hospitalization_id", how="left"
-        )
+        if site not in loaded:
+            d = load_site_data(work / site / f"tokens-{source_tokenizer[:16]}", cfg.train.split)
+            truth = d.stays.select("hospitalization_id").join(
+                pl.read_parquet(truth_path(sites[site])), on="hospitalization_id", how="left"
+            )
+            loaded[site] = d, truth
+        data, truth = loaded[site]
         at = data.rows(split)
         labels = data.labels[at]
         for task in c.tasks:

@@ -100,6 +100,17 @@ def paired_difference(
     return {"difference": float(a - b), "low": lo, "high": hi, "verdict": verdict}
 
 
+def paired_ratio(
+    a: float, b: float, a_reps: np.ndarray, b_reps: np.ndarray, level: float = 0.95
+) -> dict:
+    """Metric `a` as a percentage of `b` (two models on the same stays) with the percentile
+    interval of the ratios of their paired bootstrap replicates (as `paired_difference`)."""
+    ratio = 100 * np.asarray(a_reps, float) / np.asarray(b_reps, float)
+    tail = (1 - level) / 2 * 100
+    lo, hi = (float(x) for x in np.percentile(ratio, [tail, 100 - tail]))
+    return {"percent": float(100 * a / b), "low": lo, "high": hi}
+
+
 # A difference of two metrics read as a drop from the first to the second.
 DROP_WORDS = {"beats": "drop", "worse": "rise", "no clear difference": "level"}
 

@@ -13,6 +13,7 @@ from fedclif.shared.evaluation.metrics import (
     f1_rows,
     f1_threshold,
     paired_difference,
+    paired_ratio,
 )
 
 
@@ -122,3 +123,10 @@ def test_a_paired_bootstrap_says_beats_only_when_its_interval_excludes_zero():
     assert len(ra["auroc_boot"]) == len(
         binary_metrics(y, b, n_boot=400, replicates=True)["auroc_boot"]
     )
+
+
+def test_paired_ratio_is_a_percentage_with_the_replicates_interval():
+    r = paired_ratio(0.8, 0.9, np.array([0.7, 0.8, 0.9]), np.array([0.9, 0.9, 0.9]))
+    assert r["percent"] == pytest.approx(100 * 0.8 / 0.9)
+    assert r["low"] == pytest.approx(np.percentile([700 / 9, 800 / 9, 100], 2.5))
+    assert r["high"] == pytest.approx(np.percentile([700 / 9, 800 / 9, 100], 97.5))
