@@ -331,12 +331,14 @@ def test_the_truth_file_lies_beside_the_site_and_no_site_code_reads_it(tmp_path,
     # Site code cannot import the simulations (tests/test_floors.py), and no module but
     # the truth's own names the file.
     root = Path(__file__).resolve().parents[2]
+    sources = (p.relative_to(root) for p in root.rglob("*.py"))
     naming = {
-        p.relative_to(root).as_posix()
-        for p in root.rglob("*.py")
-        if ".truth.parquet" in p.read_text()
-        and "tests" not in p.parts
-        and ".venv" not in p.parts[0]
+        rel.as_posix()
+        for rel in sources
+        # Virtual environments (CI's .venv-ci) and build output are not our sources.
+        if rel.parts[0] not in {"tests", "build", "dist", "runs"}
+        and not rel.parts[0].startswith(".")
+        if b".truth.parquet" in (root / rel).read_bytes()
     }
     assert naming == {"simulations/truth.py"}
 
