@@ -15,6 +15,8 @@ fitted on each site's train split) is the bar, scored on the same splits.
     fedclif simulate --out runs/transfer                 # the study whose sites it reads
     python -m bench.recipe --study runs/transfer         # every setting, seeds 0 1
     python -m bench.recipe --study runs/transfer --only base finetune-steps-300 --seeds 0
+    python -m bench.recipe --study runs/transfer --only base finetune-epochs-10 \
+        --shares 0.02 0.05 0.25 --seeds 0 1 2   # never worse with more target data?
 """
 
 import argparse
@@ -35,6 +37,8 @@ SETTINGS: dict[str, list[str]] = {
     "finetune-steps-300": ["study.finetune_steps=300"],
     "finetune-steps-200-batch-16": ["study.finetune_steps=200", "train.finetune.batch_size=16"],
     "finetune-steps-150": ["study.finetune_steps=150"],
+    "finetune-epochs-10": ["train.finetune.epochs=10"],
+    "finetune-epochs-3": ["train.finetune.epochs=3"],
     "finetune-lr-3e-4": ["train.finetune.lr=3e-4"],
     "finetune-lr-3e-3": ["train.finetune.lr=3e-3"],
     "finetune-context-256": ["train.finetune.context=256"],
@@ -60,9 +64,17 @@ def setting_config(study: DictConfig, overrides: list[str], seed: int) -> DictCo
     return cfg
 
 
-def fm(cfg: DictConfig, source: Path, target: Path, out: Path, pretrained: Path) -> dict:
+def fm(
+    cfg: DictConfig,
+    source: Path,
+    target: Path,
+    out: Path,
+    pretrained: Path,
+    shares: tuple[float, ...] = (),
+) -> dict:
     """Pretrain at the source (or reuse a model pretrained alike under `pretrained`),
-    finetune there and at the target: AUROCs and seconds."""
+    finetune there and at the target (also on each of `shares` of its training patients,
+    as the study's recovery curve does): AUROCs and seconds."""
     from fedclif.client.finetune import evaluate_tasks, finetune
     from fedclif.client.pretrain import pretrain
     from fedclif.shared.model.models import load_model
@@ -89,6 +101,11 @@ def fm(cfg: DictConfig, source: Path, target: Path, out: Path, pretrained: Path)
     val = evaluate_tasks(model, src, list(TASKS), t, "val")
     zero = evaluate_tasks(model, tgt, list(TASKS), t, "all")
     row = {"pretrain_s": json.loads((pre / "seconds.json").read_text()), "finetune_s": t2 - t1}
+    for share in shares:
+        part = OmegaConf.merge(t, {"split": {"train_fraction": share}})
+        got_at = finetune(load_site_data(target, part.split), pre, part, out / f"target-{share:g}")
+        row[f"share {share:g}"] = float(np.mean([got_at["tasks"][k]["auroc"] for k in TASKS]))
+    row["share 1"] = float(np.mean([at_target[k]["auroc"] for k in TASKS]))
     for task in TASKS:
         row |= {
             f"{task} source val": val[task]["auroc"],
@@ -140,6 +157,13 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--cache", type=Path, default=CACHE, help="the study's site cache")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     p.add_argument("--only", nargs="+", choices=list(SETTINGS), help="these settings alone")
+    p.add_argument(
+        "--shares",
+        type=float,
+        nargs="*",
+        default=[],
+        help="also finetune at the target on these shares (< 1) of its training patients",
+    )
     p.add_argument("--out", type=Path, default=Path("runs/bench-recipe"))
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
@@ -155,7 +179,7 @@ def main(argv: list[str] | None = None) -> None:
         for seed in a.seeds:
             cfg = setting_config(study, SETTINGS[name], seed)
             out = a.out / name / f"s{seed}"
-            per_seed.append(fm(cfg, source, target, out, a.out / "pretrained"))
+            per_seed.append(fm(cfg, source, target, out, a.out / "pretrained", tuple(a.shares)))
             log.info("%s seed %d: %s", name, seed, json.dumps(per_seed[-1]))
         rows[name] = {k: float(np.mean([r[k] for r in per_seed])) for k in per_seed[0]}
     a.out.mkdir(parents=True, exist_ok=True)
@@ -174,6 +198,12 @@ def main(argv: list[str] | None = None) -> None:
             + " | ".join(secs)
             + " |"
         )
+    if a.shares:  # the recovery curve: mean AUROC over the tasks at the target's test split
+        shares = [f"share {f:g}" for f in (*a.shares, 1)]
+        print("\n| setting | " + " | ".join(shares) + " |\n" + "|---" * (len(shares) + 1) + "|")
+        for name, r in rows.items():
+            if shares[0] in r:
+                print(f"| {name} | " + " | ".join(f"{r[c]:.3f}" for c in shares) + " |")
 
 
 if __name__ == "__main__":

@@ -174,6 +174,7 @@ def test_the_recipe_sweep_holds_the_tree_to_the_studys_own_rows(study, tmp_path,
     out, _ = study
     cache = out.parent / "cache"
     args = ["--study", str(out), "--cache", str(cache), "--only", "base", "--seeds", "0"]
+    args += ["--shares", "0.25"]
     recipe([*args, "--out", str(tmp_path)])
     got = json.loads((tmp_path / "recipe.json").read_text())
     rows = json.loads((out / "results.json").read_text())["rows"]
@@ -190,8 +191,13 @@ def test_the_recipe_sweep_holds_the_tree_to_the_studys_own_rows(study, tmp_path,
         for col in ("source val", "source test", "zero-shot", "target test"):
             assert 0 < got["base"][f"{task} {col}"] < 1
     assert got["base"]["pretrain_s"] > 0 and got["base"]["finetune_s"] > 0
+    # The recovery curve: a quarter of the target's patients, and all of them.
+    every = np.mean([got["base"][f"{task} target test"] for task in ("death", "long_los")])
+    assert got["base"]["share 1"] == pytest.approx(every)
+    assert 0 < got["base"]["share 0.25"] < 1 and got["base"]["share 0.25"] != every
     printed = capsys.readouterr().out
     assert "| tree (GBM) |" in printed and "| base |" in printed
+    assert "| setting | share 0.25 | share 1 |" in printed
 
 
 @pytest.mark.slow  # the quick study, once per module

@@ -368,3 +368,49 @@ def test_the_truth_is_reproducible_from_the_seed_and_calibrated_to_the_recorded_
             assert abs(p.mean() - y.mean()) < 3 * np.sqrt(y.var() / y.size), (name, label)
             assert roc_auc_score(y, p) > 0.65, (name, label)
             assert np.mean((p - y) ** 2) < np.mean((y.mean() - y) ** 2)  # beats the prevalence
+
+
+def test_the_target_loses_to_shift_that_its_own_data_repairs(tmp_path):
+    """Issue 32's target at the study's sizes and seeds: ucmc-like's ceiling on death and
+    long stay is at least the source's (within 0.01: sampling), a model from the source (the
+    study's tree, on the source's own tokenizer) falls at least 0.1 below it zero-shot, and
+    the same tree fitted on the target's own training stays wins much of it back."""
+    from fedclif.shared.evaluation.baseline import features, load_dataset, make_model, target
+    from fedclif.shared.tokens.labels import TASKS
+    from fedclif.shared.tokens.splits import assign_splits
+    from fedclif.shared.tokens.stats import merge_stats, site_stats
+    from fedclif.shared.tokens.timelines import tokenize_site
+    from fedclif.shared.tokens.tokenizer import fit_tokenizer
+
+    n, roles = 2000, {"source": ("mimic-like", 1), "target": ("ucmc-like", 2)}
+    sites = {
+        r: load_site(gen(tmp_path, p, n=n, seed=s), load_config("site"))
+        for r, (p, s) in roles.items()
+    }
+    cfg = load_config("tokenizer")
+    tok = fit_tokenizer(merge_stats([site_stats(sites["source"], cfg)]), cfg)
+    ds = {}
+    for role, site in sites.items():
+        tokenize_site(site, tok, tmp_path / role)
+        ds[role] = load_dataset(tmp_path / role)
+    split = assign_splits(ds["target"].patients, load_config("train").split)
+    for task in ("death", "long_los"):
+        label = TASKS[task]
+        ceiling = {}
+        for role, (preset, seed) in roles.items():
+            truth = stay_truth(load_preset(preset), n, seed)
+            j = ds[role].labels.join(truth, on="hospitalization_id", how="left")
+            idx, y = target(ds[role], label)
+            ceiling[role] = roc_auc_score(y, j[f"p_{label}"].to_numpy()[idx])
+        assert ceiling["target"] >= ceiling["source"] - 0.01, (task, ceiling)
+        idx, y = target(ds["source"], label)
+        source = make_model("gbm", 0).fit(features(ds["source"].X[idx], "gbm"), y)
+        idx, y = target(ds["target"], label)
+        x = features(ds["target"].X[idx], "gbm")
+        zero_shot = roc_auc_score(y, source.predict_proba(x)[:, 1])
+        assert ceiling["target"] - zero_shot >= 0.1, (task, ceiling, zero_shot)
+        train, test = split[idx] == "train", split[idx] == "test"
+        local = make_model("gbm", 0).fit(x[train], y[train])
+        in_site = roc_auc_score(y[test], local.predict_proba(x[test])[:, 1])
+        at_test = roc_auc_score(y[test], source.predict_proba(x[test])[:, 1])
+        assert in_site - at_test >= 0.03, (task, in_site, at_test)
