@@ -8,6 +8,8 @@ import sys
 import threading
 from collections.abc import Callable, Sequence
 
+from rich.markup import escape
+
 from fedclif.client import commands as client_commands
 from fedclif.server import commands as server_commands
 from fedclif.shared import commands as shared_commands
@@ -73,13 +75,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         return args.fn(args)
     except SiteInvalid as e:
         shared_commands.print_report(e.report)
-        console.print(f"[red bold]error:[/] {e}", soft_wrap=True)
+        console.print(f"[red bold]error:[/] {escape(str(e))}", soft_wrap=True)
         return 1
-    except FedclifError as e:
-        console.print(f"[red bold]error:[/] {e}", soft_wrap=True)
+    except FedclifError as e:  # messages quote data and codes: never read as markup
+        console.print(f"[red bold]error:[/] {escape(str(e))}", soft_wrap=True)
         return 1
     except OSError as e:  # unwritable output, full disk: the user's to fix, not a bug
-        console.print(f"[red bold]error:[/] {e}", soft_wrap=True)
+        console.print(f"[red bold]error:[/] {escape(str(e))}", soft_wrap=True)
         return 1
     except KeyboardInterrupt:
         console.print("interrupted")
@@ -88,7 +90,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.debug:
             raise
         console.print(
-            f"[red bold]internal error[/] ({type(e).__name__}): {e}\n"
+            f"[red bold]internal error[/] ({type(e).__name__}): {escape(str(e))}\n"
             "This is a fedclif bug; rerun with --debug for the traceback."
         )
         return 3

@@ -10,6 +10,7 @@ from pathlib import Path
 import polars as pl
 import pyarrow.parquet as pq
 from omegaconf import DictConfig
+from rich.markup import escape
 from rich.table import Table
 
 from fedclif.shared.clif.schema import clifpy_root, load_schemas
@@ -46,7 +47,12 @@ def _site_stats(site: Site, cfg: DictConfig) -> dict:
 
 
 def print_report(report: SiteReport) -> None:
-    t = Table(title=f"CLIF {report.clif_version} site {report.path}", title_justify="left")
+    what = (
+        f"MEDS dataset {report.path} (read as CLIF {report.clif_version} tables)"
+        if report.source == "meds"
+        else f"CLIF {report.clif_version} site {report.path}"
+    )
+    t = Table(title=escape(what), title_justify="left")
     for c in ("table", "rows", "hospitalizations", "fatal", "warnings"):
         t.add_column(c, justify="left" if c == "table" else "right")
     for name, tr in report.tables.items():
@@ -63,12 +69,17 @@ def print_report(report: SiteReport) -> None:
             str(nw),
         )
     out.print(t)
+    if report.meds_codes:
+        out.print(_meds_codes_table(report.meds_codes))
     for p in report.fatal + report.warnings:
         style = "red bold" if p.severity == "fatal" else "yellow"
         where = Path(p.file).name + (f" column {p.column!r}" if p.column else "")
-        out.print(f"[{style}]{p.severity.upper()}[/] {where}: {p.message}", soft_wrap=True)
+        out.print(
+            f"[{style}]{p.severity.upper()}[/] {escape(where)}: {escape(p.message)}",
+            soft_wrap=True,
+        )
         for e in p.examples:
-            out.print(f"    e.g. {e}", style="dim", highlight=False)
+            out.print(f"    e.g. {escape(e)}", style="dim", highlight=False)
     if report.fatal:
         out.print(f"[red bold]site NOT usable[/]: {len(report.fatal)} fatal problem(s)")
     else:
@@ -76,6 +87,22 @@ def print_report(report: SiteReport) -> None:
             f"[green bold]site usable[/]: {report.usable_stays:,} stays of at least "
             f"the minimum length, {len(report.warnings)} warning(s)"
         )
+
+
+def _meds_codes_table(counts: dict[str, dict[str, int]]) -> Table:
+    """Rows per namespace of a MEDS dataset's own codes, by what became of them."""
+    t = Table(title="MEDS codes by namespace (rows)", title_justify="left")
+    cols = ("rows", "read", "mapped", "unknown", "dropped")
+    for c in ("namespace", *cols):
+        t.add_column(c, justify="left" if c == "namespace" else "right")
+    for ns, c in counts.items():
+        t.add_row(escape(ns), *(f"{c[k]:,}" for k in cols))
+    t.caption = (
+        "mapped: by site.meds.code_map; unknown: a category outside CLIF's values (the "
+        "table's unknown token); dropped: a namespace fedclif does not read, a `drop` "
+        "rule, or outside every stay"
+    )
+    return t
 
 
 def _read(path: str | Path, cfg: DictConfig, strict: bool = True) -> Site:
@@ -88,7 +115,11 @@ def _read(path: str | Path, cfg: DictConfig, strict: bool = True) -> Site:
             bar.update(task, advance=1, description=f"reading {path}: {name}")
 
         site = (load_site if strict else read_site)(path, cfg, on_table)
-    console.print(f"[green]✓[/] read and checked {path} [dim]({time.perf_counter() - t0:.1f} s)[/]")
+    took = f"[dim]({time.perf_counter() - t0:.1f} s)[/]"
+    if site.report.fatal:
+        console.print(f"[red]✗[/] {escape(str(path))} is not usable {took}")
+    else:
+        console.print(f"[green]✓[/] read and checked {escape(str(path))} {took}")
     return site
 
 
@@ -129,6 +160,41 @@ def cmd_validate(args: argparse.Namespace) -> int:
     if args.json:
         Path(args.json).write_text(json.dumps(report.to_dict(), indent=1, default=str))
     return 1 if report.fatal else 0
+
+
+def cmd_meds_codes(args: argparse.Namespace) -> int:
+    """A MEDS dataset's codes by namespace: rows (under the minimum cell: `<n`) and what
+    fedclif makes of each under the site's settings (read, map, unknown, drop); `--out`
+    writes a starting code map (every code not read, as a `drop` row to edit)."""
+    from fedclif.shared.meds.codemap import write_starting_map
+    from fedclif.shared.meds.read import is_meds, survey
+
+    cfg = section_configs(args)
+    if not is_meds(args.dir):
+        raise FedclifError(f"{args.dir}: not a MEDS dataset (no data/ folder, or CLIF tables)")
+    codes = survey(args.dir, cfg["site"].meds)
+    cell = int(cfg["tokenizer"].stats.min_cell_count)
+    t = Table(title=escape(f"MEDS codes of {args.dir}"), title_justify="left")
+    for c in ("namespace", "code", "rows", "fedclif", "read as"):
+        t.add_column(c, justify="right" if c == "rows" else "left")
+    for ns, code, rows, status, becomes in codes.iter_rows():
+        t.add_row(
+            escape(ns),
+            escape(code),
+            f"{rows:,}" if rows >= cell else f"<{cell}",
+            status,
+            escape(becomes or ""),
+        )
+    out.print(t)
+    tally = dict(codes.group_by("status").agg(pl.col("rows").sum()).iter_rows())
+    out.print(
+        ", ".join(f"{k} {tally.get(k, 0):,} rows" for k in ("read", "map", "unknown", "drop"))
+        + " (map: site.meds.code_map; unknown: a category outside CLIF's values)"
+    )
+    if args.out:
+        n = write_starting_map(codes.filter(pl.col("status").is_in(["drop", "unknown"])), args.out)
+        out.print(f"wrote {args.out}: {n} codes not read, each a `drop` row to edit")
+    return 0
 
 
 def cmd_stats(args: argparse.Namespace) -> int:
@@ -237,12 +303,14 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 
 def cmd_quickstart(args: argparse.Namespace) -> int:
-    """The main job on the embedded demo: demo data, validate, stats, fit, tokenize."""
+    """The main job on one site (default: the embedded demo): validate, stats, fit,
+    tokenize."""
 
     root = Path(args.out)
     cfg = section_configs(args, STATS_SECTIONS)
-    data = root / "clif_demo"
-    cmd_demo_data(argparse.Namespace(dir=data, clif="2.1"))
+    data = Path(args.site) if args.site else root / "clif_demo"
+    if not args.site:
+        cmd_demo_data(argparse.Namespace(dir=data, clif="2.1"))
     site = _read(data, cfg["site"], strict=False)
     print_report(site.report)
     if site.report.fatal:
@@ -355,8 +423,12 @@ def register(sub, groups: dict, add: Callable) -> None:
     p.add_argument("dir")
     p.add_argument("--clif", choices=VERSIONS, default="2.1", help="CLIF version to write")
     p = add(
-        sub, "quickstart", cmd_quickstart, "validate, summarise and tokenize the embedded demo site"
+        sub,
+        "quickstart",
+        cmd_quickstart,
+        "validate, summarise and tokenize a site (default: the embedded demo)",
     )
+    p.add_argument("--site", help="a CLIF directory or MEDS dataset (default: the demo)")
     p.add_argument("--out", default="runs/quickstart")
     add_arguments(p, STATS_SECTIONS, EXAMPLE)
 
@@ -365,6 +437,10 @@ def register(sub, groups: dict, add: Callable) -> None:
     p.add_argument("dir")
     p.add_argument("--json", help="also write the report as JSON here")
     add_arguments(p, SECTIONS, EXAMPLE)
+    p = add(ssub, "meds-codes", cmd_meds_codes, "a MEDS dataset's codes and what fedclif reads")
+    p.add_argument("dir", help="MEDS dataset (data/, metadata/)")
+    p.add_argument("--out", help="write a starting code map here (.csv or .yaml)")
+    add_arguments(p, SECTIONS, "site.meds.code_map=map.csv")
     p = add(ssub, "stats", cmd_stats, "mergeable statistics of a site (no row-level data)")
     p.add_argument("dir")
     p.add_argument("--out", required=True)

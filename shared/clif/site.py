@@ -33,7 +33,7 @@ from fedclif.shared.clif.versions import (
     vocabulary_terms,
 )
 from fedclif.shared.errors import FedclifError
-from fedclif.shared.meds.read import is_meds, read_meds, write_clif
+from fedclif.shared.meds.read import MedsError, is_meds, read_meds, write_clif
 
 Severity = Literal["fatal", "warning"]
 
@@ -69,6 +69,10 @@ class SiteReport:
     clif_version: str = VOCABULARY_VERSION
     tables: dict[str, TableReport] = field(default_factory=dict)
     usable_stays: int = 0
+    # "meds": a MEDS dataset read as CLIF tables; its rows per namespace of its own codes
+    # (read, mapped by the site's code map, read with an unknown category, dropped).
+    source: Literal["clif", "meds"] = "clif"
+    meds_codes: dict[str, dict[str, int]] = field(default_factory=dict)
 
     @property
     def problems(self) -> list[Problem]:
@@ -85,10 +89,12 @@ class SiteReport:
     def to_dict(self) -> dict:
         return {
             "path": self.path,
+            "source": self.source,
             "clif_version": self.clif_version,
             "usable": not self.fatal,
             "usable_stays": self.usable_stays,
             "tables": {k: asdict(v) for k, v in self.tables.items()},
+            **({"meds_codes": self.meds_codes} if self.source == "meds" else {}),
         }
 
 
@@ -513,12 +519,16 @@ def read_site(
         return site
     tables_dir = path
     if is_meds(path):  # its events as CLIF tables, checked like any site's
+        report.source = "meds"
         try:
-            tables_dir = write_clif(read_meds(path), _scratch())
+            data = read_meds(path, cfg.meds)
         except FedclifError as e:
             tr = report.tables["site"] = TableReport(table="site", file=str(path))
-            tr.problems.append(Problem("fatal", "site", str(path), None, "meds", str(e)))
+            for message in e.problems if isinstance(e, MedsError) else [str(e)]:
+                tr.problems.append(Problem("fatal", "site", str(path), None, "meds", message))
             return site
+        report.meds_codes = data.counts
+        tables_dir = write_clif(data, _scratch())
     version = report.clif_version = site_version(cfg.clif_version, tables_dir)
     schemas = load_schemas(version)
     for name, schema in schemas.items():

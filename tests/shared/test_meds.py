@@ -170,7 +170,10 @@ def test_a_meds_site_tokenizes_to_the_timelines_of_its_clif_source(exported, dem
         ("no-metadata", "metadata/dataset.json: missing"),
         ("text-ids", "subject_id"),
         ("unsorted", "column 'time' out of order"),
-        ("no-stay", "no column 'hospitalization_id'"),
+        ("apart", "has rows apart"),
+        ("no-code", "no column 'code'"),
+        ("hadm_id", "no column 'hadm_id' (site.meds.stay_column)"),
+        ("no-stays", "no stays: no column 'hospitalization_id'"),
     ],
 )
 def test_bad_meds_input_names_the_file_and_column(exported, tmp_path, capsys, break_it, says):
@@ -180,19 +183,60 @@ def test_bad_meds_input_names_the_file_and_column(exported, tmp_path, capsys, br
     shutil.copytree(exported, bad)
     shard = bad / "data" / "0.parquet"
     df = pl.read_parquet(shard)
+    overrides = []
     if break_it == "no-metadata":
         (bad / meds.dataset_metadata_filepath).unlink()
     elif break_it == "text-ids":
         df.with_columns(pl.format("p{}", "subject_id").alias("subject_id")).write_parquet(shard)
     elif break_it == "unsorted":
         df.reverse().write_parquet(shard)
-    else:
-        df.drop("hospitalization_id").write_parquet(shard)
-    assert main(["site", "validate", str(bad)]) == 1
+    elif break_it == "apart":  # the first subject's last row moved to the end
+        first = df.get_column("subject_id")[0]
+        last = df.with_row_index().filter(pl.col("subject_id") == first).get_column("index")[-1]
+        df.filter(pl.int_range(pl.len()) != last).vstack(df[last]).write_parquet(shard)
+    elif break_it == "no-code":
+        df.drop("code").write_parquet(shard)
+    elif break_it == "hadm_id":
+        overrides = ["site.meds.stay_column=hadm_id"]
+    else:  # no stay column, and no admission codes to open stays with
+        df.drop("hospitalization_id").filter(
+            ~pl.col("code").str.starts_with("HOSPITAL_ADMISSION")
+        ).write_parquet(shard)
+    assert main(["site", "validate", str(bad), *overrides]) == 1
     text = " ".join(capsys.readouterr().out.split())
     assert says in text, text
-    if break_it != "no-metadata":
+    assert "MEDS dataset" in text and "read and checked" not in text
+    if break_it not in ("no-metadata", "hadm_id", "no-stays"):
         assert "0.parquet" in text
+
+
+def test_everything_a_meds_dataset_lacks_is_listed_at_once(exported, tmp_path, capsys):
+    """No metadata, no vitals and no labs: one validation names all three, in MEDS terms
+    (which codes, which setting), with the codes it could not read and their rows."""
+    import shutil
+
+    bad = tmp_path / "bad"
+    shutil.copytree(exported, bad)
+    (bad / meds.code_metadata_filepath).unlink()
+    shard = bad / "data" / "0.parquet"
+    df = pl.read_parquet(shard)
+    df.with_columns(
+        pl.col("code").str.replace(r"^(VITAL|LAB)//", "${1}_X//").alias("code")
+    ).write_parquet(shard)
+    assert main(["site", "validate", str(bad), "--json", str(tmp_path / "r.json")]) == 1
+    text = " ".join(capsys.readouterr().out.split())
+    for says in (
+        "metadata/codes.parquet: missing",
+        "no events for CLIF table vitals: codes VITAL//<vital_category>",
+        "no events for CLIF table labs: codes LAB//<lab_category>[//<unit>]",
+        "codes fedclif does not read (map them in site.meds.code_map",
+        "VITAL_X//map (",
+    ):
+        assert says in text, (says, text)
+    assert "no events for CLIF table adt" not in text
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert report["source"] == "meds" and not report["usable"]
+    assert len(report["tables"]["site"]["problems"]) == 4
 
 
 def test_the_meds_tab_peer_input_keeps_two_sites_apart(demo_dir, exported, tmp_path, monkeypatch):
@@ -220,3 +264,35 @@ def test_the_meds_tab_peer_input_keeps_two_sites_apart(demo_dir, exported, tmp_p
         meds.DataSchema.validate(pq.read_table(inp / "data" / s / "0.parquet"))
         meds.LabelSchema.validate(pq.read_table(inp / "labels" / "death" / s / "0.parquet"))
         assert data[s].equals(data[s].sort("subject_id", "time"))
+
+
+def test_another_tools_edits_to_the_values_win_over_our_exact_column(exported, tmp_path):
+    """A round trip through another tool (MEDS-Transforms' outlier occlusion blanks
+    `numeric_value`, a unit conversion rescales it): fedclif reads the edit, and its own
+    float64 reading only where it still agrees."""
+    import shutil
+
+    from fedclif.shared.meds.read import EXACT, read_meds
+
+    ds = tmp_path / "edited"
+    shutil.copytree(exported, ds)
+    shard = ds / "data" / "0.parquet"
+    df = pl.read_parquet(shard).with_row_index("row")
+    hr = df.filter(pl.col("code") == "VITAL//heart_rate").get_column("row")
+    blanked, doubled = hr[:50], hr[50:100]
+    df.with_columns(
+        pl.when(pl.col("row").is_in(blanked.implode()))
+        .then(None)
+        .when(pl.col("row").is_in(doubled.implode()))
+        .then(pl.col("numeric_value") * 2)
+        .otherwise("numeric_value")
+        .alias("numeric_value")
+    ).write_parquet(shard)
+    got = read_meds(ds, load_config("site").meds).events
+    by_row = dict(zip(got.get_column("row"), got.get_column("value"), strict=True))
+    exact = dict(zip(df.get_column("row"), df.get_column(EXACT), strict=True))
+    assert all(by_row[r] is None for r in blanked if r in by_row)
+    assert all(by_row[r] == pytest.approx(2 * exact[r], rel=1e-6) for r in doubled if r in by_row)
+    untouched = hr[100:]
+    assert all(by_row[r] == exact[r] for r in untouched if r in by_row)  # bit for bit
+    assert sum(r in by_row for r in blanked) > 40
