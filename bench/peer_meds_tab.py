@@ -72,7 +72,7 @@ def _site(meds: Path, labels: Path, tasks: list[str], first: int) -> tuple[pl.Da
         out = df.join(ids, on="subject_id", how="left", validate="m:1")
         return out.with_columns(pl.col("new").alias("subject_id")).drop("new")
 
-    return renumber(data), {t: renumber(pl.read_parquet(labels / f"{t}.parquet")) for t in tasks}
+    return renumber(data), {t: renumber(pl.read_parquet(labels / t / "0.parquet")) for t in tasks}
 
 
 def assemble(src: tuple[Path, Path], tgt: tuple[Path, Path], tasks: list[str], out: Path) -> Path:

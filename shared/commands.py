@@ -400,7 +400,7 @@ def cmd_export_labels(args: argparse.Namespace) -> int:
     tasks = args.tasks.split(",") if args.tasks else list(TASKS)
     written = export_labels(site, _empty_out(args.out), tasks)
     for task, n in written.items():
-        out.print(f"{task}: {n:,} labelled stays -> {Path(args.out) / f'{task}.parquet'}")
+        out.print(f"{task}: {n:,} labelled stays -> {Path(args.out) / task / '0.parquet'}")
     return 0
 
 
@@ -471,9 +471,9 @@ def register(sub, groups: dict, add: Callable) -> None:
     p.add_argument("dir", help="CLIF directory")
     p.add_argument("--out", required=True, help="MEDS directory to create")
     add_arguments(p, EXPORT_SECTIONS, "train.split.test=0.3 site.chunk_stays=5000")
-    p = add(esub, "labels", cmd_export_labels, "our tasks as MEDS labels (one file per task)")
+    p = add(esub, "labels", cmd_export_labels, "our tasks as MEDS labels (one folder per task)")
     p.add_argument("dir", help="CLIF directory")
-    p.add_argument("--out", required=True, help="directory for <task>.parquet")
+    p.add_argument("--out", required=True, help="directory for <task>/0.parquet")
     p.add_argument("--tasks", help=f"comma-separated (default: {','.join(TASKS)})")
     add_arguments(p, EXPORT_SECTIONS, "site.input_hours=24")
 

@@ -63,6 +63,7 @@ RESP_SETTINGS = (
 
 # Further columns read when present (everything else is only type-checked).
 ALSO_READ: dict[str, tuple[str, ...]] = {
+    "patient": ("birth_date", "death_dttm"),  # the MEDS export's MEDS_BIRTH and MEDS_DEATH
     "adt": ("out_dttm",),
     "labs": ("lab_value_numeric", "reference_unit"),
     "respiratory_support": ("mode_category", *RESP_SETTINGS),

@@ -7,8 +7,11 @@ describe the same data. Codes are hierarchical (`VITAL//heart_rate`,
 `LAB//sodium//mmol/L`, `ADT//icu`, `MED_CONT//norepinephrine//mcg/kg/min`): the namespace,
 the CLIF category, and the site's most common unit where CLIF records one. Sex, race and
 ethnicity are static (no time); admission type and age at admission are events at
-admission, the discharge category (and `MEDS_DEATH` for Expired) at discharge, diagnoses
-(`DIAGNOSIS//ICD10CM//I50.9`) at discharge, when they are coded. Each event row carries
+admission, the discharge category at discharge (`HOSPITAL_DISCHARGE//Missing` where the
+site does not know how the stay ended: the outcome is unknown), diagnoses
+(`DIAGNOSIS//ICD10CM//I50.9`) at discharge, when they are coded; `MEDS_BIRTH` at the
+birth date where known, and one `MEDS_DEATH` a patient at `death_dttm` (else at the
+discharge of a stay that ended Expired). Each event row carries
 its `hospitalization_id` and, as `value_float64`, the reading before MEDS's float32 (extra
 columns MEDS allows: fedclif reads its own export back exactly). Written by table of stays: one
 data shard per chunk of patients, so memory follows `site.chunk_stays`.
@@ -110,14 +113,22 @@ def shard(site: Site, part: pl.DataFrame, units: pl.DataFrame) -> pa.Table:
     sub = site.restrict(part)
     ev = stay_events(sub, part).collect()
     ev = ev.join(
-        part.select("stay", "hospitalization_id", "patient_id", "admission_dttm"), on="stay"
+        part.select(
+            "stay", "hospitalization_id", "patient_id", "admission_dttm", "discharge_category"
+        ),
+        on="stay",
     )
     when = pl.col("admission_dttm") + pl.duration(microseconds=(pl.col("hours") * 3.6e9).round())
     static = pl.col("code").str.split("_").list.first().is_in(list(STATIC))
+    # A stay whose outcome the site does not know says so in CLIF's own word (the token
+    # stream's DSCG_UNK would read back as a known discharge).
+    unknown = (pl.col("code") == "DSCG_UNK") & pl.col("discharge_category").is_null()
     rows = ev.with_columns(
         pl.when(static).then(None).otherwise(when).alias("time"),
         pl.when(static).then(None).otherwise(pl.col("hospitalization_id")).alias("hosp"),
-        meds_code(pl.col("code")).alias("meds_code"),
+        meds_code(pl.when(unknown).then(pl.lit("DSCG_Missing")).otherwise("code")).alias(
+            "meds_code"
+        ),
     )
     # Units: `LAB//sodium` -> `LAB//sodium//mmol/L` where the site records one.
     parts = rows.get_column("meds_code").str.splitn("//", 2).struct.unnest()
@@ -169,18 +180,53 @@ def shard(site: Site, part: pl.DataFrame, units: pl.DataFrame) -> pa.Table:
     return meds.DataSchema.align(data.to_arrow())
 
 
-def _discharge_rows(site: Site, part: pl.DataFrame) -> pl.DataFrame:
-    """`MEDS_DEATH` at discharge for Expired stays, and coded diagnoses at discharge."""
-    death = part.filter(pl.col("discharge_category") == "Expired").select(
-        "patient_id",
-        pl.col("discharge_dttm").alias("time"),
-        pl.lit(meds.death_code).alias("code"),
-        pl.lit(None, pl.Float32).alias("numeric_value"),
-        "hospitalization_id",
-        pl.lit(None, pl.Float64).alias(EXACT),
-        pl.lit(99, pl.Int8).alias("prio"),
+def _life_rows(site: Site, part: pl.DataFrame) -> pl.DataFrame:
+    """`MEDS_BIRTH` at the birth date where the site knows it, and one `MEDS_DEATH` a
+    patient: at `death_dttm`, else at the discharge of a stay that ended Expired."""
+    ids = part.select("patient_id").unique()
+    patient = site.tables["patient"].join(ids, on="patient_id")
+    cols = patient.columns
+    birth = (
+        patient.select("patient_id", pl.col("birth_date").cast(pl.Datetime("us", "UTC")))
+        if "birth_date" in cols
+        else pl.DataFrame(schema={"patient_id": pl.String, "birth_date": pl.Datetime("us", "UTC")})
     )
-    parts = [death]
+    died = (
+        patient.select("patient_id", "death_dttm")
+        if "death_dttm" in cols
+        else pl.DataFrame(schema={"patient_id": pl.String, "death_dttm": pl.Datetime("us", "UTC")})
+    )
+    expired = (
+        part.filter(pl.col("discharge_category") == "Expired")
+        .group_by("patient_id")
+        .agg(pl.col("discharge_dttm").max().alias("expired"))
+    )
+    death = (
+        ids.join(died, on="patient_id", how="left")
+        .join(expired, on="patient_id", how="left")
+        .select("patient_id", pl.coalesce("death_dttm", "expired").alias("time"))
+        .with_columns(pl.lit(meds.death_code).alias("code"))
+    )
+    born = birth.select("patient_id", pl.col("birth_date").alias("time")).with_columns(
+        pl.lit(meds.birth_code).alias("code")
+    )
+    return (
+        pl.concat([born, death])
+        .drop_nulls("time")
+        .with_columns(
+            pl.col("time").cast(pl.Datetime("us", "UTC")),
+            pl.lit(None, pl.Float32).alias("numeric_value"),
+            pl.lit(None, pl.String).alias("hospitalization_id"),
+            pl.lit(None, pl.Float64).alias(EXACT),
+            pl.lit(99, pl.Int8).alias("prio"),
+        )
+        .select("patient_id", "time", "code", "numeric_value", "hospitalization_id", EXACT, "prio")
+    )
+
+
+def _discharge_rows(site: Site, part: pl.DataFrame) -> pl.DataFrame:
+    """Coded diagnoses at discharge, and each patient's birth and death."""
+    parts = [_life_rows(site, part)]
     if site.has("hospital_diagnosis"):
         dx = site.tables["hospital_diagnosis"]
         fmt = pl.col("diagnosis_code_format") if "diagnosis_code_format" in dx.columns else None
@@ -288,7 +334,8 @@ def _write_metadata(site: Site, out: Path, codes: list[str], subjects: list, spl
 
 
 def export_labels(site: Site, out: str | Path, tasks: list[str]) -> dict[str, int]:
-    """Our tasks in the MEDS label schema, one `<task>.parquet` each: `subject_id`,
+    """Our tasks in the MEDS label schema, one folder each (`<task>/0.parquet`, as MEDS
+    tools read a task's labels): `subject_id`,
     `prediction_time` (admission + `site.input_hours`: a stay is its subject and that time;
     the label schema takes no extra column), `boolean_value`; stays a task cannot be
     evaluated on (unknown outcome, ICU or
@@ -324,6 +371,7 @@ def export_labels(site: Site, out: str | Path, tasks: list[str]) -> dict[str, in
             )
             .sort("subject_id", "prediction_time")
         )
-        pq.write_table(meds.LabelSchema.align(rows.to_arrow()), out / f"{task}.parquet")
+        (out / task).mkdir(exist_ok=True)
+        pq.write_table(meds.LabelSchema.align(rows.to_arrow()), out / task / "0.parquet")
         written[task] = rows.height
     return written

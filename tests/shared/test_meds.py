@@ -48,8 +48,8 @@ def test_the_export_passes_the_meds_schemas(exported):
 
 def test_the_export_holds_the_events_fedclif_keeps(demo_dir, exported):
     """Rows per namespace equal fedclif's own event stream (every stay, short ones too;
-    their windows; state changes only): static codes once per patient, and death and
-    coded diagnoses at discharge on top."""
+    their windows; state changes only): static codes once per patient, coded diagnoses at
+    discharge and each patient's death on top (the demo records no birth dates)."""
     site = load_site(demo_dir, load_config("site"))
     st = stays(site, min_hours=0.0)
     ev = stay_events(site, st).collect()
@@ -65,7 +65,13 @@ def test_the_export_holds_the_events_fedclif_keeps(demo_dir, exported):
         st.select("hospitalization_id"), on="hospitalization_id"
     )
     want["DIAGNOSIS"] = dx.drop_nulls("diagnosis_code").unique().height
-    want[meds.death_code] = st.filter(pl.col("discharge_category") == "Expired").height
+    # One death a patient: at death_dttm (36 demo patients, 19 of them dying after their
+    # discharge), else at the discharge of a stay that ended Expired.
+    patient = site.tables["patient"].join(st.select("patient_id").unique(), on="patient_id")
+    expired = st.filter(pl.col("discharge_category") == "Expired").get_column("patient_id")
+    dead = patient.filter(pl.col("death_dttm").is_not_null() | pl.col("patient_id").is_in(expired))
+    want[meds.death_code] = dead.height
+    assert dead.height > expired.n_unique() > 0
     data = _data(exported)
     got = data.get_column("code").str.split("//").list.first().value_counts()
     assert dict(got.iter_rows()) == want
@@ -116,7 +122,7 @@ def test_labels_agree_with_labels_parquet_stay_by_stay(demo_dir, demo_tokens, tm
         ("imv", "imv_event", "imv_event_24h"),
         ("readmission", "readmission_30d", None),
     ]:
-        f = out / f"{task}.parquet"
+        f = out / task / "0.parquet"  # one folder per task, as MEDS tools read labels
         meds.LabelSchema.validate(pq.read_table(f))
         got = pl.read_parquet(f)
         want = ours.filter(pl.col(label).is_not_null())
@@ -252,7 +258,7 @@ def test_the_meds_tab_peer_input_keeps_two_sites_apart(demo_dir, exported, tmp_p
     data = {s: pl.read_parquet(inp / "data" / s / "0.parquet") for s in SPLITS}
     death = {s: pl.read_parquet(inp / "labels" / "death" / s / "0.parquet") for s in SPLITS}
     assert sum(d.height for d in data.values()) == 2 * _data(exported).height
-    want = pl.read_parquet(labels / "death.parquet").height
+    want = pl.read_parquet(labels / "death" / "0.parquet").height
     assert sum(d.height for d in death.values()) == 2 * want
     splits = pl.read_parquet(exported / meds.subject_splits_filepath)
     for s in SPLITS:
@@ -296,3 +302,53 @@ def test_another_tools_edits_to_the_values_win_over_our_exact_column(exported, t
     untouched = hr[100:]
     assert all(by_row[r] == exact[r] for r in untouched if r in by_row)  # bit for bit
     assert sum(r in by_row for r in blanked) > 40
+
+
+def test_births_deaths_and_unknown_outcomes_are_written_as_meds_tools_expect(tmp_path):
+    """A synthetic site (birth dates, deaths after discharge, discharges of unknown
+    outcome): MEDS_BIRTH at each birth date, one MEDS_DEATH a patient at death_dttm, and
+    an unknown outcome as HOSPITAL_DISCHARGE//Missing, which reads back as unknown."""
+    from fedclif.shared.meds.export import subject_ids
+    from fedclif.shared.meds.read import read_meds, write_clif
+    from fedclif.shared.tokens.labels import outcome_labels
+    from fedclif.simulations.synth import load_preset, write_site
+
+    clif = tmp_path / "clif"
+    write_site(load_preset("mimic-like"), 300, 5, clif)
+    h = pl.read_parquet(clif / "clif_hospitalization.parquet")
+    unknown = h.get_column("hospitalization_id")[:20]  # the site does not know how they ended
+    h.with_columns(
+        pl.when(pl.col("hospitalization_id").is_in(unknown.implode()))
+        .then(None)
+        .otherwise("discharge_category")
+        .alias("discharge_category")
+    ).write_parquet(clif / "clif_hospitalization.parquet")
+    out = tmp_path / "meds"
+    assert main(["export", "meds", str(clif), "--out", str(out)]) == 0
+    data = _data(out)
+    site = load_site(clif, load_config("site"))
+    st = stays(site, min_hours=0.0)
+    patient = site.tables["patient"].join(st.select("patient_id").unique(), on="patient_id")
+    births = data.filter(pl.col("code") == meds.birth_code)
+    assert births.height == patient.get_column("birth_date").is_not_null().sum() > 0
+    deaths = data.filter(pl.col("code") == meds.death_code)
+    assert deaths.get_column("subject_id").is_unique().all()
+    died = patient.drop_nulls("death_dttm")
+    died = died.select(
+        subject_ids(died.get_column("patient_id")).alias("subject_id"),
+        pl.col("death_dttm").dt.replace_time_zone(None).alias("time"),
+    )
+    assert died.height > 0 and died.join(deaths, on=["subject_id", "time"]).height == died.height
+    missing = data.filter(pl.col("code") == "HOSPITAL_DISCHARGE//Missing")
+    assert set(unknown) <= set(missing.get_column("hospitalization_id"))
+    # Read back, the unknown outcomes are unknown again (not "not dead").
+    back = load_site(
+        write_clif(read_meds(out, load_config("site").meds), tmp_path / "b"), load_config("site")
+    )
+    labels = outcome_labels(back, stays(back)).join(
+        pl.DataFrame({"hospitalization_id": unknown}), on="hospitalization_id"
+    )
+    assert (
+        labels.height > 0
+        and labels.get_column("same_admission_death").null_count() == labels.height
+    )

@@ -10,6 +10,8 @@ import shutil
 import numpy as np
 import polars as pl
 import pytest
+from meds_testing_helpers import dataset_generator as mth
+from meds_testing_helpers import rvs
 
 from fedclif.cli import main
 
@@ -34,9 +36,6 @@ TOLERANT = "site.max_bad_fraction=0.9"
 def generated(tmp_path_factory):
     """200 subjects from meds-testing-helpers' generator: events every ~3 h, 30-90 a
     subject, 8 dynamic codes with values, 2 static ones, births, 30% deaths."""
-    mth = pytest.importorskip("meds_testing_helpers.dataset_generator")
-    rvs = pytest.importorskip("meds_testing_helpers.rvs")
-
     days = [np.datetime64(f"19{y}-01-01", "us") for y in (50, 60, 70)]
     gen = mth.MEDSDataDFGenerator(
         birth_datetime_per_subject=rvs.DatetimeGenerator(days),
