@@ -392,7 +392,7 @@ def cmd_export_meds(args: argparse.Namespace) -> int:
 
 
 def cmd_export_labels(args: argparse.Namespace) -> int:
-    """Our tasks in the MEDS label schema, one file per task."""
+    """Our tasks in the MEDS label schema, one folder per task."""
     from fedclif.shared.meds.export import export_labels
 
     cfg = load_tree(EXPORT_SECTIONS, (), args.config, args.overrides)
@@ -401,6 +401,22 @@ def cmd_export_labels(args: argparse.Namespace) -> int:
     written = export_labels(site, _empty_out(args.out), tasks)
     for task, n in written.items():
         out.print(f"{task}: {n:,} labelled stays -> {Path(args.out) / task / '0.parquet'}")
+    return 0
+
+
+def cmd_export_aces_tasks(args: argparse.Namespace) -> int:
+    """Our tasks as ACES task configs: on a `fedclif export meds` dataset, `aces-cli` gives
+    what `fedclif export labels` writes."""
+    from fedclif.shared.meds.aces import write_aces_tasks
+
+    cfg = load_tree(("site",), (), args.config, args.overrides)
+    tasks = args.tasks.split(",") if args.tasks else list(TASKS)
+    for path in write_aces_tasks(_empty_out(args.out), tasks, float(cfg.site.input_hours)):
+        out.print(f"wrote {path}")
+    out.print(
+        f"run: aces-cli data.standard=meds data=single_file data.path=<MEDS>/data/0.parquet "
+        f"cohort_dir={args.out} cohort_name=<task>"
+    )
     return 0
 
 
@@ -476,6 +492,10 @@ def register(sub, groups: dict, add: Callable) -> None:
     p.add_argument("--out", required=True, help="directory for <task>/0.parquet")
     p.add_argument("--tasks", help=f"comma-separated (default: {','.join(TASKS)})")
     add_arguments(p, EXPORT_SECTIONS, "site.input_hours=24")
+    p = add(esub, "aces-tasks", cmd_export_aces_tasks, "our tasks as ACES task configs")
+    p.add_argument("--out", required=True, help="directory for <task>.yaml")
+    p.add_argument("--tasks", help=f"comma-separated (default: {','.join(TASKS)})")
+    add_arguments(p, ("site",), "site.input_hours=24")
 
     p = add(groups["tokenizer"], "fit", cmd_fit, "merge site statistics into tokenizer.json")
     p.add_argument("--stats", nargs="+", help="site statistics files")

@@ -7,8 +7,9 @@ describe the same data. Codes are hierarchical (`VITAL//heart_rate`,
 `LAB//sodium//mmol/L`, `ADT//icu`, `MED_CONT//norepinephrine//mcg/kg/min`): the namespace,
 the CLIF category, and the site's most common unit where CLIF records one. Sex, race and
 ethnicity are static (no time); admission type and age at admission are events at
-admission, the discharge category at discharge (`HOSPITAL_DISCHARGE//Missing` where the
-site does not know how the stay ended: the outcome is unknown), diagnoses
+admission, the discharge category at discharge with the length of stay in days as its
+value (`HOSPITAL_DISCHARGE//Missing` where the site does not know how the stay ended:
+the outcome is unknown), diagnoses
 (`DIAGNOSIS//ICD10CM//I50.9`) at discharge, when they are coded; `MEDS_BIRTH` at the
 birth date where known, and one `MEDS_DEATH` a patient at `death_dttm` (else at the
 discharge of a stay that ended Expired). Each event row carries
@@ -114,7 +115,12 @@ def shard(site: Site, part: pl.DataFrame, units: pl.DataFrame) -> pa.Table:
     ev = stay_events(sub, part).collect()
     ev = ev.join(
         part.select(
-            "stay", "hospitalization_id", "patient_id", "admission_dttm", "discharge_category"
+            "stay",
+            "hospitalization_id",
+            "patient_id",
+            "admission_dttm",
+            "discharge_dttm",
+            "discharge_category",
         ),
         on="stay",
     )
@@ -123,7 +129,14 @@ def shard(site: Site, part: pl.DataFrame, units: pl.DataFrame) -> pa.Table:
     # A stay whose outcome the site does not know says so in CLIF's own word (the token
     # stream's DSCG_UNK would read back as a known discharge).
     unknown = (pl.col("code") == "DSCG_UNK") & pl.col("discharge_category").is_null()
+    # The discharge carries the length of stay in days (what a MEDS task reads as "a long
+    # stay": shared/meds/aces.py), a value no model reads before the discharge.
+    days = (pl.col("discharge_dttm") - pl.col("admission_dttm")).dt.total_microseconds() / 8.64e10
     rows = ev.with_columns(
+        pl.when(pl.col("code").str.starts_with("DSCG_"))
+        .then(days)
+        .otherwise("value")
+        .alias("value"),
         pl.when(static).then(None).otherwise(when).alias("time"),
         pl.when(static).then(None).otherwise(pl.col("hospitalization_id")).alias("hosp"),
         meds_code(pl.when(unknown).then(pl.lit("DSCG_Missing")).otherwise("code")).alias(
