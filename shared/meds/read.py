@@ -308,6 +308,7 @@ def _stays(
         ev = _derived(ev)
     timed = ev.filter(pl.col(STAY).is_not_null() & pl.col("time").is_not_null())
     cat = pl.col("code").str.splitn("//", 2).struct.field("field_1")
+    cat = pl.when(cat != "").then(cat)  # a bare DISCHARGE: how the stay ended is unknown
     stays = timed.group_by(STAY).agg(
         pl.col("patient_id").first(),
         pl.col("patient_id").n_unique().alias("subjects"),

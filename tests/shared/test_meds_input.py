@@ -190,3 +190,26 @@ def test_valid_meds_unlike_our_export_is_read(generated, tmp_path, edit):
         assert values.len() > 0 and values.null_count() == values.len()
     elif edit == "hadm_id":  # one stay a subject
         assert got["tables"]["hospitalization"]["rows"] == 200
+
+
+def test_the_static_sample_opens_stays_at_its_own_admission_codes(tmp_path, capsys):
+    """meds-testing-helpers' shipped sample (`ADMISSION//CARDIAC`, a bare `DISCHARGE`,
+    `HR`, `TEMP`): stays open and close at its codes by default (site.meds.*_codes), and
+    what it still lacks is named, with its unread codes."""
+    from pathlib import Path
+
+    from meds_testing_helpers.dataset import MEDSDataset
+    from meds_testing_helpers.static_sample_data import SIMPLE_STATIC_SHARDED_BY_SPLIT
+
+    from fedclif.shared.config import load_config
+    from fedclif.shared.meds.read import survey
+
+    root = Path(tmp_path / "sample")
+    MEDSDataset.from_yaml(SIMPLE_STATIC_SHARDED_BY_SPLIT).write(root)
+    codes = {c: (s, b) for _, c, _, s, b in survey(root, load_config("site").meds).iter_rows()}
+    assert codes["ADMISSION//CARDIAC"] == ("unknown", "HOSPITAL_ADMISSION//CARDIAC")
+    assert codes["HR"] == ("drop", None) and codes["MEDS_BIRTH"][0] == "read"
+    assert main(["site", "validate", str(root)]) == 1
+    text = " ".join(capsys.readouterr().out.split())
+    assert "no stays" not in text and text.count("no events for CLIF table") == 3
+    assert "HR (16 rows), TEMP (16 rows)" in text
