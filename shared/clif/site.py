@@ -524,6 +524,7 @@ def read_site(
             data = read_meds(path, cfg.meds)
         except FedclifError as e:
             tr = report.tables["site"] = TableReport(table="site", file=str(path))
+            report.meds_codes = e.counts if isinstance(e, MedsError) else {}
             for message in e.problems if isinstance(e, MedsError) else [str(e)]:
                 tr.problems.append(Problem("fatal", "site", str(path), None, "meds", message))
             return site

@@ -72,10 +72,11 @@ CATEGORY_OF = {space: (table, column) for space, table, column in TARGETS.values
 
 
 class MedsError(FedclifError):
-    """Everything a MEDS dataset lacks to be read as a site, each in MEDS terms."""
+    """Everything a MEDS dataset lacks to be read as a site, each in MEDS terms (and its
+    rows per namespace, where its events could be read)."""
 
-    def __init__(self, root: Path, problems: list[str]):
-        self.problems = problems
+    def __init__(self, root: Path, problems: list[str], counts: dict | None = None):
+        self.problems, self.counts = problems, counts or {}
         super().__init__(
             f"{root}: not readable as a site ({len(problems)} problem(s)):\n  - "
             + "\n  - ".join(problems)
@@ -135,7 +136,7 @@ def read_meds(root: str | Path, cfg: DictConfig) -> MedsData:
                 "codes fedclif does not read (map them in site.meds.code_map; `fedclif "
                 f"site meds-codes {root}` lists every code): {unread}"
             )
-        raise MedsError(root, problems)
+        raise MedsError(root, problems, counts)
     return MedsData(ev.filter(_kept()), stays, counts)
 
 

@@ -124,6 +124,9 @@ def test_what_the_dataset_lacks_is_listed_at_once_in_meds_terms(generated, tmp_p
     ):
         assert says in text, (says, text)
     assert "CLIF 2.1 site" not in text and "read and checked" not in text
+    # Counted even so: every row of the dataset, by namespace, dropped.
+    counts = json.loads((tmp_path / "r.json").read_text())["meds_codes"]
+    assert counts["dynamic"]["dropped"] == counts["dynamic"]["rows"] > 0
     stays_only = tmp_path / "stays.yaml"
     stays_only.write_text(
         "- {code: dynamic//0, table: hospitalization.admission_type_category, category: ed}\n"
