@@ -216,3 +216,27 @@ def test_the_static_sample_opens_stays_at_its_own_admission_codes(tmp_path, caps
     text = " ".join(capsys.readouterr().out.split())
     assert "no stays" not in text and text.count("no events for CLIF table") == 3
     assert "HR (16 rows), TEMP (16 rows)" in text
+
+
+@pytest.mark.parametrize(
+    "row, says",
+    [
+        (
+            "dynamic//2,vitals,hr,",
+            "category 'hr' for code 'dynamic//2' is not a CLIF vitals.vital_category",
+        ),
+        (
+            "dynamic//2,vital_signs,heart_rate,",
+            "table 'vital_signs' for code 'dynamic//2'; expected one of",
+        ),
+        (",vitals,heart_rate,", "no code (a code of the dataset, or a prefix ending in *)"),
+        ("dynamic//0,drop,,", "code 'dynamic//0' already mapped in row 1"),
+    ],
+)
+def test_a_bad_code_map_row_is_named_by_file_and_row(generated, tmp_path, capsys, row, says):
+    root, _ = generated
+    bad = tmp_path / "map.csv"
+    bad.write_text(CODE_MAP + row + "\n")
+    assert main(["site", "validate", str(root), f"site.meds.code_map={bad}"]) == 1
+    text = " ".join(capsys.readouterr().out.split())
+    assert f"{bad} row 9" in text and says in text, text  # the map's header is row 0
