@@ -231,7 +231,8 @@ def _shard(f: Path, problems: list[str]) -> pl.DataFrame | None:
     # MEDS keeps each subject's rows together (any subject order) in time order.
     starts = df.filter(~same.fill_null(False))
     if starts.height != df.get_column("subject_id").n_unique():
-        bad = starts.filter(pl.col("subject_id").is_duplicated()).row(0, named=True)
+        again = pl.col("subject_id").is_duplicated() & ~pl.col("subject_id").is_first_distinct()
+        bad = starts.filter(again).row(0, named=True)
         problems.append(
             f"{f}: subject {bad['subject_id']} has rows apart (again at row {bad['__row']}); "
             "MEDS keeps each subject's rows together"

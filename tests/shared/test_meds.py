@@ -176,7 +176,7 @@ def test_a_meds_site_tokenizes_to_the_timelines_of_its_clif_source(exported, dem
         ("no-metadata", "metadata/dataset.json: missing"),
         ("text-ids", "subject_id"),
         ("unsorted", "column 'time' out of order"),
-        ("apart", "has rows apart"),
+        ("apart", "has rows apart (again at row"),
         ("no-code", "no column 'code'"),
         ("hadm_id", "no column 'hadm_id' (site.meds.stay_column)"),
         ("no-stays", "no stays: no column 'hospitalization_id'"),
@@ -200,6 +200,7 @@ def test_bad_meds_input_names_the_file_and_column(exported, tmp_path, capsys, br
         first = df.get_column("subject_id")[0]
         last = df.with_row_index().filter(pl.col("subject_id") == first).get_column("index")[-1]
         df.filter(pl.int_range(pl.len()) != last).vstack(df[last]).write_parquet(shard)
+        says = f"subject {first} has rows apart (again at row {df.height - 1})"
     elif break_it == "no-code":
         df.drop("code").write_parquet(shard)
     elif break_it == "hadm_id":
