@@ -33,7 +33,8 @@ from fedclif.shared.clif.versions import (
     vocabulary_terms,
 )
 from fedclif.shared.errors import FedclifError
-from fedclif.shared.meds.read import MedsError, is_meds, read_meds, write_clif
+from fedclif.shared.meds.read import MedsError, is_meds, read_meds
+from fedclif.shared.meds.tables import write_clif
 
 Severity = Literal["fatal", "warning"]
 

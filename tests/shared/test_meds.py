@@ -310,7 +310,8 @@ def test_births_deaths_and_unknown_outcomes_are_written_as_meds_tools_expect(tmp
     outcome): MEDS_BIRTH at each birth date, one MEDS_DEATH a patient at death_dttm, and
     an unknown outcome as HOSPITAL_DISCHARGE//Missing, which reads back as unknown."""
     from fedclif.shared.meds.export import subject_ids
-    from fedclif.shared.meds.read import read_meds, write_clif
+    from fedclif.shared.meds.read import read_meds
+    from fedclif.shared.meds.tables import write_clif
     from fedclif.shared.tokens.labels import outcome_labels
     from fedclif.simulations.synth import load_preset, write_site
 
