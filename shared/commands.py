@@ -164,7 +164,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 def cmd_meds_codes(args: argparse.Namespace) -> int:
     """A MEDS dataset's codes by namespace: rows (under the minimum cell: `<n`) and what
-    fedclif makes of each under the site's settings (read, map, unknown, drop); `--out`
+    fedclif makes of each under the site's settings (read, mapped, unknown, dropped); `--out`
     writes a starting code map (every code not read, as a `drop` row to edit)."""
     from fedclif.shared.meds.codemap import write_starting_map
     from fedclif.shared.meds.read import is_meds, survey
@@ -188,11 +188,12 @@ def cmd_meds_codes(args: argparse.Namespace) -> int:
     out.print(t)
     tally = dict(codes.group_by("status").agg(pl.col("rows").sum()).iter_rows())
     out.print(
-        ", ".join(f"{k} {tally.get(k, 0):,} rows" for k in ("read", "map", "unknown", "drop"))
-        + " (map: site.meds.code_map; unknown: a category outside CLIF's values)"
+        ", ".join(f"{k} {tally.get(k, 0):,} rows" for k in ("read", "mapped", "unknown", "dropped"))
+        + " (mapped: site.meds.code_map; unknown: a category outside CLIF's values)"
     )
     if args.out:
-        n = write_starting_map(codes.filter(pl.col("status").is_in(["drop", "unknown"])), args.out)
+        todo = codes.filter(pl.col("status").is_in(["dropped", "unknown"]))
+        n = write_starting_map(todo, args.out)
         out.print(f"wrote {args.out}: {n} codes not read, each a `drop` row to edit")
     return 0
 

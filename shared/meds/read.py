@@ -139,21 +139,11 @@ def read_meds(root: str | Path, cfg: DictConfig) -> MedsData:
 
 def survey(root: str | Path, cfg: DictConfig) -> pl.DataFrame:
     """Every code of the dataset (`code`, its namespace `ns`, `rows`) and what fedclif
-    makes of it under `cfg` (`site.meds`): `status` read, map (by the site's code map),
-    unknown (a category outside CLIF's values: the table's unknown token) or drop; and
-    the code it is read as (`becomes`)."""
+    makes of the code under `cfg` (`site.meds`): `status` (`_status`: read, mapped,
+    unknown or dropped) and the code it is read as (`becomes`)."""
     ev = _namespaced(mark_admissions(_mapped(read_events(root), cfg), cfg))
-    status = (
-        pl.when(pl.col("space").is_null() | (pl.col("mapped") == False))  # noqa: E712
-        .then(pl.lit("drop"))
-        .when(~_known())
-        .then(pl.lit("unknown"))
-        .when(pl.col("mapped").fill_null(False))
-        .then(pl.lit("map"))
-        .otherwise(pl.lit("read"))
-    )
     return (
-        ev.with_columns(status.alias("status"))
+        ev.with_columns(_status(_read_code()).alias("status"))
         .group_by("source_code")
         .agg(
             pl.len().alias("rows"),
@@ -165,7 +155,7 @@ def survey(root: str | Path, cfg: DictConfig) -> pl.DataFrame:
             pl.col("source_code").alias("code"),
             "rows",
             "status",
-            pl.when(pl.col("status") == "drop").then(None).otherwise("becomes").alias("becomes"),
+            pl.when(pl.col("status") == "dropped").then(None).otherwise("becomes").alias("becomes"),
         )
         .sort("ns", "rows", "code", descending=[False, True, False])
     )
@@ -255,14 +245,29 @@ def _values(events: pl.DataFrame) -> pl.DataFrame:
     return events.with_columns(pl.when(agrees).then(pl.col(EXACT)).otherwise(f32).alias("value"))
 
 
+def _read_code() -> pl.Expr:
+    """A code fedclif reads: a namespace it knows, not dropped by the site's map."""
+    return pl.col("space").is_not_null() & (pl.col("mapped") != False).fill_null(True)  # noqa: E712
+
+
 def _kept() -> pl.Expr:
-    """Rows read: a namespace fedclif reads, not dropped by the map, in a stay unless
-    about the patient."""
+    """Rows read: a code fedclif reads, in a stay unless about the patient."""
+    return _read_code() & (
+        IN_STAY | pl.col("space").is_in(PATIENT_LEVEL) | pl.col("time").is_null()
+    )
+
+
+def _status(read: pl.Expr) -> pl.Expr:
+    """What became of a row: dropped (not `read`), unknown (a category outside CLIF's
+    values: its table's unknown token), mapped (by the site's code map), or read."""
     return (
-        pl.col("space").is_not_null()
-        & (pl.col("mapped") != False)  # noqa: E712 (null: no rule)
-        .fill_null(True)
-        & (IN_STAY | pl.col("space").is_in(PATIENT_LEVEL) | pl.col("time").is_null())
+        pl.when(~read)
+        .then(pl.lit("dropped"))
+        .when(~_known())
+        .then(pl.lit("unknown"))
+        .when(pl.col("mapped").fill_null(False))
+        .then(pl.lit("mapped"))
+        .otherwise(pl.lit("read"))
     )
 
 
@@ -277,18 +282,9 @@ def _known() -> pl.Expr:
 
 
 def _counts(ev: pl.DataFrame) -> dict[str, dict[str, int]]:
-    """Rows per namespace of the dataset's own codes: read, mapped, unknown (read, with a
-    category outside CLIF's values), dropped."""
-    status = (
-        pl.when(~_kept())
-        .then(pl.lit("dropped"))
-        .when(~_known())
-        .then(pl.lit("unknown"))
-        .when(pl.col("mapped").fill_null(False))
-        .then(pl.lit("mapped"))
-        .otherwise(pl.lit("read"))
-    )
-    tally = ev.select(_namespace(pl.col("source_code")).alias("ns"), status.alias("s"))
+    """Rows per namespace of the dataset's own codes by `_status` (a row outside every
+    stay is dropped too)."""
+    tally = ev.select(_namespace(pl.col("source_code")).alias("ns"), _status(_kept()).alias("s"))
     counts: dict[str, dict[str, int]] = {}
     for ns, s, n in tally.group_by("ns", "s").len().sort("ns", "s").iter_rows():
         c = counts.setdefault(ns, {"rows": 0, "read": 0, "mapped": 0, "unknown": 0, "dropped": 0})

@@ -96,7 +96,7 @@ def test_codes_are_surveyed_and_a_starting_map_is_written(generated, tmp_path, c
     start = tmp_path / "start.csv"
     assert main(["site", "meds-codes", str(root), "--out", str(start)]) == 0
     text = " ".join(capsys.readouterr().out.split())
-    assert "dynamic//0" in text and "drop" in text and "wrote" in text
+    assert "dynamic//0" in text and "dropped" in text and "wrote" in text
     rows = pl.read_csv(start)
     assert rows.columns == ["code", "table", "category", "unit"]
     assert set(rows.get_column("table")) == {"drop"} and rows.height == 10  # 8 dynamic, 2 static
@@ -104,7 +104,7 @@ def test_codes_are_surveyed_and_a_starting_map_is_written(generated, tmp_path, c
     assert main(["site", "meds-codes", str(root), f"site.meds.code_map={code_map}"]) == 0
     text = " ".join(capsys.readouterr().out.split())
     assert "VITAL//heart_rate" in text and "LAB//sodium//mmol/L" in text
-    assert "map" in text
+    assert "mapped" in text
 
 
 def test_what_the_dataset_lacks_is_listed_at_once_in_meds_terms(generated, tmp_path, capsys):
@@ -211,7 +211,7 @@ def test_the_static_sample_opens_stays_at_its_own_admission_codes(tmp_path, caps
     MEDSDataset.from_yaml(SIMPLE_STATIC_SHARDED_BY_SPLIT).write(root)
     codes = {c: (s, b) for _, c, _, s, b in survey(root, load_config("site").meds).iter_rows()}
     assert codes["ADMISSION//CARDIAC"] == ("unknown", "HOSPITAL_ADMISSION//CARDIAC")
-    assert codes["HR"] == ("drop", None) and codes["MEDS_BIRTH"][0] == "read"
+    assert codes["HR"] == ("dropped", None) and codes["MEDS_BIRTH"][0] == "read"
     assert main(["site", "validate", str(root)]) == 1
     text = " ".join(capsys.readouterr().out.split())
     assert "no stays" not in text and text.count("no events for CLIF table") == 3
