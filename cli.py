@@ -77,10 +77,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         shared_commands.print_report(e.report)
         console.print(f"[red bold]error:[/] {escape(str(e))}", soft_wrap=True)
         return 1
-    except FedclifError as e:  # messages quote data and codes: never read as markup
-        console.print(f"[red bold]error:[/] {escape(str(e))}", soft_wrap=True)
-        return 1
-    except OSError as e:  # unwritable output, full disk: the user's to fix, not a bug
+    # Unwritable output or a full disk is the user's to fix too, not a bug. Messages quote
+    # data and codes: never read as markup.
+    except (FedclifError, OSError) as e:
         console.print(f"[red bold]error:[/] {escape(str(e))}", soft_wrap=True)
         return 1
     except KeyboardInterrupt:

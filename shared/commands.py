@@ -18,6 +18,7 @@ from fedclif.shared.clif.site import Site, SiteReport, load_site, read_site
 from fedclif.shared.clif.versions import VERSIONS, write_clif_3
 from fedclif.shared.config import add_arguments, load_tree
 from fedclif.shared.errors import FedclifError
+from fedclif.shared.meds.read import STATUSES
 from fedclif.shared.tokens.events import TOKEN_TYPES
 from fedclif.shared.tokens.labels import LABELS, TASKS
 from fedclif.shared.tokens.stats import merge_stats, read_stats, site_stats, write_stats
@@ -92,7 +93,7 @@ def print_report(report: SiteReport) -> None:
 def _meds_codes_table(counts: dict[str, dict[str, int]]) -> Table:
     """Rows per namespace of a MEDS dataset's own codes, by what became of them."""
     t = Table(title="MEDS codes by namespace (rows)", title_justify="left")
-    cols = ("rows", "read", "mapped", "unknown", "dropped")
+    cols = ("rows", *STATUSES)
     for c in ("namespace", *cols):
         t.add_column(c, justify="left" if c == "namespace" else "right")
     for ns, c in counts.items():
@@ -188,7 +189,7 @@ def cmd_meds_codes(args: argparse.Namespace) -> int:
     out.print(t)
     tally = dict(codes.group_by("status").agg(pl.col("rows").sum()).iter_rows())
     out.print(
-        ", ".join(f"{k} {tally.get(k, 0):,} rows" for k in ("read", "mapped", "unknown", "dropped"))
+        ", ".join(f"{k} {tally.get(k, 0):,} rows" for k in STATUSES)
         + " (mapped: site.meds.code_map; unknown: a category outside CLIF's values)"
     )
     if args.out:

@@ -80,20 +80,26 @@ def permissible(table: str, column: str) -> tuple[str, ...] | None:
     return load_schemas(VOCABULARY_VERSION)[table].columns[column].permissible
 
 
+def _is_yaml(path: Path) -> bool:
+    """A map file's format by its name: YAML, else CSV (anything else is refused)."""
+    suffix = path.suffix.lower()
+    if suffix not in (".csv", ".yaml", ".yml"):
+        raise FedclifError(f"{path}: a code map is a .csv or .yaml file")
+    return suffix != ".csv"
+
+
 def load_code_map(path: str | Path) -> list[Rule]:
     """The rules of map file `path`, each row checked (which row, what was expected)."""
     path = Path(path)
     if not path.is_file():
         raise FedclifError(f"site.meds.code_map={path}: no such file")
-    if path.suffix.lower() in (".yaml", ".yml"):
+    if _is_yaml(path):
         rows = yaml.safe_load(path.read_text()) or []
         if not isinstance(rows, list) or not all(isinstance(r, dict) for r in rows):
             raise FedclifError(f"{path}: expected a YAML list of {{code, table, category}}")
-    elif path.suffix.lower() == ".csv":
+    else:
         with path.open(newline="") as f:
             rows = list(csv.DictReader(f))
-    else:
-        raise FedclifError(f"{path}: a code map is a .csv or .yaml file")
     rules = [_rule(path, i, row) for i, row in enumerate(rows, start=1)]
     seen: dict[tuple[str, bool], int] = {}
     for i, r in enumerate(rules, start=1):
@@ -171,13 +177,11 @@ def write_starting_map(codes: pl.DataFrame, path: str | Path) -> int:
         {"code": c, "table": DROP, "category": "", "unit": ""}
         for c in codes.get_column("code").to_list()
     ]
-    if path.suffix.lower() in (".yaml", ".yml"):
+    if _is_yaml(path):
         path.write_text(yaml.safe_dump(rows, sort_keys=False))
-    elif path.suffix.lower() == ".csv":
+    else:
         with path.open("w", newline="") as f:
             w = csv.DictWriter(f, fieldnames=["code", "table", "category", "unit"])
             w.writeheader()
             w.writerows(rows)
-    else:
-        raise FedclifError(f"{path}: a code map is a .csv or .yaml file")
     return len(rows)

@@ -197,17 +197,11 @@ def _life_rows(site: Site, part: pl.DataFrame) -> pl.DataFrame:
     """`MEDS_BIRTH` at the birth date where the site knows it, and one `MEDS_DEATH` a
     patient: at `death_dttm`, else at the discharge of a stay that ended Expired."""
     ids = part.select("patient_id").unique()
+    utc = pl.Datetime("us", "UTC")
     patient = site.tables["patient"].join(ids, on="patient_id")
-    cols = patient.columns
-    birth = (
-        patient.select("patient_id", pl.col("birth_date").cast(pl.Datetime("us", "UTC")))
-        if "birth_date" in cols
-        else pl.DataFrame(schema={"patient_id": pl.String, "birth_date": pl.Datetime("us", "UTC")})
-    )
-    died = (
-        patient.select("patient_id", "death_dttm")
-        if "death_dttm" in cols
-        else pl.DataFrame(schema={"patient_id": pl.String, "death_dttm": pl.Datetime("us", "UTC")})
+    patient = patient.with_columns(  # optional in a site's export: unknown where absent
+        (pl.col(c) if c in patient.columns else pl.lit(None)).cast(utc).alias(c)
+        for c in ("birth_date", "death_dttm")
     )
     expired = (
         part.filter(pl.col("discharge_category") == "Expired")
@@ -215,19 +209,19 @@ def _life_rows(site: Site, part: pl.DataFrame) -> pl.DataFrame:
         .agg(pl.col("discharge_dttm").max().alias("expired"))
     )
     death = (
-        ids.join(died, on="patient_id", how="left")
+        ids.join(patient.select("patient_id", "death_dttm"), on="patient_id", how="left")
         .join(expired, on="patient_id", how="left")
         .select("patient_id", pl.coalesce("death_dttm", "expired").alias("time"))
         .with_columns(pl.lit(meds.death_code).alias("code"))
     )
-    born = birth.select("patient_id", pl.col("birth_date").alias("time")).with_columns(
+    born = patient.select("patient_id", pl.col("birth_date").alias("time")).with_columns(
         pl.lit(meds.birth_code).alias("code")
     )
     return (
         pl.concat([born, death])
         .drop_nulls("time")
         .with_columns(
-            pl.col("time").cast(pl.Datetime("us", "UTC")),
+            pl.col("time").cast(utc),
             pl.lit(None, pl.Float32).alias("numeric_value"),
             pl.lit(None, pl.String).alias("hospitalization_id"),
             pl.lit(None, pl.Float64).alias(EXACT),

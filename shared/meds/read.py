@@ -64,6 +64,8 @@ REQUIRED = {
     "labs": "LAB//<lab_category>[//<unit>] (e.g. LAB//sodium//mmol/L)",
 }
 IN_STAY = pl.col(STAY).is_not_null()
+# What becomes of a row of the dataset (`_status`), in the order reports show them.
+STATUSES = ("read", "mapped", "unknown", "dropped")
 # Namespace -> the CLIF column its categories are values of (the unknown-category count).
 CATEGORY_OF = {space: (table, column) for space, table, column in TARGETS.values()}
 
@@ -287,7 +289,7 @@ def _counts(ev: pl.DataFrame) -> dict[str, dict[str, int]]:
     tally = ev.select(_namespace(pl.col("source_code")).alias("ns"), _status(_kept()).alias("s"))
     counts: dict[str, dict[str, int]] = {}
     for ns, s, n in tally.group_by("ns", "s").len().sort("ns", "s").iter_rows():
-        c = counts.setdefault(ns, {"rows": 0, "read": 0, "mapped": 0, "unknown": 0, "dropped": 0})
+        c = counts.setdefault(ns, dict.fromkeys(("rows", *STATUSES), 0))
         c[s] += n
         c["rows"] += n
     return counts
