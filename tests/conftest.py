@@ -4,6 +4,7 @@ import os
 # Flower processes tests start inherit this (oversubscribed threads made tests 5-20x slower).
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
+import importlib
 import shutil
 from pathlib import Path
 
@@ -19,6 +20,15 @@ from fedclif.shared.tokens.timelines import LABELS, TIMELINES, TIMESERIES
 # its histograms roll up so far that hand-checked deciles move; the tokenizer tests on it
 # keep cells of 5. Tests of what leaves a site use the default (test_policy.py).
 DEMO_CELLS = "tokenizer.stats.min_cell_count=5"
+
+
+@pytest.fixture
+def bench(monkeypatch):
+    """`bench("recipe")` imports bench/recipe.py. bench/ holds scripts, not a package that
+    is installed, and `pytest` (unlike `python -m pytest`) does not put the repository root
+    on the path: this fixture does, for the test that asks alone."""
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1]))
+    return lambda name: importlib.import_module(f"bench.{name}")
 
 
 @pytest.fixture(scope="session")

@@ -4,7 +4,6 @@ splits; and our tasks as MEDS labels that agree with labels.parquet stay by stay
 
 import json
 from datetime import timedelta
-from pathlib import Path
 
 import meds
 import polars as pl
@@ -246,16 +245,16 @@ def test_everything_a_meds_dataset_lacks_is_listed_at_once(exported, tmp_path, c
     assert len(report["tables"]["site"]["problems"]) == 4
 
 
-def test_the_meds_tab_peer_input_keeps_two_sites_apart(demo_dir, exported, tmp_path, monkeypatch):
+def test_the_meds_tab_peer_input_keeps_two_sites_apart(demo_dir, exported, tmp_path, bench):
     """bench/peer_meds_tab.py's input from the demo as both source and target (the same
     ids at both): subjects renumbered apart, the source by its splits, the target all
     held out, every event and label kept, labels beside their subjects' events."""
-    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[2]))
-    from bench.peer_meds_tab import OFFSET, SPLITS, assemble
+    peer = bench("peer_meds_tab")
+    OFFSET, SPLITS = peer.OFFSET, peer.SPLITS
 
     labels = tmp_path / "labels"
     assert main(["export", "labels", str(demo_dir), "--out", str(labels)]) == 0
-    inp = assemble((exported, labels), (exported, labels), ["death"], tmp_path / "input")
+    inp = peer.assemble((exported, labels), (exported, labels), ["death"], tmp_path / "input")
     data = {s: pl.read_parquet(inp / "data" / s / "0.parquet") for s in SPLITS}
     death = {s: pl.read_parquet(inp / "labels" / "death" / s / "0.parquet") for s in SPLITS}
     assert sum(d.height for d in data.values()) == 2 * _data(exported).height

@@ -165,11 +165,11 @@ def test_the_study_shows_the_transfer_gap_and_its_recovery(study):
 
 
 @pytest.mark.slow  # the quick study, once per module
-def test_the_recipe_sweep_holds_the_tree_to_the_studys_own_rows(study, tmp_path, capsys):
+def test_the_recipe_sweep_holds_the_tree_to_the_studys_own_rows(study, tmp_path, capsys, bench):
     """bench/recipe.py on the quick study's sites: its tree is the study's gbm arm (the same
     fit on the same split gives the same AUROC, at the source, zero-shot and in-site at the
     target), and a setting's foundation model is scored on every split the table names."""
-    from bench.recipe import main as recipe
+    recipe = bench("recipe").main
 
     out, _ = study
     cache = out.parent / "cache"
