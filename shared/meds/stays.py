@@ -17,7 +17,10 @@ ADMISSION, DISCHARGE = "HOSPITAL_ADMISSION", "HOSPITAL_DISCHARGE"
 def mark_admissions(events: pl.DataFrame, cfg: DictConfig) -> pl.DataFrame:
     """Admission and discharge codes (`site.meds.*_codes`, and fedclif's own) rewritten to
     fedclif's namespaces, marked in `kind`."""
-    out = events.with_columns(pl.lit(None, pl.String).alias("kind"))
+    # Rewritten once per distinct code and joined back: matching every row cost 3x more.
+    codes = events.select(pl.col("code").unique()).with_columns(
+        pl.col("code").alias("new"), pl.lit(None, pl.String).alias("kind")
+    )
     for kind, space, prefixes in (
         ("admission", ADMISSION, cfg.admission_codes),
         ("discharge", DISCHARGE, cfg.discharge_codes),
@@ -25,17 +28,18 @@ def mark_admissions(events: pl.DataFrame, cfg: DictConfig) -> pl.DataFrame:
         for p in dict.fromkeys([space, *[str(x).rstrip("/") for x in prefixes]]):
             hit = (pl.col("code") == p) | pl.col("code").str.starts_with(p + "//")
             rest = pl.col("code").str.slice(len(p) + 2)
-            out = out.with_columns(
+            codes = codes.with_columns(
                 pl.when(hit & pl.col("kind").is_null())
                 .then(pl.lit(space + "//") + rest)
-                .otherwise("code")
-                .alias("code"),
+                .otherwise("new")
+                .alias("new"),
                 pl.when(hit & pl.col("kind").is_null())
                 .then(pl.lit(kind))
                 .otherwise("kind")
                 .alias("kind"),
             )
-    return out
+    out = events.join(codes, on="code", how="left", nulls_equal=True, maintain_order="left")
+    return out.with_columns(pl.col("new").alias("code")).drop("new")
 
 
 def meds_stays(
@@ -69,15 +73,26 @@ def meds_stays(
     timed = ev.filter(pl.col(STAY).is_not_null() & pl.col("time").is_not_null())
     cat = pl.col("code").str.splitn("//", 2).struct.field("field_1")
     cat = pl.when(cat != "").then(cat)  # a bare DISCHARGE: how the stay ended is unknown
-    stays = timed.group_by(STAY).agg(
-        pl.col("patient_id").first(),
-        pl.col("patient_id").n_unique().alias("subjects"),
-        pl.col("time").filter(pl.col("kind") == "admission").min().alias("admitted"),
-        pl.col("time").filter(pl.col("kind") == "discharge").max().alias("discharged"),
-        pl.col("time").min().alias("first"),
-        pl.col("time").max().alias("last"),
-        cat.filter(pl.col("kind") == "admission").first().alias("admission_type_category"),
-        cat.filter(pl.col("kind") == "discharge").last().alias("discharge_category"),
+    # Admissions and discharges apart: a few rows a stay, where every row is millions.
+    marks = (
+        timed.filter(pl.col("kind").is_not_null())
+        .group_by(STAY)
+        .agg(
+            pl.col("time").filter(pl.col("kind") == "admission").min().alias("admitted"),
+            pl.col("time").filter(pl.col("kind") == "discharge").max().alias("discharged"),
+            cat.filter(pl.col("kind") == "admission").first().alias("admission_type_category"),
+            cat.filter(pl.col("kind") == "discharge").last().alias("discharge_category"),
+        )
+    )
+    stays = (
+        timed.group_by(STAY)
+        .agg(
+            pl.col("patient_id").first(),
+            pl.col("patient_id").n_unique().alias("subjects"),
+            pl.col("time").min().alias("first"),
+            pl.col("time").max().alias("last"),
+        )
+        .join(marks, on=STAY, how="left")
     )
     shared = stays.filter(pl.col("subjects") > 1)
     if shared.height:

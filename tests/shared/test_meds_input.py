@@ -240,3 +240,40 @@ def test_a_bad_code_map_row_is_named_by_file_and_row(generated, tmp_path, capsys
     assert main(["site", "validate", str(root), f"site.meds.code_map={bad}"]) == 1
     text = " ".join(capsys.readouterr().out.split())
     assert f"{bad} row 9" in text and says in text, text  # the map's header is row 0
+
+
+def test_a_stay_runs_from_its_admission_to_its_discharge_else_its_first_to_last_event():
+    """Stays from a stay column: the window is the earliest admission code to the latest
+    discharge code, and a stay with neither runs from its first to its last event; the
+    categories are read from the codes (null where none says)."""
+    from datetime import datetime
+
+    from fedclif.shared.config import load_config
+    from fedclif.shared.meds.stays import meds_stays
+
+    h = [datetime(2020, 1, 1, x) for x in range(10)]
+    rows = [  # (subject, stay, hour, code)
+        (1, "a", 0, "LAB//sodium"),
+        (1, "a", 1, "HOSPITAL_ADMISSION//ed"),
+        (1, "a", 2, "HOSPITAL_ADMISSION//elective"),
+        (1, "a", 3, "HOSPITAL_DISCHARGE//Home"),
+        (1, "a", 4, "HOSPITAL_DISCHARGE//Expired"),
+        (1, "a", 5, "VITAL//heart_rate"),
+        (2, "b", 6, "VITAL//heart_rate"),
+        (2, "b", 7, "VITAL//heart_rate"),
+        (2, "b", 8, "LAB//sodium"),
+    ]
+    events = pl.DataFrame(
+        [(s, hid, h[t], c) for s, hid, t, c in rows],
+        schema=["subject_id", "stay", "time", "code"],
+        orient="row",
+    )
+    cfg = load_config("site").meds.copy()
+    cfg.stay_column = "stay"
+    problems = []
+    _, stays = meds_stays(events, cfg, problems)
+    assert not problems
+    assert stays.rows() == [
+        ("a", "1", h[1], "ed", h[4], "Expired"),
+        ("b", "2", h[6], None, h[8], None),
+    ]
