@@ -2,18 +2,23 @@
 (`site.meds.code_map`), and the survey of a dataset's codes that starts one
 (`fedclif site meds-codes DIR`).
 
-A map is a CSV (`code,table,category,unit`) or a YAML list of the same keys. `code` is a
-code of the dataset (`HR`) or a prefix ending in `*` (`LAB//50983//*`); `table` is a
-CLIF table whose events have one category column (`vitals`, `labs`, `adt`, ...), a
-CLIF column of the patient, the stay or respiratory support (`patient.sex_category`,
-`hospitalization.discharge_category`, `respiratory_support.device_category`), or `drop`
-(read, and left out on purpose); `category` is that column's CLIF value (`heart_rate`),
-checked against CLIF's permissible values; `unit` is optional. A mapped code is rewritten
-to the code `fedclif export meds` writes (`VITAL//heart_rate`), which the reader knows.
-An exact code wins over a prefix, a longer prefix over a shorter one.
+A map is a CSV (`code,table,category,unit,scale,offset`) or a YAML list of the same
+keys. `code` is a code of the dataset (`HR`) or a prefix ending in `*`
+(`LAB//50983//*`); `table` is a CLIF table whose events have one category column
+(`vitals`, `labs`, `adt`, ...), a CLIF column of the patient, the stay or respiratory
+support (`patient.sex_category`, `hospitalization.discharge_category`,
+`respiratory_support.device_category`), or `drop` (read, and left out on purpose);
+`category` is that column's CLIF value (`heart_rate`), checked against CLIF's
+permissible values; `unit` is optional (CLIF's unit, after any conversion); `scale` and
+`offset` (optional, default 1 and 0) convert the dataset's values to CLIF's unit as
+`value * scale + offset` (degrees Fahrenheit to `temp_c`: 0.5555556 and -17.777778). A
+mapped code is rewritten to the code `fedclif export meds` writes (`VITAL//heart_rate`),
+which the reader knows. An exact code wins over a prefix, a longer prefix over a shorter
+one.
 """
 
 import csv
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,6 +30,7 @@ from fedclif.shared.clif.versions import VOCABULARY_VERSION
 from fedclif.shared.errors import FedclifError
 
 DROP = "drop"
+COLUMNS = ["code", "table", "category", "unit", "scale", "offset"]
 # Map `table` -> (MEDS namespace fedclif reads, the CLIF table and column its category is).
 TARGETS: dict[str, tuple[str, str, str]] = {
     "vitals": ("VITAL", "vitals", "vital_category"),
@@ -66,11 +72,14 @@ TARGETS: dict[str, tuple[str, str, str]] = {
 
 @dataclass(frozen=True)
 class Rule:
-    """One row of a map: `code` (a prefix when `prefix`) becomes `to` (None: dropped)."""
+    """One row of a map: `code` (a prefix when `prefix`) becomes `to` (None: dropped), its
+    values `value * scale + offset`."""
 
     code: str
     prefix: bool
     to: str | None
+    scale: float = 1.0
+    offset: float = 0.0
 
 
 def permissible(table: str, column: str) -> tuple[str, ...] | None:
@@ -139,12 +148,34 @@ def _rule(path: Path, i: int, row: dict) -> Rule:
         )
     if not category:
         raise FedclifError(f"{where}: no category for code {code!r} (table {table})")
-    return Rule(code, prefix, f"{space}//{category}" + (f"//{unit}" if unit else ""))
+    to = f"{space}//{category}" + (f"//{unit}" if unit else "")
+    return Rule(
+        code,
+        prefix,
+        to,
+        _number(where, "scale", get("scale"), 1.0),
+        _number(where, "offset", get("offset"), 0.0),
+    )
+
+
+def _number(where: str, key: str, text: str, default: float) -> float:
+    """A map row's `scale` or `offset`: a finite number (a scale not 0), blank the default."""
+    if not text:
+        return default
+    try:
+        x = float(text)
+    except ValueError:
+        x = math.nan
+    if not math.isfinite(x) or (key == "scale" and x == 0):
+        expected = "a finite number other than 0" if key == "scale" else "a finite number"
+        raise FedclifError(f"{where}: {key} {text!r} is not {expected} (blank: {default:g})")
+    return x
 
 
 def apply_code_map(events: pl.DataFrame, rules: list[Rule]) -> pl.DataFrame:
-    """`events` with each mapped code rewritten (`code`), its own code kept (`source_code`)
-    and `mapped` set: True (rewritten), False (a `drop` rule), null (no rule)."""
+    """`events` with each mapped code rewritten (`code`) and its values converted
+    (`numeric_value`), its own code kept (`source_code`) and `mapped` set: True
+    (rewritten), False (a `drop` rule), null (no rule)."""
     codes = events.select(pl.col("code").unique()).get_column("code").to_list()
     exact = {r.code: r for r in rules if not r.prefix}
     prefixes = sorted((r for r in rules if r.prefix), key=lambda r: -len(r.code))
@@ -152,10 +183,11 @@ def apply_code_map(events: pl.DataFrame, rules: list[Rule]) -> pl.DataFrame:
     for c in codes:
         r = exact.get(c) or next((p for p in prefixes if c.startswith(p.code)), None)
         if r is not None:
-            rows.append((c, r.to, r.to is not None))
-    table = pl.DataFrame(
-        rows, schema={"code": pl.String, "to": pl.String, "mapped": pl.Boolean}, orient="row"
-    )
+            rows.append((c, r.to, r.to is not None, r.scale, r.offset))
+    schema = {"code": pl.String, "to": pl.String, "mapped": pl.Boolean}
+    schema |= {"scale": pl.Float64, "offset": pl.Float64}
+    table = pl.DataFrame(rows, schema=schema, orient="row")
+    scale, offset = pl.col("scale").fill_null(1.0), pl.col("offset").fill_null(0.0)
     return (
         events.rename({"code": "source_code"})
         .join(
@@ -164,8 +196,11 @@ def apply_code_map(events: pl.DataFrame, rules: list[Rule]) -> pl.DataFrame:
             how="left",
             maintain_order="left",
         )
-        .with_columns(pl.coalesce("to", "source_code").alias("code"))
-        .drop("to")
+        .with_columns(
+            pl.coalesce("to", "source_code").alias("code"),
+            (pl.col("numeric_value") * scale + offset).cast(pl.Float32).alias("numeric_value"),
+        )
+        .drop("to", "scale", "offset")
     )
 
 
@@ -174,14 +209,14 @@ def write_starting_map(codes: pl.DataFrame, path: str | Path) -> int:
     so the map as written changes nothing until a row is edited. Returns the rows."""
     path = Path(path)
     rows = [
-        {"code": c, "table": DROP, "category": "", "unit": ""}
+        dict.fromkeys(COLUMNS, "") | {"code": c, "table": DROP}
         for c in codes.get_column("code").to_list()
     ]
     if _is_yaml(path):
         path.write_text(yaml.safe_dump(rows, sort_keys=False))
     else:
         with path.open("w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=["code", "table", "category", "unit"])
+            w = csv.DictWriter(f, fieldnames=COLUMNS)
             w.writeheader()
             w.writerows(rows)
     return len(rows)

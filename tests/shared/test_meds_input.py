@@ -17,7 +17,7 @@ from fedclif.cli import main
 
 # The generated codes' meaning at this site: stays open at dynamic//0 and close at
 # dynamic//1; dynamic//6 and //7 stay unmapped (counted as dropped).
-CODE_MAP = """code,table,category,unit
+CODE_MAP = """code,table,category,unit,scale,offset
 dynamic//0,hospitalization.admission_type_category,ed,
 dynamic//1,hospitalization.discharge_category,Home,
 dynamic//2,vitals,heart_rate,
@@ -98,7 +98,7 @@ def test_codes_are_surveyed_and_a_starting_map_is_written(generated, tmp_path, c
     text = " ".join(capsys.readouterr().out.split())
     assert "dynamic//0" in text and "dropped" in text and "wrote" in text
     rows = pl.read_csv(start)
-    assert rows.columns == ["code", "table", "category", "unit"]
+    assert rows.columns == ["code", "table", "category", "unit", "scale", "offset"]
     assert set(rows.get_column("table")) == {"drop"} and rows.height == 10  # 8 dynamic, 2 static
     # With the site's map: each mapped code is read as fedclif's, the rest still dropped.
     assert main(["site", "meds-codes", str(root), f"site.meds.code_map={code_map}"]) == 0
@@ -218,6 +218,32 @@ def test_the_static_sample_opens_stays_at_its_own_admission_codes(tmp_path, caps
     assert "HR (16 rows), TEMP (16 rows)" in text
 
 
+def test_a_map_row_converts_its_codes_values_to_the_clif_unit(generated, tmp_path):
+    """`scale` and `offset` convert a code's values (`value * scale + offset`, as from
+    degrees Fahrenheit to Celsius) and no other code's."""
+    from fedclif.shared.config import load_tree
+    from fedclif.shared.meds.read import read_meds
+
+    root, code_map = generated
+    converted = tmp_path / "map.csv"
+    converted.write_text(
+        CODE_MAP.replace("dynamic//2,vitals,heart_rate,", "dynamic//2,vitals,heart_rate,,10,60")
+    )
+
+    def values(path):
+        cfg = load_tree(["site"], overrides=[f"site.meds.code_map={path}"]).site.meds
+        ev = read_meds(root, cfg).events
+        return {
+            c: ev.filter(pl.col("source_code") == c).get_column("value").to_numpy()
+            for c in ("dynamic//2", "dynamic//3")
+        }
+
+    raw, got = values(code_map), values(converted)
+    assert len(got["dynamic//2"]) > 100
+    np.testing.assert_allclose(got["dynamic//2"], raw["dynamic//2"] * 10 + 60, rtol=1e-6)
+    np.testing.assert_array_equal(got["dynamic//3"], raw["dynamic//3"])
+
+
 @pytest.mark.parametrize(
     "row, says",
     [
@@ -231,6 +257,9 @@ def test_the_static_sample_opens_stays_at_its_own_admission_codes(tmp_path, caps
         ),
         (",vitals,heart_rate,", "no code (a code of the dataset, or a prefix ending in *)"),
         ("dynamic//0,drop,,", "code 'dynamic//0' already mapped in row 1"),
+        ("dynamic//6,vitals,temp_c,,0,", "scale '0' is not a finite number other than 0"),
+        ("dynamic//6,vitals,temp_c,,nan,", "scale 'nan' is not a finite number other than 0"),
+        ("dynamic//6,vitals,temp_c,,1,-x", "offset '-x' is not a finite number (blank: 0)"),
     ],
 )
 def test_a_bad_code_map_row_is_named_by_file_and_row(generated, tmp_path, capsys, row, says):
