@@ -1,5 +1,6 @@
 """The study's hospitals on disk: each synthetic site generated once and reused by every
-study that names it (under a hash of its role, generator config, stays and seed), plus
+study that names it (under a hash of its role, generator config, stays and seed, and the
+generator's code), plus
 the pooled site, every table of the real sites concatenated (ids carry each hospital's
 prefix), and the virtual sites' work directories, both under a hash of all the sites."""
 
@@ -9,6 +10,7 @@ from pathlib import Path
 import polars as pl
 from omegaconf import DictConfig, OmegaConf
 
+from fedclif.shared.clif import versions
 from fedclif.shared.clif.versions import (
     VERSIONS,
     VOCABULARY_VERSION,
@@ -17,11 +19,16 @@ from fedclif.shared.clif.versions import (
 )
 from fedclif.shared.errors import FedclifError
 from fedclif.shared.ui import console
+from fedclif.simulations import synth, truth
 from fedclif.simulations.synth import load_preset, write_site
-from fedclif.simulations.truth import truth_path, write_truth
+from fedclif.simulations.truth import write_truth
 
 # Virtual sites: the study's data directories carry these names.
 SOURCE, TARGET, THIRD, POOLED = "source", "target", "third", "pooled"
+# The code that writes a site, its truth and its CLIF 3.0 tables: part of a cached site's
+# key, so a site written by older code is never served as this code's (a changed
+# generator once left stale truth files in every cache).
+GENERATOR_CODE = (synth.__file__, truth.__file__, versions.__file__)
 
 
 def site_roles(cfg: DictConfig) -> list[str]:
@@ -39,9 +46,11 @@ def study_sites(cfg: DictConfig, cache: Path) -> tuple[list[Path], Path]:
     for r, v in clif.items():
         if v not in VERSIONS:
             raise FedclifError(f"study.sites.{r}.clif={v!r}: expected one of {', '.join(VERSIONS)}")
+    code = _digest("".join(Path(f).read_text() for f in GENERATOR_CODE))
     keys = {
         r: f"{r}:{s.stays}:{s.seed}:{OmegaConf.to_yaml(load_preset(str(s.preset)))}"
         + ("" if clif[r] == VOCABULARY_VERSION else f":clif {clif[r]}")
+        + f":code {code}"
         for r, s in specs.items()
     }
     dirs = {r: Path(cache) / _digest(k) / r for r, k in keys.items()}
@@ -53,10 +62,9 @@ def study_sites(cfg: DictConfig, cache: Path) -> tuple[list[Path], Path]:
             write_site(load_preset(str(spec.preset)), int(spec.stays), int(spec.seed), dirs[role])
             if clif[role] == "3.0":  # a hospital that moved to CLIF 3.0: a mixed federation
                 write_clif_3(dirs[role], dirs[role])
-            (dirs[role] / ".complete").touch()
-        # Each stay's ceiling, beside the site (also for a site cached before truth files).
-        if not truth_path(dirs[role]).is_file():
+            # Each stay's ceiling, beside the site.
             write_truth(load_preset(str(spec.preset)), int(spec.stays), int(spec.seed), dirs[role])
+            (dirs[role] / ".complete").touch()
     root = Path(cache) / _digest("\n".join(keys.values()))
     pooled = dirs[POOLED] = root / POOLED
     if not (pooled / ".complete").is_file():

@@ -16,6 +16,7 @@ from fedclif.shared.errors import FedclifError
 from fedclif.shared.evaluation.metrics import paired_difference
 from fedclif.shared.tokens.stats import merge_stats, site_stats
 from fedclif.shared.tokens.tokenizer import fit_tokenizer
+from fedclif.simulations import sites as sim_sites
 from fedclif.simulations.commands import load_study
 from fedclif.simulations.plan import make_plan
 from fedclif.simulations.reference_arms import CEILING_EVALUATIONS
@@ -23,6 +24,7 @@ from fedclif.simulations.report import MIN_EVENTS, write_report
 from fedclif.simulations.shifts import shifts_table, write_shifts
 from fedclif.simulations.sites import study_sites
 from fedclif.simulations.study import Study
+from fedclif.simulations.truth import truth_path
 
 
 @pytest.fixture(scope="module")
@@ -424,7 +426,7 @@ def test_the_report_stands_with_cells_a_site_withheld(study, tmp_path):
     assert (tmp_path / "recovery.png").is_file()
 
 
-def test_each_site_is_generated_once_for_every_study_that_names_it(tmp_path):
+def test_each_site_is_generated_once_for_every_study_that_names_it(tmp_path, monkeypatch):
     """Studies of two targets share the source's generated directory (the `shifts`
     profile generates it once) but not their pooled site or the virtual sites' work
     directories, where each site caches the timelines of its own data."""
@@ -444,6 +446,14 @@ def test_each_site_is_generated_once_for_every_study_that_names_it(tmp_path):
         assert hosp.height == want
     assert not (sites_b[1] / "clif_position.parquet").exists()
     assert (sites_b[2] / "clif_position.parquet").is_file()
+    # A site written by other generator code is not served: the site is written anew,
+    # its truth beside it.
+    changed = tmp_path / "synth_next.py"
+    changed.write_text("# the generator, changed\n")
+    monkeypatch.setattr(sim_sites, "GENERATOR_CODE", (*sim_sites.GENERATOR_CODE, str(changed)))
+    sites_c, _ = study_sites(a, tmp_path)
+    assert sites_c[0] != sites_a[0] and (sites_c[0] / ".complete").is_file()
+    assert truth_path(sites_c[0]).is_file() and truth_path(sites_a[0]).is_file()
 
 
 @pytest.mark.slow  # the quick study, once per module
