@@ -16,20 +16,18 @@ from meds_testing_helpers import rvs
 from fedclif.cli import main
 
 # The generated codes' meaning at this site: stays open at dynamic//0 and close at
-# dynamic//1; dynamic//6 and //7 stay unmapped (counted as dropped).
+# dynamic//1; dynamic//6 and //7 stay unmapped (counted as dropped). The generator's
+# values are standard normal: the map puts heart rate and sodium in their units.
 CODE_MAP = """code,table,category,unit,scale,offset
 dynamic//0,hospitalization.admission_type_category,ed,
 dynamic//1,hospitalization.discharge_category,Home,
-dynamic//2,vitals,heart_rate,
-dynamic//3,labs,sodium,mmol/L
+dynamic//2,vitals,heart_rate,,10,80
+dynamic//3,labs,sodium,mmol/L,3,140
 dynamic//4,adt,icu,
 dynamic//5,adt,ward,
 static//0,patient.sex_category,Female,
 static//1,patient.sex_category,Male,
 """
-# The generator's values are standard normal: about half of a vital sign's readings fall
-# below its plausible range and are nulled (as the report says); the site tolerates it.
-TOLERANT = "site.max_bad_fraction=0.9"
 
 
 @pytest.fixture(scope="module")
@@ -80,7 +78,7 @@ def test_a_generated_dataset_and_a_code_map_make_a_tokenized_site(generated, tmp
     root, code_map = generated
     out = tmp_path / "site"
     args = ["quickstart", "--site", str(root), "--out", str(out)]
-    assert main([*args, f"site.meds.code_map={code_map}", TOLERANT]) == 0
+    assert main([*args, f"site.meds.code_map={code_map}"]) == 0
     text = " ".join(capsys.readouterr().out.split())
     assert f"MEDS dataset {root}" in text and "MEDS codes by namespace" in text
     timelines = pl.read_parquet(out / "tokens" / "timelines.parquet")
@@ -140,7 +138,7 @@ def test_what_the_dataset_lacks_is_listed_at_once_in_meds_terms(generated, tmp_p
 def test_every_code_is_counted_by_namespace_in_the_report(generated, tmp_path):
     root, code_map = generated
     report = tmp_path / "r.json"
-    args = ["site", "validate", str(root), f"site.meds.code_map={code_map}", TOLERANT]
+    args = ["site", "validate", str(root), f"site.meds.code_map={code_map}"]
     assert main([*args, "--json", str(report)]) == 0
     got = json.loads(report.read_text())["meds_codes"]
     data = pl.concat(pl.read_parquet(f) for f in sorted((root / "data").rglob("*.parquet")))
@@ -159,7 +157,7 @@ def test_valid_meds_unlike_our_export_is_read(generated, tmp_path, edit):
     """MEDS 0.4 lets `numeric_value` be absent and subjects come in any order (each
     subject's rows together); a stay column may have any name (`site.meds.stay_column`)."""
     root, code_map = generated
-    settings = [f"site.meds.code_map={code_map}", TOLERANT]
+    settings = [f"site.meds.code_map={code_map}"]
     if edit == "no-numeric-value":
         ds = _copy(root, tmp_path / "d", lambda df: df.drop("numeric_value"))
     elif edit == "subjects-descending":
@@ -225,10 +223,8 @@ def test_a_map_row_converts_its_codes_values_to_the_clif_unit(generated, tmp_pat
     from fedclif.shared.meds.read import read_meds
 
     root, code_map = generated
-    converted = tmp_path / "map.csv"
-    converted.write_text(
-        CODE_MAP.replace("dynamic//2,vitals,heart_rate,", "dynamic//2,vitals,heart_rate,,10,60")
-    )
+    unconverted = tmp_path / "map.csv"
+    unconverted.write_text(CODE_MAP.replace("heart_rate,,10,80", "heart_rate,,,"))
 
     def values(path):
         cfg = load_tree(["site"], overrides=[f"site.meds.code_map={path}"]).site.meds
@@ -238,9 +234,9 @@ def test_a_map_row_converts_its_codes_values_to_the_clif_unit(generated, tmp_pat
             for c in ("dynamic//2", "dynamic//3")
         }
 
-    raw, got = values(code_map), values(converted)
+    raw, got = values(unconverted), values(code_map)
     assert len(got["dynamic//2"]) > 100
-    np.testing.assert_allclose(got["dynamic//2"], raw["dynamic//2"] * 10 + 60, rtol=1e-6)
+    np.testing.assert_allclose(got["dynamic//2"], raw["dynamic//2"] * 10 + 80, rtol=1e-6)
     np.testing.assert_array_equal(got["dynamic//3"], raw["dynamic//3"])
 
 
