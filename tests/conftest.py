@@ -146,10 +146,3 @@ def quick_study(out: Path, cache: Path, *settings: str) -> list[str]:
     """`fedclif simulate` arguments: the quick profile into `out`, its sites cached in
     `cache`, with `settings`."""
     return ["simulate", "--profile", "quick", "--out", str(out), "--cache", str(cache), *settings]
-
-
-def pytest_collection_modifyitems(items: list) -> None:
-    """The tests that start processes first: with `--dist loadfile` the workers take files
-    in this order, and starting the longest first keeps their loads even (the suite's
-    wall time is the busier worker's)."""
-    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
