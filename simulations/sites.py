@@ -1,8 +1,8 @@
 """The study's hospitals on disk: each synthetic site generated once and reused by every
 study that names it (under a hash of its role, generator config, stays and seed, and the
-generator's code), plus
-the pooled site, every table of the real sites concatenated (ids carry each hospital's
-prefix), and the virtual sites' work directories, both under a hash of all the sites."""
+generator's code), plus the pooled site, every table of the real sites concatenated (ids
+carry each hospital's prefix), and the virtual sites' work directories, both under a
+hash of all the sites."""
 
 import hashlib
 from pathlib import Path
