@@ -116,7 +116,7 @@ def read_meds(root: str | Path, cfg: DictConfig) -> MedsData:
     events = _events(root, problems)
     if events is None:
         raise MedsError(root, problems)
-    events, stays = meds_stays(_values(_mapped(events, cfg)), cfg, problems)
+    events, stays = meds_stays(_values(_mapped(events, cfg)), events.columns, cfg, problems)
     ev = _namespaced(events)
     counts = _counts(ev)
     for table, codes in REQUIRED.items():

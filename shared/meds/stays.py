@@ -43,19 +43,20 @@ def mark_admissions(events: pl.DataFrame, cfg: DictConfig) -> pl.DataFrame:
 
 
 def meds_stays(
-    events: pl.DataFrame, cfg: DictConfig, problems: list[str]
+    events: pl.DataFrame, shard_columns: list[str], cfg: DictConfig, problems: list[str]
 ) -> tuple[pl.DataFrame, pl.DataFrame]:
     """Each event's stay (`hospitalization_id`) and the stays: (hospitalization_id,
     patient_id, admission_dttm, admission_type_category, discharge_dttm,
-    discharge_category)."""
+    discharge_category). `shard_columns`: the data shards' own columns (a stay column is
+    one of them)."""
     ev = mark_admissions(events, cfg).with_columns(
         pl.col("subject_id").cast(pl.String).alias("patient_id")
     )
-    column = cfg.stay_column or (STAY if STAY in ev.columns else None)
-    if column and column not in ev.columns:
+    column = cfg.stay_column or (STAY if STAY in shard_columns else None)
+    if column and column not in shard_columns:
         problems.append(
             f"no column {column!r} (site.meds.stay_column) in the data shards; their "
-            f"columns: {', '.join(c for c in events.columns if c not in ('source_code', 'mapped'))}"
+            f"columns: {', '.join(shard_columns)}"
         )
         return ev.with_columns(pl.lit(None, pl.String).alias(STAY)), _no_stays()
     if column:

@@ -193,6 +193,17 @@ def test_valid_meds_unlike_our_export_is_read(generated, tmp_path, edit):
         assert got["tables"]["hospitalization"]["rows"] == 200
 
 
+def test_a_stay_column_the_shards_lack_is_named_with_the_columns_they_have(
+    generated, tmp_path, capsys
+):
+    root, code_map = generated
+    args = ["site", "validate", str(root), f"site.meds.code_map={code_map}"]
+    assert main([*args, "site.meds.stay_column=visit_id"]) == 1
+    text = " ".join(capsys.readouterr().out.split())
+    says = "no column 'visit_id' (site.meds.stay_column) in the data shards; their columns: "
+    assert says + "subject_id, time, code, numeric_value" in text, text
+
+
 def test_the_static_sample_opens_stays_at_its_own_admission_codes(tmp_path, capsys):
     """meds-testing-helpers' shipped sample (`ADMISSION//CARDIAC`, a bare `DISCHARGE`,
     `HR`, `TEMP`): stays open and close at its codes by default (site.meds.*_codes), and
@@ -296,7 +307,7 @@ def test_a_stay_runs_from_its_admission_to_its_discharge_else_its_first_to_last_
     cfg = load_config("site").meds.copy()
     cfg.stay_column = "stay"
     problems = []
-    _, stays = meds_stays(events, cfg, problems)
+    _, stays = meds_stays(events, events.columns, cfg, problems)
     assert not problems
     assert stays.rows() == [
         ("a", "1", h[1], "ed", h[4], "Expired"),
